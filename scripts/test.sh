@@ -29,3 +29,31 @@ done
 
 step "integration-tests (real processes, faults, benchmarks)"
 "$UV" run --frozen --no-sync pytest integration-tests/tests -p no:cacheprovider
+
+step "build each distribution alone and import its wheel in a clean venv"
+dist_dir="$ROOT/.venvs/dist"
+rm -rf "$dist_dir"
+for pkg in "${PACKAGES[@]}"; do
+  "$UV" build --quiet --package "$pkg" --out-dir "$dist_dir"
+done
+# Sibling wheels are named by path so nothing of ours is taken from an index.
+declare -A NEEDS=(
+  [pilot-transport]="pilot-transport"
+  [pilot-rpc]="pilot-transport pilot-rpc"
+  [pilot-worker]="pilot-transport pilot-rpc pilot-worker"
+  [pilot-checkpoint-sqlite]="pilot-transport pilot-rpc pilot-worker pilot-checkpoint-sqlite"
+  [pilot-channels]="pilot-transport pilot-rpc pilot-worker pilot-channels"
+  [langgraph-pilot]="pilot-transport pilot-rpc pilot-worker pilot-checkpoint-sqlite pilot-channels langgraph-pilot"
+)
+for pkg in "${PACKAGES[@]}"; do
+  module=$(python3 -c "import sys; n=sys.argv[1]; print('pilot_langgraph' if n == 'langgraph-pilot' else n.replace('-', '_'))" "$pkg")
+  wheels=()
+  for dep in ${NEEDS[$pkg]}; do
+    wheels+=("$(ls "$dist_dir/${dep//-/_}"-*.whl)")
+  done
+  venv="$ROOT/.venvs/wheel-$pkg"
+  rm -rf "$venv"
+  "$UV" venv --quiet "$venv"
+  VIRTUAL_ENV="$venv" "$UV" pip install --quiet "${wheels[@]}"
+  "$venv/bin/python" -c "import $module; print('$pkg wheel imports as', $module.__name__)"
+done
