@@ -1,1 +1,26 @@
-"""Placeholder until the package lands."""
+"""LangGraph checkpoints kept on another machine.
+
+``PilotCheckpointSaver`` is a complete LangGraph checkpointer whose store runs
+in a pilot worker (``pilot-worker --plugin checkpoint-sqlite --checkpoint-db
+URL``); the store keeps LangGraph's serialized blobs in SQLite or PostgreSQL
+and never deserializes them.
+"""
+
+from pilot_checkpoint_sqlite._backend import CheckpointBackend, LocalStoreBackend
+from pilot_checkpoint_sqlite._options import (
+    RetentionPolicy,
+    RetryOptions,
+    SaverOptions,
+    StoreOptions,
+)
+from pilot_checkpoint_sqlite._saver import PilotCheckpointSaver
+
+__all__ = [
+    "CheckpointBackend",
+    "LocalStoreBackend",
+    "PilotCheckpointSaver",
+    "RetentionPolicy",
+    "RetryOptions",
+    "SaverOptions",
+    "StoreOptions",
+]
