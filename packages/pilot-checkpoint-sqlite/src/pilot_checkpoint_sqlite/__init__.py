@@ -14,13 +14,18 @@ from pilot_checkpoint_sqlite._options import (
     StoreOptions,
 )
 from pilot_checkpoint_sqlite._saver import PilotCheckpointSaver
+from pilot_checkpoint_sqlite._service import CheckpointService
+from pilot_checkpoint_sqlite._store import CheckpointStore, open_store
 
 __all__ = [
     "CheckpointBackend",
+    "CheckpointService",
+    "CheckpointStore",
     "LocalStoreBackend",
     "PilotCheckpointSaver",
     "RetentionPolicy",
     "RetryOptions",
     "SaverOptions",
     "StoreOptions",
+    "open_store",
 ]
