@@ -1,1 +1,89 @@
-"""Placeholder until the package lands."""
+"""LangGraph nodes on other machines, state kept remote, fan-out over trusted links.
+
+Quick start::
+
+    from pilot_langgraph import PilotRemoteRunnable, PilotFanoutRunnable, PilotCheckpointSaver
+    graph.add_node("research", PilotFanoutRunnable({
+        "broad": PilotRemoteRunnable(node="search", peer="worker-a"),
+        "deep":  PilotRemoteRunnable(node="search", peer="worker-b"),
+    }))
+    app = graph.compile(checkpointer=PilotCheckpointSaver(peer="state-worker"))
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pilot_worker import Context, pilot_handler
+
+from pilot_langgraph._codec import LangGraphCodec
+from pilot_langgraph._discover import HandlerInfo, describe_handlers
+from pilot_langgraph._echo import PilotEchoRunnable
+from pilot_langgraph._event_source import PilotEventSource
+from pilot_langgraph._fanout import PilotFanoutRunnable
+from pilot_langgraph._remote import PilotRemoteRunnable, RemoteCallOptions
+from pilot_langgraph._runtime import (
+    DefaultTransportSettings,
+    aclose_default_transport,
+    configure_default_transport,
+)
+from pilot_langgraph._trust import PeerSpec, ensure_trust
+from pilot_langgraph.errors import (
+    PilotCodecError,
+    PilotDecodeError,
+    PilotEncodeError,
+    PilotLangGraphError,
+    PilotRemoteError,
+    PilotUsageError,
+)
+
+__all__ = [
+    "Context",
+    "DefaultTransportSettings",
+    "HandlerInfo",
+    "LangGraphCodec",
+    "PeerSpec",
+    "PilotChannel",
+    "PilotCheckpointSaver",
+    "PilotCodecError",
+    "PilotDecodeError",
+    "PilotEchoRunnable",
+    "PilotEncodeError",
+    "PilotEventSource",
+    "PilotFanoutRunnable",
+    "PilotLangGraphError",
+    "PilotPublisher",
+    "PilotRemoteError",
+    "PilotRemoteRunnable",
+    "PilotUsageError",
+    "RemoteCallOptions",
+    "aclose_default_transport",
+    "configure_default_transport",
+    "describe_handlers",
+    "ensure_trust",
+    "pilot_handler",
+]
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from pilot_channels import PilotChannel, PilotPublisher
+    from pilot_checkpoint_sqlite import PilotCheckpointSaver
+
+_LAZY = {
+    "PilotChannel": "pilot_channels",
+    "PilotPublisher": "pilot_channels",
+    "PilotCheckpointSaver": "pilot_checkpoint_sqlite",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # The saver and the channel clients load their packages on first use only.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pilot_langgraph' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,1 @@
+"""The ``pilot-langgraph demo`` command: a real distributed run on loopback."""

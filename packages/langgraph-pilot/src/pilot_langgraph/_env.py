@@ -1,0 +1,41 @@
+"""Environment variables read by pilot_langgraph (the only place their names live).
+
+The first four are shared with pilot-transport and pilot-worker, so one set of
+variables configures a worker and the graphs that call it.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "DEFAULT_CONFIG_DIR",
+    "DEFAULT_PORT",
+    "IDENTITY_FILE",
+    "PILOT_CONFIG_DIR",
+    "PILOT_IDENTITY",
+    "PILOT_LANGGRAPH_PORT",
+    "PILOT_TRANSPORT",
+    "PILOT_TRUST",
+    "TRUST_FILE",
+]
+
+PILOT_TRANSPORT: Final = "PILOT_TRANSPORT"
+"""Carrier URL of the process-wide default transport (``tcp://127.0.0.1:0`` if unset)."""
+
+PILOT_IDENTITY: Final = "PILOT_IDENTITY"
+"""Path of this process's identity key file (created with mode 0600 if missing)."""
+
+PILOT_TRUST: Final = "PILOT_TRUST"
+"""Path of this process's trust store file."""
+
+PILOT_CONFIG_DIR: Final = "PILOT_CONFIG_DIR"
+"""Directory holding ``identity.key`` and ``trust.json`` when the two above are unset."""
+
+PILOT_LANGGRAPH_PORT: Final = "PILOT_LANGGRAPH_PORT"
+"""Default virtual port of remote workers (5000 if unset)."""
+
+DEFAULT_CONFIG_DIR: Final = "~/.config/pilot"
+IDENTITY_FILE: Final = "identity.key"
+TRUST_FILE: Final = "trust.json"
+DEFAULT_PORT: Final = 5000

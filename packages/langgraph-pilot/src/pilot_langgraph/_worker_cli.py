@@ -1,0 +1,53 @@
+"""``pilot-langgraph-worker``: the pilot-worker command line with LangGraph's codec.
+
+Every ``pilot-worker`` option works unchanged (``--handlers``, ``--port``,
+``--plugin``, ``--metrics-port``, ``--reload``, ``--log-format``,
+``--drain-timeout``, ``--transport``, ``--ready-file`` ...); handler payloads
+and results cross the wire with LangGraph's typed serializer, and the worker
+also serves ``lg.echo`` for :class:`~pilot_langgraph.PilotEchoRunnable`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from pilot_langgraph._codec import LangGraphCodec
+
+__all__ = ["main"]
+
+_BUILTIN_MODULE = "pilot_langgraph._builtin_handlers"
+# pilot-worker reads this when no --handlers is given; we always pass one, so
+# expand it ourselves.
+_ENV_HANDLERS = "PILOT_WORKER_HANDLERS"
+
+
+def worker_argv(argv: Sequence[str]) -> list[str]:
+    """The pilot-worker argv for a pilot-langgraph-worker argv."""
+    args = list(argv)
+    if any(a in ("-h", "--help", "--version") for a in args):
+        return args
+    has_handlers = any(a == "--handlers" or a.startswith("--handlers=") for a in args)
+    if not has_handlers and (env := os.environ.get(_ENV_HANDLERS)):
+        for module in filter(None, (m.strip() for m in env.split(","))):
+            args += ["--handlers", module]
+    return [*args, "--handlers", _BUILTIN_MODULE]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``pilot-langgraph-worker``; returns the exit code."""
+    from pilot_worker.cli import main as worker_main
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    return worker_main(
+        worker_argv(args),
+        codec=LangGraphCodec(),
+        prog="pilot-langgraph-worker",
+        description="Serve LangGraph node handlers to trusted peers (pilot-worker with "
+        "LangGraph's serializer).",
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
