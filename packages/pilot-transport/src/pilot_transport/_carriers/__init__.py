@@ -1,0 +1,1 @@
+"""Carriers: move bytes between hosts, know nothing of trust (see ``_carrier``)."""

@@ -1,0 +1,599 @@
+"""The public face: ``open_transport`` -> Transport -> connect/listen -> SecureStream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+from collections.abc import AsyncIterator, Generator, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import unquote, urlsplit
+
+from pilot_transport._address import Address
+from pilot_transport._carrier import Carrier, CarrierListener, CarrierStream, DialTarget
+from pilot_transport._carriers._accept import AcceptQueue
+from pilot_transport._env import DEFAULT_TRANSPORT_URL, TRANSPORT_ENV
+from pilot_transport._identity import Identity
+from pilot_transport._peer import PeerInfo
+from pilot_transport._tls import SecureStream, TLSConfig, client_handshake, server_handshake
+from pilot_transport._trust import TrustedPeer, TrustStore
+from pilot_transport.errors import (
+    AddressError,
+    ConnectTimeoutError,
+    HandshakeError,
+    ListenerClosedError,
+    StreamClosedError,
+    TransportError,
+    TransportURLError,
+    TransportUsageError,
+    UnknownPeerError,
+)
+
+__all__ = [
+    "Listener",
+    "Transport",
+    "TransportInfo",
+    "TransportOptions",
+    "open_transport",
+]
+
+logger = logging.getLogger("pilot_transport")
+
+_MAX_PORT = 0xFFFF
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TransportOptions:
+    """Tuning knobs of a :class:`Transport`; the defaults are safe.
+
+    Attributes:
+        connect_timeout: seconds ``connect`` may take (carrier dial + TLS), unless
+            the call passes its own ``timeout``.
+        handshake_timeout: seconds an inbound peer has to complete its handshake.
+        accept_backlog: authenticated streams waiting for ``accept`` per listener;
+            beyond it new ones are closed (and logged).
+        max_pending_handshakes: inbound handshakes run at once per listener.
+
+    Raises:
+        ValueError: a value is not positive.
+    """
+
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    accept_backlog: int = 128
+    max_pending_handshakes: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout", "handshake_timeout"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        for name in ("accept_backlog", "max_pending_handshakes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TransportInfo:
+    """Facts about a transport, from :meth:`Transport.info`.
+
+    Attributes:
+        node_id: our node id.
+        fingerprint: our key's fingerprint.
+        public_key: our public key as base64 (what peers put in their trust store).
+        carrier: the URL scheme (``tcp``, ``memory``, ``pilot``).
+        url: the transport URL as given.
+        endpoint: where peers dial us on tcp (``127.0.0.1:7001``), once listening.
+        address: our Pilot address (pilot carrier), if known.
+        listening_ports: virtual ports with an open listener.
+        details: everything the carrier reports (daemon info, hub name, ...).
+    """
+
+    node_id: str
+    fingerprint: str
+    public_key: str
+    carrier: str
+    url: str
+    endpoint: str | None
+    address: str | None
+    listening_ports: tuple[int, ...]
+    details: Mapping[str, Any] = field(default_factory=lambda: {})
+
+
+def _check_port(port: int) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= _MAX_PORT:  # pyright: ignore[reportUnnecessaryIsInstance]  # runtime guard
+        raise TransportUsageError(f"port must be an int in 1..{_MAX_PORT}, got {port!r}")
+    return port
+
+
+class Listener:
+    """Authenticated inbound streams on one virtual port.
+
+    Handshakes run in the background as soon as the listener exists (bounded
+    by ``max_pending_handshakes``); ``accept`` hands out the streams whose
+    peer we trust. Failed handshakes are logged (with the peer's fingerprint)
+    and never raised from ``accept``.
+
+    ``async for stream in listener`` yields streams until the listener closes.
+    Usable as an async context manager (closes on exit).
+    """
+
+    def __init__(self, transport: Transport, carrier_listener: CarrierListener, port: int) -> None:
+        self.port = port
+        self.transport = transport
+        self._carrier_listener = carrier_listener
+        options = transport.options
+        self._queue: AcceptQueue[SecureStream] = AcceptQueue(
+            options.accept_backlog, f"listener on port {port}"
+        )
+        self._slots = asyncio.Semaphore(options.max_pending_handshakes)
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._task = asyncio.get_running_loop().create_task(
+            self._accept_loop(), name=f"pilot-transport accept port {port}"
+        )
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called (or the transport closed)."""
+        return self._closed
+
+    async def accept(self) -> SecureStream:
+        """Wait for the next authenticated inbound stream.
+
+        Cancelling the wait loses no stream.
+
+        Raises:
+            ListenerClosedError: the listener is closed, or closes while waiting.
+        """
+        return await self._queue.get()
+
+    def __aiter__(self) -> AsyncIterator[SecureStream]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[SecureStream]:
+        while True:
+            try:
+                stream = await self.accept()
+            except ListenerClosedError:
+                return
+            yield stream
+
+    async def _accept_loop(self) -> None:
+        while True:
+            try:
+                carrier_stream = await self._carrier_listener.accept()
+            except ListenerClosedError:
+                break
+            except TransportError as exc:
+                logger.error("listener on port %d stopped: %s", self.port, exc)
+                break
+            await self._slots.acquire()
+            task = asyncio.get_running_loop().create_task(self._handshake(carrier_stream))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+        for stream in self._queue.close():
+            await stream.aclose()
+
+    async def _handshake(self, carrier_stream: CarrierStream) -> None:
+        hint = carrier_stream.remote_hint or "unknown"
+        try:
+            try:
+                async with asyncio.timeout(self.transport.options.handshake_timeout):
+                    stream = await server_handshake(carrier_stream, self.transport._tls)
+            except TimeoutError:
+                with contextlib.suppress(TransportError):
+                    await carrier_stream.aclose()
+                logger.warning(
+                    "refused inbound connection on port %d from %s: handshake timed out",
+                    self.port,
+                    hint,
+                )
+                return
+            except HandshakeError as exc:
+                logger.warning("refused inbound connection on port %d: %s", self.port, exc)
+                return
+            except TransportError as exc:
+                logger.info(
+                    "inbound connection on port %d from %s failed: %s", self.port, hint, exc
+                )
+                return
+        finally:
+            self._slots.release()
+        if not self._queue.put_nowait(stream):
+            logger.warning(
+                "dropped authenticated connection from %s on port %d: accept backlog full",
+                stream.peer.name,
+                self.port,
+            )
+            await stream.aclose()
+            return
+        logger.debug(
+            "accepted %s (%s) on port %d", stream.peer.name, stream.peer.node_id, self.port
+        )
+
+    async def aclose(self) -> None:
+        """Stop accepting; pending ``accept`` calls raise ListenerClosedError. Idempotent.
+
+        Streams already accepted stay open.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.transport._listeners.pop(self.port, None)
+        self._task.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+        with contextlib.suppress(TransportError):
+            await self._carrier_listener.aclose()
+        tasks = [self._task, *self._handshakes]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in self._queue.close():
+            await stream.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<Listener port={self.port} {'closed' if self._closed else 'open'}>"
+
+
+class Transport:
+    """Our identity and trust over one carrier: dial peers, listen on ports.
+
+    Obtain one from :func:`open_transport`. Usable as an async context
+    manager; :meth:`aclose` is idempotent.
+
+    Attributes:
+        identity: who we are.
+        trust: who we accept.
+        url: the transport URL.
+        options: the :class:`TransportOptions` in force.
+    """
+
+    def __init__(
+        self,
+        carrier: Carrier,
+        *,
+        url: str,
+        identity: Identity,
+        trust: TrustStore,
+        options: TransportOptions,
+    ) -> None:
+        self.url = url
+        self.identity = identity
+        self.trust = trust
+        self.options = options
+        self._carrier = carrier
+        self._tls = TLSConfig(identity, trust)
+        self._listeners: dict[int, Listener] = {}
+        self._closed = False
+
+    @property
+    def carrier(self) -> str:
+        """The carrier's scheme: ``tcp``, ``memory`` or ``pilot``."""
+        return self._carrier.scheme
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called."""
+        return self._closed
+
+    @property
+    def local(self) -> PeerInfo:
+        """Our own :class:`PeerInfo`."""
+        return PeerInfo.of_identity(self.identity)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreamClosedError("the transport is closed")
+
+    async def listen(self, port: int) -> Listener:
+        """Accept authenticated streams on virtual ``port``.
+
+        Raises:
+            TransportUsageError: ``port`` is not in 1..65535.
+            PortInUseError: the port already has a listener (or the tcp endpoint is taken).
+            StreamClosedError: the transport is closed.
+        """
+        self._check_open()
+        _check_port(port)
+        carrier_listener = await self._carrier.bind(port)
+        listener = Listener(self, carrier_listener, port)
+        self._listeners[port] = listener
+        return listener
+
+    async def connect(
+        self,
+        peer: str | TrustedPeer | PeerInfo | DialTarget,
+        port: int,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109  # a per-call deadline is the API
+    ) -> SecureStream:
+        """Open an authenticated stream to ``peer`` on virtual ``port``.
+
+        ``peer`` is a trust-store name, a node id, a Pilot address text, a
+        :class:`TrustedPeer` or :class:`PeerInfo`. When the peer is known by
+        name or key, the handshake must prove exactly that key. Safe to
+        repeat (each call opens a new stream). Cancelling abandons the attempt
+        and closes whatever was opened.
+
+        Raises:
+            UnknownPeerError: ``peer`` is not in the trust store (or has no
+                endpoint/address for this carrier).
+            TransportUsageError: ``port`` is not in 1..65535.
+            ConnectTimeoutError: dial + handshake took longer than ``timeout``
+                (default ``options.connect_timeout``).
+            PeerUnreachableError, PortNotListeningError: the carrier could not
+                open the stream.
+            PeerNotTrustedError: the peer's key is not in our trust store.
+            RejectedByPeerError: the peer does not trust our key.
+            PeerIdentityMismatchError: a trusted peer answered, but not the one named.
+            HandshakeError: any other TLS failure.
+        """
+        self._check_open()
+        _check_port(port)
+        target, expected_key, label = self._dial_target(peer)
+        limit = self.options.connect_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                carrier_stream = await self._carrier.dial(target, port)
+                return await client_handshake(
+                    carrier_stream,
+                    self._tls,
+                    expected_key=expected_key,
+                    expected_name=target.name,
+                    target=f"{label} port {port}",
+                )
+        except TimeoutError as exc:
+            if isinstance(exc, ConnectTimeoutError):
+                raise
+            raise ConnectTimeoutError(
+                f"connecting to {label} port {port} took longer than {limit:g}s"
+            ) from exc
+
+    def resolve(self, peer: str) -> PeerInfo:
+        """What the trust store knows about ``peer`` (name, node id or Pilot address).
+
+        Raises:
+            UnknownPeerError: no trusted peer matches.
+        """
+        entry = self._lookup(peer)
+        if entry is None:
+            raise UnknownPeerError(f"no trusted peer matches {peer!r}")
+        return PeerInfo(
+            node_id=entry.node_id,
+            name=entry.name,
+            address=entry.address,
+            public_key=entry.public_key,
+            fingerprint=entry.fingerprint,
+        )
+
+    def _lookup(self, peer: str) -> TrustedPeer | None:
+        entry = self.trust.get(peer) or self.trust.by_node_id(peer)
+        if entry is None and ":" in peer:
+            with contextlib.suppress(AddressError):
+                entry = self.trust.by_address(peer)
+        return entry
+
+    def _dial_target(
+        self, peer: str | TrustedPeer | PeerInfo | DialTarget
+    ) -> tuple[DialTarget, bytes | None, str]:
+        if isinstance(peer, DialTarget):
+            label = peer.name or peer.endpoint or peer.address or peer.node_id or "peer"
+            return peer, None, label
+        if isinstance(peer, TrustedPeer):
+            entry: TrustedPeer | None = peer
+        elif isinstance(peer, PeerInfo):
+            entry = self.trust.by_public_key(peer.public_key)
+            if entry is None:
+                raise UnknownPeerError(f"peer {peer.node_id} is not in the trust store")
+        elif isinstance(peer, str):  # pyright: ignore[reportUnnecessaryIsInstance]  # runtime guard
+            entry = self._lookup(peer)
+            if entry is None:
+                address = _parse_address(peer)
+                if address is None:
+                    raise UnknownPeerError(
+                        f"unknown peer {peer!r}: not a trusted peer's name, node id or "
+                        "address; add it with `pilot-transport trust add`"
+                    )
+                return DialTarget(address=address), None, address
+        else:
+            raise TypeError(
+                f"peer must be a str, TrustedPeer or PeerInfo, not {type(peer).__name__}"
+            )
+        assert entry is not None
+        target = DialTarget(
+            name=entry.name,
+            node_id=entry.node_id,
+            endpoint=entry.endpoint,
+            address=entry.address,
+        )
+        return target, entry.public_key, repr(entry.name)
+
+    async def info(self) -> TransportInfo:
+        """Facts about this transport: identity, carrier, endpoint or address, ports.
+
+        Raises:
+            DaemonError: the pilot carrier could not query its daemon.
+        """
+        details = dict(await self._carrier.info())
+        endpoint = details.get("endpoint")
+        address = details.get("address")
+        return TransportInfo(
+            node_id=self.identity.node_id,
+            fingerprint=self.identity.fingerprint,
+            public_key=self.identity.public_key_text,
+            carrier=self._carrier.scheme,
+            url=self.url,
+            endpoint=str(endpoint) if endpoint is not None else None,
+            address=str(address) if address is not None else None,
+            listening_ports=tuple(sorted(self._listeners)),
+            details=details,
+        )
+
+    async def aclose(self) -> None:
+        """Close every listener and stream of this transport. Idempotent.
+
+        Streams opened through it are reset: their pending reads and writes fail.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for listener in list(self._listeners.values()):
+            with contextlib.suppress(Exception):
+                await listener.aclose()
+        await self._carrier.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<Transport {self.url} node_id={self.identity.node_id}>"
+
+
+def _parse_address(text: str) -> str | None:
+    try:
+        return str(Address.parse(text))
+    except AddressError:
+        return None
+
+
+def _make_carrier(url: str, identity: Identity) -> Carrier:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "tcp":
+        from pilot_transport._carriers.tcp import TcpCarrier
+
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise TransportURLError(f"{url!r}: a tcp URL is tcp://HOST:PORT")
+        try:
+            port = parts.port or 0
+        except ValueError as exc:
+            raise TransportURLError(f"{url!r}: bad port: {exc}") from exc
+        host = parts.hostname or "127.0.0.1"
+        return TcpCarrier(host, port)
+    if scheme == "memory":
+        from pilot_transport._carriers.memory import MemoryCarrier
+
+        hub = parts.netloc or parts.path.strip("/")
+        if not hub:
+            raise TransportURLError(f"{url!r}: a memory URL names a hub: memory://NAME")
+        return MemoryCarrier(hub, identity.node_id)
+    if scheme == "pilot":
+        path = unquote(parts.path)
+        if parts.netloc or not path:
+            raise TransportURLError(f"{url!r}: a pilot URL is pilot:///absolute/path/to/pilot.sock")
+        try:
+            module = importlib.import_module("pilot_transport._carriers.pilot")
+        except ModuleNotFoundError as exc:
+            if exc.name != "pilot_transport._carriers.pilot":
+                raise
+            raise TransportURLError(
+                "the pilot:// carrier is not available in this installation"
+            ) from exc
+        carrier_class = getattr(module, "PilotCarrier", None)
+        if carrier_class is None:
+            raise TransportURLError("the pilot:// carrier is not available in this installation")
+        carrier: Carrier = carrier_class(socket_path=path)
+        return carrier
+    if not scheme:
+        raise TransportURLError(
+            f"transport URL {url!r} has no scheme; use tcp://HOST:PORT, memory://HUB or "
+            "pilot:///path/to/pilot.sock"
+        )
+    raise TransportURLError(
+        f"unknown transport scheme {scheme!r} in {url!r}; use tcp://, memory:// or pilot://"
+    )
+
+
+async def _open(
+    url: str | None,
+    identity: Identity | str | os.PathLike[str],
+    trust: TrustStore | str | os.PathLike[str],
+    options: TransportOptions | None,
+) -> Transport:
+    resolved = url or os.environ.get(TRANSPORT_ENV) or DEFAULT_TRANSPORT_URL
+    if not isinstance(identity, Identity):
+        identity = Identity.load(identity)
+    if not isinstance(trust, TrustStore):
+        trust = TrustStore.open(trust)
+    carrier = _make_carrier(resolved, identity)
+    start = getattr(carrier, "start", None)
+    if start is not None:
+        try:
+            await start()
+        except BaseException:
+            await carrier.aclose()
+            raise
+    return Transport(
+        carrier,
+        url=resolved,
+        identity=identity,
+        trust=trust,
+        options=options or TransportOptions(),
+    )
+
+
+class _TransportOpener:
+    """What :func:`open_transport` returns: ``await`` it or ``async with`` it."""
+
+    def __init__(self, coro_args: tuple[Any, ...]) -> None:
+        self._args = coro_args
+        self._transport: Transport | None = None
+
+    def __await__(self) -> Generator[Any, None, Transport]:
+        return _open(*self._args).__await__()
+
+    async def __aenter__(self) -> Transport:
+        self._transport = await _open(*self._args)
+        return self._transport
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._transport is not None:
+            await self._transport.aclose()
+
+
+def open_transport(
+    url: str | None = None,
+    *,
+    identity: Identity | str | os.PathLike[str],
+    trust: TrustStore | str | os.PathLike[str],
+    options: TransportOptions | None = None,
+) -> _TransportOpener:
+    """Open a transport on the carrier named by ``url``.
+
+    Use ``transport = await open_transport(...)`` (then ``await
+    transport.aclose()``), or ``async with open_transport(...) as transport``.
+
+    Args:
+        url: ``tcp://HOST:PORT`` (port 0 picks a free port), ``memory://HUB`` or
+            ``pilot:///path/to/pilot.sock``. ``None`` reads ``PILOT_TRANSPORT``,
+            then defaults to ``tcp://127.0.0.1:0``.
+        identity: an :class:`Identity` or the path of its key file.
+        trust: a :class:`TrustStore` or the path of its file.
+        options: a :class:`TransportOptions`; defaults are safe.
+
+    Raises:
+        TransportURLError: the URL is malformed or names an unavailable carrier.
+        IdentityError, InsecureKeyFileError: the key file cannot be used.
+        TrustStoreError: the trust file is malformed.
+        DaemonUnavailableError: ``pilot://`` and the daemon cannot be reached.
+    """
+    return _TransportOpener((url, identity, trust, options))
