@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from pathlib import Path
 
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.report import ProgressCallbacks
+
 from pilot_checkpoint_sqlite import (
     CheckpointService,
     LocalStoreBackend,
@@ -15,12 +15,10 @@ from pilot_checkpoint_sqlite import (
 )
 
 
-async def test_conformance_base_and_extended(tmp_path: Path) -> None:
-    counter = iter(range(1000))
-
-    @checkpointer_test(name="PilotCheckpointSaver[local sqlite]")
+async def test_conformance_base_and_extended(db_url: str) -> None:
+    @checkpointer_test(name="PilotCheckpointSaver[in-process store]")
     async def factory() -> AsyncGenerator[PilotCheckpointSaver, None]:
-        store = await open_store(f"sqlite:///{tmp_path / f'conf-{next(counter)}.db'}")
+        store = await open_store(db_url)
         saver = PilotCheckpointSaver(backend=LocalStoreBackend(CheckpointService(store)))
         try:
             yield saver
@@ -28,8 +26,8 @@ async def test_conformance_base_and_extended(tmp_path: Path) -> None:
             await saver.aclose()
             await store.aclose()
 
-    report = await validate(factory, progress=ProgressCallbacks.verbose())
-    report.print_report()
+    report = await validate(factory, progress=ProgressCallbacks.quiet())
     failures = {name: r.failures for name, r in report.results.items() if r.failures}
     assert report.passed_all(), failures
     assert all(r.detected for r in report.results.values()), report.to_dict()
+    assert report.conformance_level() == "FULL"
