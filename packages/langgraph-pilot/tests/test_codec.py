@@ -14,10 +14,9 @@ import pytest
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.types import Send
-from pydantic import BaseModel
-
 from pilot_langgraph import LangGraphCodec, PilotDecodeError, PilotEncodeError
 from pilot_langgraph._codec import ENVELOPE_KEY, is_envelope
+from pydantic import BaseModel
 
 
 class Color(enum.Enum):
@@ -139,7 +138,7 @@ def _ext_envelope(code: int, tup: tuple[Any, ...]) -> dict[str, Any]:
 def test_never_calls_arbitrary_callables() -> None:
     codec = LangGraphCodec()
     # os.system is not a data type: refused, never imported or called
-    with pytest.raises(PilotDecodeError, match="refusing to rebuild os.system"):
+    with pytest.raises(PilotDecodeError, match=r"refusing to rebuild os\.system"):
         codec.decode(_ext_envelope(0, ("os", "system", "echo pwned")))
     with pytest.raises(PilotDecodeError, match="refusing"):
         codec.decode(_ext_envelope(1, ("subprocess", "Popen", [["true"]])))

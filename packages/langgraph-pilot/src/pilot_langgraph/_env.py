@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_PORT",
     "IDENTITY_FILE",
     "PILOT_CONFIG_DIR",
+    "PILOT_DEMO_WORKER",
     "PILOT_IDENTITY",
     "PILOT_LANGGRAPH_PORT",
     "PILOT_TRANSPORT",
@@ -39,3 +40,7 @@ DEFAULT_CONFIG_DIR: Final = "~/.config/pilot"
 IDENTITY_FILE: Final = "identity.key"
 TRUST_FILE: Final = "trust.json"
 DEFAULT_PORT: Final = 5000
+
+PILOT_DEMO_WORKER: Final = "PILOT_DEMO_WORKER"
+"""Set by ``pilot-langgraph demo`` on each worker it starts: the worker's name,
+reported by the demo handlers next to their pid."""

@@ -59,6 +59,11 @@ _CONFIG_KEY_TASK_ID = "__pregel_task_id"
 _CONFIG_KEY_RUNTIME = "__pregel_runtime"
 # Set by PilotFanoutRunnable so each target of one task gets its own key.
 CONFIG_KEY_FANOUT_LABEL = "__pilot_fanout_label"
+# Metadata headers sent with every call (handlers read them from ctx.metadata).
+TASK_ID_HEADER = "langgraph-task-id"
+NODE_HEADER = "langgraph-node"
+THREAD_ID_HEADER = "langgraph-thread-id"
+FANOUT_LABEL_HEADER = "langgraph-fanout-label"
 
 _PEER_COOLDOWN_SECS = 2.0
 _SHARED_CODEC = LangGraphCodec()
@@ -333,15 +338,16 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
         headers: dict[str, str] = {}
         if task_id is not None:
             parts = [str(task_id), str(graph_node or ""), self.node]
-            headers["langgraph-task-id"] = str(task_id)
+            headers[TASK_ID_HEADER] = str(task_id)
         else:
             parts = [f"call-{uuid.uuid4().hex}", self.node]
         if graph_node is not None:
-            headers["langgraph-node"] = str(graph_node)
+            headers[NODE_HEADER] = str(graph_node)
         if (thread_id := configurable.get("thread_id")) is not None:
-            headers["langgraph-thread-id"] = str(thread_id)
+            headers[THREAD_ID_HEADER] = str(thread_id)
         if label is not None:
             parts.append(str(label))
+            headers[FANOUT_LABEL_HEADER] = str(label)
         return "/".join(parts), headers
 
     def _attempt_plan(self) -> list[str]:
