@@ -12,6 +12,12 @@ step "uv lock --check, sync the full workspace"
 "$UV" lock --check
 "$UV" sync --frozen --all-packages
 
+step "real servers the tests need (PostgreSQL, Redis) from Debian's packages"
+source "$ROOT/scripts/_postgres.sh"
+if [ -f "$ROOT/scripts/_redis.sh" ]; then
+  source "$ROOT/scripts/_redis.sh"
+fi
+
 step "ruff"
 "$UV" run --frozen --no-sync ruff check .
 "$UV" run --frozen --no-sync ruff format --check .
