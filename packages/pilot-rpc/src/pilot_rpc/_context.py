@@ -14,7 +14,10 @@ __all__ = ["CallContext"]
 class _CallControl(Protocol):
     """What the context needs from the server driver's call record."""
 
-    cancel_event: asyncio.Event
+    @property
+    def cancel_event(self) -> asyncio.Event: ...
+
+    def is_cancelled(self) -> bool: ...
 
     async def send_progress(self, value: Any) -> None: ...
 
@@ -72,7 +75,7 @@ class CallContext:
     @property
     def cancelled(self) -> bool:
         """True once the caller cancelled, the deadline passed or the connection died."""
-        return self._control.cancel_event.is_set()
+        return self._control.is_cancelled()
 
     def time_remaining(self) -> float | None:
         """Seconds until the deadline (never negative), or ``None`` without one."""

@@ -1,0 +1,972 @@
+"""The asyncio driver: runs a sans-IO :class:`~pilot_rpc._protocol.Connection` over a stream.
+
+One reader task feeds received bytes to the protocol and dispatches its
+events; one writer task writes whatever the protocol queued. Frames queued in
+the same event-loop iteration leave in one ``stream.write`` (the writer wakes
+after the current callbacks ran), so 64 concurrent calls cost one TLS record,
+not 64. Call records are plain slotted objects resolved through futures: the
+client side starts no task per call; the server side runs one task per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import traceback
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from pilot_rpc import _protocol as P
+from pilot_rpc._context import CallContext
+from pilot_rpc._errors_map import map_transport_error
+from pilot_rpc._types import MethodKind, ProgressCallback, StreamLike
+from pilot_rpc.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    RpcError,
+    StatusCode,
+    Unavailable,
+)
+
+if TYPE_CHECKING:
+    from pilot_rpc._options import ServerOptions
+
+__all__ = ["ClientConnection", "ServerConnection"]
+
+logger = logging.getLogger("pilot_rpc")
+
+_WRITE_CHUNK = 256 * 1024
+_READ_SIZE = 256 * 1024
+_HIGH_WATER = 1024 * 1024
+"""Queued output above which streaming senders wait for the writer."""
+_YIELD_EVERY = 64
+"""A stream producer that never suspends yields to the loop after this many items."""
+
+
+class _ConnectionBase:
+    """What client and server connections share: reader, writer, keepalive, close."""
+
+    def __init__(
+        self,
+        stream: StreamLike,
+        core: P.Connection,
+        *,
+        keepalive_interval: float | None,
+        keepalive_timeout: float,
+    ) -> None:
+        self.stream = stream
+        self.core = core
+        self.loop = asyncio.get_running_loop()
+        self.peer: Any = getattr(stream, "peer", None)
+        self.hello: asyncio.Future[P.HelloReceived] = self.loop.create_future()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.close_error: RpcError | None = None
+        self.going_away = False
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._keepalive_interval = keepalive_interval
+        self._keepalive_timeout = keepalive_timeout
+        self._last_recv = self.loop.time()
+        self._ping_sent_at: float | None = None
+        self._keepalive_handle: asyncio.TimerHandle | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._reader = self.loop.create_task(self._read_loop())
+        self._writer = self.loop.create_task(self._write_loop())
+        self.kick()
+        if self._keepalive_interval is not None:
+            self._keepalive_handle = self.loop.call_later(
+                self._keepalive_interval, self._keepalive_tick
+            )
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Wake the writer: the protocol queued output."""
+        waiter = self._write_waiter
+        if waiter is not None:
+            self._write_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _write_loop(self) -> None:
+        core = self.core
+        stream = self.stream
+        try:
+            while True:
+                if not core.pending_output:
+                    if self._drain_waiters:
+                        self._wake_drain_waiters()
+                    if self._closing or core.closed:
+                        return
+                    waiter = self.loop.create_future()
+                    self._write_waiter = waiter
+                    await waiter
+                    continue
+                await stream.write(core.data_to_send(_WRITE_CHUNK))
+                if self._drain_waiters and core.pending_output < _HIGH_WATER // 2:
+                    self._wake_drain_waiters()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._lost(map_transport_error(exc, "connection lost while writing"))
+
+    def _wake_drain_waiters(self) -> None:
+        waiters = self._drain_waiters
+        self._drain_waiters = []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_writable(self) -> None:
+        """Wait while more than the high-water mark of output is queued."""
+        while self.core.pending_output > _HIGH_WATER and not self.closed.done():
+            waiter = self.loop.create_future()
+            self._drain_waiters.append(waiter)
+            self.kick()
+            await waiter
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        core = self.core
+        stream = self.stream
+        dispatch = self.dispatch
+        loop = self.loop
+        try:
+            while True:
+                data = await stream.read(_READ_SIZE)
+                self._last_recv = loop.time()
+                self._ping_sent_at = None
+                events = core.receive_data(data)
+                for event in events:
+                    dispatch(event)
+                if core.pending_output:
+                    self.kick()
+                if not data or core.closed:
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._lost(map_transport_error(exc, "connection lost"))
+            return
+        if not self.closed.done():
+            self._lost(self.close_error or Unavailable("connection closed by the peer"))
+
+    def dispatch(self, event: P.Event) -> None:
+        raise NotImplementedError
+
+    def on_hello(self, event: P.HelloReceived) -> None:
+        if not self.hello.done():
+            self.hello.set_result(event)
+
+    def on_connection_closed(self, event: P.ConnectionClosed) -> None:
+        if event.protocol_error:
+            logger.warning("pilot-rpc connection with %s: %s", _peer_name(self.peer), event.message)
+            self.close_error = Internal(event.message, details={"protocol_error": True})
+        else:
+            self.close_error = Unavailable(event.message)
+
+    # -- keepalive ------------------------------------------------------------------------------
+
+    def _keepalive_tick(self) -> None:
+        interval = self._keepalive_interval
+        if interval is None or self.closed.done():
+            return
+        now = self.loop.time()
+        if self._ping_sent_at is not None:
+            if now - self._ping_sent_at >= self._keepalive_timeout:
+                self._lost(
+                    Unavailable(
+                        f"peer {_peer_name(self.peer)} did not answer a ping within "
+                        f"{self._keepalive_timeout:g} s"
+                    )
+                )
+                return
+            delay = self._ping_sent_at + self._keepalive_timeout - now
+        elif now - self._last_recv >= interval:
+            self.core.ping(os.urandom(8))
+            self.kick()
+            self._ping_sent_at = now
+            delay = self._keepalive_timeout
+        else:
+            delay = self._last_recv + interval - now
+        self._keepalive_handle = self.loop.call_later(max(delay, 0.01), self._keepalive_tick)
+
+    # -- ending ---------------------------------------------------------------------------------
+
+    def _lost(self, error: RpcError) -> None:
+        """The connection is unusable: fail everything on it and close the stream."""
+        if self.closed.done():
+            return
+        if self.close_error is None or isinstance(error, Internal):
+            self.close_error = error
+        self.core.close()
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+        if not self.hello.done():
+            self.hello.set_exception(self.close_error)
+            self.hello.exception()  # mark retrieved: the dialler may have gone
+        self.closed.set_result(None)
+        self.fail_all(self.close_error)
+        self._wake_drain_waiters()
+        self.loop.create_task(self._shutdown_stream(abort=True))
+
+    def fail_all(self, error: RpcError) -> None:
+        raise NotImplementedError
+
+    async def _shutdown_stream(self, *, abort: bool) -> None:
+        current = asyncio.current_task()
+        writer = self._writer
+        if writer is not None and writer is not current and not writer.done():
+            if abort:
+                # Let a queued GOAWAY (protocol error) out, briefly.
+                self._closing = True
+                self.kick()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(writer), 0.5)
+            writer.cancel()
+        reader = self._reader
+        if reader is not None and reader is not current and not reader.done():
+            reader.cancel()
+        with contextlib.suppress(Exception):
+            await self.stream.aclose()
+        for task in (writer, reader):
+            if task is not None and task is not current:
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def aclose(self, *, flush_timeout: float = 1.0) -> None:
+        """Flush queued output (bounded), then close the stream. Idempotent."""
+        if not self.closed.done():
+            self._closing = True
+            self.kick()
+            writer = self._writer
+            if writer is not None and not writer.done():
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(writer), flush_timeout)
+            self._lost(Unavailable("connection closed"))
+        await self.wait_stopped()
+
+    async def wait_stopped(self) -> None:
+        for task in (self._writer, self._reader):
+            if task is not None and not task.done():
+                with contextlib.suppress(BaseException):
+                    await task
+
+
+def _peer_name(peer: Any) -> str:
+    if peer is None:
+        return "peer"
+    return str(getattr(peer, "name", None) or getattr(peer, "node_id", None) or peer)
+
+
+# =================================================================================================
+# Client side
+# =================================================================================================
+
+
+class ClientCall:
+    """One call in flight on a client connection."""
+
+    __slots__ = (
+        "call_id",
+        "conn",
+        "done",
+        "error",
+        "future",
+        "items",
+        "on_progress",
+        "send_waiter",
+        "timer",
+        "waiter",
+    )
+
+    def __init__(self, conn: ClientConnection, call_id: int) -> None:
+        self.conn = conn
+        self.call_id = call_id
+        self.future: asyncio.Future[Any] = conn.loop.create_future()
+        self.timer: asyncio.TimerHandle | None = None
+        self.on_progress: ProgressCallback | None = None
+        # Streams and progress: received (message, flow) pairs and a wake-up future.
+        self.items: deque[tuple[Any, int]] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.send_waiter: asyncio.Future[None] | None = None
+        self.done = False
+        self.error: BaseException | None = None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class ClientConnection(_ConnectionBase):
+    """A dialled connection that starts calls."""
+
+    def __init__(
+        self,
+        stream: StreamLike,
+        core: P.Connection,
+        *,
+        keepalive_interval: float | None,
+        keepalive_timeout: float,
+        max_calls: int,
+        on_idle: Callable[[ClientConnection], None] | None = None,
+    ) -> None:
+        super().__init__(
+            stream, core, keepalive_interval=keepalive_interval, keepalive_timeout=keepalive_timeout
+        )
+        self.calls: dict[int, ClientCall] = {}
+        self.max_calls = max_calls
+        self.on_idle = on_idle
+        self._dispatch: dict[type[P.Event], Callable[[Any], None]] = {
+            P.ReplyReceived: self._on_reply,
+            P.ErrorReceived: self._on_error,
+            P.MessageReceived: self._on_item,
+            P.ProgressReceived: self._on_progress,
+            P.StreamEnded: self._on_end,
+            P.CallRefused: self._on_refused,
+            P.SendUnblocked: self._on_unblocked,
+            P.GoAwayReceived: self._on_goaway,
+            P.PongReceived: _ignore,
+            P.HelloReceived: self._on_hello_client,
+            P.ConnectionClosed: self.on_connection_closed,
+        }
+
+    @property
+    def inflight(self) -> int:
+        return len(self.calls)
+
+    @property
+    def usable(self) -> bool:
+        return not self.going_away and not self.closed.done()
+
+    def dispatch(self, event: P.Event) -> None:
+        self._dispatch[type(event)](event)
+
+    def _on_hello_client(self, event: P.HelloReceived) -> None:
+        self.max_calls = min(self.max_calls, event.max_concurrent_calls)
+        self.on_hello(event)
+
+    # -- starting calls -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        super().start()
+
+    def start_call(
+        self,
+        method: str,
+        kind: MethodKind,
+        request: Any,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> ClientCall:
+        """Queue the CALL frame; raises InvalidArgument/ResourceExhausted before sending."""
+        try:
+            call_id = self.core.start_call(
+                method, kind, request, timeout=timeout, metadata=metadata
+            )
+        except P.MessageEncodeError as exc:
+            raise InvalidArgument(f"request of {method!r} is {exc}") from exc
+        except P.MessageTooLarge as exc:
+            raise ResourceExhausted(
+                f"request of {method!r}: {exc}", details={"size": exc.size, "limit": exc.limit}
+            ) from exc
+        except P.LocalProtocolError as exc:
+            raise Unavailable(str(exc), retry_safe=True) from exc
+        call = ClientCall(self, call_id)
+        self.calls[call_id] = call
+        if timeout is not None:
+            call.timer = self.loop.call_later(timeout, self._expire, call, timeout)
+        self.kick()
+        return call
+
+    def _expire(self, call: ClientCall, timeout: float) -> None:
+        if call.done:
+            return
+        self.core.cancel_call(call.call_id)
+        self.kick()
+        self._finish(call, DeadlineExceeded(f"deadline of {timeout:g} s exceeded"))
+
+    def cancel(self, call: ClientCall) -> None:
+        """The caller gave up: tell the server, forget the call."""
+        if call.done:
+            return
+        self.core.cancel_call(call.call_id)
+        self.kick()
+        self._finish(call, Cancelled("call cancelled by the caller"))
+
+    def _finish(self, call: ClientCall, error: BaseException | None, result: Any = None) -> None:
+        call.done = True
+        if call.timer is not None:
+            call.timer.cancel()
+        del self.calls[call.call_id]
+        fut = call.future
+        if not fut.done():
+            if error is None:
+                fut.set_result(result)
+            else:
+                call.error = error
+                fut.set_exception(error)
+                fut.exception()  # streams read call.error instead; never "unretrieved"
+        call.wake()
+        if call.send_waiter is not None and not call.send_waiter.done():
+            call.send_waiter.set_result(None)
+        if self.on_idle is not None:
+            self.on_idle(self)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def _on_reply(self, event: P.ReplyReceived) -> None:
+        call = self.calls.get(event.call_id)
+        if call is not None:
+            self._finish(call, None, event.message)
+
+    def _on_error(self, event: P.ErrorReceived) -> None:
+        call = self.calls.get(event.call_id)
+        if call is not None:
+            error = RpcError.from_code(event.code, event.message, event.details)
+            if isinstance(error, Unavailable | ResourceExhausted) and event.details.get(
+                "retry_safe"
+            ):
+                error = Unavailable(event.message, details=event.details, retry_safe=True)
+            self._finish(call, error)
+
+    def _on_item(self, event: P.MessageReceived) -> None:
+        call = self.calls.get(event.call_id)
+        if call is None:
+            return
+        items = call.items
+        if items is None:
+            items = call.items = deque()
+        items.append((event.message, event.flow))
+        call.wake()
+
+    def _on_progress(self, event: P.ProgressReceived) -> None:
+        call = self.calls.get(event.call_id)
+        if call is None:
+            return
+        if call.on_progress is None:
+            self.core.consumed(event.call_id, event.flow)
+            return
+        items = call.items
+        if items is None:
+            items = call.items = deque()
+        items.append((event.message, event.flow))
+        call.wake()
+
+    def _on_end(self, event: P.StreamEnded) -> None:
+        call = self.calls.get(event.call_id)
+        if call is not None:
+            self._finish(call, None, None)
+
+    def _on_refused(self, event: P.CallRefused) -> None:
+        call = self.calls.get(event.call_id)
+        if call is not None:
+            self._finish(call, Unavailable(f"call refused: {event.message}", retry_safe=True))
+
+    def _on_unblocked(self, event: P.SendUnblocked) -> None:
+        call = self.calls.get(event.call_id)
+        if call is not None and call.send_waiter is not None and not call.send_waiter.done():
+            call.send_waiter.set_result(None)
+
+    def _on_goaway(self, event: P.GoAwayReceived) -> None:
+        self.going_away = True
+        if event.code != StatusCode.OK:
+            self.close_error = RpcError.from_code(event.code, event.message)
+        if self.on_idle is not None:
+            self.on_idle(self)
+
+    def fail_all(self, error: RpcError) -> None:
+        for call in list(self.calls.values()):
+            err: RpcError = error
+            if isinstance(error, Unavailable):
+                err = Unavailable(error.message, details=error.details)
+            elif isinstance(error, Internal):
+                err = Internal(error.message, details=error.details)
+            err.__cause__ = error.__cause__
+            self._finish(call, err)
+
+    # -- consuming streams and progress ---------------------------------------------------------
+
+    async def next_item(self, call: ClientCall) -> Any:
+        """The next stream item; raises StopAsyncIteration at a clean end, RpcError on error."""
+        while True:
+            items = call.items
+            if items:
+                message, flow = items.popleft()
+                if not call.done:
+                    self.core.consumed(call.call_id, flow)
+                    if self.core.pending_output:
+                        self.kick()
+                return message
+            if call.done:
+                if call.error is not None:
+                    raise call.error
+                raise StopAsyncIteration
+            waiter = self.loop.create_future()
+            call.waiter = waiter
+            await waiter
+
+    async def wait_reply(self, call: ClientCall) -> Any:
+        """The reply of a single-response call, running its progress callback meanwhile."""
+        on_progress = call.on_progress
+        while True:
+            items = call.items
+            while items:
+                message, flow = items.popleft()
+                if on_progress is not None:
+                    result = on_progress(message)
+                    if result is not None:
+                        await result
+                if not call.done:
+                    self.core.consumed(call.call_id, flow)
+                    if self.core.pending_output:
+                        self.kick()
+            if call.future.done():
+                return call.future.result()
+            waiter = self.loop.create_future()
+            call.waiter = waiter
+            await waiter
+
+    async def send_request_item(self, call: ClientCall, value: Any) -> None:
+        """Send one request stream item, waiting for credit if needed."""
+        if call.done:
+            raise call.error or Cancelled("the call is over")
+        try:
+            sent = self.core.send_item(call.call_id, value)
+        except P.MessageEncodeError as exc:
+            raise InvalidArgument(f"request item is {exc}") from exc
+        except P.MessageTooLarge as exc:
+            raise ResourceExhausted(str(exc)) from exc
+        except P.LocalProtocolError as exc:
+            raise call.error or FailedPrecondition(str(exc)) from exc
+        self.kick()
+        while not sent and not call.done and self.core.send_blocked(call.call_id):
+            waiter = self.loop.create_future()
+            call.send_waiter = waiter
+            await waiter
+        if self.core.pending_output > _HIGH_WATER:
+            await self.wait_writable()
+
+    def end_requests(self, call: ClientCall) -> None:
+        if call.done:
+            return
+        try:
+            self.core.end_requests(call.call_id)
+        except P.LocalProtocolError as exc:
+            raise FailedPrecondition(str(exc)) from exc
+        self.kick()
+
+
+def _ignore(event: P.Event) -> None:
+    pass
+
+
+# =================================================================================================
+# Server side
+# =================================================================================================
+
+_DEADLINE = "deadline"
+_PEER_CANCEL = "peer"
+_DRAIN = "drain"
+_LOST = "lost"
+
+
+class ServerCall:
+    """Server-side record of one call: its task, cancel signal and inbound items."""
+
+    __slots__ = (
+        "_cancel_event",
+        "call_id",
+        "cancel_reason",
+        "conn",
+        "items",
+        "kind",
+        "request_done",
+        "send_waiter",
+        "task",
+        "timer",
+        "waiter",
+    )
+
+    def __init__(self, conn: ServerConnection, call_id: int, kind: MethodKind) -> None:
+        self.conn = conn
+        self.call_id = call_id
+        self.kind = kind
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.cancel_reason: str | None = None
+        self._cancel_event: asyncio.Event | None = None
+        self.send_waiter: asyncio.Future[None] | None = None
+        # Client-streaming requests.
+        self.items: deque[tuple[Any, int]] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.request_done = False
+
+    # The CallContext control protocol.
+    @property
+    def cancel_event(self) -> asyncio.Event:
+        event = self._cancel_event
+        if event is None:
+            event = self._cancel_event = asyncio.Event()
+            if self.cancel_reason is not None:
+                event.set()
+        return event
+
+    def is_cancelled(self) -> bool:
+        return self.cancel_reason is not None
+
+    def cancel(self, reason: str) -> None:
+        if self.cancel_reason is not None:
+            return
+        self.cancel_reason = reason
+        if self._cancel_event is not None:
+            self._cancel_event.set()
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self.wake()
+        if self.send_waiter is not None and not self.send_waiter.done():
+            self.send_waiter.set_result(None)
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def send_progress(self, value: Any) -> None:
+        if self.kind not in (MethodKind.UNARY, MethodKind.CLIENT_STREAMING):
+            raise FailedPrecondition("send_progress is for unary calls; yield stream items")
+        await self.conn.send_flow(self, value, progress=True)
+
+
+class ServerConnection(_ConnectionBase):
+    """An accepted connection that runs calls."""
+
+    def __init__(
+        self,
+        stream: StreamLike,
+        core: P.Connection,
+        *,
+        options: ServerOptions,
+        methods: Mapping[str, tuple[MethodKind, Callable[..., Any]]],
+        on_call_done: Callable[[], None],
+    ) -> None:
+        super().__init__(
+            stream,
+            core,
+            keepalive_interval=options.keepalive_interval,
+            keepalive_timeout=options.keepalive_timeout,
+        )
+        self.options = options
+        self.methods = methods
+        self.calls: dict[int, ServerCall] = {}
+        self._on_call_done = on_call_done
+        self._conn_tag = os.urandom(4).hex()
+        self._dispatch: dict[type[P.Event], Callable[[Any], None]] = {
+            P.CallReceived: self._on_call,
+            P.MessageReceived: self._on_item,
+            P.StreamEnded: self._on_request_end,
+            P.CallCancelled: self._on_cancelled,
+            P.SendUnblocked: self._on_unblocked,
+            P.GoAwayReceived: self._on_goaway,
+            P.PongReceived: _ignore,
+            P.HelloReceived: self.on_hello,
+            P.ConnectionClosed: self.on_connection_closed,
+        }
+
+    def dispatch(self, event: P.Event) -> None:
+        self._dispatch[type(event)](event)
+
+    def _on_call(self, event: P.CallReceived) -> None:
+        call_id = event.call_id
+        entry = self.methods.get(event.method)
+        if entry is None:
+            self.core.send_error(
+                call_id, StatusCode.UNIMPLEMENTED, f"no method named {event.method!r}"
+            )
+            return
+        kind, handler = entry
+        if kind is not event.kind:
+            self.core.send_error(
+                call_id,
+                StatusCode.UNIMPLEMENTED,
+                f"method {event.method!r} is {kind.name}, called as {event.kind.name}",
+            )
+            return
+        call = ServerCall(self, call_id, kind)
+        deadline = None
+        loop = self.loop
+        if event.timeout is not None:
+            deadline = loop.time() + event.timeout
+            call.timer = loop.call_at(deadline, call.cancel, _DEADLINE)
+        metadata = event.metadata
+        if "request-id" not in metadata:
+            metadata["request-id"] = f"{self._conn_tag}-{call_id}"
+        ctx = CallContext(
+            peer=self.peer,
+            method=event.method,
+            call_id=call_id,
+            deadline=deadline,
+            metadata=metadata,
+            control=call,
+            loop=loop,
+        )
+        self.calls[call_id] = call
+        if kind is MethodKind.UNARY:
+            coro = self._run_unary(call, handler, event.message, ctx)
+        elif kind is MethodKind.SERVER_STREAMING:
+            coro = self._run_streaming(call, handler, event.message, ctx)
+        elif kind is MethodKind.CLIENT_STREAMING:
+            coro = self._run_unary(call, handler, self._request_stream(call), ctx)
+        else:
+            coro = self._run_streaming(call, handler, self._request_stream(call), ctx)
+        call.task = loop.create_task(coro)
+
+    # -- request streams ------------------------------------------------------------------------
+
+    def _on_item(self, event: P.MessageReceived) -> None:
+        call = self.calls.get(event.call_id)
+        if call is None:
+            return
+        items = call.items
+        if items is None:
+            items = call.items = deque()
+        items.append((event.message, event.flow))
+        call.wake()
+
+    def _on_request_end(self, event: P.StreamEnded) -> None:
+        call = self.calls.get(event.call_id)
+        if call is not None:
+            call.request_done = True
+            call.wake()
+
+    async def _request_stream(self, call: ServerCall) -> AsyncIterator[Any]:
+        core = self.core
+        while True:
+            items = call.items
+            if items:
+                message, flow = items.popleft()
+                core.consumed(call.call_id, flow)
+                if core.pending_output:
+                    self.kick()
+                yield message
+                continue
+            if call.request_done:
+                return
+            waiter = self.loop.create_future()
+            call.waiter = waiter
+            await waiter
+
+    # -- running handlers -----------------------------------------------------------------------
+
+    async def _run_unary(
+        self, call: ServerCall, handler: Callable[..., Any], request: Any, ctx: CallContext
+    ) -> None:
+        core = self.core
+        call_id = call.call_id
+        try:
+            result = handler(request, ctx)
+            if hasattr(result, "__await__"):
+                result = await result
+        except asyncio.CancelledError:
+            self._cancelled(call)
+            return
+        except Exception as exc:
+            self._send_exception(call, exc)
+            return
+        finally:
+            self._call_done(call)
+        try:
+            core.send_reply(call_id, result)
+        except P.MessageEncodeError as exc:
+            self._send_status(
+                call, Internal(f"handler of {ctx.method!r} returned a value that is {exc}")
+            )
+        except P.MessageTooLarge as exc:
+            self._send_status(call, ResourceExhausted(f"reply of {ctx.method!r}: {exc}"))
+        except P.LocalProtocolError:
+            return
+        self.kick()
+
+    async def _run_streaming(
+        self, call: ServerCall, handler: Callable[..., Any], request: Any, ctx: CallContext
+    ) -> None:
+        core = self.core
+        call_id = call.call_id
+        items: Any = None
+        try:
+            items = handler(request, ctx)
+            if hasattr(items, "__await__"):
+                items = await items
+            if hasattr(items, "__aiter__"):
+                await self._pump_async(call, items)
+            else:
+                for n, item in enumerate(_as_iter(items)):
+                    await self._send_item(call, item)
+                    if n % _YIELD_EVERY == _YIELD_EVERY - 1:
+                        await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            self._cancelled(call)
+            await _aclose_quietly(items)
+            return
+        except _ItemRejected as rejected:
+            await _aclose_quietly(items)
+            self._send_status(call, rejected.error)
+            return
+        except P.CallNotActive:
+            await _aclose_quietly(items)
+            return
+        except Exception as exc:
+            self._send_exception(call, exc)
+            return
+        finally:
+            self._call_done(call)
+        with contextlib.suppress(P.LocalProtocolError):
+            core.end_stream(call_id)
+            self.kick()
+
+    async def _pump_async(self, call: ServerCall, items: Any) -> None:
+        n = 0
+        async for item in items:
+            await self._send_item(call, item)
+            n += 1
+            if n == _YIELD_EVERY:
+                n = 0
+                await asyncio.sleep(0)
+
+    async def _send_item(self, call: ServerCall, item: Any) -> None:
+        await self.send_flow(call, item, progress=False)
+
+    async def send_flow(self, call: ServerCall, value: Any, *, progress: bool) -> None:
+        """Send a stream item or progress update, waiting for credit (and the writer)."""
+        if call.cancel_reason is not None:
+            raise Cancelled("the call is over")
+        core = self.core
+        try:
+            if progress:
+                sent = core.send_progress(call.call_id, value)
+            else:
+                sent = core.send_item(call.call_id, value)
+        except P.MessageEncodeError as exc:
+            what = "progress value" if progress else "stream item"
+            error = Internal(f"handler of call {call.call_id} produced a {what} that is {exc}")
+            if progress:
+                raise InvalidArgument(f"progress value is {exc}") from exc
+            raise _ItemRejected(error) from exc
+        except P.MessageTooLarge as exc:
+            if progress:
+                raise ResourceExhausted(str(exc)) from exc
+            raise _ItemRejected(ResourceExhausted(f"stream item: {exc}")) from exc
+        self.kick()
+        while not sent and core.send_blocked(call.call_id):
+            if call.cancel_reason is not None:
+                raise Cancelled("the call is over")
+            waiter = self.loop.create_future()
+            call.send_waiter = waiter
+            await waiter
+        if core.pending_output > _HIGH_WATER:
+            await self.wait_writable()
+
+    def _on_unblocked(self, event: P.SendUnblocked) -> None:
+        call = self.calls.get(event.call_id)
+        if call is not None and call.send_waiter is not None and not call.send_waiter.done():
+            call.send_waiter.set_result(None)
+
+    def _call_done(self, call: ServerCall) -> None:
+        if self.calls.pop(call.call_id, None) is not None:
+            if call.timer is not None:
+                call.timer.cancel()
+            self._on_call_done()
+
+    def _cancelled(self, call: ServerCall) -> None:
+        reason = call.cancel_reason
+        if reason == _DEADLINE:
+            self._send_status(call, DeadlineExceeded("deadline exceeded on the server"))
+        elif reason == _DRAIN:
+            self._send_status(call, Unavailable("the server shut down before the call finished"))
+        # _PEER_CANCEL: the client has forgotten the call. _LOST: nobody to tell.
+
+    def _send_exception(self, call: ServerCall, exc: Exception) -> None:
+        if isinstance(exc, RpcError):
+            self._send_status(call, exc)
+            return
+        logger.exception("handler of call %d from %s raised", call.call_id, _peer_name(self.peer))
+        details: dict[str, Any] = {"exception_type": type(exc).__name__}
+        if self.options.include_tracebacks:
+            details["traceback"] = "".join(traceback.format_exception(exc))
+        self._send_status(call, Internal(f"{type(exc).__name__}: {exc}", details=details))
+
+    def _send_status(self, call: ServerCall, error: RpcError) -> None:
+        try:
+            self.core.send_error(call.call_id, error.code, error.message, error.details)
+        except P.LocalProtocolError:
+            return
+        self.kick()
+
+    def _on_cancelled(self, event: P.CallCancelled) -> None:
+        call = self.calls.get(event.call_id)
+        if call is not None:
+            call.cancel(_PEER_CANCEL)
+
+    def _on_goaway(self, event: P.GoAwayReceived) -> None:
+        self.going_away = True
+
+    def fail_all(self, error: RpcError) -> None:
+        for call in list(self.calls.values()):
+            call.cancel(_LOST)
+
+    def cancel_all(self, reason: str = _DRAIN) -> int:
+        calls = list(self.calls.values())
+        for call in calls:
+            call.cancel(reason)
+        return len(calls)
+
+    @property
+    def inflight(self) -> int:
+        return len(self.calls)
+
+    async def wait_calls(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait (bounded) for the handler tasks of this connection to finish."""
+        tasks = [call.task for call in self.calls.values() if call.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+
+class _ItemRejected(Exception):
+    def __init__(self, error: RpcError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _as_iter(items: Any) -> Iterator[Any]:
+    if items is None:
+        return iter(())
+    return iter(items)
+
+
+async def _aclose_quietly(items: Any) -> None:
+    aclose = getattr(items, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(BaseException):
+            await aclose()
+
+
+DRAIN_REASON = _DRAIN
