@@ -52,17 +52,18 @@ import logging
 import os
 import ssl
 import tempfile
-from typing import Any, Self
+from typing import Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
+from pilot_transport._address import Address, SocketAddress
 from pilot_transport._carrier import CarrierStream
 from pilot_transport._identity import Identity, encode_public_key, fingerprint_of
 from pilot_transport._peer import PeerInfo
-from pilot_transport._trust import TrustStore
+from pilot_transport._trust import TrustedPeer, TrustStore
 from pilot_transport.errors import (
     HandshakeError,
     PeerIdentityMismatchError,
@@ -312,6 +313,14 @@ class _Handshake:
         self.sslobj.write(_CONFIRM)
         await self.flush()
 
+    async def send_alert(self) -> None:
+        """Best effort: deliver the alert OpenSSL queued, so the peer learns why."""
+        if not self.outgoing.pending:
+            return
+        with contextlib.suppress(TransportError, TimeoutError):
+            async with asyncio.timeout(_CLOSE_NOTIFY_TIMEOUT):
+                await self.flush()
+
     def claimed(self) -> tuple[str, str]:
         """(fingerprint, base64 key) the peer claims in its preamble, for messages."""
         if self.claimed_key is None:
@@ -401,6 +410,7 @@ async def client_handshake(
                 )
             await shake.read_confirmation()
         except (ssl.SSLError, _PeerClosed, StreamResetError) as exc:
+            await shake.send_alert()
             raise _map_error(exc, shake, who=who, expected_name=expected_name) from exc
     except BaseException:
         await _abort(stream)
@@ -410,7 +420,7 @@ async def client_handshake(
         shake.sslobj,
         shake.incoming,
         shake.outgoing,
-        peer=_peer_info(entry, getattr(stream, "remote_address", None)),
+        peer=_peer_info(entry, stream),
         local=PeerInfo.of_identity(config.identity),
     )
 
@@ -441,6 +451,7 @@ async def server_handshake(stream: CarrierStream, config: TLSConfig) -> SecureSt
                 )
             await shake.send_confirmation()
         except (ssl.SSLError, _PeerClosed, StreamResetError) as exc:
+            await shake.send_alert()
             raise _map_error(exc, shake, who=who, expected_name=None) from exc
     except BaseException:
         await _abort(stream)
@@ -450,13 +461,23 @@ async def server_handshake(stream: CarrierStream, config: TLSConfig) -> SecureSt
         shake.sslobj,
         shake.incoming,
         shake.outgoing,
-        peer=_peer_info(entry, getattr(stream, "remote_address", None)),
+        peer=_peer_info(entry, stream),
         local=PeerInfo.of_identity(config.identity),
     )
 
 
-def _peer_info(entry: Any, carrier_address: object) -> PeerInfo:
-    address = entry.address or (str(carrier_address) if carrier_address is not None else None)
+def _carrier_address(stream: CarrierStream) -> str | None:
+    """The peer's Pilot address if the carrier knows it (``PilotStream.remote``)."""
+    remote = getattr(stream, "remote", None)
+    if isinstance(remote, SocketAddress):
+        return str(remote.address)
+    if isinstance(remote, Address):
+        return str(remote)
+    return None
+
+
+def _peer_info(entry: TrustedPeer, stream: CarrierStream) -> PeerInfo:
+    address = entry.address or _carrier_address(stream)
     return PeerInfo(
         node_id=entry.node_id,
         name=entry.name,

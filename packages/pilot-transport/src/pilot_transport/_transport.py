@@ -530,13 +530,6 @@ async def _open(
     if not isinstance(trust, TrustStore):
         trust = TrustStore.open(trust)
     carrier = _make_carrier(resolved, identity)
-    start = getattr(carrier, "start", None)
-    if start is not None:
-        try:
-            await start()
-        except BaseException:
-            await carrier.aclose()
-            raise
     return Transport(
         carrier,
         url=resolved,
@@ -594,6 +587,5 @@ def open_transport(
         TransportURLError: the URL is malformed or names an unavailable carrier.
         IdentityError, InsecureKeyFileError: the key file cannot be used.
         TrustStoreError: the trust file is malformed.
-        DaemonUnavailableError: ``pilot://`` and the daemon cannot be reached.
     """
     return _TransportOpener((url, identity, trust, options))

@@ -7,10 +7,13 @@
 """
 
 from pilot_transport.testing._conformance import ByteStream, check_stream_conformance
+from pilot_transport.testing._daemon_double import PilotDaemonDouble, PilotNetworkDouble
 from pilot_transport.testing._peers import TestPeer, TestPeers, create_test_peers
 
 __all__ = [
     "ByteStream",
+    "PilotDaemonDouble",
+    "PilotNetworkDouble",
     "TestPeer",
     "TestPeers",
     "check_stream_conformance",

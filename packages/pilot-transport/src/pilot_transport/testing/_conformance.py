@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -34,16 +35,8 @@ StreamPairFactory = Callable[[], Awaitable[tuple[ByteStream, ByteStream]]]
 
 
 def _pattern(size: int, seed: int) -> bytes:
-    """Deterministic, non-repeating-looking bytes (so reordering is detected)."""
-    blocks: list[bytes] = []
-    counter = 0
-    total = 0
-    while total < size:
-        block = hashlib.sha256(b"%d:%d" % (seed, counter)).digest()
-        blocks.append(block)
-        total += len(block)
-        counter += 1
-    return b"".join(blocks)[:size]
+    """Deterministic pseudo-random bytes (so reordering or corruption is detected)."""
+    return random.Random(seed).randbytes(size)
 
 
 async def _read_exactly(stream: ByteStream, size: int) -> bytes:

@@ -1,0 +1,378 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pilot_transport import (
+    Identity,
+    SecureStream,
+    Transport,
+    TransportOptions,
+    TrustedPeer,
+    TrustStore,
+    open_transport,
+)
+from pilot_transport._carrier import DialTarget
+from pilot_transport.errors import (
+    ConnectTimeoutError,
+    ListenerClosedError,
+    PeerIdentityMismatchError,
+    PeerUnreachableError,
+    PortInUseError,
+    PortNotListeningError,
+    RejectedByPeerError,
+    StreamClosedError,
+    StreamResetError,
+    TransportURLError,
+    TransportUsageError,
+    UnknownPeerError,
+)
+from pilot_transport.testing import TestPeers
+
+
+async def _endpoint(transport: Transport) -> str:
+    endpoint = (await transport.info()).endpoint
+    assert endpoint is not None
+    return endpoint
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://x",
+        "127.0.0.1:7000",
+        "memory://",
+        "pilot://host/x.sock",
+        "tcp://127.0.0.1:notaport",
+        "tcp://127.0.0.1:1/path",
+    ],
+)
+async def test_bad_urls(url: str) -> None:
+    with pytest.raises(TransportURLError):
+        await open_transport(url, identity=Identity.generate(), trust=TrustStore.in_memory())
+
+
+async def test_env_var_picks_the_carrier(
+    monkeypatch: pytest.MonkeyPatch, peers: TestPeers, hub: str
+) -> None:
+    monkeypatch.setenv("PILOT_TRANSPORT", hub)
+    transport = await open_transport(identity=peers["client"].identity, trust=peers["client"].trust)
+    try:
+        assert transport.carrier == "memory"
+        assert transport.url == hub
+    finally:
+        await transport.aclose()
+        await transport.aclose()  # idempotent
+
+
+async def test_default_is_tcp_loopback(monkeypatch: pytest.MonkeyPatch, peers: TestPeers) -> None:
+    monkeypatch.delenv("PILOT_TRANSPORT", raising=False)
+    async with open_transport(
+        identity=peers["client"].identity_path, trust=peers["client"].trust_path
+    ) as transport:
+        assert transport.carrier == "tcp"
+        info = await transport.info()
+        assert info.endpoint is None  # nothing listens until the first listen()
+        await transport.listen(1)
+        info = await transport.info()
+        assert info.endpoint is not None
+        assert info.endpoint.startswith("127.0.0.1:")
+        assert info.listening_ports == (1,)
+        assert info.node_id == peers["client"].identity.node_id
+        assert info.public_key == peers["client"].identity.public_key_text
+
+
+async def test_connect_by_name_node_id_and_entry(
+    tcp_pair: tuple[Transport, Transport], peers: TestPeers
+) -> None:
+    client, server = tcp_pair
+    listener = await server.listen(5000)
+    peers.set_endpoint("server", await _endpoint(server))
+    server_entry = peers["client"].trust.get("server")
+    assert server_entry is not None
+    for peer in ("server", peers["server"].node_id, server_entry):
+        stream, accepted = await asyncio.gather(
+            client.connect(peer, 5000),
+            listener.accept(),
+        )
+        async with stream, accepted:
+            assert stream.peer.name == "server"
+            assert accepted.peer.node_id == peers["client"].node_id
+            await stream.write(b"hi")
+            assert await accepted.read() == b"hi"
+
+
+async def test_listener_and_connect_errors(peers: TestPeers, hub: str) -> None:
+    async with (
+        open_transport(
+            hub, identity=peers["server"].identity, trust=peers["server"].trust
+        ) as server,
+        open_transport(
+            hub, identity=peers["client"].identity, trust=peers["client"].trust
+        ) as client,
+    ):
+        listener = await server.listen(1)
+        with pytest.raises(PortInUseError):
+            await server.listen(1)
+        for port in (0, 65536, -1):
+            with pytest.raises(TransportUsageError):
+                await server.listen(port)
+        with pytest.raises(PortNotListeningError):
+            await client.connect("server", 2)
+        with pytest.raises(UnknownPeerError, match="trust add"):
+            await client.connect("nobody", 1)
+        with pytest.raises(PeerUnreachableError):
+            await client.connect("other", 1)  # trusted, but not on this hub
+        await listener.aclose()
+        await listener.aclose()
+        with pytest.raises(ListenerClosedError):
+            await listener.accept()
+        with pytest.raises(PortNotListeningError):
+            await client.connect("server", 1)
+        await server.listen(1)  # the port is free again
+
+
+async def test_tcp_port_not_listening_and_unreachable(
+    tcp_pair: tuple[Transport, Transport], peers: TestPeers
+) -> None:
+    client, server = tcp_pair
+    await server.listen(1)
+    peers.set_endpoint("server", await _endpoint(server))
+    with pytest.raises(PortNotListeningError, match="no listener on port 2"):
+        await client.connect("server", 2)
+    with pytest.raises(UnknownPeerError, match="no tcp endpoint"):
+        await client.connect("other", 2)
+    # A port nobody listens on (we bound it, then released it).
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    with pytest.raises(PeerUnreachableError):
+        await client.connect(DialTarget(endpoint=f"127.0.0.1:{free_port}"), 1)
+
+
+async def test_connect_times_out_against_a_silent_server(peers: TestPeers) -> None:
+    silent_connections: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent_connections.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with open_transport(
+            "tcp://127.0.0.1:0", identity=peers["client"].identity, trust=peers["client"].trust
+        ) as client:
+            with pytest.raises(ConnectTimeoutError, match=r"longer than 0\.2s"):
+                await client.connect(DialTarget(endpoint=f"127.0.0.1:{port}"), 1, timeout=0.2)
+    finally:
+        for writer in silent_connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_slow_inbound_handshakes_time_out_without_blocking_others(
+    peers: TestPeers, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = TransportOptions(handshake_timeout=0.3)
+    async with (
+        open_transport(
+            "tcp://127.0.0.1:0",
+            identity=peers["server"].identity,
+            trust=peers["server"].trust,
+            options=options,
+        ) as server,
+        open_transport(
+            "tcp://127.0.0.1:0", identity=peers["client"].identity, trust=peers["client"].trust
+        ) as client,
+    ):
+        listener = await server.listen(1)
+        endpoint = (await server.info()).endpoint
+        assert endpoint is not None
+        peers.set_endpoint("server", endpoint)
+        host, port = endpoint.rsplit(":", 1)
+        # A client that names the port, then stalls.
+        _reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"PLTP\x01\x00\x01")
+        stream, accepted = await asyncio.gather(client.connect("server", 1), listener.accept())
+        assert accepted.peer.name == "client"
+        await stream.aclose()
+        await accepted.aclose()
+        async with asyncio.timeout(5):
+            while "handshake timed out" not in caplog.text:
+                await asyncio.sleep(0.05)
+        writer.close()
+
+
+async def test_untrusted_client_is_logged_and_never_accepted(
+    peers: TestPeers, hub: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    stranger = Identity.generate()
+    async with (
+        open_transport(
+            hub, identity=peers["server"].identity, trust=peers["server"].trust
+        ) as server,
+        open_transport(
+            hub,
+            identity=stranger,
+            trust=TrustStore.in_memory(
+                [TrustedPeer("server", peers["server"].identity.public_key)]
+            ),
+        ) as intruder,
+        open_transport(
+            hub, identity=peers["client"].identity, trust=peers["client"].trust
+        ) as client,
+    ):
+        listener = await server.listen(1)
+        with pytest.raises(RejectedByPeerError) as refused:
+            await intruder.connect("server", 1)
+        assert refused.value.fingerprint == stranger.fingerprint
+        assert stranger.fingerprint in caplog.text
+        assert "refused inbound connection" in caplog.text
+        # The listener hands out the next good stream, not the refused one.
+        stream, accepted = await asyncio.gather(client.connect("server", 1), listener.accept())
+        assert accepted.peer.name == "client"
+        await stream.aclose()
+        await accepted.aclose()
+
+
+async def test_peer_known_by_name_must_prove_that_key(peers: TestPeers, hub: str) -> None:
+    # The client's "server" entry points at the other peer's address book slot.
+    impostor = peers["other"]
+    client_trust = TrustStore.in_memory(
+        [
+            TrustedPeer("server", peers["server"].identity.public_key),
+            TrustedPeer("other", impostor.identity.public_key),
+        ]
+    )
+    async with (
+        open_transport(hub, identity=impostor.identity, trust=impostor.trust) as fake,
+        open_transport(hub, identity=peers["client"].identity, trust=client_trust) as client,
+    ):
+        await fake.listen(1)
+        target = DialTarget(name="server", node_id=impostor.node_id)
+        # Dialling by DialTarget carries no expected key: any trusted key is fine.
+        stream = await client.connect(target, 1)
+        assert stream.peer.name == "other"
+        await stream.aclose()
+        # Dialling "server" by name, but the carrier reaches the impostor.
+        entry = TrustedPeer("server", peers["server"].identity.public_key)
+        client._carrier.dial = _redirect(client._carrier.dial, impostor.node_id)  # type: ignore[method-assign]
+        with pytest.raises(PeerIdentityMismatchError, match="not the peer we dialled"):
+            await client.connect(entry, 1)
+
+
+def _redirect(dial: object, node_id: str) -> object:
+    async def redirected(target: DialTarget, port: int) -> object:
+        return await dial(DialTarget(node_id=node_id), port)  # type: ignore[operator]
+
+    return redirected
+
+
+async def test_closing_the_transport_resets_streams_and_listeners(
+    tcp_pair: tuple[Transport, Transport], peers: TestPeers
+) -> None:
+    client, server = tcp_pair
+    listener = await server.listen(1)
+    peers.set_endpoint("server", await _endpoint(server))
+    stream, accepted = await asyncio.gather(client.connect("server", 1), listener.accept())
+    pending_accept = asyncio.create_task(listener.accept())
+    reader = asyncio.create_task(stream.read())
+    await server.aclose()
+    with pytest.raises(ListenerClosedError):
+        await asyncio.wait_for(pending_accept, 5)
+    with pytest.raises(StreamResetError):
+        await asyncio.wait_for(reader, 5)
+    with pytest.raises(StreamClosedError):
+        await server.listen(2)
+    del accepted
+
+
+async def test_listener_iteration_ends_when_closed(peers: TestPeers, hub: str) -> None:
+    async with (
+        open_transport(
+            hub, identity=peers["server"].identity, trust=peers["server"].trust
+        ) as server,
+        open_transport(
+            hub, identity=peers["client"].identity, trust=peers["client"].trust
+        ) as client,
+    ):
+        listener = await server.listen(1)
+        names: list[str | None] = []
+
+        async def serve() -> None:
+            async for stream in listener:
+                names.append(stream.peer.name)
+                await stream.aclose()
+
+        task = asyncio.create_task(serve())
+        for _ in range(3):
+            stream = await client.connect("server", 1)
+            assert await stream.read() == b""  # the server closed it
+            await stream.aclose()
+        await listener.aclose()
+        await asyncio.wait_for(task, 5)
+        assert names == ["client"] * 3
+
+
+async def test_many_concurrent_streams(
+    tcp_pair: tuple[Transport, Transport], peers: TestPeers
+) -> None:
+    client, server = tcp_pair
+    listener = await server.listen(1)
+    peers.set_endpoint("server", await _endpoint(server))
+
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def echo() -> None:
+        async for stream in listener:
+            handlers.add(asyncio.create_task(_echo(stream)))
+
+    async def _echo(stream: SecureStream) -> None:
+        async with stream:
+            while data := await stream.read():
+                await stream.write(data)
+
+    serving = asyncio.create_task(echo())
+
+    async def one(index: int) -> None:
+        async with await client.connect("server", 1) as stream:
+            payload = str(index).encode() * 1000
+            await stream.write(payload)
+            await stream.write_eof()
+            received = b""
+            while data := await stream.read():
+                received += data
+            assert received == payload
+
+    await asyncio.gather(*(one(i) for i in range(20)))
+    await listener.aclose()
+    await serving
+    await asyncio.gather(*handlers)
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="connect_timeout"):
+        TransportOptions(connect_timeout=0)
+    with pytest.raises(ValueError, match="accept_backlog"):
+        TransportOptions(accept_backlog=0)
+
+
+async def test_memory_hub_refuses_the_same_identity_twice(peers: TestPeers, hub: str) -> None:
+    async with open_transport(hub, identity=peers["server"].identity, trust=peers["server"].trust):
+        with pytest.raises(TransportURLError, match="already has an open transport"):
+            await open_transport(
+                hub, identity=peers["server"].identity, trust=peers["server"].trust
+            )
+
+
+async def test_resolve(peers: TestPeers, hub: str) -> None:
+    async with open_transport(
+        hub, identity=peers["client"].identity, trust=peers["client"].trust
+    ) as client:
+        assert client.resolve("server").node_id == peers["server"].node_id
+        assert client.resolve(peers["server"].node_id).name == "server"
+        with pytest.raises(UnknownPeerError):
+            client.resolve("nobody")
