@@ -186,6 +186,36 @@ class PilotChannel:
         self._init(backend, pattern, options, registry)
         return self
 
+    @classmethod
+    def from_daemon(
+        cls,
+        pattern: str,
+        *,
+        socket_path: str | None = None,
+        address: str | None = None,
+        options: SubscribeOptions | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> PilotChannel:
+        """Subscribe on a Pilot daemon's built-in event stream (port 1002).
+
+        Args:
+            pattern: as for the constructor; wildcards are filtered client-side.
+            socket_path: the local daemon's socket (default ``/tmp/pilot.sock``).
+            address: Pilot address of the daemon to use (default: the local one).
+            options: as for the constructor (``policy`` is always drop-oldest here).
+            registry: prometheus registry for client metrics.
+
+        Every topic is at-most-once over a daemon and events carry no publisher
+        (see the README's "Pilot daemon interop").
+        """
+        from ._daemon import DaemonBackend
+
+        opts = options if options is not None else SubscribeOptions()
+        backend = DaemonBackend(
+            socket_path=socket_path, address=address, queue_size=opts.queue_size or 4096
+        )
+        return cls.with_backend(backend, pattern, options=opts, registry=registry)
+
     def _init(
         self,
         backend: Backend,
@@ -511,6 +541,25 @@ class PilotPublisher:
         self = cls.__new__(cls)
         self._init(backend, options, registry)
         return self
+
+    @classmethod
+    def from_daemon(
+        cls,
+        *,
+        socket_path: str | None = None,
+        address: str | None = None,
+        options: PublisherOptions | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> PilotPublisher:
+        """Publish on a Pilot daemon's built-in event stream (port 1002).
+
+        Payloads must be ``bytes`` or ``str`` (sent UTF-8); ``publish`` returns
+        None once the bytes are handed to the daemon (it sends no acknowledgement).
+        """
+        from ._daemon import DaemonBackend
+
+        backend = DaemonBackend(socket_path=socket_path, address=address)
+        return cls.with_backend(backend, options=options, registry=registry)
 
     def _init(
         self,
