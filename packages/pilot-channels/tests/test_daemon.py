@@ -6,8 +6,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pilot_transport.testing._daemon_double import PilotDaemonDouble
-
 from pilot_channels import (
     BrokerProtocolError,
     ChannelConfigError,
@@ -17,6 +15,7 @@ from pilot_channels import (
     SubscribeOptions,
 )
 from pilot_channels._daemon import EventDecoder, encode_event
+from pilot_transport.testing._daemon_double import PilotDaemonDouble
 
 FAST = ReconnectPolicy(initial_backoff_secs=0.02, max_backoff_secs=0.1)
 
