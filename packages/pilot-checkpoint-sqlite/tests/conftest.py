@@ -14,8 +14,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from sqlalchemy.engine import make_url
-
 from pilot_checkpoint_sqlite import (
     CheckpointService,
     CheckpointStore,
@@ -24,6 +22,7 @@ from pilot_checkpoint_sqlite import (
     StoreOptions,
     open_store,
 )
+from sqlalchemy.engine import make_url
 
 POSTGRES_ENV = "PILOT_TEST_POSTGRES_URL"
 

@@ -6,7 +6,6 @@ from collections.abc import AsyncGenerator
 
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.report import ProgressCallbacks
-
 from pilot_checkpoint_sqlite import (
     CheckpointService,
     LocalStoreBackend,
