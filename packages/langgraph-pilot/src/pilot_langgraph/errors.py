@@ -18,14 +18,14 @@ the boundary, so callers only ever need to catch the classes listed here::
         ├── RemoteUnknownError
         ├── RemoteInvalidArgumentError (ValueError)   the handler rejected the input
         ├── RemoteDeadlineExceededError (TimeoutError)
-        ├── RemoteNotFoundError                 no handler of that name on the peer
+        ├── RemoteNotFoundError                 the handler reported a missing entity
         ├── RemoteAlreadyExistsError
         ├── RemotePermissionDeniedError (PermissionError)  ACL refused this caller
         ├── RemoteResourceExhaustedError        rate limit or concurrency limit hit
         ├── RemoteFailedPreconditionError
         ├── RemoteAbortedError
         ├── RemoteOutOfRangeError
-        ├── RemoteUnimplementedError
+        ├── RemoteUnimplementedError            no handler of that name on the peer
         ├── RemoteInternalError                 the handler raised; ``.remote_type`` names
         │                                       the exception type it raised
         ├── RemoteUnavailableError (ConnectionError)  no peer could be reached
@@ -150,7 +150,7 @@ class RemoteDeadlineExceededError(PilotRemoteError, TimeoutError):
 
 
 class RemoteNotFoundError(PilotRemoteError):
-    """The peer has no handler of that name."""
+    """The handler reported that something it needs does not exist."""
 
     code = "NOT_FOUND"
 
@@ -192,7 +192,7 @@ class RemoteOutOfRangeError(PilotRemoteError):
 
 
 class RemoteUnimplementedError(PilotRemoteError):
-    """The peer does not implement this kind of call."""
+    """The peer has no handler of that name (or not of that kind)."""
 
     code = "UNIMPLEMENTED"
 
