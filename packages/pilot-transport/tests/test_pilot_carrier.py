@@ -480,3 +480,23 @@ def test_options_are_validated() -> None:
         PilotCarrierOptions(send_chunk=ipc.MAX_SEND_DATA + 1)
     with pytest.raises(TransportUsageError, match="request_timeout"):
         PilotCarrierOptions(request_timeout=0)
+
+
+async def test_a_control_reply_that_comes_too_late_is_never_taken_for_the_next(net: Net) -> None:
+    opts = PilotCarrierOptions(request_timeout=0.2, control_connections=1)
+    async with PilotCarrier(net.a.socket_path, options=opts) as slow:
+        net.a.command_delay[ipc.Cmd.RESOLVE_HOSTNAME] = 0.5
+        with pytest.raises(DaemonError, match="did not answer"):
+            await slow.resolve_hostname("beta")
+        net.a.command_delay.clear()
+        # the late ResolveHostname reply went to the discarded connection
+        assert (await slow.daemon_info())["address"] == str(net.a.address)
+        cancelled = asyncio.create_task(slow.resolve_hostname("beta"))
+        net.a.command_delay[ipc.Cmd.RESOLVE_HOSTNAME] = 0.5
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        net.a.command_delay.clear()
+        assert (await slow.resolve_hostname("beta"))["hostname"] == "beta"
+        assert (await slow.daemon_info())["address"] == str(net.a.address)

@@ -660,10 +660,14 @@ class PilotStream(CarrierStream):
                 return
             self._raise_if_broken()
             self._eof_sent = True
-            if self.framed:
-                self._host.write(ipc.send(self.conn_id, EOF_MARKER))
-            else:
-                self._host.write(ipc.close(self.conn_id))
+            try:
+                if self.framed:
+                    self._host.write(ipc.send(self.conn_id, EOF_MARKER))
+                else:
+                    self._host.write(ipc.close(self.conn_id))
+            except DaemonUnavailableError as exc:
+                self._fail(StreamResetError(f"{_LOST}; stream to {self.remote} is gone"))
+                raise StreamResetError(str(self._error or exc)) from exc
 
     async def aclose(self) -> None:
         """Close both directions: the peer reads ``b""`` after our data. Idempotent.
@@ -847,10 +851,8 @@ _C = TypeVar("_C", bound=_IpcConnection)
 
 @dataclass
 class _ControlPool:
-    size: int
+    slots: asyncio.Semaphore
     idle: list[_ControlConnection] = field(default_factory=lambda: [])
-    count: int = 0
-    cond: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
 class PilotCarrier(Carrier):
@@ -880,7 +882,7 @@ class PilotCarrier(Carrier):
         self.closed = False
         self._listeners: dict[int, PilotListener] = {}
         self._hosts: set[_StreamHost] = set()
-        self._control = _ControlPool(self.options.control_connections)
+        self._control = _ControlPool(asyncio.Semaphore(self.options.control_connections))
         self._datagram: _DatagramConnection | None = None
         self._datagram_lock = asyncio.Lock()
         self._datagram_ports: dict[int, DatagramReceiver] = {}
@@ -942,44 +944,32 @@ class PilotCarrier(Carrier):
 
     @contextlib.asynccontextmanager
     async def _control_connection(self) -> AsyncGenerator[_ControlConnection]:
+        """Borrow a control connection (at most ``control_connections`` at once)."""
         pool = self._control
-        async with pool.cond:
-            while True:
-                self._check_open()
-                while pool.idle and pool.idle[-1].closed:
-                    pool.idle.pop()
-                    pool.count -= 1
-                if pool.idle:
-                    conn = pool.idle.pop()
-                    break
-                if pool.count < pool.size:
-                    pool.count += 1
-                    conn = None
-                    break
-                await pool.cond.wait()
-        if conn is None:
-            try:
-                conn = await self._connect(lambda: _ControlConnection(self))
-            except BaseException:
-                async with pool.cond:
-                    pool.count -= 1
-                    pool.cond.notify()
-                raise
-        ok = False
+        self._check_open()
+        await pool.slots.acquire()
         try:
-            yield conn
-            ok = not conn.closed
-        finally:
-            async with pool.cond:
-                if ok and not self.closed:
-                    pool.idle.append(conn)
+            self._check_open()
+            conn: _ControlConnection | None = None
+            while pool.idle and conn is None:
+                candidate = pool.idle.pop()
+                if not candidate.closed:
+                    conn = candidate
+            if conn is None:
+                conn = await self._connect(lambda: _ControlConnection(self))
+            ok = False
+            try:
+                yield conn
+                ok = True
+            finally:
+                if not ok:
+                    conn.abort()  # a request may be outstanding: its reply cannot be matched
+                elif conn.closed or self.closed:
+                    conn.close()
                 else:
-                    if ok:
-                        conn.close()
-                    else:
-                        conn.abort()
-                    pool.count -= 1
-                pool.cond.notify()
+                    pool.idle.append(conn)
+        finally:
+            pool.slots.release()
 
     async def _request(self, frame: bytes, what: str, *, retry: bool = False) -> ipc.Message:
         for attempt in (1, 2):
@@ -1343,11 +1333,9 @@ class PilotCarrier(Carrier):
                 await stream.aclose()
             host.close()
         self._hosts.clear()
-        async with self._control.cond:
-            for conn in self._control.idle:
-                conn.close()
-            self._control.idle.clear()
-            self._control.cond.notify_all()
+        for conn in self._control.idle:
+            conn.close()
+        self._control.idle.clear()
         if self._datagram is not None:
             self._datagram.close()
             self._datagram = None

@@ -42,6 +42,10 @@ Reproduced
   inbound stream is silently dropped while the dialer believes it is
   connected), ``push_error()`` to inject a stray Send failure.
 
+Run ``python -m pilot_transport.testing._daemon_double --socket A --socket B``
+to serve linked doubles from a separate process (it prints ``ready`` plus the
+addresses once listening, and runs until killed).
+
 Not reproduced: Nagle and delayed-ACK latency, congestion windows, the
 FIN|ACK storm, the ~2 min EOF delay after a remote crash (a stopped double
 ends its streams at once), and the wedge caused by a client that stops reading.
@@ -256,6 +260,8 @@ class PilotDaemonDouble:
         self.unreachable_dial_delay = unreachable_dial_delay
         self.accept_backlog = accept_backlog
         self.async_error_delay = async_error_delay
+        self.command_delay: dict[int, float] = {}
+        """Extra seconds before handling a command byte (a slow daemon), e.g. ``{0x0D: 1.0}``."""
         self.hold_accepts = False
         """While true, inbound streams wait (at most ``accept_backlog`` per port) instead
         of being pushed; past the backlog they are silently dropped."""
@@ -421,6 +427,9 @@ class PilotDaemonDouble:
         )
 
     async def _handle(self, client: _Client, cmd: int, p: bytes) -> None:
+        delay = self.command_delay.get(cmd)
+        if delay:
+            await asyncio.sleep(delay)
         handler = self._handlers.get(cmd)
         if handler is None:
             client.push(ipc.error(f"unknown command: 0x{cmd:02X}"))
@@ -720,3 +729,31 @@ class PilotDaemonDouble:
         peer = conn.peer
         if peer is not None and peer.open:
             peer.daemon._end_conn(peer, notify_self=True)
+
+
+async def _serve_forever(paths: list[str]) -> None:
+    network = PilotNetworkDouble()
+    doubles = [PilotDaemonDouble(path, network=network) for path in paths]
+    for double in doubles:
+        await double.start()
+    print("ready", *(str(d.address) for d in doubles), flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        for double in doubles:
+            await double.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve linked daemon doubles until interrupted."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--socket", action="append", required=True, help="Unix socket path")
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_forever(list(args.socket)))
+
+
+if __name__ == "__main__":
+    main()
