@@ -3,6 +3,7 @@ and never a buffer larger than the limits allow."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Any
 
@@ -56,7 +57,7 @@ def feed(conn: Connection, data: bytes, cuts: list[int]) -> list[Event]:
     """Feed ``data`` split at ``cuts``, checking the memory bounds after every chunk."""
     events: list[Event] = []
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    for start, end in zip(points, points[1:], strict=False):
+    for start, end in itertools.pairwise(points):
         chunk = data[start:end]
         if not chunk:
             continue
