@@ -34,7 +34,7 @@ class DaemonProcess:
             [
                 sys.executable,
                 "-m",
-                "pilot_transport.testing._daemon_double",
+                "pilot_transport.testing._run_daemon_double",
                 "--socket",
                 self.sockets[0],
                 "--socket",

@@ -42,7 +42,7 @@ Reproduced
   inbound stream is silently dropped while the dialer believes it is
   connected), ``push_error()`` to inject a stray Send failure.
 
-Run ``python -m pilot_transport.testing._daemon_double --socket A --socket B``
+Run ``python -m pilot_transport.testing._run_daemon_double --socket A --socket B``
 to serve linked doubles from a separate process (it prints ``ready`` plus the
 addresses once listening, and runs until killed).
 
@@ -729,31 +729,3 @@ class PilotDaemonDouble:
         peer = conn.peer
         if peer is not None and peer.open:
             peer.daemon._end_conn(peer, notify_self=True)
-
-
-async def _serve_forever(paths: list[str]) -> None:
-    network = PilotNetworkDouble()
-    doubles = [PilotDaemonDouble(path, network=network) for path in paths]
-    for double in doubles:
-        await double.start()
-    print("ready", *(str(d.address) for d in doubles), flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        for double in doubles:
-            await double.stop()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Serve linked daemon doubles until interrupted."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--socket", action="append", required=True, help="Unix socket path")
-    args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(list(args.socket)))
-
-
-if __name__ == "__main__":
-    main()

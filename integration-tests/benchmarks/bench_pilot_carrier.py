@@ -1,0 +1,386 @@
+"""Overhead of our pilot:// client, measured against the daemon double.
+
+Three processes: the daemon double (two linked "hosts", A and B), a server on
+host B, and this client on host A. Every variant crosses the same double, so
+the double's own cost is common to all of them and the ratios show what our
+client adds:
+
+- anchor: a bare, minimal client that speaks raw IPC frames (one socket, no
+  roles, no buffering policy), against an equally bare server;
+- ours raw: ``PilotCarrier.open_raw_stream`` against the bare server (client
+  overhead only);
+- ours framed: ``PilotCarrier.dial``/``bind`` on both ends (the pilot-to-pilot
+  encoding with half-close and credit flow control);
+- ours TLS: ``open_transport("pilot://...")`` on both ends (TLS 1.3 mutual
+  authentication over the framed carrier), what users get.
+
+Figures: 200-byte ping-pong round trips per second on one stream, and bulk
+MB/s with 64 KiB writes. Variants alternate for several rounds; the best round
+of each is reported with its ratio to the anchor.
+
+Usage: ``uv run python integration-tests/benchmarks/bench_pilot_carrier.py [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from pilot_transport import open_transport
+from pilot_transport._address import Address
+from pilot_transport._carrier import DialTarget
+from pilot_transport._carriers import _pilot_ipc as ipc
+from pilot_transport._carriers.pilot import PilotCarrier
+from pilot_transport.testing import create_test_peers
+
+PING_SIZE = 200
+BULK_WRITE = 64 * 1024
+BARE_PORT = 6000
+FRAMED_PORT = 5000
+TLS_PORT = 5001
+_U64 = struct.Struct(">Q")
+
+
+# -- the service every server runs: 'P' = ping-pong echo, 'B' = bulk sink ------------------
+
+
+async def serve_one(
+    read: Callable[[], Awaitable[bytes]], write: Callable[[bytes], Awaitable[None]]
+) -> None:
+    buf = bytearray()
+
+    async def need(n: int) -> bytes:
+        while len(buf) < n:
+            data = await read()
+            if not data:
+                raise EOFError
+            buf.extend(data)
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    mode = await need(1)
+    if mode == b"P":
+        while True:
+            await write(await need(PING_SIZE))
+    total = _U64.unpack(await need(8))[0]
+    got = len(buf)
+    buf.clear()
+    while got < total:
+        data = await read()
+        if not data:
+            raise EOFError
+        got += len(data)
+    await write(b"k")
+
+
+# -- the anchor: a bare IPC client and server ---------------------------------------------
+
+
+class BareConnection:
+    """One IPC socket; minimal frame reading; streams demultiplexed by conn id."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.replies: asyncio.Queue[ipc.Message] = asyncio.Queue()
+        self.inboxes: dict[int, asyncio.Queue[bytes]] = {}
+        self.accepts: asyncio.Queue[int] = asyncio.Queue()
+        self.task = asyncio.create_task(self._read_loop())
+
+    @classmethod
+    async def open(cls, path: str) -> BareConnection:
+        reader, writer = await asyncio.open_unix_connection(path)
+        return cls(reader, writer)
+
+    async def _read_loop(self) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                length = struct.unpack(">I", await self.reader.readexactly(4))[0]
+                msg = ipc.parse_message(ipc.Frame(*_split(await self.reader.readexactly(length))))
+                if isinstance(msg, ipc.Recv):
+                    self.inboxes.setdefault(msg.conn_id, asyncio.Queue()).put_nowait(msg.data)
+                elif isinstance(msg, ipc.Accept):
+                    self.inboxes.setdefault(msg.conn_id, asyncio.Queue())
+                    self.accepts.put_nowait(msg.conn_id)
+                elif isinstance(msg, ipc.CloseOK):
+                    self.inboxes.setdefault(msg.conn_id, asyncio.Queue()).put_nowait(b"")
+                else:
+                    self.replies.put_nowait(msg)
+
+    async def request(self, frame: bytes) -> ipc.Message:
+        self.writer.write(frame)
+        return await self.replies.get()
+
+    async def dial(self, address: Address, port: int) -> int:
+        reply = await self.request(ipc.dial(address, port))
+        assert isinstance(reply, ipc.DialOK), reply
+        self.inboxes.setdefault(reply.conn_id, asyncio.Queue())
+        return reply.conn_id
+
+    async def write(self, conn_id: int, data: bytes) -> None:
+        for start in range(0, len(data), ipc.MAX_SEND_DATA):
+            self.writer.write(ipc.send(conn_id, data[start : start + ipc.MAX_SEND_DATA]))
+        await self.writer.drain()
+
+    async def read(self, conn_id: int) -> bytes:
+        return await self.inboxes[conn_id].get()
+
+    async def aclose(self) -> None:
+        self.task.cancel()
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def _split(body: bytes) -> tuple[int, bytes]:
+    return body[0], body[1:]
+
+
+async def run_bare_server(path: str) -> None:
+    conn = await BareConnection.open(path)
+    reply = await conn.request(ipc.bind(BARE_PORT))
+    assert isinstance(reply, ipc.BindOK), reply
+    while True:
+        conn_id = await conn.accepts.get()
+
+        async def one(cid: int) -> None:
+            with contextlib.suppress(EOFError):
+                await serve_one(lambda: conn.read(cid), lambda data: conn.write(cid, data))
+
+        asyncio.create_task(one(conn_id))  # noqa: RUF006  # lives as long as the server process
+
+
+# -- the server process ------------------------------------------------------------------------
+
+
+async def run_server(sock_b: str, identity: str, trust: str) -> None:
+    bare = asyncio.create_task(run_bare_server(sock_b))
+    carrier = PilotCarrier(sock_b)
+    framed = await carrier.bind(FRAMED_PORT)
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(
+        read: Callable[[], Awaitable[bytes]], write: Callable[[bytes], Awaitable[None]]
+    ) -> None:
+        async def one() -> None:
+            with contextlib.suppress(Exception):
+                await serve_one(read, write)
+
+        task = asyncio.create_task(one())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def framed_loop() -> None:
+        while True:
+            stream = await framed.accept()
+            spawn(stream.read, stream.write)
+
+    async with open_transport(f"pilot://{sock_b}", identity=identity, trust=trust) as transport:
+        listener = await transport.listen(TLS_PORT)
+
+        async def tls_loop() -> None:
+            async for stream in listener:
+                spawn(stream.read, stream.write)
+
+        print("ready", flush=True)
+        await asyncio.gather(bare, framed_loop(), tls_loop())
+
+
+# -- the client side ----------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    read: Callable[[], Awaitable[bytes]]
+    write: Callable[[bytes], Awaitable[None]]
+    close: Callable[[], Awaitable[None]]
+
+
+async def read_exactly(pair: Pair, n: int) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        data = await pair.read()
+        if not data:
+            raise EOFError
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+async def ping_pong(pair: Pair, seconds: float) -> float:
+    await pair.write(b"P")
+    payload = os.urandom(PING_SIZE)
+    count = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        await pair.write(payload)
+        await read_exactly(pair, PING_SIZE)
+        count += 1
+        if count % 16 == 0 and time.perf_counter() > deadline:
+            break
+    return count / (time.perf_counter() - start)
+
+
+async def bulk(pair: Pair, total: int) -> float:
+    block = os.urandom(BULK_WRITE)
+    start = time.perf_counter()
+    await pair.write(b"B" + _U64.pack(total))
+    sent = 0
+    while sent < total:
+        await pair.write(block)
+        sent += len(block)
+    assert await read_exactly(pair, 1) == b"k"
+    return total / (time.perf_counter() - start) / 1e6
+
+
+@dataclass
+class Result:
+    rt_s: float = 0.0
+    mb_s: float = 0.0
+
+
+async def main(quick: bool) -> None:
+    workdir = tempfile.mkdtemp(prefix="bpc-", dir="/tmp")  # short Unix socket paths
+    sock_a, sock_b = f"{workdir}/a.sock", f"{workdir}/b.sock"
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        daemon = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pilot_transport.testing._run_daemon_double",
+                "--socket",
+                sock_a,
+                "--socket",
+                sock_b,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(daemon)
+        assert daemon.stdout is not None
+        words = (await asyncio.to_thread(daemon.stdout.readline)).split()
+        assert words[:1] == ["ready"], words
+        address_b = Address.parse(words[2])
+        peers = create_test_peers(os.path.join(workdir, "peers"), ["client", "server"])
+        peers.set_address("server", str(address_b))
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--serve",
+                sock_b,
+                "--identity",
+                str(peers["server"].identity_path),
+                "--trust",
+                str(peers["server"].trust_path),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(server)
+        assert server.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 60)
+        assert line.strip() == "ready", line
+
+        bare = await BareConnection.open(sock_a)
+        carrier = PilotCarrier(sock_a)
+        transport = await open_transport(
+            f"pilot://{sock_a}", identity=peers["client"].identity, trust=peers["client"].trust
+        )
+
+        async def open_bare() -> Pair:
+            cid = await bare.dial(address_b, BARE_PORT)
+
+            async def close() -> None:
+                bare.writer.write(ipc.close(cid))
+
+            return Pair(lambda: bare.read(cid), lambda d: bare.write(cid, d), close)
+
+        async def open_raw() -> Pair:
+            s = await carrier.open_raw_stream(address_b, BARE_PORT)
+            return Pair(s.read, s.write, s.aclose)
+
+        async def open_framed() -> Pair:
+            s = await carrier.dial(DialTarget(address=str(address_b)), FRAMED_PORT)
+            return Pair(s.read, s.write, s.aclose)
+
+        async def open_tls() -> Pair:
+            s = await transport.connect("server", TLS_PORT, timeout=30)
+            return Pair(s.read, s.write, s.aclose)
+
+        variants: dict[str, Callable[[], Awaitable[Pair]]] = {
+            "anchor: bare IPC client": open_bare,
+            "ours: raw stream": open_raw,
+            "ours: framed stream": open_framed,
+            "ours: TLS over pilot://": open_tls,
+        }
+        rounds = 1 if quick else 3
+        seconds = 0.3 if quick else 2.0
+        bulk_total = (2 if quick else 16) * 1024 * 1024
+        results = {name: Result() for name in variants}
+        for _ in range(rounds):
+            for name, opener in variants.items():
+                pair = await opener()
+                rt = await ping_pong(pair, seconds)
+                await pair.close()
+                pair = await opener()
+                mb = await bulk(pair, bulk_total)
+                await pair.close()
+                best = results[name]
+                best.rt_s = max(best.rt_s, rt)
+                best.mb_s = max(best.mb_s, mb)
+
+        anchor = results["anchor: bare IPC client"]
+        print(
+            f"pilot:// carrier vs the daemon double ({'quick' if quick else 'full'} run, "
+            f"{rounds} round(s), best of each)"
+        )
+        print(f"{'variant':<28} {'ping-pong rt/s':>15} {'ratio':>7} {'bulk MB/s':>10} {'ratio':>7}")
+        for name, r in results.items():
+            print(
+                f"{name:<28} {r.rt_s:>15,.0f} {r.rt_s / anchor.rt_s:>7.2f} "
+                f"{r.mb_s:>10.1f} {r.mb_s / anchor.mb_s:>7.2f}"
+            )
+        await transport.aclose()
+        await carrier.aclose()
+        await bare.aclose()
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="a few seconds, for CI")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--identity", help=argparse.SUPPRESS)
+    parser.add_argument("--trust", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_server(args.serve, args.identity, args.trust))
+    else:
+        asyncio.run(main(args.quick))
