@@ -49,11 +49,13 @@ async def test_context_sees_peer_metadata_and_deadline(server: RpcServer, probe:
     assert ctx.peer.name == "alice"
     assert ctx.method == "echo"
     assert ctx.metadata["tenant"] == "t1"
-    assert ctx.traceparent is not None and ctx.traceparent.startswith("00-0af7")
+    assert ctx.traceparent is not None
+    assert ctx.traceparent.startswith("00-0af7")
     assert ctx.idempotency_key == "op-42"
     assert ctx.request_id  # generated when the caller gives none
     remaining = ctx.time_remaining()
-    assert remaining is not None and 0 < remaining <= 30
+    assert remaining is not None
+    assert 0 < remaining <= 30
     assert not ctx.cancelled
 
 
@@ -221,10 +223,9 @@ async def test_server_streaming(server: RpcServer) -> None:
 
 async def test_stream_error_after_items(server: RpcServer) -> None:
     async with connect_in_memory(server) as pair, pair.stream("fail_after", 3) as items:
-        got = []
+        got = [await anext(items) for _ in range(3)]
         with pytest.raises(InvalidArgument) as info:
-            async for item in items:
-                got.append(item)
+            await anext(items)
         assert got == [0, 1, 2]
         assert info.value.details == {"at": 3}
 
