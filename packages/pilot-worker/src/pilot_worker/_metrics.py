@@ -19,6 +19,7 @@ Metric names (the table is repeated in the package README)::
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 
@@ -119,7 +120,7 @@ def percentiles(samples: deque[float], points: tuple[float, ...]) -> dict[str, f
         if not ordered:
             out[key] = None
             continue
-        rank = max(0, min(len(ordered) - 1, round(point / 100 * len(ordered) + 0.5) - 1))
+        rank = max(0, min(len(ordered) - 1, math.ceil(point / 100 * len(ordered)) - 1))
         out[key] = round(ordered[rank] * 1000, 3)
     return out
 

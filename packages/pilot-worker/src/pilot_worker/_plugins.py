@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -148,9 +149,12 @@ def discover_plugins() -> dict[str, Plugin | PluginError]:
 def _as_plugin(obj: Any, where: str) -> Plugin:
     if isinstance(obj, Plugin):
         return obj
-    if callable(obj):
+    if inspect.isfunction(obj):
         # A factory returning a Plugin is accepted too (lets a plugin defer imports).
-        made = obj()
+        try:
+            made = obj()
+        except Exception as exc:
+            raise PluginError(f"{where}: the plugin factory raised {exc!r}") from exc
         if isinstance(made, Plugin):
             return made
     raise PluginError(f"{where} is not a pilot_worker.Plugin (got {type(obj).__name__})")

@@ -49,7 +49,15 @@ import os
 import time
 import traceback
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -369,6 +377,11 @@ class WorkerServer:
     def handlers_from(self, source: str) -> list[str]:
         """Names of the handlers registered by :meth:`include_module` from ``source``."""
         return [name for name, e in self._entries.items() if e.source == source]
+
+    def source_of(self, name: str) -> str | None:
+        """The module a handler was included from (``None`` if registered directly)."""
+        entry = self._entries.get(name)
+        return entry.source if entry is not None else None
 
     def replace_handlers(
         self, *, remove: Iterable[str], add: Iterable[HandlerSpec], source: str | None = None
@@ -1056,7 +1069,7 @@ class WorkerServer:
 
     async def dispatch_stream(
         self, name: str, request: Any, call: IncomingCall, entry: _Entry | None = None
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Run a server-streaming call through the pipeline, yielding encoded items.
 
         ``timeout_secs`` bounds the whole stream. Closing the iterator early

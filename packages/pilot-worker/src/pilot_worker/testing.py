@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,7 +258,7 @@ class WorkerTestClient:
         timeout: float | None = None,  # noqa: ASYNC109 - the caller's deadline, as in RpcClient.call
         metadata: Mapping[str, str] | None = None,
         traceparent: str | None = None,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Iterate a streaming handler's items as they come."""
         call = self._call(caller, timeout, metadata, None, traceparent, None)
         request = _roundtrip(payload) if self._roundtrip else payload
@@ -267,7 +267,7 @@ class WorkerTestClient:
             async for item in agen:
                 yield _roundtrip(item) if self._roundtrip else item
         finally:
-            await agen.aclose()  # pyright: ignore[reportAttributeAccessIssue]
+            await agen.aclose()
 
     def _spec(self, name: str) -> HandlerSpec | None:
         return self.worker.handlers.get(name)

@@ -1,0 +1,139 @@
+"""Spans continuing the caller's traceparent, JSON call logs, the ops HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from pilot_rpc import PermissionDenied
+from pilot_worker import WorkerServer, pilot_handler
+from pilot_worker._http import OpsHttpServer
+from pilot_worker._logging import JsonFormatter
+from pilot_worker.testing import WorkerTestClient, make_peer
+from prometheus_client import CollectorRegistry
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+@pilot_handler("hello")
+async def hello(payload: Any) -> str:
+    return f"hello {payload}"
+
+
+@pilot_handler("private", allow=[])
+def private(payload: Any) -> None:
+    return None
+
+
+async def test_server_span_continues_traceparent() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    worker = WorkerServer(None, tracer_provider=provider)
+    worker.register(hello)
+    worker.register(private)
+    async with WorkerTestClient(worker, caller="alice") as client:
+        await client.call("hello", "x", traceparent=f"00-{TRACE_ID}-{PARENT_ID}-01")
+        with pytest.raises(PermissionDenied):
+            await client.call("private")
+    ok, denied = exporter.get_finished_spans()
+    assert ok.name == "hello"
+    assert ok.kind is SpanKind.SERVER
+    assert ok.context is not None
+    assert format(ok.context.trace_id, "032x") == TRACE_ID
+    assert ok.parent is not None
+    assert format(ok.parent.span_id, "016x") == PARENT_ID
+    assert ok.attributes is not None
+    assert ok.attributes["pilot.caller.node_id"] == make_peer("alice").node_id
+    assert ok.attributes["rpc.pilot.status_code"] == "OK"
+    assert denied.status.status_code is StatusCode.ERROR
+    assert denied.parent is None
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(JsonFormatter())
+    calls = logging.getLogger("pilot_worker.calls")
+    calls.addHandler(handler)
+    previous = calls.level
+    calls.setLevel(logging.INFO)
+    try:
+        yield buffer
+    finally:
+        calls.removeHandler(handler)
+        calls.setLevel(previous)
+
+
+async def test_one_json_line_per_call(json_log: io.StringIO) -> None:
+    async with WorkerTestClient([hello, private], caller="bob") as client:
+        await client.call("hello", "x")
+        with pytest.raises(PermissionDenied):
+            await client.call("private")
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    assert len(lines) == 2
+    first, second = lines
+    assert first["handler"] == "hello"
+    assert first["status"] == "OK"
+    assert first["caller"] == make_peer("bob").node_id
+    assert first["caller_name"] == "bob"
+    assert first["request_id"].startswith("test-")
+    assert first["duration_ms"] >= 0
+    assert first["level"] == "INFO"
+    assert second["status"] == "PERMISSION_DENIED"
+    assert second["reason"] == "acl"
+    assert second["level"] == "WARNING"
+
+
+async def _get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+async def test_ops_http_server() -> None:
+    registry = CollectorRegistry()
+    worker = WorkerServer(None, metrics_registry=registry)
+    worker.register(hello)
+    async with WorkerTestClient(worker) as client:
+        await client.call("hello", 1)
+    ready = [True]
+
+    async def is_ready() -> bool:
+        return ready[0]
+
+    server = OpsHttpServer(
+        host="127.0.0.1", port=0, registry=registry, alive=lambda: True, ready=is_ready
+    )
+    await server.start()
+    try:
+        status, body = await _get(server.port, "/metrics")
+        assert status == 200
+        assert b'pilot_worker_calls_total{code="OK",handler="hello"} 1.0' in body
+        assert (await _get(server.port, "/healthz"))[0] == 200
+        assert (await _get(server.port, "/readyz"))[0] == 200
+        ready[0] = False
+        assert (await _get(server.port, "/readyz"))[0] == 503
+        assert (await _get(server.port, "/nope"))[0] == 404
+        assert (await _get(server.port, "/metrics", "POST"))[0] == 405
+        status, body = await _get(server.port, "/healthz", "HEAD")
+        assert status == 200
+        assert body == b""
+    finally:
+        await server.aclose()
