@@ -274,6 +274,7 @@ class Transport:
         self.options = options
         self._carrier = carrier
         self._tls = TLSConfig(identity, trust)
+        self._tls.contexts()  # build now, so the first connect pays only for its handshake
         self._listeners: dict[int, Listener] = {}
         self._closed = False
 
