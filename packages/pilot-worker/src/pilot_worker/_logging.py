@@ -45,6 +45,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
+class _CliHandler(logging.StreamHandler[TextIO]):
+    """The handler :func:`configure_logging` installs (so a second call replaces it)."""
+
+
 def configure_logging(
     fmt: LogFormat = "plain", level: str | int = "INFO", *, stream: TextIO | None = None
 ) -> logging.Handler:
@@ -52,14 +56,15 @@ def configure_logging(
 
     Meant for the CLI; a library embedding a worker configures logging itself.
     """
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = _CliHandler(stream if stream is not None else sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if isinstance(old, _CliHandler):  # replace only what an earlier call installed
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
     return handler

@@ -42,6 +42,7 @@ class Reloader:
         self._files = {path for m in self._modules for path in module_watch_paths(m)}
         self.reloads = 0
         self.failures = 0
+        self._attempted = asyncio.Event()
 
     @property
     def files(self) -> set[Path]:
@@ -118,3 +119,9 @@ class Reloader:
             rust_timeout=500,
         ):
             self.reload_now()
+            self._attempted.set()
+
+    async def wait_attempt(self) -> None:
+        """Wait until the watcher next tries a reload (for tests and tooling)."""
+        self._attempted.clear()
+        await self._attempted.wait()

@@ -1,0 +1,193 @@
+"""The command line: help, plugin options, and clear configuration errors."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from pilot_worker import Plugin, PluginOption
+from pilot_worker.cli import EXIT_CONFIG, build_parser, main
+
+DUPLICATE = """
+from pilot_worker import pilot_handler
+
+@pilot_handler("same")
+def one(payload):
+    return 1
+"""
+
+DUPLICATE_2 = """
+from pilot_worker import pilot_handler
+
+@pilot_handler("same")
+def two(payload):
+    return 2
+"""
+
+
+def _base(tmp_path: Path) -> list[str]:
+    return [
+        "--transport",
+        "tcp://127.0.0.1:0",
+        "--identity",
+        str(tmp_path / "worker.key"),
+        "--trust",
+        str(tmp_path / "trust.json"),
+    ]
+
+
+def test_help_reads_well(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--transport",
+        "--identity",
+        "--trust",
+        "--port",
+        "--handlers",
+        "--plugin",
+        "--list-plugins",
+        "--metrics-port",
+        "--log-format",
+        "--log-level",
+        "--drain-timeout",
+        "--reload",
+        "--default-policy",
+        "--ready-file",
+        "--otel-endpoint",
+    ):
+        assert flag in out
+    assert "exit status" in out
+
+
+def test_plugin_options_join_the_parser() -> None:
+    plugin = Plugin(
+        name="store",
+        description="A store.",
+        options=[PluginOption(flag="--store-db", help="database URL", env="STORE_DB")],
+        setup=lambda ctx: None,
+    )
+    parser = build_parser(plugins=[plugin])
+    args = parser.parse_args(["--store-db", "sqlite:///x.db"])
+    assert args.plugin__store__store_db == "sqlite:///x.db"
+    assert "database URL (env STORE_DB)" in parser.format_help()
+
+
+def test_plugin_flag_clash_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    clash = Plugin(name="clash", options=[PluginOption(flag="--port", help="")], setup=print)
+    assert main(["--identity", "k", "--trust", "t"], plugins=[clash]) == EXIT_CONFIG
+    assert "--port is already used" in capsys.readouterr().err
+
+
+def test_required_plugin_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plugin = Plugin(
+        name="needs",
+        options=[PluginOption(flag="--needs-db", help="", env="NEEDS_DB", required=True)],
+        setup=lambda ctx: None,
+    )
+    monkeypatch.delenv("NEEDS_DB", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(_base(tmp_path), plugins=[plugin])
+    assert info.value.code == EXIT_CONFIG
+    assert "needs --needs-db or set NEEDS_DB" in capsys.readouterr().err
+
+
+def test_missing_identity_flag(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PILOT_IDENTITY", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["--trust", "t.json"])
+    assert info.value.code == EXIT_CONFIG
+    assert "--identity is required" in capsys.readouterr().err
+
+
+def test_missing_module(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main([*_base(tmp_path), "--handlers", "no_such_handlers_module_xyz"])
+    assert code == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "handler module 'no_such_handlers_module_xyz' not found" in err
+
+
+def test_module_raising_on_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad_handlers.py"
+    bad.write_text("raise RuntimeError('broken at import')\n")
+    assert main([*_base(tmp_path), "--handlers", str(bad)]) == EXIT_CONFIG
+    assert "RuntimeError: broken at import" in capsys.readouterr().err
+
+
+def test_handler_defined_twice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "dup_a.py").write_text(DUPLICATE)
+    (tmp_path / "dup_b.py").write_text(DUPLICATE_2)
+    code = main(
+        [
+            *_base(tmp_path),
+            "--handlers",
+            str(tmp_path / "dup_a.py"),
+            "--handlers",
+            str(tmp_path / "dup_b.py"),
+        ]
+    )
+    assert code == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "handler name 'same' is defined twice" in err
+    assert "one" in err
+    assert "two" in err
+
+
+def test_unusable_key_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "worker.key"
+    key.write_text("not a key")
+    key.chmod(0o600)
+    assert main(_base(tmp_path)) == EXIT_CONFIG
+    assert "identity key file" in capsys.readouterr().err
+    key.chmod(0o644)
+    assert main(_base(tmp_path)) == EXIT_CONFIG
+    assert "chmod 600" in capsys.readouterr().err
+
+
+def test_key_path_is_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "worker.key").mkdir()
+    assert main(_base(tmp_path)) == EXIT_CONFIG
+    assert "identity key file" in capsys.readouterr().err
+
+
+def test_unknown_plugin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*_base(tmp_path), "--plugin", "no-such-plugin"]) == EXIT_CONFIG
+    assert "no plugin named 'no-such-plugin'" in capsys.readouterr().err
+
+
+def test_list_plugins(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    module = tmp_path / "listed_plugin_mod.py"
+    module.write_text(
+        textwrap.dedent(
+            """
+            from pilot_worker import Plugin, PluginOption
+            plugin = Plugin(name="listed", description="Listed plugin.",
+                            options=[PluginOption(flag="--listed-x", help="an option",
+                                                  env="LISTED_X", default="1")],
+                            setup=lambda ctx: None)
+            """
+        )
+    )
+    dist = tmp_path / "listed-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: listed\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[pilot_worker.plugins]\nlisted = listed_plugin_mod:plugin\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["--list-plugins"]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("listed_plugin_mod", None)
+    out = capsys.readouterr().out
+    assert "listed  Listed plugin." in out
+    assert "--listed-x VALUE  an option; env LISTED_X; default 1" in out
