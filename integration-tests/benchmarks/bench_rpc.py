@@ -29,7 +29,6 @@ import contextlib
 import datetime
 import os
 import signal
-import statistics
 import struct
 import subprocess
 import sys
@@ -165,7 +164,12 @@ async def serve_grpc(directory: Path, stop: asyncio.Event) -> None:
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
     creds = grpc.ssl_server_credentials(
-        [((directory / "grpc-server.key").read_bytes(), (directory / "grpc-server.crt").read_bytes())],
+        [
+            (
+                (directory / "grpc-server.key").read_bytes(),
+                (directory / "grpc-server.crt").read_bytes(),
+            )
+        ],
         root_certificates=(directory / "grpc-client.crt").read_bytes(),
         require_client_auth=True,
     )
@@ -279,9 +283,7 @@ async def measure_unary(
     return len(latencies) / elapsed, p50, p99
 
 
-async def measure_stream(
-    stream: Callable[[int], Awaitable[int]], calls: int, items: int
-) -> float:
+async def measure_stream(stream: Callable[[int], Awaitable[int]], calls: int, items: int) -> float:
     """Items/s of ``calls`` concurrent streaming calls of ``items`` items each."""
     await stream(100)
     started = time.perf_counter()
@@ -356,9 +358,11 @@ async def measure_memory(client: RpcClient, server_pid: int, plan: Plan, result:
         for _ in range(4):
             await asyncio.sleep(plan.slow_seconds / 4)
             samples.append(rss_mb(server_pid))
-    result.extra["rss_slow_reader"] = "stalled subscriber: server RSS " + " -> ".join(
-        f"{s:.1f}" for s in samples
-    ) + f" MB over {plan.slow_seconds:g} s"
+    result.extra["rss_slow_reader"] = (
+        "stalled subscriber: server RSS "
+        + " -> ".join(f"{s:.1f}" for s in samples)
+        + f" MB over {plan.slow_seconds:g} s"
+    )
 
 
 async def run_raw(directory: Path, endpoint: str, plan: Plan) -> Result:
@@ -529,9 +533,12 @@ async def run_all(quick: bool) -> None:
         Plan(duration=0.6, stream_items=3000, stream64_items=100, inflight=1000, slow_seconds=1.0)
         if quick
         else Plan(
-            duration=5.0, stream_items=100_000, stream64_items=2000, inflight=10_000,
+            duration=5.0,
+            stream_items=100_000,
+            stream64_items=2000,
+            inflight=10_000,
             slow_seconds=6.0,
-        )  # fmt: skip
+        )
     )
     with tempfile.TemporaryDirectory(prefix="bench-rpc-") as tmp:
         directory = Path(tmp)
