@@ -21,19 +21,28 @@ the :class:`~pilot_transport._carrier.CarrierStream` contract cannot live with:
 Encoding
 --------
 
-Byte ``0x53`` (``S``) is an escape. After it comes exactly one code:
+The three bytes ``SAC`` are an escape; exactly one code byte follows them:
 
-=================  ===========================================================
-``S 0x00``         a literal ``S`` data byte
-``S 0x01``         end of data from this side (half-close); control may follow
-``S 0x02 n``       flow-control credit: the receiver may take ``n`` KiB more
-                   (``1 <= n <= 64``, so ``n`` is never ``S`` itself)
-=================  ===========================================================
+=====================  =========================================================
+``SAC 0x00``           the data bytes ``SAC``
+``SAC 0x01``           end of data from this side (half-close); control may follow
+``SAC 0x02 n``         flow-control credit: the receiver may take ``n`` KiB more
+                       (``1 <= n <= 64``, so ``n`` is never ``S``)
+``SAC 0x03``           no-op (see below)
+=====================  =========================================================
 
-Any other code is a protocol error. Since ``S`` is always followed by 0x00,
-0x01 or 0x02, the bytes ``SACK`` never occur at any offset of an encoded
-stream, whatever the segmentation. The cost is one byte per ``S`` in the data
-(1/256 of random or encrypted data).
+Any other code is a protocol error. ``SAC`` is always followed by a byte
+0x00-0x03, never by ``K``, so ``SACK`` cannot occur at any offset of an encoded
+stream, whatever the segmentation. On random or encrypted data the escape is
+almost free: one C-speed search per chunk and an expected 1 extra byte per
+16 MiB.
+
+A decoder cannot tell whether a chunk ending in ``S`` or ``SA`` is data or the
+start of an escape, so it holds those one or two bytes back until the next
+bytes arrive. So that no byte is ever held back while the writer goes quiet,
+an encoded chunk that would end in ``S`` or ``SA`` is closed with a no-op.
+Each chunk is encoded on its own: a ``SAC`` split across two chunks is not an
+escape on the wire, and the no-op keeps it from becoming one.
 
 Each side starts with :data:`INITIAL_CREDIT` bytes of credit for sending; a
 receiver with a larger window grants the difference at once, and grants
@@ -49,21 +58,23 @@ __all__ = [
     "EOF_MARKER",
     "INITIAL_CREDIT",
     "MAX_CREDIT_PER_CONTROL",
+    "NOOP",
+    "Decoded",
     "FramingDecoder",
     "FramingError",
     "credit_controls",
     "encode_data",
 ]
 
-ESC = 0x53
-_ESC_BYTE = b"S"
-_LITERAL = b"S\x00"
-EOF_MARKER = b"S\x01"
+ESC = b"SAC"
+_LITERAL = b"SAC\x00"
+EOF_MARKER = b"SAC\x01"
 _CREDIT = 0x02
+NOOP = b"SAC\x03"
 CREDIT_UNIT = 1024
 """Credit is granted in KiB."""
 MAX_CREDIT_PER_CONTROL = 64
-"""Largest ``n`` in one ``S 0x02 n`` control (keeps ``n`` below ``S``)."""
+"""Largest ``n`` in one ``SAC 0x02 n`` control (keeps ``n`` below ``S``)."""
 INITIAL_CREDIT = 64 * CREDIT_UNIT
 """Bytes a sender may send before the first grant; every receiver window is at least this."""
 
@@ -72,9 +83,12 @@ class FramingError(ValueError):
     """The remote side broke the stream encoding."""
 
 
-def encode_data(data: bytes | bytearray | memoryview) -> bytes:
-    """Escape data bytes for the wire."""
-    return bytes(data).replace(_ESC_BYTE, _LITERAL)
+def encode_data(chunk: bytes) -> bytes:
+    """Escape one chunk of data bytes for the wire (a no-op closes an ``S``/``SA`` end)."""
+    out = chunk.replace(ESC, _LITERAL) if ESC in chunk else chunk
+    if out.endswith((b"S", b"SA")):
+        out += NOOP
+    return out
 
 
 def credit_controls(kib: int) -> bytes:
@@ -82,7 +96,7 @@ def credit_controls(kib: int) -> bytes:
     out = bytearray()
     while kib > 0:
         n = min(kib, MAX_CREDIT_PER_CONTROL)
-        out += bytes((ESC, _CREDIT, n))
+        out += ESC + bytes((_CREDIT, n))
         kib -= n
     return bytes(out)
 
@@ -93,7 +107,16 @@ class Decoded:
 
     data: bytes
     credit: int  # bytes
-    eof: bool
+    eof: bool  # the end-of-data marker was in this chunk
+
+
+def _partial_escape(data: bytes) -> int:
+    """How many trailing bytes could begin an escape (``S`` or ``SA``)."""
+    if data.endswith(b"SA"):
+        return 2
+    if data.endswith(b"S"):
+        return 1
+    return 0
 
 
 class FramingDecoder:
@@ -114,49 +137,60 @@ class FramingDecoder:
         if self._pending:
             chunk = self._pending + chunk
             self._pending = b""
-        n_esc = chunk.count(_ESC_BYTE)
-        if n_esc == 0 or (n_esc == chunk.count(_LITERAL) and chunk[-1] != ESC):
-            data = chunk.replace(_LITERAL, _ESC_BYTE) if n_esc else chunk
-            if data and self.eof:
+        if ESC not in chunk:
+            keep = _partial_escape(chunk)
+            if keep:
+                self._pending = chunk[-keep:]
+                chunk = chunk[:-keep]
+            if chunk and self.eof:
                 raise FramingError("data after end of stream")
-            return Decoded(data, 0, False)
+            return Decoded(chunk, 0, False)
         out = bytearray()
         credit = 0
         eof = self.eof
         pos = 0
         end = len(chunk)
         while True:
-            i = chunk.find(_ESC_BYTE, pos)
-            piece = chunk[pos:] if i < 0 else chunk[pos:i]
+            i = chunk.find(ESC, pos)
+            if i < 0:
+                piece = chunk[pos:]
+                keep = _partial_escape(piece)
+                if keep:
+                    self._pending = piece[-keep:]
+                    piece = piece[:-keep]
+            else:
+                piece = chunk[pos:i]
             if piece:
                 if eof:
                     raise FramingError("data after end of stream")
                 out += piece
             if i < 0:
                 break
-            if i + 1 >= end:
+            if i + 3 >= end:
                 self._pending = chunk[i:]
                 break
-            code = chunk[i + 1]
+            code = chunk[i + 3]
             if code == 0:
                 if eof:
                     raise FramingError("data after end of stream")
-                out.append(ESC)
-                pos = i + 2
+                out += ESC
+                pos = i + 4
             elif code == 1:
                 if eof:
                     raise FramingError("end of stream marked twice")
                 eof = True
-                pos = i + 2
+                pos = i + 4
             elif code == _CREDIT:
-                if i + 2 >= end:
+                if i + 4 >= end:
                     self._pending = chunk[i:]
                     break
-                n = chunk[i + 2]
+                n = chunk[i + 4]
                 if not 1 <= n <= MAX_CREDIT_PER_CONTROL:
                     raise FramingError(f"bad credit grant {n}")
                 credit += n * CREDIT_UNIT
-                pos = i + 3
+                pos = i + 5
+            elif code == 3:
+                pos = i + 4
             else:
                 raise FramingError(f"unknown escape code 0x{code:02X}")
         newly_eof = eof and not self.eof

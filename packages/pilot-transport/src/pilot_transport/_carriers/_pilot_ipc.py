@@ -204,21 +204,26 @@ class FrameDecoder:
         frames: list[Frame] = []
         pos = 0
         end = len(buf)
-        while end - pos >= 4:
-            (length,) = _U32.unpack_from(buf, pos)
-            if length == 0:
-                pos += 4
-                continue
-            if length > self.max_frame:
-                self._broken = True
-                del buf[:]
-                raise FrameTooLargeError(length)
-            if end - pos - 4 < length:
-                break
-            start = pos + 4
-            frames.append(Frame(buf[start], bytes(buf[start + 1 : start + length])))
-            pos = start + length
-        if pos:
+        view = memoryview(buf)
+        try:
+            while end - pos >= 4:
+                (length,) = _U32.unpack_from(buf, pos)
+                if length == 0:
+                    pos += 4
+                    continue
+                if length > self.max_frame:
+                    self._broken = True
+                    raise FrameTooLargeError(length)
+                if end - pos - 4 < length:
+                    break
+                start = pos + 4
+                frames.append(Frame(buf[start], bytes(view[start + 1 : start + length])))
+                pos = start + length
+        finally:
+            view.release()
+        if self._broken:
+            del buf[:]
+        elif pos:
             del buf[:pos]
         return frames
 

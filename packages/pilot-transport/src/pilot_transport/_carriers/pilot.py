@@ -56,6 +56,7 @@ import collections
 import contextlib
 import logging
 import random
+import struct
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, TypeVar
@@ -101,6 +102,7 @@ _log = logging.getLogger("pilot_transport.pilot")
 DEFAULT_SOCKET_PATH: Final = "/tmp/pilot.sock"  # noqa: S108  # the daemon's documented default
 """Where the Pilot daemon listens unless configured otherwise."""
 
+_U32 = struct.Struct(">I")
 _LOST = "the connection to the Pilot daemon was lost (daemon stopped or restarted)"
 
 
@@ -198,9 +200,7 @@ class _IpcConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            frames = self._decoder.feed(data)
-            for frame in frames:
-                self.handle(ipc.parse_message(frame))
+            self.handle_frames(self._decoder.feed(data))
         except ipc.IpcProtocolError as exc:
             _log.error(
                 "pilot daemon broke the socket protocol on a %s connection: %s", self.role, exc
@@ -235,6 +235,10 @@ class _IpcConnection(asyncio.Protocol):
             self._drain.set_result(None)
 
     # -- for subclasses ------------------------------------------------------------------
+    def handle_frames(self, frames: list[ipc.Frame]) -> None:
+        for frame in frames:
+            self.handle(ipc.parse_message(frame))
+
     def handle(self, msg: ipc.Message) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -324,6 +328,32 @@ class _StreamHost(_IpcConnection):
         self.listener: PilotListener | None = None
         self.bound_port: int | None = None
         self.stray_errors = 0
+
+    def handle_frames(self, frames: list[ipc.Frame]) -> None:
+        # Consecutive Recv frames of one stream (one per <= 4096-byte segment)
+        # are joined and handed over at once: one decode, one buffer entry.
+        pending_id = -1
+        pending: list[memoryview] = []
+        for frame in frames:
+            if frame.cmd == ipc.Cmd.RECV and len(frame.payload) >= 4:
+                (conn_id,) = _U32.unpack_from(frame.payload)
+                if conn_id != pending_id and pending:
+                    self._deliver(pending_id, pending)
+                    pending = []
+                pending_id = conn_id
+                pending.append(memoryview(frame.payload)[4:])
+                continue
+            if pending:
+                self._deliver(pending_id, pending)
+                pending = []
+            self.handle(ipc.parse_message(frame))
+        if pending:
+            self._deliver(pending_id, pending)
+
+    def _deliver(self, conn_id: int, pieces: list[memoryview]) -> None:
+        stream = self.streams.get(conn_id)
+        if stream is not None:
+            stream._on_segment(b"".join(pieces))
 
     def handle(self, msg: ipc.Message) -> None:
         if isinstance(msg, ipc.Recv):
@@ -626,7 +656,7 @@ class PilotStream(CarrierStream):
                         self._raise_if_broken()
                     n = min(total - pos, self._send_credit, self._chunk)
                     self._send_credit -= n
-                    wire = encode_data(view[pos : pos + n])
+                    wire = encode_data(bytes(view[pos : pos + n]))
                 else:
                     n = min(total - pos, self._chunk)
                     wire = bytes(view[pos : pos + n])
