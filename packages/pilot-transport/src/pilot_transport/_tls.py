@@ -341,10 +341,13 @@ def _map_error(
     if isinstance(exc, ssl.SSLCertVerificationError) or (
         isinstance(exc, ssl.SSLError) and exc.reason == "CERTIFICATE_VERIFY_FAILED"
     ):
+        known = expected_name is not None and shake.config.trust.get(expected_name) is not None
+        command = f"pilot-transport trust add {expected_name or 'NAME'} {key_text}"
+        if known:
+            command += " --replace  (if its key really changed)"
         return PeerNotTrustedError(
-            f"{who} presented a key with fingerprint {fingerprint} that is not in our "
-            f"trust store; if you expect this peer, trust it with: "
-            f"pilot-transport trust add {expected_name or 'NAME'} {key_text}",
+            f"{who} claims the key with fingerprint {fingerprint}, which is not in our "
+            f"trust store; if you expect this peer, trust it with: {command}",
             fingerprint=fingerprint if shake.claimed_key is not None else None,
         )
     if isinstance(exc, ssl.SSLError) and exc.reason in _REJECTED_REASONS:

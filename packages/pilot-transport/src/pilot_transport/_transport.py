@@ -531,13 +531,17 @@ async def _open(
     if not isinstance(trust, TrustStore):
         trust = TrustStore.open(trust)
     carrier = _make_carrier(resolved, identity)
-    return Transport(
-        carrier,
-        url=resolved,
-        identity=identity,
-        trust=trust,
-        options=options or TransportOptions(),
-    )
+    try:
+        return Transport(
+            carrier,
+            url=resolved,
+            identity=identity,
+            trust=trust,
+            options=options or TransportOptions(),
+        )
+    except BaseException:
+        await carrier.aclose()
+        raise
 
 
 class _TransportOpener:
