@@ -125,7 +125,7 @@ def _positive_int(text: str) -> int:
 
 
 def _plugin_dest(plugin: Plugin, key: str) -> str:
-    return f"plugin__{plugin.name}__{key}"
+    return f"plugin__{plugin.name.replace('-', '_')}__{key}"
 
 
 def build_parser(

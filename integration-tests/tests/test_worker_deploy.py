@@ -1,0 +1,206 @@
+"""deploy/: every file parses, and every flag it passes to pilot-worker exists.
+
+Docker, Compose, systemd and Kubernetes are not run here; the files are
+parsed and their command lines are fed to the real argument parser (with the
+plugins they name loaded), plus the properties each file promises (non-root,
+restart policy, probes on the health endpoints, grace periods above the drain
+timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pilot_worker import load_plugin
+from pilot_worker.cli import build_parser
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def _parse_worker_args(argv: list[str]) -> Any:
+    """Parse argv as pilot-worker would, loading the plugins it names."""
+    plugins = [load_plugin(argv[i + 1]) for i, arg in enumerate(argv) if arg == "--plugin"]
+    parser = build_parser(plugins=plugins)
+    known = {flag for action in parser._actions for flag in action.option_strings}
+    for arg in argv:
+        if arg.startswith("--"):
+            assert arg.split("=", 1)[0] in known, f"unknown pilot-worker flag {arg}"
+    args = parser.parse_args(argv)
+    assert args.identity
+    assert args.trust
+    return args
+
+
+def _systemd_sections(text: str) -> dict[str, dict[str, list[str]]]:
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    logical: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith(("#", ";"))):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    for line in logical:
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"key outside a section: {line}"
+        key, sep, value = line.partition("=")
+        assert sep, f"not key=value: {line}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_systemd_unit() -> None:
+    unit = _systemd_sections((DEPLOY / "systemd" / "pilot-worker.service").read_text())
+    assert set(unit) == {"Unit", "Service", "Install"}
+    service = {k: v[-1] for k, v in unit["Service"].items()}
+    argv = shlex.split(service["ExecStart"])
+    assert argv[0].endswith("/pilot-worker")
+    args = _parse_worker_args(argv[1:])
+    assert service["User"] not in ("root", "0")
+    assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == "2"
+    assert service["KillSignal"] == "SIGTERM"
+    assert float(service["TimeoutStopSec"]) > args.drain_timeout
+    for hardening in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp"):
+        assert hardening in service
+    assert service["NoNewPrivileges"] == "yes"
+    assert service["CapabilityBoundingSet"] == ""
+    assert args.metrics_host == "127.0.0.1"
+
+
+def _dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        word, _, rest = full.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile() -> None:
+    instructions = _dockerfile_instructions((DEPLOY / "Dockerfile").read_text())
+    final_stage = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
+    final = instructions[final_stage:]
+    by_word: dict[str, list[str]] = {}
+    for word, rest in final:
+        by_word.setdefault(word, []).append(rest)
+    user = by_word["USER"][-1].split(":")[0]
+    assert user not in ("root", "0")
+    entrypoint = json.loads(by_word["ENTRYPOINT"][-1])
+    cmd = json.loads(by_word["CMD"][-1])
+    assert entrypoint == ["pilot-worker"]
+    args = _parse_worker_args(cmd)
+    # The healthcheck probes the metrics port the CMD enables, on loopback.
+    health = by_word["HEALTHCHECK"][-1]
+    assert f"127.0.0.1:{args.metrics_port}/healthz" in health
+    assert args.metrics_host == "127.0.0.1"
+    health_cmd = json.loads(health[health.index("CMD") + 3 :].strip())
+    compile(health_cmd[2], "<healthcheck>", "exec")
+    assert by_word["STOPSIGNAL"] == ["SIGTERM"]
+    # The wheels it installs are workspace packages that exist.
+    for dist in re.findall(r"--package (\S+)", (DEPLOY / "Dockerfile").read_text()):
+        assert (DEPLOY.parent / "packages" / dist / "pyproject.toml").is_file(), dist
+
+
+def test_docker_compose() -> None:
+    doc = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    services = doc["services"]
+    assert {"worker-a", "worker-b", "state-worker"} <= set(services)
+    for name, service in services.items():
+        args = _parse_worker_args([str(a) for a in service["command"]])
+        assert service["stop_signal"] == "SIGTERM"
+        grace = int(str(service["stop_grace_period"]).rstrip("s"))
+        assert grace > args.drain_timeout, name
+        assert any(str(v).endswith(":/etc/pilot:ro") for v in service["volumes"]), name
+    state = services["state-worker"]
+    state_args = _parse_worker_args([str(a) for a in state["command"]])
+    assert state_args.plugin == ["checkpoint-sqlite"]
+    mounts = {str(v).split(":")[0]: str(v).split(":")[1] for v in state["volumes"]}
+    assert "state-data" in mounts
+    db = state_args.plugin__checkpoint_sqlite__checkpoint_db
+    assert db.startswith(f"sqlite:///{mounts['state-data']}/")
+    assert "state-data" in doc["volumes"]
+
+
+def _k8s_documents() -> dict[str, dict[str, Any]]:
+    docs: dict[str, dict[str, Any]] = {}
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[f"{doc['kind']}/{doc.get('metadata', {}).get('name', path.stem)}"] = doc
+    return docs
+
+
+def test_kubernetes_manifests() -> None:
+    docs = _k8s_documents()
+    deployment = docs["Deployment/pilot-worker"]
+    secret = docs["Secret/pilot-worker-identity"]
+    config = docs["ConfigMap/pilot-worker-trust"]
+    kustomization = yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
+    listed = {p.name for p in (DEPLOY / "kubernetes").glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == listed
+
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (worker,) = pod["containers"]
+    args = _parse_worker_args([str(a) for a in worker["args"]])
+    assert pod["terminationGracePeriodSeconds"] > args.drain_timeout
+
+    ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
+    assert ports["metrics"] == args.metrics_port
+    assert args.metrics_host == "0.0.0.0"  # the kubelet probes the pod IP
+    live = worker["livenessProbe"]["httpGet"]
+    ready = worker["readinessProbe"]["httpGet"]
+    assert live["path"] == "/healthz"
+    assert ready["path"] == "/readyz"
+    assert live["port"] == ready["port"] == "metrics"
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in worker["volumeMounts"]}
+    # The identity comes from the Secret (via the init container's 0600 copy).
+    assert volumes["identity-secret"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert "identity.key" in secret["stringData"]
+    assert args.identity == f"{mounts['identity']}/identity.key"
+    (init,) = pod["initContainers"]
+    script = init["command"][-1]
+    compile(script, "<init>", "exec")
+    assert "0o600" in script
+    init_mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    assert f"{init_mounts['identity-secret']}/identity.key" in script
+    assert f"{init_mounts['identity']}/identity.key" in script
+    # The trust store comes from the ConfigMap.
+    assert volumes["trust"]["configMap"]["name"] == config["metadata"]["name"]
+    assert args.trust == f"{mounts['trust']}/trust.json"
+    trust = json.loads(config["data"]["trust.json"])
+    assert trust == {"version": 1, "peers": []}
+
+    service = docs["Service/pilot-worker"]
+    assert service["spec"]["ports"][0]["targetPort"] == "pilot"
+    assert args.transport.endswith(f":{ports['pilot']}")
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (DEPLOY / "kubernetes").glob("*.yaml")))
+def test_kubernetes_files_are_valid_yaml(path: str) -> None:
+    for doc in yaml.safe_load_all((DEPLOY / "kubernetes" / path).read_text()):
+        assert "apiVersion" in doc
+        assert "kind" in doc
