@@ -23,7 +23,7 @@ from pilot_checkpoint_sqlite import (
     StoreOptions,
     open_store,
 )
-from pilot_checkpoint_sqlite._schema import SCHEMA_VERSION, checkpoints, migrations_table
+from pilot_checkpoint_sqlite._schema import SCHEMA_VERSION, migrations_table
 from pilot_checkpoint_sqlite.errors import (
     CheckpointConfigError,
     CheckpointProtocolError,
@@ -32,7 +32,7 @@ from pilot_checkpoint_sqlite.errors import (
     StoreOverloadedError,
     StoreSchemaError,
 )
-from sqlalchemy import Connection, insert, select, text
+from sqlalchemy import insert, select
 
 WAIT = 30.0
 
@@ -75,8 +75,9 @@ class _Gate:
         self.entered = threading.Event()
         self.release = threading.Event()
 
-        def _hold(conn: Connection) -> None:
-            conn.execute(select(checkpoints.c.thread_id).limit(1)).all()
+        def _hold(db: Any) -> None:
+            # Inside the writer's open transaction (it holds the write lock).
+            db.execute("SELECT 1")
             self.entered.set()
             self.release.wait(WAIT)
 
@@ -377,24 +378,22 @@ async def test_schema_is_versioned_and_newer_schemas_are_refused(db_url: str) ->
     store = await open_store(db_url)
     assert store.schema_version == SCHEMA_VERSION
 
-    def _versions(conn: Connection) -> list[int]:
-        return [r[0] for r in conn.execute(select(migrations_table.c.version))]
-
-    assert await store._read(_versions) == list(range(1, SCHEMA_VERSION + 1))
+    with store._engine.connect() as conn:
+        versions = [r[0] for r in conn.execute(select(migrations_table.c.version))]
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
     await store.aclose()
 
     reopened = await open_store(db_url)  # already migrated: nothing to do
     assert reopened.schema_version == SCHEMA_VERSION
 
-    def _bump(conn: Connection) -> None:
+    await reopened.aclose()
+    with reopened._engine.begin() as conn:
         conn.execute(
             insert(migrations_table).values(
                 version=SCHEMA_VERSION + 1, description="future", applied_at=0.0
             )
         )
-
-    await reopened._write(_bump)
-    await reopened.aclose()
+    reopened._engine.dispose()
     with pytest.raises(StoreSchemaError, match="newer"):
         await open_store(db_url)
 
@@ -447,9 +446,11 @@ async def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Any) -> None:
     try:
         assert path.stat().st_mode & 0o777 == 0o600
 
-        def _pragmas(conn: Connection) -> tuple[str, int]:
-            mode = conn.execute(text("PRAGMA journal_mode")).scalar_one()
-            sync = conn.execute(text("PRAGMA synchronous")).scalar_one()
+        def _pragmas(db: Any) -> tuple[str, int]:
+            db.execute("PRAGMA journal_mode")
+            mode = db._cursor.fetchall()[0][0]
+            db.execute("PRAGMA synchronous")
+            sync = db._cursor.fetchall()[0][0]
             return mode, sync
 
         mode, sync = await store._read(_pragmas)

@@ -26,7 +26,10 @@ __all__ = ["CheckpointBackend", "LocalStoreBackend"]
 class CheckpointBackend(Protocol):
     """Carries saver requests to a checkpoint store.
 
-    Implementations must be safe to call concurrently from one event loop.
+    Implementations must be safe to call concurrently from one event loop. A
+    backend whose ``loop_agnostic`` attribute is true may be called from any
+    loop; the saver then runs async calls on the caller's own loop. Others are
+    called only on the saver's private loop.
     """
 
     async def call(
@@ -58,6 +61,9 @@ class LocalStoreBackend:
         caller_node_id: Identity the requests are scoped to (what a worker
             would take from the authenticated peer).
     """
+
+    loop_agnostic = True
+    """Usable from any event loop: the saver calls it on the caller's loop, no hop."""
 
     def __init__(self, service: CheckpointService, *, caller_node_id: str = "local") -> None:
         self._service = service

@@ -42,6 +42,7 @@ from pilot_checkpoint_sqlite.errors import (
     CheckpointConfigError,
     CheckpointProtocolError,
     CheckpointUsageError,
+    StoreClosedError,
     StoreOverloadedError,
     StoreTimeoutError,
     StoreUnavailableError,
@@ -132,6 +133,7 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
                 raise CheckpointConfigError("backend must implement CheckpointBackend")
             fixed = backend
             self.peer: str | None = None
+            self._backend = backend
 
             async def _fixed() -> CheckpointBackend:
                 return fixed
@@ -171,6 +173,10 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
             self._factory = _remote
         self._home = home
         self._close_lock = threading.Lock()
+        self._closed = False
+        # A loop-agnostic backend (an in-process store) is called on the
+        # caller's own loop; anything else lives on the saver's loop.
+        self._direct = backend is not None and bool(getattr(backend, "loop_agnostic", False))
 
     # ------------------------------------------------------------------ plumbing
 
@@ -213,6 +219,10 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
             attempt += 1
 
     async def _acall(self, method: str, payload: dict[str, Any], key: str | None = None) -> Any:
+        if self._direct:
+            if self._closed:
+                raise StoreClosedError("the checkpoint saver is closed")
+            return await self._invoke(method, payload, key)
         return await self._home.run_async(self._invoke(method, payload, key))
 
     def _call(self, method: str, payload: dict[str, Any], key: str | None = None) -> Any:
@@ -228,11 +238,13 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
         ``with_allowlist`` share the connection and are closed too.
         """
         with self._close_lock:
+            self._closed = True
             self._home.stop(self._close_backend, self.options.close_timeout)
 
     async def aclose(self) -> None:
         """Async twin of :meth:`close`."""
         if isinstance(self._home, ForeignLoop) and self._home.on_loop_thread():
+            self._closed = True
             await self._close_backend()
             self._home.stop(None, 0)
             return

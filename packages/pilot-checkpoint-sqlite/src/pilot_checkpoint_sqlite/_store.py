@@ -1,18 +1,20 @@
-"""The checkpoint store: typed blobs in SQLite or PostgreSQL through SQLAlchemy Core.
+"""The checkpoint store: typed blobs in SQLite or PostgreSQL.
 
 Theory of operation
 -------------------
 * **One writer path per database.** Every write request becomes a small
-  function queued (bounded) to one writer thread. The writer takes whatever has
-  queued up (at most ``max_batch``), runs it all in *one* transaction and
-  commits once: group commit. Under load many requests share one fsync; at
-  rest a request commits alone at once. If a grouped transaction fails, the
-  writer rolls it back and runs each request in its own transaction, so one bad
-  request fails alone. A request is acknowledged only after its commit
-  returned, so an acknowledged write is on disk (SQLite ``synchronous=FULL``).
-* **Reads never wait for writes.** Reads run on a pool of separate read
-  connections (SQLite WAL readers see the last commit, PostgreSQL reads are
-  ``REPEATABLE READ``), each read in one transaction for a consistent snapshot.
+  function queued (bounded) to one writer thread, which owns one connection.
+  The writer takes whatever has queued up (at most ``max_batch``), runs it all
+  in *one* transaction and commits once: group commit. Under load many requests
+  share one fsync; at rest a request commits alone at once. If a grouped
+  transaction fails, the writer rolls it back and runs each request in its own
+  transaction, so one bad request fails alone. A request is acknowledged only
+  after its commit returned, so an acknowledged write is on disk (SQLite
+  ``synchronous=FULL``).
+* **Reads never wait for writes.** Reads run on a pool of reader threads, each
+  with its own connection (SQLite WAL readers see the last commit; PostgreSQL
+  reads are ``REPEATABLE READ READ ONLY``), one transaction per read for a
+  consistent snapshot.
 * **The store never deserializes a caller's value.** Checkpoints, channel
   values and writes arrive as ``(type, bytes)`` pairs and leave as they came.
   It parses only JSON it needs to answer queries (metadata for ``list``
@@ -22,6 +24,11 @@ Theory of operation
   channels with a negative ``idx`` are replaced, as in LangGraph's own
   savers), so a retried request is a no-op re-ack.
 
+SQLAlchemy owns URLs, pools, dialects and migrations; statements are SQLAlchemy
+Core compiled once per dialect and run on the driver cursor (see ``_sql.py``
+for why). Connections are in driver autocommit mode and every transaction is
+explicit (``BEGIN`` ... ``COMMIT``).
+
 Every operation takes a ``scope`` (the caller's node id, or ``""`` for a shared
 store) and touches only rows of that scope.
 """
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -40,29 +48,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import (
-    Connection,
-    Engine,
-    and_,
-    create_engine,
-    delete,
-    event,
-    select,
-    tuple_,
-)
-from sqlalchemy.engine import URL, RowMapping, make_url
-from sqlalchemy.exc import (
-    ArgumentError,
-    DBAPIError,
-    NoSuchModuleError,
-    OperationalError,
-    SQLAlchemyError,
-)
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from pilot_checkpoint_sqlite import _schema
 from pilot_checkpoint_sqlite._options import StoreOptions
 from pilot_checkpoint_sqlite._schema import blobs, checkpoints, writes
+from pilot_checkpoint_sqlite._sql import Compiled, Statements
 from pilot_checkpoint_sqlite.errors import (
     CheckpointConfigError,
     CheckpointError,
@@ -81,6 +75,7 @@ T = TypeVar("T")
 TypedBlob = tuple[str, bytes]
 
 _SCAN_BATCH = 256
+_MAX_SCAN = 4 * _SCAN_BATCH
 _COPY_BATCH = 256
 
 
@@ -113,18 +108,91 @@ class WritesRecord:
     writes: Sequence[tuple[int, str, str, bytes]]
 
 
-def _translate(exc: BaseException) -> CheckpointError:
-    if isinstance(exc, CheckpointError):
-        return exc
-    if isinstance(exc, OperationalError | DBAPIError) and getattr(
-        exc, "connection_invalidated", False
-    ):
-        return StoreUnavailableError(f"database connection lost: {exc.orig}")
-    if isinstance(exc, OperationalError):
-        return StoreUnavailableError(f"database unavailable: {exc.orig}")
-    if isinstance(exc, SQLAlchemyError):
-        return CheckpointStoreError(f"database error: {exc}")
-    return CheckpointStoreError(f"store failure: {type(exc).__name__}: {exc}")
+# ---------------------------------------------------------------- connections
+
+
+class _Db:
+    """One pooled connection, used by one thread at a time, with explicit transactions."""
+
+    def __init__(self, engine: Engine, statements: Statements) -> None:
+        self._engine = engine
+        self.sql = statements
+        self._raw: Any = None
+        self._cursor: Any = None
+        self._dbapi: Any = engine.dialect.loaded_dbapi
+
+    def _ensure(self) -> Any:
+        if self._cursor is None:
+            raw = self._engine.raw_connection()
+            driver = raw.driver_connection
+            if self.sql.name == "postgresql":
+                cast(Any, driver).autocommit = True
+            self._raw = raw
+            self._cursor = cast(Any, driver).cursor()
+        return self._cursor
+
+    def run(self, statement: Compiled, values: Mapping[str, Any]) -> list[Any]:
+        cursor = self._ensure()
+        cursor.execute(statement.sql, statement.params(values))
+        if cursor.description is None:
+            return []
+        return cursor.fetchall()
+
+    def run_many(self, statement: Compiled, rows: Sequence[Mapping[str, Any]]) -> None:
+        if rows:
+            self._ensure().executemany(statement.sql, [statement.params(r) for r in rows])
+
+    def execute(self, sql: str) -> None:
+        self._ensure().execute(sql)
+
+    def rollback_quietly(self) -> None:
+        if self._cursor is None:
+            return
+        try:
+            self._cursor.execute("ROLLBACK")
+        except Exception:
+            self.invalidate()
+
+    def transaction(self, begin: str, fn: Callable[[_Db], T]) -> T:
+        """Run ``fn`` in one transaction; translate driver errors."""
+        try:
+            self.execute(begin)
+            try:
+                result = fn(self)
+                self.execute("COMMIT")
+            except BaseException:
+                self.rollback_quietly()
+                raise
+            return result
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise self.translate(exc) from exc
+
+    def translate(self, exc: BaseException) -> CheckpointError:
+        dbapi = self._dbapi
+        if dbapi is not None and isinstance(exc, dbapi.OperationalError | dbapi.InterfaceError):
+            # A connection that failed this way may be dead: get a fresh one next time.
+            self.invalidate()
+            return StoreUnavailableError(f"database unavailable: {exc}")
+        if dbapi is not None and isinstance(exc, dbapi.Error):
+            return CheckpointStoreError(f"database error: {exc}")
+        if isinstance(exc, SQLAlchemyError):
+            return StoreUnavailableError(f"database unavailable: {exc}")
+        return CheckpointStoreError(f"store failure: {type(exc).__name__}: {exc}")
+
+    def invalidate(self) -> None:
+        raw, self._raw, self._cursor = self._raw, None, None
+        if raw is not None:
+            # Already broken; dropping it is all that is left to do.
+            with contextlib.suppress(Exception):
+                raw.invalidate()
+
+    def close(self) -> None:
+        raw, self._raw, self._cursor = self._raw, None, None
+        if raw is not None:
+            with contextlib.suppress(Exception):  # closing at shutdown must not fail
+                raw.close()
 
 
 # ---------------------------------------------------------------- the writer
@@ -133,7 +201,7 @@ def _translate(exc: BaseException) -> CheckpointError:
 class _Op:
     __slots__ = ("fn", "future")
 
-    def __init__(self, fn: Callable[[Connection], Any]) -> None:
+    def __init__(self, fn: Callable[[_Db], Any]) -> None:
         self.fn = fn
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
@@ -141,8 +209,9 @@ class _Op:
 class _Writer:
     """One thread, one connection, group commit (see module docstring)."""
 
-    def __init__(self, engine: Engine, *, max_batch: int, max_queue: int, name: str) -> None:
-        self._engine = engine
+    def __init__(self, db: _Db, *, max_batch: int, max_queue: int, name: str) -> None:
+        self._db = db
+        self._begin = db.sql.begin_write()
         self._max_batch = max_batch
         self._queue: queue.Queue[_Op | None] = queue.Queue(maxsize=max_queue)
         self._closed = False
@@ -152,7 +221,7 @@ class _Writer:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[Connection], T]) -> concurrent.futures.Future[T]:
+    def submit(self, fn: Callable[[_Db], T]) -> concurrent.futures.Future[T]:
         op = _Op(fn)
         with self._lock:
             if self._closed:
@@ -165,25 +234,31 @@ class _Writer:
                 ) from None
         return op.future
 
+    def queued(self) -> int:
+        return self._queue.qsize()
+
     def _run(self) -> None:
-        while True:
-            op = self._queue.get()
-            if op is None:
-                return
-            batch = [op]
-            stop = False
-            while len(batch) < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._commit(batch)
-            if stop:
-                return
+        try:
+            while True:
+                op = self._queue.get()
+                if op is None:
+                    return
+                batch = [op]
+                stop = False
+                while len(batch) < self._max_batch:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                self._commit(batch)
+                if stop:
+                    return
+        finally:
+            self._db.close()
 
     def _commit(self, batch: list[_Op]) -> None:
         live = [op for op in batch if op.future.set_running_or_notify_cancel()]
@@ -191,25 +266,34 @@ class _Writer:
             return
         self.batches += 1
         self.ops += len(live)
+
+        def _all(db: _Db) -> list[Any]:
+            return [op.fn(db) for op in live]
+
         try:
-            with self._engine.begin() as conn:
-                results = [op.fn(conn) for op in live]
+            results = self._db.transaction(self._begin, _all)
         except BaseException as exc:
             if len(live) == 1:
-                live[0].future.set_exception(_translate(exc))
+                live[0].future.set_exception(self._as_error(exc))
                 return
             logger.debug("grouped write transaction failed (%s); retrying one by one", exc)
             for op in live:
                 try:
-                    with self._engine.begin() as conn:
-                        result = op.fn(conn)
+                    result = self._db.transaction(self._begin, op.fn)
                 except BaseException as one_exc:
-                    op.future.set_exception(_translate(one_exc))
+                    op.future.set_exception(self._as_error(one_exc))
                 else:
                     op.future.set_result(result)
             return
         for op, result in zip(live, results, strict=True):
             op.future.set_result(result)
+
+    def _as_error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, CheckpointError):
+            return exc
+        if isinstance(exc, Exception):
+            return self._db.translate(exc)
+        return exc
 
     def close(self, timeout: float) -> None:
         with self._lock:
@@ -219,6 +303,46 @@ class _Writer:
         # The sentinel queues after every accepted request: they all commit first.
         self._queue.put(None, timeout=timeout)
         self._thread.join(timeout)
+
+
+class _Readers:
+    """A bounded pool of reader threads, each with its own connection."""
+
+    def __init__(self, engine: Engine, statements: Statements, size: int) -> None:
+        self._engine = engine
+        self._statements = statements
+        self._begin = statements.begin_read()
+        self._local = threading.local()
+        self._all: list[_Db] = []
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=size, thread_name_prefix="pilot-ckpt-reader"
+        )
+
+    def _db(self) -> _Db:
+        db: _Db | None = getattr(self._local, "db", None)
+        if db is None:
+            db = _Db(self._engine, self._statements)
+            self._local.db = db
+            with self._lock:
+                self._all.append(db)
+        return db
+
+    def submit(self, fn: Callable[[_Db], T]) -> concurrent.futures.Future[T]:
+        def _run() -> T:
+            return self._db().transaction(self._begin, fn)
+
+        try:
+            return self._pool.submit(_run)
+        except RuntimeError:
+            raise StoreClosedError("the checkpoint store is closed") from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for db in self._all:
+                db.close()
+            self._all.clear()
 
 
 # ---------------------------------------------------------------- engines
@@ -257,11 +381,11 @@ def _create_sqlite_file(path: str) -> None:
         os.close(fd)
 
 
-def _sqlite_engine(url: URL, options: StoreOptions, *, writer: bool) -> Engine:
+def _sqlite_engine(url: URL, options: StoreOptions, *, pool_size: int) -> Engine:
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": options.busy_timeout},
-        pool_size=1 if writer else options.read_pool_size,
+        pool_size=pool_size,
         max_overflow=0,
         pool_timeout=options.busy_timeout,
     )
@@ -270,36 +394,32 @@ def _sqlite_engine(url: URL, options: StoreOptions, *, writer: bool) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:  # pyright: ignore[reportUnusedFunction]
-        # Let SQLAlchemy's "begin" event below own transactions (the driver's
-        # implicit BEGIN would not start one for SELECTs).
+        # Driver autocommit: every transaction is an explicit BEGIN ... COMMIT.
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         try:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-            cursor.execute("PRAGMA foreign_keys=OFF")
         finally:
             cursor.close()
 
-    begin_sql = "BEGIN IMMEDIATE" if writer else "BEGIN"
-
     @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:  # pyright: ignore[reportUnusedFunction]
-        conn.exec_driver_sql(begin_sql)
+    def _on_begin(conn: Any) -> None:  # pyright: ignore[reportUnusedFunction]
+        # Only migrations use SQLAlchemy transactions; make them real ones.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
 
-def _postgres_engine(url: URL, options: StoreOptions, *, writer: bool) -> Engine:
+def _postgres_engine(url: URL, options: StoreOptions, *, pool_size: int) -> Engine:
     try:
         return create_engine(
             url,
-            pool_size=1 if writer else options.read_pool_size,
+            pool_size=pool_size,
             max_overflow=0,
             pool_timeout=options.busy_timeout,
-            pool_pre_ping=True,
-            isolation_level="READ COMMITTED" if writer else "REPEATABLE READ",
+            connect_args={"connect_timeout": max(1, int(options.busy_timeout))},
         )
     except (NoSuchModuleError, ImportError) as exc:
         raise CheckpointConfigError(
@@ -316,25 +436,25 @@ class CheckpointStore:
     Build with :func:`open_store` (async) or :meth:`CheckpointStore.open`
     (sync). All query methods are coroutines usable from any event loop (the
     work runs on the store's own threads); they raise only
-    ``pilot_checkpoint_sqlite.errors`` exceptions.
+    ``pilot_checkpoint_sqlite.errors`` exceptions. Every method is safe to
+    repeat. Cancelling an awaiting caller does not undo a write that already
+    started; a write not yet started is dropped.
     """
 
-    def __init__(self, url: URL, options: StoreOptions, writer: Engine, reader: Engine) -> None:
+    def __init__(self, url: URL, options: StoreOptions, engine: Engine, version: int) -> None:
         self.url = url
         self.options = options
-        self.dialect = writer.dialect.name
-        self._writer_engine = writer
-        self._reader_engine = reader
-        self.schema_version = 0
+        self.dialect = engine.dialect.name
+        self.schema_version = version
+        self._engine = engine
+        self._sql = Statements(engine.dialect)
         self._writer = _Writer(
-            writer,
+            _Db(engine, self._sql),
             max_batch=options.max_batch,
             max_queue=options.max_queue,
             name="pilot-ckpt-writer",
         )
-        self._readers = concurrent.futures.ThreadPoolExecutor(
-            max_workers=options.read_pool_size, thread_name_prefix="pilot-ckpt-reader"
-        )
+        self._readers = _Readers(engine, self._sql, options.read_pool_size)
         self._closed = False
 
     # -------------------------------------------------------- lifecycle
@@ -354,31 +474,29 @@ class CheckpointStore:
         """
         options = options if options is not None else StoreOptions()
         parsed = _normalize_url(url)
+        # One connection per reader thread, one for the writer, one spare for
+        # maintenance (migrations, inspection).
+        pool_size = options.read_pool_size + 2
         if parsed.get_backend_name() == "sqlite":
             assert parsed.database is not None
             try:
                 _create_sqlite_file(parsed.database)
             except OSError as exc:
                 raise StoreUnavailableError(f"cannot create {parsed.database}: {exc}") from exc
-            writer = _sqlite_engine(parsed, options, writer=True)
-            reader = _sqlite_engine(parsed, options, writer=False)
+            engine = _sqlite_engine(parsed, options, pool_size=pool_size)
         else:
-            writer = _postgres_engine(parsed, options, writer=True)
-            reader = _postgres_engine(parsed, options, writer=False)
+            engine = _postgres_engine(parsed, options, pool_size=pool_size)
         try:
-            with writer.begin() as conn:
+            with engine.begin() as conn:
                 version = _schema.migrate(conn)
         except CheckpointError:
-            writer.dispose()
-            reader.dispose()
+            engine.dispose()
             raise
         except Exception as exc:
-            writer.dispose()
-            reader.dispose()
-            raise _translate(exc) from exc
-        store = cls(parsed, options, writer, reader)
-        store.schema_version = version
-        return store
+            engine.dispose()
+            orig = getattr(exc, "orig", None) or exc
+            raise StoreUnavailableError(f"cannot open the checkpoint database: {orig}") from exc
+        return cls(parsed, options, engine, version)
 
     def close(self, timeout: float = 30.0) -> None:
         """Commit every accepted write, then release connections and threads. Idempotent."""
@@ -386,9 +504,8 @@ class CheckpointStore:
             return
         self._closed = True
         self._writer.close(timeout)
-        self._readers.shutdown(wait=True, cancel_futures=True)
-        self._writer_engine.dispose()
-        self._reader_engine.dispose()
+        self._readers.close()
+        self._engine.dispose()
 
     async def aclose(self, grace: float = 30.0) -> None:
         """Async twin of :meth:`close` (``grace``: seconds to commit queued writes)."""
@@ -401,38 +518,15 @@ class CheckpointStore:
 
     # -------------------------------------------------------- plumbing
 
-    async def _write(self, fn: Callable[[Connection], T]) -> T:
+    async def _write(self, fn: Callable[[_Db], T]) -> T:
         if self._closed:
             raise StoreClosedError("the checkpoint store is closed")
         return await asyncio.wrap_future(self._writer.submit(fn))
 
-    async def _read(self, fn: Callable[[Connection], T]) -> T:
+    async def _read(self, fn: Callable[[_Db], T]) -> T:
         if self._closed:
             raise StoreClosedError("the checkpoint store is closed")
-
-        def _run() -> T:
-            try:
-                with self._reader_engine.connect() as conn, conn.begin():
-                    return fn(conn)
-            except CheckpointError:
-                raise
-            except Exception as exc:
-                raise _translate(exc) from exc
-
-        try:
-            future = self._readers.submit(_run)
-        except RuntimeError:
-            raise StoreClosedError("the checkpoint store is closed") from None
-        return await asyncio.wrap_future(future)
-
-    def _insert(self, table: Any) -> Any:
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            return pg_insert(table)
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return sqlite_insert(table)
+        return await asyncio.wrap_future(self._readers.submit(fn))
 
     # -------------------------------------------------------- writes
 
@@ -467,13 +561,12 @@ class CheckpointStore:
             }
             for channel, version, kind, data in record.blobs
         ]
-        checkpoint_stmt = self._insert(checkpoints).on_conflict_do_nothing()
-        blob_stmt = self._insert(blobs).on_conflict_do_nothing() if blob_rows else None
+        insert_checkpoint = self._sql.insert_ignore(checkpoints)
+        insert_blob = self._sql.insert_ignore(blobs)
 
-        def _op(conn: Connection) -> None:
-            if blob_stmt is not None:
-                conn.execute(blob_stmt, blob_rows)
-            conn.execute(checkpoint_stmt, row)
+        def _op(db: _Db) -> None:
+            db.run_many(insert_blob, blob_rows)
+            db.run(insert_checkpoint, row)
 
         await self._write(_op)
 
@@ -496,35 +589,29 @@ class CheckpointStore:
             }
             for idx, channel, kind, data in record.writes
         ]
-        stmt = self._insert(writes)
         if all(w[0] < 0 for w in record.writes):
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[c.name for c in writes.primary_key.columns],
-                set_={
-                    "channel": stmt.excluded.channel,
-                    "type": stmt.excluded.type,
-                    "value": stmt.excluded.value,
-                    "task_path": stmt.excluded.task_path,
-                },
-            )
+            statement = self._sql.insert_write_replace()
         else:
-            stmt = stmt.on_conflict_do_nothing()
+            statement = self._sql.insert_ignore(writes)
 
-        def _op(conn: Connection) -> None:
-            conn.execute(stmt, rows)
+        def _op(db: _Db) -> None:
+            db.run_many(statement, rows)
 
         await self._write(_op)
 
     async def delete_thread(self, scope: str, thread_id: str) -> None:
         """Delete every row of a thread (all namespaces). Idempotent."""
 
-        def _op(conn: Connection) -> None:
-            for table in (writes, blobs, checkpoints):
-                conn.execute(
-                    delete(table).where(table.c.scope == scope, table.c.thread_id == thread_id)
-                )
+        def _op(db: _Db) -> None:
+            self._delete_threads(db, scope, [thread_id])
 
         await self._write(_op)
+
+    def _delete_threads(self, db: _Db, scope: str, thread_ids: Sequence[str]) -> None:
+        for table in (writes, blobs, checkpoints):
+            statement = self._sql.delete_thread(table)
+            for thread_id in thread_ids:
+                db.run(statement, {"scope": scope, "thread_id": thread_id})
 
     async def copy_thread(self, scope: str, source: str, target: str) -> None:
         """Copy every checkpoint, blob and write of ``source`` to ``target``.
@@ -539,22 +626,26 @@ class CheckpointStore:
             (writes, ("checkpoint_ns", "checkpoint_id", "task_id", "idx")),
         )
 
-        def _op(conn: Connection) -> None:
+        def _op(db: _Db) -> None:
             for table, keys in tables:
-                stmt = self._insert(table).on_conflict_do_nothing()
-                key_cols = [table.c[k] for k in keys]
-                last: tuple[Any, ...] | None = None
+                names = [c.name for c in table.columns]
+                key_cols = [names.index(k) for k in keys]
+                insert = self._sql.insert_ignore(table)
+                values: dict[str, Any] = {"scope": scope, "thread_id": source, "limit": _COPY_BATCH}
+                first = True
                 while True:
-                    query = select(table).where(table.c.scope == scope, table.c.thread_id == source)
-                    if last is not None:
-                        query = query.where(tuple_(*key_cols) > tuple_(*last))
-                    page = (
-                        conn.execute(query.order_by(*key_cols).limit(_COPY_BATCH)).mappings().all()
-                    )
+                    page = db.run(self._sql.copy_page(table, keys, first), values)
                     if not page:
                         break
-                    conn.execute(stmt, [{**dict(r), "thread_id": target} for r in page])
-                    last = tuple(page[-1][k] for k in keys)
+                    rows: list[dict[str, Any]] = []
+                    for r in page:
+                        row = dict(zip(names, r, strict=True))
+                        row["thread_id"] = target
+                        rows.append(row)
+                    db.run_many(insert, rows)
+                    last = page[-1]
+                    values.update({f"k_{k}": last[i] for k, i in zip(keys, key_cols, strict=True)})
+                    first = False
                     if len(page) < _COPY_BATCH:
                         break
 
@@ -562,19 +653,20 @@ class CheckpointStore:
 
     async def delete_for_runs(self, scope: str, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints created by ``run_ids`` and their writes. Idempotent."""
-        if not run_ids:
-            return
         ids = list(dict.fromkeys(run_ids))
+        if not ids:
+            return
 
-        def _op(conn: Connection) -> None:
-            found = conn.execute(
-                select(
-                    checkpoints.c.thread_id,
-                    checkpoints.c.checkpoint_ns,
-                    checkpoints.c.checkpoint_id,
-                ).where(checkpoints.c.scope == scope, checkpoints.c.run_id.in_(ids))
-            ).all()
-            self._delete_checkpoints(conn, scope, [(r[0], r[1], r[2]) for r in found])
+        def _op(db: _Db) -> None:
+            found: list[tuple[str, str, str]] = []
+            for run_id in ids:
+                found.extend(
+                    (r[0], r[1], r[2])
+                    for r in db.run(
+                        self._sql.checkpoints_of_run(), {"scope": scope, "run_id": run_id}
+                    )
+                )
+            self._delete_checkpoints(db, scope, found)
 
         await self._write(_op)
 
@@ -586,26 +678,21 @@ class CheckpointStore:
         if not ids:
             return
 
-        def _op(conn: Connection) -> None:
+        def _op(db: _Db) -> None:
             if strategy == "delete":
-                for table in (writes, blobs, checkpoints):
-                    conn.execute(
-                        delete(table).where(table.c.scope == scope, table.c.thread_id.in_(ids))
-                    )
+                self._delete_threads(db, scope, ids)
                 return
             doomed: list[tuple[str, str, str]] = []
             for thread_id in ids:
-                rows = conn.execute(
-                    select(checkpoints.c.checkpoint_ns, checkpoints.c.checkpoint_id).where(
-                        checkpoints.c.scope == scope, checkpoints.c.thread_id == thread_id
-                    )
-                ).all()
+                rows = db.run(
+                    self._sql.checkpoint_keys_of_thread(), {"scope": scope, "thread_id": thread_id}
+                )
                 latest: dict[str, str] = {}
                 for ns, cid in rows:
                     if ns not in latest or cid > latest[ns]:
                         latest[ns] = cid
                 doomed.extend((thread_id, ns, cid) for ns, cid in rows if latest[ns] != cid)
-            self._delete_checkpoints(conn, scope, doomed)
+            self._delete_checkpoints(db, scope, doomed)
 
         await self._write(_op)
 
@@ -620,89 +707,56 @@ class CheckpointStore:
         policy = self.options.retention
         if not policy.enabled:
             return 0
-        cutoff = (
-            None
-            if policy.max_age_seconds is None
-            else (now or time.time()) - policy.max_age_seconds
-        )
+        max_age = policy.max_age_seconds
+        cutoff = None if max_age is None else (now if now is not None else time.time()) - max_age
         keep = policy.max_checkpoints_per_thread
 
-        def _op(conn: Connection) -> int:
-            rows = conn.execute(
-                select(
-                    checkpoints.c.scope,
-                    checkpoints.c.thread_id,
-                    checkpoints.c.checkpoint_ns,
-                    checkpoints.c.checkpoint_id,
-                    checkpoints.c.created_at,
-                )
-            ).all()
+        def _op(db: _Db) -> int:
             groups: dict[tuple[str, str, str], list[tuple[str, float]]] = {}
-            for scope, thread_id, ns, cid, created in rows:
+            for scope, thread_id, ns, cid, created in db.run(self._sql.all_checkpoint_ages(), {}):
                 groups.setdefault((scope, thread_id, ns), []).append((cid, created))
             doomed: dict[str, list[tuple[str, str, str]]] = {}
             for (scope, thread_id, ns), items in groups.items():
                 items.sort(reverse=True)  # newest first
                 for rank, (cid, created) in enumerate(items):
-                    if rank == 0:
-                        continue
-                    if (keep is not None and rank >= keep) or (
-                        cutoff is not None and created < cutoff
-                    ):
+                    too_many = keep is not None and rank >= keep
+                    too_old = cutoff is not None and created < cutoff
+                    if rank > 0 and (too_many or too_old):
                         doomed.setdefault(scope, []).append((thread_id, ns, cid))
             for scope, keys in doomed.items():
-                self._delete_checkpoints(conn, scope, keys)
+                self._delete_checkpoints(db, scope, keys)
             return sum(len(v) for v in doomed.values())
 
         return await self._write(_op)
 
     def _delete_checkpoints(
-        self, conn: Connection, scope: str, keys: Sequence[tuple[str, str, str]]
+        self, db: _Db, scope: str, keys: Sequence[tuple[str, str, str]]
     ) -> None:
         if not keys:
             return
-        for start in range(0, len(keys), _COPY_BATCH):
-            chunk = [tuple(k) for k in keys[start : start + _COPY_BATCH]]
-            for table in (writes, checkpoints):
-                conn.execute(
-                    delete(table).where(
-                        table.c.scope == scope,
-                        tuple_(table.c.thread_id, table.c.checkpoint_ns, table.c.checkpoint_id).in_(
-                            chunk
-                        ),
-                    )
-                )
+        delete_writes = self._sql.delete_of_checkpoint(writes)
+        delete_checkpoint = self._sql.delete_of_checkpoint(checkpoints)
+        rows = [
+            {"scope": scope, "thread_id": t, "checkpoint_ns": ns, "checkpoint_id": cid}
+            for t, ns, cid in keys
+        ]
+        db.run_many(delete_writes, rows)
+        db.run_many(delete_checkpoint, rows)
         for thread_id, ns in dict.fromkeys((k[0], k[1]) for k in keys):
-            self._collect_blobs(conn, scope, thread_id, ns)
+            self._collect_blobs(db, scope, thread_id, ns)
 
-    def _collect_blobs(self, conn: Connection, scope: str, thread_id: str, ns: str) -> None:
+    def _collect_blobs(self, db: _Db, scope: str, thread_id: str, ns: str) -> None:
         """Delete the blobs no remaining checkpoint of ``(thread, ns)`` refers to."""
+        where = {"scope": scope, "thread_id": thread_id, "checkpoint_ns": ns}
         referenced: set[tuple[str, str]] = set()
-        for (versions_json,) in conn.execute(
-            select(checkpoints.c.channel_versions).where(
-                checkpoints.c.scope == scope,
-                checkpoints.c.thread_id == thread_id,
-                checkpoints.c.checkpoint_ns == ns,
-            )
-        ):
+        for (versions_json,) in db.run(self._sql.versions_of_namespace(), where):
             referenced.update(_versions(versions_json).items())
-        stored = conn.execute(
-            select(blobs.c.channel, blobs.c.version).where(
-                blobs.c.scope == scope, blobs.c.thread_id == thread_id, blobs.c.checkpoint_ns == ns
-            )
-        ).all()
-        orphans = [(c, v) for c, v in stored if (c, v) not in referenced]
-        for start in range(0, len(orphans), _COPY_BATCH):
-            conn.execute(
-                delete(blobs).where(
-                    blobs.c.scope == scope,
-                    blobs.c.thread_id == thread_id,
-                    blobs.c.checkpoint_ns == ns,
-                    tuple_(blobs.c.channel, blobs.c.version).in_(
-                        orphans[start : start + _COPY_BATCH]
-                    ),
-                )
-            )
+        orphans = [
+            {**where, "channel": c, "version": v}
+            for c, v in db.run(self._sql.blob_keys_of_namespace(), where)
+            if (c, v) not in referenced
+        ]
+        db.run_many(self._sql.delete_blob(), orphans)
 
     # -------------------------------------------------------- reads
 
@@ -710,19 +764,17 @@ class CheckpointStore:
         self, scope: str, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None
     ) -> dict[str, Any] | None:
         """The checkpoint row (latest of the namespace without an id), or ``None``."""
+        values = {
+            "scope": scope,
+            "thread_id": thread_id,
+            "checkpoint_ns": checkpoint_ns,
+            "checkpoint_id": checkpoint_id,
+        }
+        statement = self._sql.checkpoint_row(latest=checkpoint_id is None)
 
-        def _op(conn: Connection) -> dict[str, Any] | None:
-            query = select(checkpoints).where(
-                checkpoints.c.scope == scope,
-                checkpoints.c.thread_id == thread_id,
-                checkpoints.c.checkpoint_ns == checkpoint_ns,
-            )
-            if checkpoint_id is not None:
-                query = query.where(checkpoints.c.checkpoint_id == checkpoint_id)
-            else:
-                query = query.order_by(checkpoints.c.checkpoint_id.desc()).limit(1)
-            row = conn.execute(query).mappings().first()
-            return None if row is None else self._full_row(conn, scope, row)
+        def _op(db: _Db) -> dict[str, Any] | None:
+            found = db.run(statement, values)
+            return self._full_row(db, scope, found[0]) if found else None
 
         return await self._read(_op)
 
@@ -744,65 +796,61 @@ class CheckpointStore:
         where the previous page stopped.
         """
         wanted: dict[str, Any] = json.loads(filter_json) if filter_json else {}
-        order_cols = (
-            checkpoints.c.checkpoint_id,
-            checkpoints.c.thread_id,
-            checkpoints.c.checkpoint_ns,
-        )
+        base: dict[str, Any] = {
+            "scope": scope,
+            "thread_id": thread_id,
+            "checkpoint_ns": checkpoint_ns,
+            "checkpoint_id": checkpoint_id,
+            "before": before,
+        }
+        flags = {
+            "thread": thread_id is not None,
+            "ns": checkpoint_ns is not None,
+            "checkpoint": checkpoint_id is not None,
+            "before": before is not None,
+            "with_metadata": bool(wanted),
+        }
+        # Without a filter every scanned row is a match: scan just what is asked.
+        batch_size = _SCAN_BATCH if wanted else limit
+        row_statement = self._sql.checkpoint_row(latest=False)
 
-        def _op(conn: Connection) -> dict[str, Any]:
-            conditions: list[Any] = [checkpoints.c.scope == scope]
-            if thread_id is not None:
-                conditions.append(checkpoints.c.thread_id == thread_id)
-            if checkpoint_ns is not None:
-                conditions.append(checkpoints.c.checkpoint_ns == checkpoint_ns)
-            if checkpoint_id is not None:
-                conditions.append(checkpoints.c.checkpoint_id == checkpoint_id)
-            if before is not None:
-                conditions.append(checkpoints.c.checkpoint_id < before)
-            position = tuple(cursor) if cursor else None
-            matches: list[Any] = []
+        def _op(db: _Db) -> dict[str, Any]:
+            position: tuple[str, str, str] | None = (
+                (cursor[0], cursor[1], cursor[2]) if cursor else None
+            )
+            matches: list[tuple[str, str, str]] = []
             scanned = 0
+            next_cursor: list[str] | None = None
             while True:
-                query = select(*order_cols, checkpoints.c.metadata_json).where(and_(*conditions))
+                values = dict(base, limit=batch_size)
                 if position is not None:
-                    query = query.where(tuple_(*order_cols) < tuple_(*position))
-                batch = conn.execute(
-                    query.order_by(*(c.desc() for c in order_cols)).limit(_SCAN_BATCH)
-                ).all()
-                for cid, tid, ns, md_json in batch:
+                    values.update(
+                        c_checkpoint_id=position[0], c_thread_id=position[1], c_ns=position[2]
+                    )
+                statement = self._sql.list_keys(cursor=position is not None, **flags)
+                batch = db.run(statement, values)
+                for row in batch:
+                    cid, tid, ns = row[0], row[1], row[2]
                     position = (cid, tid, ns)
                     scanned += 1
-                    if wanted and not _matches(md_json, wanted):
+                    if wanted and not _matches(row[3], wanted):
                         continue
                     matches.append((tid, ns, cid))
                     if len(matches) >= limit:
                         break
-                if len(matches) >= limit:
-                    next_cursor: list[str] | None = list(position) if position else None
+                if len(matches) >= limit or (scanned >= _MAX_SCAN and len(batch) == batch_size):
+                    next_cursor = list(position) if position is not None else None
                     break
-                if len(batch) < _SCAN_BATCH:
-                    next_cursor = None
-                    break
-                if scanned >= 4 * _SCAN_BATCH:
-                    next_cursor = list(position) if position else None
+                if len(batch) < batch_size:
                     break
             out: list[dict[str, Any]] = []
             for tid, ns, cid in matches:
-                row = (
-                    conn.execute(
-                        select(checkpoints).where(
-                            checkpoints.c.scope == scope,
-                            checkpoints.c.thread_id == tid,
-                            checkpoints.c.checkpoint_ns == ns,
-                            checkpoints.c.checkpoint_id == cid,
-                        )
-                    )
-                    .mappings()
-                    .first()
+                found = db.run(
+                    row_statement,
+                    {"scope": scope, "thread_id": tid, "checkpoint_ns": ns, "checkpoint_id": cid},
                 )
-                if row is not None:
-                    out.append(self._full_row(conn, scope, row))
+                if found:
+                    out.append(self._full_row(db, scope, found[0]))
             return {"rows": out, "cursor": next_cursor}
 
         return await self._read(_op)
@@ -823,52 +871,38 @@ class CheckpointStore:
         Writes are returned oldest first, each checkpoint's in
         ``writes_sort_key`` order.
         """
+        where = {"scope": scope, "thread_id": thread_id, "checkpoint_ns": checkpoint_ns}
 
-        def _op(conn: Connection) -> dict[str, Any]:
+        def _op(db: _Db) -> dict[str, Any]:
             collected: dict[str, list[list[Any]]] = {c: [] for c in channels}
             seeds: dict[str, list[Any]] = {}
             remaining = set(channels)
-            base = select(
-                checkpoints.c.checkpoint_id,
-                checkpoints.c.parent_checkpoint_id,
-                checkpoints.c.channel_versions,
-            ).where(
-                checkpoints.c.scope == scope,
-                checkpoints.c.thread_id == thread_id,
-                checkpoints.c.checkpoint_ns == checkpoint_ns,
+            target = db.run(
+                self._sql.chain_link(latest=checkpoint_id is None),
+                {**where, "checkpoint_id": checkpoint_id},
             )
-            if checkpoint_id is not None:
-                target = conn.execute(
-                    base.where(checkpoints.c.checkpoint_id == checkpoint_id)
-                ).first()
-            else:
-                target = conn.execute(
-                    base.order_by(checkpoints.c.checkpoint_id.desc()).limit(1)
-                ).first()
-            current: str | None = None if target is None else target[1]
+            current: str | None = target[0][1] if target else None
             seen: set[str] = set()
+            link = self._sql.chain_link(latest=False)
             while current is not None and remaining and current not in seen:
                 seen.add(current)
-                row = conn.execute(base.where(checkpoints.c.checkpoint_id == current)).first()
-                if row is None:
+                found = db.run(link, {**where, "checkpoint_id": current})
+                if not found:
                     break
-                versions = _versions(row[2])
+                _, parent, versions_json = found[0]
+                versions = _versions(versions_json)
                 here = self._load_blobs(
-                    conn,
-                    scope,
-                    thread_id,
-                    checkpoint_ns,
-                    {ch: versions[ch] for ch in remaining if ch in versions},
+                    db, where, {ch: versions[ch] for ch in remaining if ch in versions}
                 )
                 for task_id, channel, kind, data in reversed(
-                    self._load_writes(conn, scope, thread_id, checkpoint_ns, current)
+                    self._load_writes(db, {**where, "checkpoint_id": current})
                 ):
                     if channel in remaining:
                         collected[channel].append([task_id, kind, data])
                 for channel, kind, data in here:
                     seeds[channel] = [kind, data]
                     remaining.discard(channel)
-                current = row[1]
+                current = parent
             return {
                 ch: {"writes": list(reversed(collected[ch])), "seed": seeds.get(ch)}
                 for ch in channels
@@ -887,71 +921,37 @@ class CheckpointStore:
 
     # -------------------------------------------------------- row assembly
 
-    def _full_row(self, conn: Connection, scope: str, row: RowMapping) -> dict[str, Any]:
-        thread_id = row["thread_id"]
-        ns = row["checkpoint_ns"]
-        cid = row["checkpoint_id"]
+    def _full_row(self, db: _Db, scope: str, row: Sequence[Any]) -> dict[str, Any]:
+        (thread_id, ns, cid, parent, cp_type, cp, md_type, md, versions_json) = row
+        where = {"scope": scope, "thread_id": thread_id, "checkpoint_ns": ns}
         return {
             "thread_id": thread_id,
             "checkpoint_ns": ns,
             "checkpoint_id": cid,
-            "parent_checkpoint_id": row["parent_checkpoint_id"],
-            "checkpoint": [row["checkpoint_type"], bytes(row["checkpoint"])],
-            "metadata": [row["metadata_type"], bytes(row["metadata_blob"])],
-            "blobs": [
-                list(b)
-                for b in self._load_blobs(
-                    conn, scope, thread_id, ns, _versions(row["channel_versions"])
-                )
-            ],
-            "writes": [list(w) for w in self._load_writes(conn, scope, thread_id, ns, cid)],
+            "parent_checkpoint_id": parent,
+            "checkpoint": [cp_type, bytes(cp)],
+            "metadata": [md_type, bytes(md)],
+            "blobs": [list(b) for b in self._load_blobs(db, where, _versions(versions_json))],
+            "writes": [list(w) for w in self._load_writes(db, {**where, "checkpoint_id": cid})],
         }
 
     def _load_blobs(
-        self, conn: Connection, scope: str, thread_id: str, ns: str, versions: Mapping[str, str]
+        self, db: _Db, where: Mapping[str, Any], versions: Mapping[str, str]
     ) -> list[tuple[str, str, bytes]]:
-        if not versions:
-            return []
-        pairs = list(versions.items())
+        statement = self._sql.blob()
         out: list[tuple[str, str, bytes]] = []
-        for start in range(0, len(pairs), _COPY_BATCH):
-            out.extend(
-                (channel, kind, bytes(data))
-                for channel, kind, data in conn.execute(
-                    select(blobs.c.channel, blobs.c.type, blobs.c.blob).where(
-                        blobs.c.scope == scope,
-                        blobs.c.thread_id == thread_id,
-                        blobs.c.checkpoint_ns == ns,
-                        tuple_(blobs.c.channel, blobs.c.version).in_(
-                            pairs[start : start + _COPY_BATCH]
-                        ),
-                    )
-                )
-            )
+        for channel, version in versions.items():
+            found = db.run(statement, {**where, "channel": channel, "version": version})
+            if found:
+                out.append((channel, found[0][0], bytes(found[0][1])))
         return out
 
-    def _load_writes(
-        self, conn: Connection, scope: str, thread_id: str, ns: str, checkpoint_id: str
-    ) -> list[tuple[str, str, str, bytes]]:
-        rows = conn.execute(
-            select(
-                writes.c.task_path,
-                writes.c.task_id,
-                writes.c.idx,
-                writes.c.channel,
-                writes.c.type,
-                writes.c.value,
-            ).where(
-                writes.c.scope == scope,
-                writes.c.thread_id == thread_id,
-                writes.c.checkpoint_ns == ns,
-                writes.c.checkpoint_id == checkpoint_id,
-            )
-        ).all()
+    def _load_writes(self, db: _Db, where: Mapping[str, Any]) -> list[tuple[str, str, str, bytes]]:
+        rows = db.run(self._sql.writes_of(), where)
         # writes_sort_key order, computed here (not in SQL) so it is the same
         # bytewise string order on every database and collation.
-        ordered = sorted(rows, key=lambda r: (r[0], r[1], r[2]))
-        return [(r[1], r[3], r[4], bytes(r[5])) for r in ordered]
+        rows.sort(key=lambda r: (r[0], r[1], r[2]))
+        return [(r[1], r[3], r[4], bytes(r[5])) for r in rows]
 
 
 def _versions(raw: str) -> dict[str, str]:

@@ -1,0 +1,214 @@
+"""Helpers for testing code that uses a checkpoint store.
+
+* :func:`local_saver` / :func:`alocal_saver`: a :class:`PilotCheckpointSaver`
+  over a store in this process (no network, same scoping and validation as a
+  worker), closed on exit.
+* :func:`start_store_worker`: a real ``pilot-worker --plugin checkpoint-sqlite``
+  process on ``tcp://127.0.0.1`` (a free port), for multi-process tests; the
+  returned :class:`StoreWorker` stops (SIGTERM) or kills (SIGKILL) exactly the
+  process it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncGenerator, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from pilot_checkpoint_sqlite._backend import LocalStoreBackend
+from pilot_checkpoint_sqlite._options import SaverOptions, StoreOptions
+from pilot_checkpoint_sqlite._saver import PilotCheckpointSaver
+from pilot_checkpoint_sqlite._service import CheckpointService
+from pilot_checkpoint_sqlite._store import CheckpointStore, open_store
+from pilot_checkpoint_sqlite.errors import StoreTimeoutError, StoreUnavailableError
+
+__all__ = ["StoreWorker", "alocal_saver", "local_saver", "start_store_worker"]
+
+
+@contextlib.contextmanager
+def local_saver(
+    url: str,
+    *,
+    caller_node_id: str = "local",
+    store_options: StoreOptions | None = None,
+    saver_options: SaverOptions | None = None,
+) -> Generator[PilotCheckpointSaver]:
+    """A saver over an in-process store at ``url``; both closed on exit."""
+    store = CheckpointStore.open(url, store_options)
+    saver = PilotCheckpointSaver(
+        backend=LocalStoreBackend(CheckpointService(store), caller_node_id=caller_node_id),
+        options=saver_options,
+    )
+    try:
+        yield saver
+    finally:
+        saver.close()
+        store.close()
+
+
+@contextlib.asynccontextmanager
+async def alocal_saver(
+    url: str,
+    *,
+    caller_node_id: str = "local",
+    store_options: StoreOptions | None = None,
+    saver_options: SaverOptions | None = None,
+) -> AsyncGenerator[PilotCheckpointSaver]:
+    """Async twin of :func:`local_saver`."""
+    store = await open_store(url, store_options)
+    saver = PilotCheckpointSaver(
+        backend=LocalStoreBackend(CheckpointService(store), caller_node_id=caller_node_id),
+        options=saver_options,
+    )
+    try:
+        yield saver
+    finally:
+        await saver.aclose()
+        await store.aclose()
+
+
+@dataclass
+class StoreWorker:
+    """A running store worker process started by :func:`start_store_worker`."""
+
+    process: subprocess.Popen[bytes]
+    node_id: str
+    endpoint: str
+    """``host:port`` of its tcp listener (put it in the callers' trust stores)."""
+    port: int
+    """Virtual port the store handlers are served on."""
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self, timeout: float = 30.0) -> int:
+        """SIGKILL the process (no drain, no flush) and reap it."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        return self.process.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (graceful drain), then SIGKILL after ``timeout``; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGKILL)
+        return self.process.wait(timeout)
+
+    def log(self) -> str:
+        """What the worker wrote to stdout/stderr so far."""
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+
+def start_store_worker(
+    *,
+    identity: str | os.PathLike[str],
+    trust: str | os.PathLike[str],
+    db_url: str,
+    port: int = 5000,
+    listen: str = "tcp://127.0.0.1:0",
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 60.0,
+    log_dir: str | os.PathLike[str] | None = None,
+) -> StoreWorker:
+    """Start ``pilot-worker --plugin checkpoint-sqlite`` and wait until it serves.
+
+    Args:
+        identity: The worker's key file.
+        trust: The worker's trust store file (callers must be in it).
+        db_url: ``--checkpoint-db`` URL.
+        port: Virtual port to serve on.
+        listen: Transport URL (default: loopback, any free port).
+        extra_args: More command-line arguments (e.g. ``--checkpoint-shared true``).
+        env: Extra environment variables for the process.
+        ready_timeout: Seconds to wait for the worker to be ready.
+        log_dir: Where the worker's output file goes (default: a temp dir).
+
+    Raises:
+        StoreUnavailableError: the process exited before it was ready.
+        StoreTimeoutError: it was not ready within ``ready_timeout``.
+    """
+    directory = (
+        Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="pilot-store-"))
+    )
+    ready_file = directory / f"store-worker-{os.getpid()}-{time.monotonic_ns()}.ready.json"
+    log_path = ready_file.with_suffix(".log")
+    argv = [
+        sys.executable,
+        "-c",
+        "import sys; from pilot_worker.cli import main; sys.exit(main())",
+        "--transport",
+        listen,
+        "--identity",
+        os.fspath(identity),
+        "--trust",
+        os.fspath(trust),
+        "--port",
+        str(port),
+        "--plugin",
+        "checkpoint-sqlite",
+        "--checkpoint-db",
+        db_url,
+        "--ready-file",
+        os.fspath(ready_file),
+        "--no-call-log",
+        *extra_args,
+    ]
+    log: TextIO = log_path.open("w", encoding="utf-8")
+    try:
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    finally:
+        log.close()
+    deadline = time.monotonic() + ready_timeout
+    info: dict[str, Any] | None = None
+    while info is None:
+        if process.poll() is not None:
+            raise StoreUnavailableError(
+                f"store worker exited with {process.returncode} before it was ready:\n"
+                + log_path.read_text(encoding="utf-8", errors="replace")
+            )
+        if ready_file.exists():
+            with contextlib.suppress(ValueError, OSError):
+                info = json.loads(ready_file.read_text(encoding="utf-8"))
+        if info is None:
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait(10)
+                raise StoreTimeoutError(
+                    f"store worker not ready within {ready_timeout}s:\n"
+                    + log_path.read_text(encoding="utf-8", errors="replace")
+                )
+            # The worker announces readiness only through the file it writes.
+            time.sleep(0.02)
+    endpoint = str(info.get("endpoint") or "")
+    if endpoint.startswith("tcp://"):
+        endpoint = endpoint[len("tcp://") :]
+    return StoreWorker(
+        process=process,
+        node_id=str(info.get("node_id") or ""),
+        endpoint=endpoint,
+        port=int(info.get("port") or port),
+        log_path=log_path,
+    )
