@@ -6,6 +6,15 @@ the same event-loop iteration leave in one ``stream.write`` (the writer wakes
 after the current callbacks ran), so 64 concurrent calls cost one TLS record,
 not 64. Call records are plain slotted objects resolved through futures: the
 client side starts no task per call; the server side runs one task per call.
+
+When a connection carries a single call, waking the writer only adds an
+event-loop iteration (an ``epoll_wait``) to the call's latency and has nothing
+to coalesce, so :meth:`_ConnectionBase.write_now` starts the write in the
+current task instead. It drives the ``stream.write`` coroutine one step by
+hand: the usual case completes at once (the bytes are in the socket buffer);
+under backpressure the suspended coroutine is handed to the writer task, which
+finishes it before writing anything else. The caller never awaits, so
+cancelling it cannot interrupt a write half-way.
 """
 
 from __future__ import annotations
@@ -70,6 +79,9 @@ class _ConnectionBase:
         self.close_error: RpcError | None = None
         self.going_away = False
         self._write_waiter: asyncio.Future[None] | None = None
+        # A stream.write coroutine started by write_now and suspended under backpressure,
+        # with what it yielded; the writer task finishes it.
+        self._handoff: tuple[Any, Any] | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._keepalive_interval = keepalive_interval
         self._keepalive_timeout = keepalive_timeout
@@ -99,11 +111,56 @@ class _ConnectionBase:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def write_now(self) -> None:
+        """Write queued output from the current task if the writer is idle; else wake it."""
+        if self._write_waiter is None or self._handoff is not None:
+            self.kick()
+            return
+        data = self.core.data_to_send(_WRITE_CHUNK)
+        if not data:
+            return
+        coro = self.stream.write(data)
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            if self.core.pending_output:
+                self.kick()
+            return
+        except Exception as exc:
+            self._lost(map_transport_error(exc, "connection lost while writing"))
+            return
+        self._handoff = (coro, yielded)
+        self.kick()
+
+    async def _finish_handoff(self) -> None:
+        """Drive a write that write_now started to its end (as a Task would)."""
+        assert self._handoff is not None
+        coro, yielded = self._handoff
+        try:
+            while True:
+                if yielded is None:
+                    await asyncio.sleep(0)
+                else:
+                    with contextlib.suppress(Exception):
+                        await yielded  # the coroutine itself sees its outcome when resumed
+                try:
+                    yielded = coro.send(None)
+                except StopIteration:
+                    return
+        except BaseException:
+            coro.close()
+            raise
+        finally:
+            self._handoff = None
+
     async def _write_loop(self) -> None:
         core = self.core
         stream = self.stream
         try:
             while True:
+                if self._handoff is not None:
+                    await self._finish_handoff()
+                    continue
                 if not core.pending_output:
                     if self._drain_waiters:
                         self._wake_drain_waiters()
@@ -388,10 +445,14 @@ class ClientConnection(_ConnectionBase):
         except P.LocalProtocolError as exc:
             raise Unavailable(str(exc), retry_safe=True) from exc
         call = ClientCall(self, call_id)
-        self.calls[call_id] = call
+        calls = self.calls
+        calls[call_id] = call
         if timeout is not None:
             call.timer = self.loop.call_later(timeout, self._expire, call, timeout)
-        self.kick()
+        if len(calls) == 1:
+            self.write_now()  # alone on the connection: nothing to coalesce with
+        else:
+            self.kick()
         return call
 
     def _expire(self, call: ClientCall, timeout: float) -> None:
@@ -804,7 +865,10 @@ class ServerConnection(_ConnectionBase):
             self._send_status(call, ResourceExhausted(f"reply of {ctx.method!r}: {exc}"))
         except P.LocalProtocolError:
             return
-        self.kick()
+        if self.calls:
+            self.kick()
+        else:
+            self.write_now()  # no other call to coalesce with
 
     async def _run_streaming(
         self, call: ServerCall, handler: Callable[..., Any], request: Any, ctx: CallContext
