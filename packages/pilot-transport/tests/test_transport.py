@@ -376,3 +376,42 @@ async def test_resolve(peers: TestPeers, hub: str) -> None:
         assert client.resolve(peers["server"].node_id).name == "server"
         with pytest.raises(UnknownPeerError):
             client.resolve("nobody")
+
+
+async def test_a_failing_carrier_listener_ends_accept_instead_of_hanging(
+    peers: TestPeers, hub: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pilot_transport import Listener
+    from pilot_transport._carrier import CarrierListener, CarrierStream
+    from pilot_transport.errors import DaemonError
+
+    class Failing(CarrierListener):
+        port = 9
+
+        async def accept(self) -> CarrierStream:
+            raise DaemonError("the daemon went away")
+
+        async def aclose(self) -> None:
+            pass
+
+    async with open_transport(
+        hub, identity=peers["server"].identity, trust=peers["server"].trust
+    ) as server:
+        listener = Listener(server, Failing(), 9)
+        with pytest.raises(ListenerClosedError):
+            await asyncio.wait_for(listener.accept(), 5)
+        assert "the daemon went away" in caplog.text
+        await listener.aclose()
+
+
+async def test_huge_read_sizes_are_fine(
+    tcp_pair: tuple[Transport, Transport], peers: TestPeers
+) -> None:
+    client, server = tcp_pair
+    listener = await server.listen(1)
+    peers.set_endpoint("server", await _endpoint(server))
+    stream, accepted = await asyncio.gather(client.connect("server", 1), listener.accept())
+    await stream.write(b"x" * 100)
+    assert await accepted.read(1 << 40) == b"x" * 100
+    await stream.aclose()
+    await accepted.aclose()

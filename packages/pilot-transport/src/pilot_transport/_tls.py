@@ -88,6 +88,8 @@ _READ_CHUNK = 256 * 1024
 """Ciphertext read from the carrier per call: big, so bulk reads take few calls."""
 _WRITE_CHUNK = 256 * 1024
 """Plaintext encrypted per carrier write: bounds memory, lets backpressure act."""
+_MAX_READ = 1024 * 1024
+"""Largest single read: ``SSLObject.read(n)`` allocates ``n`` bytes up front."""
 _CLOSE_NOTIFY_TIMEOUT = 1.0
 
 _REJECTED_REASONS = frozenset(
@@ -582,7 +584,7 @@ class SecureStream:
         if self._failure is not None:
             raise self._failure
         async with self._read_lock:
-            return await self._read(max_bytes)
+            return await self._read(min(max_bytes, _MAX_READ))
 
     async def _read(self, max_bytes: int) -> bytes:
         if self._stash:
@@ -594,7 +596,9 @@ class SecureStream:
             try:
                 data = sslobj.read(max_bytes)
             except ssl.SSLWantReadError:
-                if self._outgoing.pending:
+                if self._outgoing.pending and not self._write_lock.locked():
+                    # A post-handshake message (e.g. a key update answer); a busy
+                    # writer sends it with its own bytes, in order, so never wait here.
                     await self._send_pending()
                 chunk = await self._carrier_read()
                 if not chunk:

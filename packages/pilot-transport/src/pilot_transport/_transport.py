@@ -165,20 +165,23 @@ class Listener:
             yield stream
 
     async def _accept_loop(self) -> None:
-        while True:
-            try:
-                carrier_stream = await self._carrier_listener.accept()
-            except ListenerClosedError:
-                break
-            except TransportError as exc:
-                logger.error("listener on port %d stopped: %s", self.port, exc)
-                break
-            await self._slots.acquire()
-            task = asyncio.get_running_loop().create_task(self._handshake(carrier_stream))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
-        for stream in self._queue.close():
-            await stream.aclose()
+        try:
+            while True:
+                try:
+                    carrier_stream = await self._carrier_listener.accept()
+                except ListenerClosedError:
+                    break
+                except TransportError as exc:
+                    logger.error("listener on port %d stopped: %s", self.port, exc)
+                    break
+                await self._slots.acquire()
+                task = asyncio.get_running_loop().create_task(self._handshake(carrier_stream))
+                self._handshakes.add(task)
+                task.add_done_callback(self._handshakes.discard)
+        finally:
+            # However the loop ends, accept() must not wait for streams that cannot come.
+            for stream in self._queue.close():
+                await stream.aclose()
 
     async def _handshake(self, carrier_stream: CarrierStream) -> None:
         hint = carrier_stream.remote_hint or "unknown"
@@ -202,6 +205,11 @@ class Listener:
                 logger.info(
                     "inbound connection on port %d from %s failed: %s", self.port, hint, exc
                 )
+                return
+            except Exception:
+                logger.exception("inbound handshake on port %d from %s crashed", self.port, hint)
+                with contextlib.suppress(Exception):
+                    await carrier_stream.aclose()
                 return
         finally:
             self._slots.release()
