@@ -647,6 +647,8 @@ async def _serve_until_signal(
     try:
         info = await worker.describe_endpoint()
         info["handlers"] = sorted(n for n, s in worker.handlers.items() if not s.builtin)
+        if ready_file:
+            _write_ready_file(ready_file, info)
         logger.info(
             "serving node_id=%s endpoint=%s port=%s metrics_port=%s handlers=%s",
             info["node_id"],
@@ -655,8 +657,6 @@ async def _serve_until_signal(
             info["metrics_port"],
             ",".join(info["handlers"]) or "-",
         )
-        if ready_file:
-            _write_ready_file(ready_file, info)
         if args.reload and modules:
             reload_task = asyncio.create_task(
                 reloader_cls(worker, modules).run(reload_stop), name="pilot-worker-reload"

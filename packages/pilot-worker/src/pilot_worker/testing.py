@@ -17,7 +17,8 @@ caller would receive::
                 await client.call("search", {}, caller="mallory")
 
 To call a handler function directly with a context, build one with
-:func:`make_context`.
+:func:`make_context`. To test against a real worker *process* (signals,
+reload, HTTP endpoints), use :func:`run_worker_process`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import json
+import os
+import sys
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -281,3 +285,160 @@ class WorkerTestClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+_MAX_LOG_LINES = 20_000
+
+
+class WorkerProcess:
+    """A ``pilot-worker`` child process started by :func:`run_worker_process`.
+
+    Attributes:
+        process: The ``asyncio.subprocess.Process``.
+        info: The ready file's content: ``node_id``, ``endpoint``
+            (``"127.0.0.1:PORT"`` on tcp://), ``port``, ``pid``, ``metrics_port``,
+            ``handlers``.
+        logs: Every stderr line so far (bounded to the last 20,000).
+    """
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.info: dict[str, Any] = {}
+        self.logs: list[str] = []
+        self._changed = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read_stderr())
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def _read_stderr(self) -> None:
+        stream = self.process.stderr
+        if stream is None:
+            return
+        while True:
+            line = await stream.readline()
+            async with self._changed:
+                if line:
+                    self.logs.append(line.decode("utf-8", "replace").rstrip("\n"))
+                    del self.logs[:-_MAX_LOG_LINES]
+                self._changed.notify_all()
+            if not line:
+                return
+
+    async def wait_for_log(
+        self,
+        match: str | Callable[[str], bool],
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 - a bound on waiting for output
+        start: int = 0,
+    ) -> str:
+        """Wait for a stderr line containing ``match`` (or satisfying it); return it.
+
+        Lines before index ``start`` of :attr:`logs` are ignored (pass
+        ``len(proc.logs)`` to wait for a *new* line).
+
+        Raises:
+            TimeoutError: No such line within ``timeout``; the message shows
+                the last lines.
+            EOFError: The process closed stderr (exited) first.
+        """
+        test: Callable[[str], bool] = (
+            (lambda line: match in line) if isinstance(match, str) else match
+        )
+        seen = start
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                while True:
+                    for line in self.logs[seen:]:
+                        if test(line):
+                            return line
+                    seen = max(seen, len(self.logs))
+                    if self._reader.done():
+                        raise EOFError(
+                            f"worker exited ({self.process.returncode}) before logging "
+                            f"{match!r}; last lines:\n" + "\n".join(self.logs[-20:])
+                        )
+                    await self._changed.wait()
+        except TimeoutError:
+            raise TimeoutError(
+                f"no log line matching {match!r} within {timeout}s; last lines:\n"
+                + "\n".join(self.logs[-20:])
+            ) from None
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to this process (and only this process)."""
+        if self.process.returncode is None:
+            self.process.send_signal(signum)
+
+    async def wait(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
+        """Wait for the process to exit; return its exit code.
+
+        Raises:
+            TimeoutError: It is still running after ``timeout``.
+        """
+        async with asyncio.timeout(timeout):
+            code = await self.process.wait()
+            await self._reader
+        return code
+
+    async def stop(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
+        """SIGTERM, wait up to ``timeout``, then SIGKILL; return the exit code."""
+        if self.process.returncode is None:
+            self.process.terminate()
+        try:
+            return await self.wait(timeout)
+        except TimeoutError:
+            self.process.kill()
+            return await self.wait(10)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+@contextlib.asynccontextmanager
+async def run_worker_process(
+    args: Sequence[str],
+    *,
+    ready_file: str | os.PathLike[str],
+    python: str | None = None,
+    module: str = "pilot_worker",
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    ready_timeout: float = 60.0,
+    stop_timeout: float = 30.0,
+) -> AsyncGenerator[WorkerProcess, None]:
+    """Start ``python -m pilot_worker ARGS --ready-file READY_FILE`` and wait until it serves.
+
+    On exit the process gets SIGTERM (then SIGKILL after ``stop_timeout``)
+    unless it already ended. Only this process is signalled.
+
+    Raises:
+        EOFError: The worker exited before serving (its stderr is in the message).
+        TimeoutError: It did not serve within ``ready_timeout``.
+    """
+    ready = os.fspath(ready_file)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(ready)
+    process = await asyncio.create_subprocess_exec(
+        python or sys.executable,
+        "-m",
+        module,
+        *args,
+        "--ready-file",
+        ready,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=None if env is None else dict(env),
+        cwd=None if cwd is None else str(cwd),
+    )
+    proc = WorkerProcess(process)
+    try:
+        await proc.wait_for_log("serving node_id=", timeout=ready_timeout)
+        proc.info = _read_json(ready)
+        yield proc
+    finally:
+        await proc.stop(stop_timeout)
