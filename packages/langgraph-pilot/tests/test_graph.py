@@ -141,3 +141,48 @@ async def test_langgraph_retry_reuses_the_task_idempotency_key(cluster: Any) -> 
     assert task_ids[0]
     assert keys[0].startswith(task_ids[0])
     assert out["keys"] == [keys[0]]
+
+
+async def test_progress_keeps_the_idle_timeout_alive_and_timeouts_cancel(cluster: Any) -> None:
+    import asyncio
+
+    from langgraph.errors import NodeTimeoutError
+    from langgraph.types import TimeoutPolicy
+
+    cancelled = asyncio.Event()
+
+    @pilot_handler("long_with_progress", timeout_secs=30)
+    async def long_with_progress(_: Any, ctx: Context) -> dict[str, Any]:
+        for i in range(8):
+            await asyncio.sleep(0.1)  # a slice of long-running work
+            await ctx.report_progress({"done": i})
+        return {"keys": ["finished"]}
+
+    @pilot_handler("long_silent", timeout_secs=30)
+    async def long_silent(_: Any) -> dict[str, Any]:
+        try:
+            await asyncio.sleep(5)  # long work that never reports progress
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return {"keys": ["finished"]}
+
+    await cluster.start_worker("worker-a", [long_with_progress, long_silent])
+    idle = TimeoutPolicy(idle_timeout=0.35, refresh_on="heartbeat")
+
+    def one_node(name: str) -> Any:
+        graph = StateGraph(State)
+        graph.add_node(
+            "n",
+            PilotRemoteRunnable(node=name, peer="worker-a", transport=cluster.client),
+            timeout=idle,
+        )
+        graph.add_edge(START, "n")
+        graph.add_edge("n", END)
+        return graph.compile()
+
+    out = await one_node("long_with_progress").ainvoke({})
+    assert out["keys"] == ["finished"]
+    with pytest.raises(NodeTimeoutError):
+        await one_node("long_silent").ainvoke({})
+    await asyncio.wait_for(cancelled.wait(), 10)

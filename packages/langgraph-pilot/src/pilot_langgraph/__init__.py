@@ -8,26 +8,16 @@ Quick start::
         "deep":  PilotRemoteRunnable(node="search", peer="worker-b"),
     }))
     app = graph.compile(checkpointer=PilotCheckpointSaver(peer="state-worker"))
+
+Names are loaded on first use, so a worker process that only needs the codec
+does not pay for importing LangChain's runnables.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from pilot_worker import Context, pilot_handler
-
-from pilot_langgraph._codec import LangGraphCodec
-from pilot_langgraph._discover import HandlerInfo, describe_handlers
-from pilot_langgraph._echo import PilotEchoRunnable
-from pilot_langgraph._event_source import PilotEventSource
-from pilot_langgraph._fanout import PilotFanoutRunnable
-from pilot_langgraph._remote import PilotRemoteRunnable, RemoteCallOptions
-from pilot_langgraph._runtime import (
-    DefaultTransportSettings,
-    aclose_default_transport,
-    configure_default_transport,
-)
-from pilot_langgraph._trust import PeerSpec, ensure_trust
 from pilot_langgraph.errors import (
     PilotCodecError,
     PilotDecodeError,
@@ -36,6 +26,24 @@ from pilot_langgraph.errors import (
     PilotRemoteError,
     PilotUsageError,
 )
+
+if TYPE_CHECKING:
+    from pilot_channels import PilotChannel, PilotPublisher
+    from pilot_checkpoint_sqlite import PilotCheckpointSaver
+    from pilot_worker import Context, pilot_handler
+
+    from pilot_langgraph._codec import LangGraphCodec
+    from pilot_langgraph._discover import HandlerInfo, describe_handlers
+    from pilot_langgraph._echo import PilotEchoRunnable
+    from pilot_langgraph._event_source import PilotEventSource
+    from pilot_langgraph._fanout import PilotFanoutRunnable
+    from pilot_langgraph._remote import PilotRemoteRunnable, RemoteCallOptions
+    from pilot_langgraph._runtime import (
+        DefaultTransportSettings,
+        aclose_default_transport,
+        configure_default_transport,
+    )
+    from pilot_langgraph._trust import PeerSpec, ensure_trust
 
 __all__ = [
     "Context",
@@ -66,24 +74,36 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-if TYPE_CHECKING:
-    from pilot_channels import PilotChannel, PilotPublisher
-    from pilot_checkpoint_sqlite import PilotCheckpointSaver
-
-_LAZY = {
+_LAZY: dict[str, str] = {
+    "Context": "pilot_worker",
+    "pilot_handler": "pilot_worker",
     "PilotChannel": "pilot_channels",
     "PilotPublisher": "pilot_channels",
     "PilotCheckpointSaver": "pilot_checkpoint_sqlite",
+    "LangGraphCodec": "pilot_langgraph._codec",
+    "HandlerInfo": "pilot_langgraph._discover",
+    "describe_handlers": "pilot_langgraph._discover",
+    "PilotEchoRunnable": "pilot_langgraph._echo",
+    "PilotEventSource": "pilot_langgraph._event_source",
+    "PilotFanoutRunnable": "pilot_langgraph._fanout",
+    "PilotRemoteRunnable": "pilot_langgraph._remote",
+    "RemoteCallOptions": "pilot_langgraph._remote",
+    "DefaultTransportSettings": "pilot_langgraph._runtime",
+    "aclose_default_transport": "pilot_langgraph._runtime",
+    "configure_default_transport": "pilot_langgraph._runtime",
+    "PeerSpec": "pilot_langgraph._trust",
+    "ensure_trust": "pilot_langgraph._trust",
 }
 
 
 def __getattr__(name: str) -> Any:
-    # The saver and the channel clients load their packages on first use only.
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'pilot_langgraph' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

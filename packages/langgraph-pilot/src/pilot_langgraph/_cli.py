@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with SIGKILL and resume it from state-worker.",
     )
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    demo.add_argument("--timeout", type=float, default=60.0, help="overall time limit (s)")
+    demo.add_argument("--timeout", type=float, default=120.0, help="overall time limit (s)")
     return parser
 
 

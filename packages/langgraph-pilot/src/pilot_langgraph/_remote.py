@@ -40,6 +40,12 @@ from langchain_core.runnables.config import ensure_config
 from pilot_langgraph import _rpc, _runtime
 from pilot_langgraph._codec import LangGraphCodec
 from pilot_langgraph._env import DEFAULT_PORT
+from pilot_langgraph._headers import (
+    FANOUT_LABEL_HEADER,
+    NODE_HEADER,
+    TASK_ID_HEADER,
+    THREAD_ID_HEADER,
+)
 from pilot_langgraph.errors import (
     PilotRemoteError,
     PilotUsageError,
@@ -59,11 +65,6 @@ _CONFIG_KEY_TASK_ID = "__pregel_task_id"
 _CONFIG_KEY_RUNTIME = "__pregel_runtime"
 # Set by PilotFanoutRunnable so each target of one task gets its own key.
 CONFIG_KEY_FANOUT_LABEL = "__pilot_fanout_label"
-# Metadata headers sent with every call (handlers read them from ctx.metadata).
-TASK_ID_HEADER = "langgraph-task-id"
-NODE_HEADER = "langgraph-node"
-THREAD_ID_HEADER = "langgraph-thread-id"
-FANOUT_LABEL_HEADER = "langgraph-fanout-label"
 
 _PEER_COOLDOWN_SECS = 2.0
 _SHARED_CODEC = LangGraphCodec()

@@ -2,6 +2,9 @@
 
 ``python -m pilot_langgraph._demo.child run THREAD`` starts a run on THREAD;
 ``... resume THREAD`` continues THREAD from its last checkpoint on state-worker.
+With ``--wait-for-go`` the process loads its code, prints ``ready`` and waits
+for a line on stdin before it touches the network (so the demo can start it
+while workers boot).
 Identity, trust and transport come from ``PILOT_IDENTITY``, ``PILOT_TRUST`` and
 ``PILOT_TRANSPORT``, exactly as in user code. Each finished step is printed as
 one JSON line on stdout; the last line holds the final state.
@@ -41,7 +44,7 @@ def _emit(record: dict[str, Any]) -> None:
 
 async def _run(mode: str, thread_id: str, goal: str) -> None:
     from pilot_langgraph import PilotCheckpointSaver, aclose_default_transport
-    from pilot_langgraph._demo.handlers import build_graph
+    from pilot_langgraph._demo.graph import build_graph
 
     saver = PilotCheckpointSaver(peer="state-worker")
     try:
@@ -78,7 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", choices=["run", "resume"])
     parser.add_argument("thread_id")
     parser.add_argument("--goal", default="explain how the pieces fit")
+    parser.add_argument("--wait-for-go", action="store_true")
     args = parser.parse_args(argv)
+    if args.wait_for_go:
+        import importlib
+
+        for module in ("pilot_langgraph._demo.graph", "pilot_checkpoint_sqlite"):
+            importlib.import_module(module)  # load the code before saying ready
+
+        _emit({"event": "ready", "pid": os.getpid()})
+        if not sys.stdin.readline():
+            return 1
     asyncio.run(_run(args.mode, args.thread_id, args.goal))
     return 0
 

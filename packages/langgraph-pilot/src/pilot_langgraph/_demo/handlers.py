@@ -1,75 +1,52 @@
-"""Handlers of the demo workers, and the graph they form.
+"""Handlers of the demo workers (``--handlers pilot_langgraph._demo.handlers``).
 
-The same pure functions run either on remote workers (``build_graph(remote=True)``)
-or in-process (``remote=False``), so the demo can compare a distributed run
-(killed and resumed) with a purely local one. They are deterministic: same
-input, same output, wherever they run. Each result carries a ``trace`` entry
-saying which worker (and pid) produced it; traces are the only part of the
-state that differs between a local and a remote run.
+The same pure functions run either on remote workers or in-process (see
+``_demo/graph.py``), so the demo can compare a distributed run (killed and
+resumed) with a purely local one. They are deterministic: same input, same
+output, wherever they run. Each result carries a ``trace`` entry saying which
+worker (and pid) produced it; traces are the only part of the state that
+differs between a local and a remote run. This module imports only what a
+worker needs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import operator
 import os
-from typing import Annotated, Any, TypedDict
+from typing import Any
 
-from langchain_core.messages import AIMessage, AnyMessage
-from langgraph.graph import END, START, StateGraph
-from langgraph.graph.message import add_messages
+from langchain_core.messages import AIMessage
 from pilot_worker import Context, pilot_handler
 
 from pilot_langgraph._env import PILOT_DEMO_WORKER
-from pilot_langgraph._remote import FANOUT_LABEL_HEADER
+from pilot_langgraph._headers import FANOUT_LABEL_HEADER
 
-__all__ = [
-    "DemoState",
-    "build_graph",
-    "compare_states",
-    "execute",
-    "plan",
-    "search",
-    "verify",
-]
+__all__ = ["TOPICS", "execute", "plan", "search", "search_locally", "verify"]
 
 # Simulated work per executor step, so a run can be interrupted mid-way.
 EXECUTOR_WORK_SECS = 0.25
 
-_TOPICS = {
+TOPICS = {
     "broad": ["transport security", "worker pools", "checkpoint stores"],
     "deep": ["mutual TLS 1.3", "idempotency keys", "write-ahead logging"],
     "recent": ["peer-to-peer NAT traversal", "durable topics", "graph resumption"],
 }
 
 
-class DemoState(TypedDict, total=False):
-    goal: str
-    broad: dict[str, Any]
-    deep: dict[str, Any]
-    recent: dict[str, Any]
-    plan: list[str]
-    step: int
-    results: Annotated[list[str], operator.add]
-    verdicts: Annotated[list[str], operator.add]
-    messages: Annotated[list[AnyMessage], add_messages]
-    done: bool
-    trace: Annotated[list[str], operator.add]
-
-
 def _where() -> str:
     return f"{os.environ.get(PILOT_DEMO_WORKER, 'local')} (pid {os.getpid()})"
 
 
-def _search(goal: str, label: str) -> dict[str, Any]:
-    return {"goal": goal, "hits": _TOPICS.get(label, _TOPICS["broad"]), "by": _where()}
+def search_locally(goal: str, label: str) -> dict[str, Any]:
+    """What the ``search`` handler returns for the fan-out target ``label``."""
+    return {"goal": goal, "hits": TOPICS.get(label, TOPICS["broad"]), "by": _where()}
 
 
 @pilot_handler("search", timeout_secs=10)
 async def search(state: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Look up material for the goal, from the angle named by the fan-out label."""
     label = ctx.metadata.get(FANOUT_LABEL_HEADER, "broad")
-    return _search(str(state.get("goal", "")), label)
+    return search_locally(str(state.get("goal", "")), label)
 
 
 def _hits(state: dict[str, Any]) -> list[str]:
@@ -121,83 +98,3 @@ async def verify(state: dict[str, Any]) -> dict[str, Any]:
         "done": nxt >= len(state["plan"]),
         "trace": [f"verifier  on {_where()}"],
     }
-
-
-def _route(state: DemoState) -> str:
-    return END if state.get("done") else "executor"
-
-
-def build_graph(*, remote: bool) -> StateGraph[DemoState]:
-    """The demo graph: research fan-out -> planner -> (executor -> verifier)*.
-
-    With ``remote=True`` each node runs on its own worker (research fans out to
-    worker-a, worker-b and worker-c); with ``remote=False`` the same functions run
-    in-process.
-    """
-    from langchain_core.runnables import Runnable, RunnableLambda
-
-    from pilot_langgraph._fanout import PilotFanoutRunnable
-    from pilot_langgraph._remote import PilotRemoteRunnable
-
-    graph: StateGraph[DemoState] = StateGraph(DemoState)
-    nodes: dict[str, Runnable[Any, Any]]
-    if remote:
-        nodes = {
-            "research": PilotFanoutRunnable(
-                {
-                    "broad": PilotRemoteRunnable(node="search", peer="worker-a"),
-                    "deep": PilotRemoteRunnable(node="search", peer="worker-b"),
-                    "recent": PilotRemoteRunnable(node="search", peer="worker-c"),
-                }
-            ),
-            "planner": PilotRemoteRunnable(node="plan", peer="worker-a"),
-            "executor": PilotRemoteRunnable(node="execute", peer="worker-b"),
-            "verifier": PilotRemoteRunnable(node="verify", peer="worker-c"),
-        }
-    else:
-
-        async def research(state: dict[str, Any]) -> dict[str, Any]:
-            return {label: _search(str(state.get("goal", "")), label) for label in _TOPICS}
-
-        nodes = {
-            "research": RunnableLambda(research),
-            "planner": RunnableLambda(plan),
-            "executor": RunnableLambda(execute),
-            "verifier": RunnableLambda(verify),
-        }
-    for name, node in nodes.items():
-        graph.add_node(name, node)
-    graph.add_edge(START, "research")
-    graph.add_edge("research", "planner")
-    graph.add_edge("planner", "executor")
-    graph.add_edge("executor", "verifier")
-    graph.add_conditional_edges("verifier", _route, ["executor", END])
-    return graph
-
-
-# Keys that say *where* something ran; they differ between runs by construction.
-_WHERE_KEYS = ("trace",)
-
-
-def comparable(state: dict[str, Any]) -> dict[str, Any]:
-    """The state without the parts that record where each step ran."""
-    out: dict[str, Any] = {}
-    for key, value in state.items():
-        if key in _WHERE_KEYS:
-            continue
-        if key in ("broad", "deep", "recent") and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k != "by"}  # pyright: ignore[reportUnknownVariableType]
-        if key == "messages":
-            value = [(type(m).__name__, m.name, m.content) for m in value]
-        out[key] = value
-    return out
-
-
-def compare_states(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Differences between two final states (ignoring where steps ran)."""
-    ca, cb = comparable(a), comparable(b)
-    return [
-        f"{key}: {ca.get(key)!r} != {cb.get(key)!r}"
-        for key in sorted(set(ca) | set(cb))
-        if ca.get(key) != cb.get(key)
-    ]

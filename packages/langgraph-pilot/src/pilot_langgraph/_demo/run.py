@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -39,8 +40,15 @@ GOAL = "explain how the pieces fit"
 KILL_AFTER_UPDATES = 5
 
 
+_clock = {"start": time.monotonic()}
+
+
 def _say(text: str = "") -> None:
     print(text, flush=True)
+
+
+def _phase(text: str) -> None:
+    _say(f"{text}  [t+{time.monotonic() - _clock['start']:.1f}s]")
 
 
 def _describe_update(node: str, values: dict[str, Any]) -> str:
@@ -67,17 +75,29 @@ def _print_update(prefix: str, node: str, values: dict[str, Any]) -> None:
     _say(f"{prefix}{node:<9} {_describe_update(node, values)}")
 
 
-def _setup(workdir: Path) -> tuple[list[WorkerProcess], dict[str, str]]:
+def _names() -> list[str]:
+    return [*WORKERS, STATE_WORKER, CLIENT]
+
+
+def _pair_everyone(workdir: Path, endpoints: dict[str, str]) -> None:
     from pilot_langgraph._trust import PeerSpec, ensure_trust
 
-    names = [*WORKERS, STATE_WORKER, CLIENT]
-    # identities first, so every worker starts already trusting the others
     ensure_trust(
         *[
-            PeerSpec(name=n, identity=workdir / f"{n}.key", trust=workdir / f"{n}.trust.json")
-            for n in names
+            PeerSpec(
+                name=n,
+                identity=workdir / f"{n}.key",
+                trust=workdir / f"{n}.trust.json",
+                endpoint=endpoints.get(n),
+            )
+            for n in _names()
         ]
     )
+
+
+def _start_workers(workdir: Path) -> list[WorkerProcess]:
+    # identities and trust first, so every worker starts already trusting the others
+    _pair_everyone(workdir, {})
     workers = [
         start_worker(
             name,
@@ -96,31 +116,20 @@ def _setup(workdir: Path) -> tuple[list[WorkerProcess], dict[str, str]]:
             env={_env.PILOT_DEMO_WORKER: STATE_WORKER},
         )
     )
-    wait_ready(workers, timeout=60.0)
-    # now that the ports are known, tell everyone where everyone is
-    endpoints = {w.name: w.endpoint for w in workers}
-    ensure_trust(
-        *[
-            PeerSpec(
-                name=n,
-                identity=workdir / f"{n}.key",
-                trust=workdir / f"{n}.trust.json",
-                endpoint=endpoints.get(n),
-            )
-            for n in names
-        ]
-    )
-    client_env = {
+    return workers
+
+
+def _client_env(workdir: Path) -> dict[str, str]:
+    return {
         _env.PILOT_IDENTITY: str(workdir / f"{CLIENT}.key"),
         _env.PILOT_TRUST: str(workdir / f"{CLIENT}.trust.json"),
         _env.PILOT_TRANSPORT: "tcp://127.0.0.1:0",
     }
-    return workers, client_env
 
 
 async def _distributed_run(thread_id: str) -> dict[str, Any]:
     from pilot_langgraph import PilotCheckpointSaver
-    from pilot_langgraph._demo.handlers import build_graph
+    from pilot_langgraph._demo.graph import build_graph
 
     saver = PilotCheckpointSaver(peer=STATE_WORKER)
     try:
@@ -137,130 +146,178 @@ async def _distributed_run(thread_id: str) -> dict[str, Any]:
         saver.close()
 
 
-async def _child(
-    mode: str,
-    thread_id: str,
-    env: dict[str, str],
-    *,
-    kill_after: int | None,
-    limit_secs: float,
-) -> tuple[dict[str, Any] | None, int]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pilot_langgraph._demo.child",
-        mode,
-        thread_id,
-        "--goal",
-        GOAL,
-        stdout=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-        env={**os.environ, **env},
-    )
-    assert proc.stdout is not None
-    final: dict[str, Any] | None = None
-    updates = 0
-    try:
-        async with asyncio.timeout(limit_secs):
-            while line := await proc.stdout.readline():
-                record = json.loads(line)
-                event = record.get("event")
-                if event == "start":
-                    _say(f"    process pid {record['pid']} started thread {thread_id!r}")
-                elif event == "resume":
+class _Child:
+    """A graph run in its own process, reporting JSON lines (see ``child.py``)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, thread_id: str) -> None:
+        self.proc = proc
+        self.thread_id = thread_id
+        self.final: dict[str, Any] | None = None
+        self.updates = 0
+
+    @classmethod
+    async def spawn(
+        cls, mode: str, thread_id: str, env: dict[str, str], *, wait_for_go: bool
+    ) -> _Child:
+        argv = [sys.executable, "-m", "pilot_langgraph._demo.child", mode, thread_id]
+        argv += ["--goal", GOAL] + (["--wait-for-go"] if wait_for_go else [])
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.PIPE,
+            env={**os.environ, **env},
+        )
+        return cls(proc, thread_id)
+
+    async def _next(self) -> dict[str, Any] | None:
+        assert self.proc.stdout is not None
+        line = await self.proc.stdout.readline()
+        return json.loads(line) if line else None
+
+    async def wait_ready(self) -> None:
+        record = await self._next()
+        if record is None or record.get("event") != "ready":
+            raise RuntimeError(f"demo run process {self.proc.pid} did not start: {record!r}")
+
+    async def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        await self.proc.stdin.drain()
+
+    async def follow(self, *, kill_after: int | None) -> int:
+        """Print the steps as they come; SIGKILL the process after ``kill_after`` steps."""
+        while (record := await self._next()) is not None:
+            event = record.get("event")
+            if event == "start":
+                _say(f"    process pid {record['pid']} started thread {self.thread_id!r}")
+            elif event == "resume":
+                _say(
+                    f"    process pid {record['pid']} loaded thread {self.thread_id!r} from "
+                    f"{STATE_WORKER}: next step {record['next']}"
+                )
+            elif event == "update":
+                self.updates += 1
+                _print_update(f"    [{self.proc.pid}] ", record["node"], record["values"])
+                if kill_after is not None and self.updates >= kill_after:
+                    self.proc.send_signal(signal.SIGKILL)
                     _say(
-                        f"    process pid {record['pid']} loaded thread {thread_id!r} from "
-                        f"{STATE_WORKER}: next step {record['next']}"
+                        f"    SIGKILL -> pid {self.proc.pid} (mid-run, after {self.updates} steps)"
                     )
-                elif event == "update":
-                    updates += 1
-                    _print_update(f"    [{proc.pid}] ", record["node"], record["values"])
-                    if kill_after is not None and updates >= kill_after:
-                        proc.send_signal(signal.SIGKILL)
-                        _say(f"    SIGKILL -> pid {proc.pid} (mid-run, after {updates} steps)")
-                        break
-                elif event == "final":
-                    final = record["state"]
-            code = await proc.wait()
-    finally:
-        if proc.returncode is None:
+                    break
+            elif event == "final":
+                self.final = record["state"]
+        return await self.proc.wait()
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-    return final, code
+                self.proc.kill()
+            await self.proc.wait()
 
 
 async def _local_run() -> dict[str, Any]:
-    from pilot_langgraph._demo.handlers import build_graph
+    from pilot_langgraph._demo.graph import build_graph
 
     app = build_graph(remote=False).compile()
     return dict(await app.ainvoke({"goal": GOAL}))
 
 
-async def _demo(client_env: dict[str, str], limit_secs: float) -> int:
-    from pilot_langgraph._demo.handlers import comparable
+async def _main(workdir: Path, workers: list[WorkerProcess]) -> int:
     from pilot_langgraph._runtime import aclose_default_transport
 
-    _say(f"[2/4] distributed run: each node on its own worker, checkpoints on {STATE_WORKER}")
+    env = _client_env(workdir)
+    crash_thread = "demo-run-2"
+    children: list[_Child] = []
     try:
-        await _distributed_run("demo-run-1")
-    finally:
-        await aclose_default_transport()
+        # The run that will be killed loads its code while the workers boot.
+        crasher = await _Child.spawn("run", crash_thread, env, wait_for_go=True)
+        children.append(crasher)
+        workers[:] = _start_workers(workdir)
+        importlib.import_module("pilot_langgraph._demo.graph")  # load while the workers boot
 
-    _say()
-    _say("[3/4] crash and recovery: a run in its own process, killed with SIGKILL mid-way")
-    thread = "demo-run-2"
-    _, code = await _child(
-        "run", thread, client_env, kill_after=KILL_AFTER_UPDATES, limit_secs=limit_secs
-    )
-    _say(f"    killed process exit status: {code} (signal {-code if code < 0 else 0})")
-    _say(f"    a new process resumes thread {thread!r} from {STATE_WORKER}:")
-    resumed, code = await _child(
-        "resume", thread, client_env, kill_after=None, limit_secs=limit_secs
-    )
-    if code != 0 or resumed is None:
-        _say(f"    resume process failed with exit status {code}")
-        return 1
-
-    _say()
-    _say("[4/4] same final state as a purely local run of the graph?")
-    local = to_jsonable(await _local_run())
-    mine, theirs = comparable(resumed), comparable(local)
-    _say("    killed + resumed (remote): " + json.dumps(mine, sort_keys=True))
-    _say("    local, in-process:         " + json.dumps(theirs, sort_keys=True))
-    same = json.dumps(mine, sort_keys=True) == json.dumps(theirs, sort_keys=True)
-    verdict = "IDENTICAL" if same else "DIFFERENT"
-    _say(f"    -> {verdict} (compared without the record of which worker ran each step)")
-    for label, trace in (("remote", resumed.get("trace", [])), ("local", local.get("trace", []))):
-        _say(f"    {label} trace: " + "; ".join(str(t).split(" (pid")[0] for t in trace))
-    return 0 if same else 1
-
-
-def run_demo(*, keep: bool = False, timeout: float = 60.0) -> int:
-    """Run the whole demo; returns the exit code (0: final states identical)."""
-    started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="pilot-langgraph-demo-"))
-    workers: list[WorkerProcess] = []
-    saved_env = {
-        k: os.environ.get(k) for k in (_env.PILOT_IDENTITY, _env.PILOT_TRUST, _env.PILOT_TRANSPORT)
-    }
-    try:
-        _say(f"pilot-langgraph demo (this process: pid {os.getpid()}, files in {workdir})")
-        _say("[1/4] starting workers on tcp:// loopback, each with its own identity")
-        workers, client_env = _setup(workdir)
+        await asyncio.to_thread(wait_ready, workers, timeout=120.0)
+        # now that the ports are known, tell everyone where everyone is
+        _pair_everyone(workdir, {w.name: w.endpoint for w in workers})
         for w in workers:
             role = "checkpoint store" if w.name == STATE_WORKER else "graph nodes"
             _say(f"    {w.name:<13} pid {w.pid:<7} tcp {w.endpoint:<21} {role}")
         _say("    every worker and this process trust each other (keys + trust files in the dir)")
         _say()
-        os.environ.update(client_env)
-        code = asyncio.run(_demo(client_env, timeout))
-        return code
+
+        os.environ.update(env)
+        _phase(f"[2/4] distributed run: each node on its own worker, checkpoints on {STATE_WORKER}")
+        try:
+            await _distributed_run("demo-run-1")
+        finally:
+            await aclose_default_transport()
+
+        _say()
+        _phase("[3/4] crash and recovery: a run in its own process, killed with SIGKILL mid-way")
+        await crasher.wait_ready()
+        await crasher.go()
+        code = await crasher.follow(kill_after=KILL_AFTER_UPDATES)
+        _say(f"    killed process exit status: {code} (signal {-code if code < 0 else 0})")
+        _say(f"    a new process resumes thread {crash_thread!r} from {STATE_WORKER}:")
+        resumer = await _Child.spawn("resume", crash_thread, env, wait_for_go=False)
+        children.append(resumer)
+        code = await resumer.follow(kill_after=None)
+        if code != 0 or resumer.final is None:
+            _say(f"    resume process failed with exit status {code}")
+            return 1
+
+        _say()
+        _phase("[4/4] same final state as a purely local run of the graph?")
+        return _compare(resumer.final, to_jsonable(await _local_run()))
+    finally:
+        for child in children:
+            await child.stop()
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _compare(resumed: dict[str, Any], local: dict[str, Any]) -> int:
+    from pilot_langgraph._demo.graph import comparable
+
+    mine, theirs = comparable(resumed), comparable(local)
+    _say(f"    {'key':<9} {'killed + resumed, remote':<62} {'local, in-process':<62}")
+    for key in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(key), theirs.get(key)
+        mark = "==" if a == b else "!="
+        _say(f"    {key:<9} {_short(a):<62} {_short(b):<62} {mark}")
+    same = mine == theirs
+    verdict = "IDENTICAL" if same else "DIFFERENT"
+    _say(
+        f"    -> final states {verdict} on all {len(mine)} keys (the trace of which worker "
+        "ran each step is left out: it differs by design)"
+    )
+    for label, trace in (("remote", resumed.get("trace", [])), ("local", local.get("trace", []))):
+        _say(
+            f"    {label + ' trace:':<14}" + "; ".join(" ".join(str(t).split()[:3]) for t in trace)
+        )
+    return 0 if same else 1
+
+
+def run_demo(*, keep: bool = False, timeout: float = 120.0) -> int:
+    """Run the whole demo; returns the exit code (0: final states identical)."""
+    started = _clock["start"] = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="pilot-langgraph-demo-"))
+    workers: list[WorkerProcess] = []
+    saved_env = {
+        k: os.environ.get(k) for k in (_env.PILOT_IDENTITY, _env.PILOT_TRUST, _env.PILOT_TRANSPORT)
+    }
+    code = 1
+    try:
+        _say(f"pilot-langgraph demo (this process: pid {os.getpid()}, files in {workdir})")
+        _phase("[1/4] starting workers on tcp:// loopback, each with its own identity")
+        code = asyncio.run(asyncio.wait_for(_main(workdir, workers), timeout))
     except Exception as exc:
         _say(f"demo failed: {type(exc).__name__}: {exc}")
         for w in workers:
             _say(f"--- log of {w.name} (pid {w.pid}):\n{w.log_tail()}")
-        return 1
+        code = 1
     finally:
         stop_all([w.proc for w in workers])
         for key, value in saved_env.items():
@@ -269,11 +326,10 @@ def run_demo(*, keep: bool = False, timeout: float = 60.0) -> int:
             else:
                 os.environ[key] = value
         if workers:
-            _say(
-                f"stopped {len(workers)} workers",
-            )
+            _say(f"stopped {len(workers)} workers (pids {', '.join(str(w.pid) for w in workers)})")
         if keep:
             _say(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
         _say(f"done in {time.monotonic() - started:.1f} s")
+    return code
