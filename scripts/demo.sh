@@ -3,4 +3,4 @@
 source "$(dirname "${BASH_SOURCE[0]}")/_uv.sh"
 cd "$ROOT"
 "$UV" sync --frozen --all-packages --quiet
-exec "$UV" run --frozen --no-sync python examples/transport_demo.py "$@"
+exec "$UV" run --frozen --no-sync pilot-langgraph demo "$@"
