@@ -592,24 +592,16 @@ class SecureStream:
             del self._stash[:max_bytes]
             return data
         sslobj = self._sslobj
+        incoming = self._incoming
         while True:
+            if not incoming.pending and not sslobj.pending():
+                # Nothing to decrypt: fetch ciphertext first rather than pay for an
+                # SSL_read that can only fail with WANT_READ.
+                await self._receive()
             try:
                 data = sslobj.read(max_bytes)
             except ssl.SSLWantReadError:
-                if self._outgoing.pending and not self._write_lock.locked():
-                    # A post-handshake message (e.g. a key update answer); a busy
-                    # writer sends it with its own bytes, in order, so never wait here.
-                    await self._send_pending()
-                chunk = await self._carrier_read()
-                if not chunk:
-                    raise self._fail(
-                        StreamResetError(
-                            f"the connection to {self.peer.name or self.peer.node_id} ended "
-                            "without a TLS close (the peer may have crashed)"
-                        )
-                    ) from None
-                self._incoming.write(chunk)
-                continue
+                continue  # a partial record: OpenSSL kept it, fetch the rest
             except ssl.SSLZeroReturnError:
                 self._eof_received = True
                 return b""
@@ -618,20 +610,36 @@ class SecureStream:
             if not data:
                 self._eof_received = True
                 return b""
-            if len(data) < max_bytes and self._incoming.pending:
+            if len(data) < max_bytes and incoming.pending:
                 data = self._gather(data, max_bytes)
             return data
+
+    async def _receive(self) -> None:
+        if self._outgoing.pending and not self._write_lock.locked():
+            # A post-handshake message (e.g. a key update answer); a busy writer
+            # sends it with its own bytes, in order, so never wait for it here.
+            await self._send_pending()
+        chunk = await self._carrier_read()
+        if not chunk:
+            raise self._fail(
+                StreamResetError(
+                    f"the connection to {self.peer.name or self.peer.node_id} ended "
+                    "without a TLS close (the peer may have crashed)"
+                )
+            ) from None
+        self._incoming.write(chunk)
 
     def _gather(self, first: bytes, max_bytes: int) -> bytes:
         """Append the records already buffered, up to ``max_bytes``, in one result."""
         parts = [first]
         size = len(first)
         sslobj = self._sslobj
-        while size < max_bytes:
+        incoming = self._incoming
+        while size < max_bytes and (incoming.pending or sslobj.pending()):
             try:
                 more = sslobj.read(max_bytes - size)
             except ssl.SSLError:
-                break  # EOF or an error: the next read reports it
+                break  # a partial record, EOF or an error: the next read handles it
             if not more:
                 break
             parts.append(more)
