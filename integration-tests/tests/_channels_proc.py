@@ -2,15 +2,15 @@
 
 Status lines are JSON on stdout; logs go to stderr.
 
-    subscribe --identity K --trust T --pattern P --out FILE [--peer broker]
+    subscribe --identity K --trust T (--pattern P --out FILE)... [--peer broker]
               [--queue N] [--policy P] [--delay SECS] [--pause SECS] [--resume]
-              [--start earliest]
-              [--daemon-socket PATH]
-        subscribes, prints {"event": "ready"}, then appends one JSON line per
-        event to FILE: {"topic", "payload", "offset", "publisher", "dropped",
-        "reconnects"} (flushed each time). --pause sleeps that long after the
-        first event (a consumer that stalls); --delay after every event. With --resume, the offset of the
-        last line already in FILE is where durable topics resume.
+              [--start earliest] [--daemon-socket PATH]
+        subscribes (one channel per pattern), prints {"event": "ready"}, then
+        appends one JSON line per event to that pattern's FILE: {"topic",
+        "payload", "offset", "publisher", "dropped", "reconnects"} (flushed
+        each time). --pause sleeps that long after the first event (a consumer
+        that stalls); --delay after every event. With --resume, the offset of
+        the last line already in the first FILE is where durable topics resume.
     publish   --identity K --trust T --topic T --count N [--first I] [--size B]
               [--concurrency C] [--daemon-socket PATH]
         publishes payloads {"i": I, "pad": "..."} (bytes b"I" over a daemon),
@@ -66,58 +66,67 @@ def jsonable(payload: Any) -> Any:
     return payload
 
 
-async def consume(channel: PilotChannel, args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    await channel.open()
-    emit("ready", last_offset=channel.last_offset)
+async def consume(channel: PilotChannel, out: Path, args: argparse.Namespace) -> None:
+    pause = args.pause
     with out.open("a", encoding="utf-8") as sink:
         async for event in channel:
-            sink.write(
-                json.dumps(
-                    {
-                        "topic": event.topic,
-                        "payload": jsonable(event.payload),
-                        "offset": event.offset,
-                        "publisher": event.publisher,
-                        "dropped": channel.dropped,
-                        "reconnects": channel.reconnects,
-                    }
-                )
-                + "\n"
-            )
+            record = {
+                "topic": event.topic,
+                "payload": jsonable(event.payload),
+                "offset": event.offset,
+                "publisher": event.publisher,
+                "dropped": channel.dropped,
+                "reconnects": channel.reconnects,
+            }
+            sink.write(json.dumps(record) + "\n")
             sink.flush()
-            if args.pause:
-                await asyncio.sleep(args.pause)
-                args.pause = 0.0
+            if pause:
+                await asyncio.sleep(pause)
+                pause = 0.0
             if args.delay:
                 await asyncio.sleep(args.delay)
 
 
+async def run_channels(channels: list[PilotChannel], args: argparse.Namespace) -> None:
+    try:
+        for channel in channels:
+            await channel.open()
+        emit("ready", last_offset=channels[0].last_offset)
+        await asyncio.gather(
+            *(consume(c, Path(o), args) for c, o in zip(channels, args.out, strict=True))
+        )
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
 async def subscribe(args: argparse.Namespace) -> None:
+    if len(args.pattern) != len(args.out):
+        raise SystemExit("give one --out per --pattern")
     options = SubscribeOptions(
         queue_size=args.queue,
         policy=args.policy,
         start=args.start,
-        resume_after=last_offset(Path(args.out)) if args.resume else None,
+        resume_after=last_offset(Path(args.out[0])) if args.resume else None,
         buffer_batches=args.buffer,
         reconnect=FAST_RECONNECT,
     )
     try:
         if args.daemon_socket:
-            channel = PilotChannel.from_daemon(
-                args.pattern, socket_path=args.daemon_socket, options=options
-            )
-            async with channel:
-                await consume(channel, args)
+            channels = [
+                PilotChannel.from_daemon(p, socket_path=args.daemon_socket, options=options)
+                for p in args.pattern
+            ]
+            await run_channels(channels, args)
             return
         async with open_transport(
             "tcp://127.0.0.1:0", identity=args.identity, trust=args.trust
         ) as transport:
-            channel = PilotChannel(
-                transport, args.pattern, peer=args.peer, port=args.port, options=options
-            )
-            async with channel:
-                await consume(channel, args)
+            channels = [
+                PilotChannel(transport, p, peer=args.peer, port=args.port, options=options)
+                for p in args.pattern
+            ]
+            await run_channels(channels, args)
     except ChannelError as exc:
         emit("error", error=type(exc).__name__, message=str(exc))
         sys.exit(3)
@@ -164,8 +173,8 @@ def main() -> None:
     parser.add_argument("--trust")
     parser.add_argument("--peer", default="broker")
     parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--pattern")
-    parser.add_argument("--out")
+    parser.add_argument("--pattern", action="append", default=[])
+    parser.add_argument("--out", action="append", default=[])
     parser.add_argument("--queue", type=int)
     parser.add_argument("--policy")
     parser.add_argument("--buffer", type=int, default=16)

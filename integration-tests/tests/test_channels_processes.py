@@ -158,8 +158,16 @@ class Cluster:
         return proc
 
     async def subscriber(
-        self, name: str, pattern: str, out: Path, *extra: str, expect_ready: bool = True
-    ) -> tuple[Proc, dict[str, Any]]:
+        self, name: str, pattern: str | list[str], out: Path | list[Path], *extra: str,
+        expect_ready: bool = True,
+    ) -> tuple[Proc, dict[str, Any]]:  # fmt: skip
+        patterns = [pattern] if isinstance(pattern, str) else pattern
+        outs = [out] if isinstance(out, Path) else out
+        pairs = [
+            arg
+            for p, o in zip(patterns, outs, strict=True)
+            for arg in ("--pattern", p, "--out", str(o))
+        ]
         peer = self.peers[name]
         proc = await Proc.start(
             self.tmp / f"{name}.log",
@@ -169,10 +177,7 @@ class Cluster:
             str(peer.identity_path),
             "--trust",
             str(peer.trust_path),
-            "--pattern",
-            pattern,
-            "--out",
-            str(out),
+            *pairs,
             *extra,
         )
         self.procs.append(proc)
@@ -213,7 +218,8 @@ async def test_wildcards(cluster: Cluster) -> None:
     await cluster.start_broker()
     patterns = {"sub1": "agents.*", "sub2": "agents.>", "sub3": ">", "sub4": "agents.planner"}
     outs = {name: cluster.tmp / f"{name}.jsonl" for name in patterns}
-    await asyncio.gather(*(cluster.subscriber(n, p, outs[n]) for n, p in patterns.items()))
+    # One process, one channel per pattern (each its own subscription stream).
+    await cluster.subscriber("sub1", list(patterns.values()), list(outs.values()))
     topics = ["agents.planner", "agents.planner.tasks", "agents.coder", "news.sports", "agents"]
     async with cluster.transport() as transport, publisher(transport) as pub:
         for topic in topics:
