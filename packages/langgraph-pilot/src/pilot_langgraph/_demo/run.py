@@ -28,7 +28,7 @@ from typing import Any
 
 from pilot_langgraph import _env
 from pilot_langgraph._demo.child import to_jsonable
-from pilot_langgraph._demo.procs import WorkerProcess, start_worker, stop_all, wait_ready
+from pilot_langgraph._procs import WorkerProcess, start_worker, stop_all, wait_ready
 
 __all__ = ["run_demo"]
 
