@@ -55,3 +55,10 @@ def test_unknown_code_maps_to_unknown() -> None:
 def test_root_class_may_carry_any_code() -> None:
     err = errors.RpcError("x", code=errors.StatusCode.NOT_FOUND)
     assert err.code is errors.StatusCode.NOT_FOUND
+
+
+def test_testing_all_is_honest() -> None:
+    import pilot_rpc.testing as testing
+
+    for name in testing.__all__:
+        assert hasattr(testing, name), name

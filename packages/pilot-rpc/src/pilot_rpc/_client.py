@@ -160,11 +160,9 @@ class RpcClient:
                 return await call.future
             call.on_progress = on_progress
             return await conn.wait_reply(call)
-        except asyncio.CancelledError:
-            conn.cancel(call)
-            raise
         except BaseException:
-            conn.cancel(call)  # a failing progress callback abandons the call
+            # Cancelled or timed out caller, or a failing progress callback: the server is told.
+            conn.cancel(call)
             raise
 
     def _retry_delay(
@@ -178,7 +176,11 @@ class RpcClient:
         policy = self.options.retry
         if attempt >= policy.max_attempts or self._closed:
             return None
-        safe = isinstance(exc, Unavailable) and exc.retry_safe
+        # Safe: known not to have reached a handler (never sent, refused by a server going
+        # away, or refused by the server before running it).
+        safe = (isinstance(exc, Unavailable) and exc.retry_safe) or exc.details.get(
+            "retry_safe"
+        ) is True
         if not safe and not (idempotent and exc.code in policy.idempotent_codes):
             return None
         delay = policy.backoff(attempt)
@@ -590,7 +592,18 @@ class ResponseStream:
         return self
 
     async def __anext__(self) -> Any:
-        return await self._conn.next_item(self._call)
+        call = self._call
+        items = call.items
+        if items:  # the common case inline: an item is already here
+            message, flow = items.popleft()
+            if not call.done:
+                conn = self._conn
+                core = conn.core
+                core.consumed(call.call_id, flow)
+                if core.pending_output:
+                    conn.kick()
+            return message
+        return await self._conn.next_item(call)
 
     async def cancel(self) -> None:
         """Stop the call on the server; iteration ends with ``Cancelled``."""

@@ -36,7 +36,7 @@ class CallContext:
             ``traceparent``, ``idempotency-key`` and ``request-id`` when set.
     """
 
-    __slots__ = ("_control", "_loop", "call_id", "deadline", "metadata", "method", "peer")
+    __slots__ = ("_control", "_loop", "_tag", "call_id", "deadline", "metadata", "method", "peer")
 
     def __init__(
         self,
@@ -48,6 +48,7 @@ class CallContext:
         metadata: Mapping[str, str],
         control: _CallControl,
         loop: asyncio.AbstractEventLoop,
+        connection_tag: str = "",
     ) -> None:
         self.peer = peer
         self.method = method
@@ -56,11 +57,12 @@ class CallContext:
         self.metadata = metadata
         self._control = control
         self._loop = loop
+        self._tag = connection_tag
 
     @property
     def request_id(self) -> str:
-        """The caller's request id (the client always sends one)."""
-        return self.metadata.get(REQUEST_ID) or f"call-{self.call_id}"
+        """The caller's ``request-id`` header, else an id unique to this call on this server."""
+        return self.metadata.get(REQUEST_ID) or f"{self._tag}-{self.call_id}"
 
     @property
     def traceparent(self) -> str | None:

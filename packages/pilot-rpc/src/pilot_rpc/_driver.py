@@ -90,6 +90,7 @@ class _ConnectionBase:
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._shutdown: asyncio.Task[None] | None = None
         self._closing = False
 
     def start(self) -> None:
@@ -277,7 +278,7 @@ class _ConnectionBase:
         self.closed.set_result(None)
         self.fail_all(self.close_error)
         self._wake_drain_waiters()
-        self.loop.create_task(self._shutdown_stream(abort=True))
+        self._shutdown = self.loop.create_task(self._shutdown_stream(abort=True))
 
     def fail_all(self, error: RpcError) -> None:
         raise NotImplementedError
@@ -316,8 +317,10 @@ class _ConnectionBase:
         await self.wait_stopped()
 
     async def wait_stopped(self) -> None:
-        for task in (self._writer, self._reader):
-            if task is not None and not task.done():
+        """Wait until the reader, writer and closing tasks are all over."""
+        current = asyncio.current_task()
+        for task in (self._writer, self._reader, self._shutdown):
+            if task is not None and task is not current and not task.done():
                 with contextlib.suppress(BaseException):
                     await task
 
@@ -420,9 +423,6 @@ class ClientConnection(_ConnectionBase):
 
     # -- starting calls -------------------------------------------------------------------------
 
-    def start(self) -> None:
-        super().start()
-
     def start_call(
         self,
         method: str,
@@ -499,12 +499,7 @@ class ClientConnection(_ConnectionBase):
     def _on_error(self, event: P.ErrorReceived) -> None:
         call = self.calls.get(event.call_id)
         if call is not None:
-            error = RpcError.from_code(event.code, event.message, event.details)
-            if isinstance(error, Unavailable | ResourceExhausted) and event.details.get(
-                "retry_safe"
-            ):
-                error = Unavailable(event.message, details=event.details, retry_safe=True)
-            self._finish(call, error)
+            self._finish(call, RpcError.from_code(event.code, event.message, event.details))
 
     def _on_item(self, event: P.MessageReceived) -> None:
         call = self.calls.get(event.call_id)
@@ -778,17 +773,15 @@ class ServerConnection(_ConnectionBase):
         if event.timeout is not None:
             deadline = loop.time() + event.timeout
             call.timer = loop.call_at(deadline, call.cancel, _DEADLINE)
-        metadata = event.metadata
-        if "request-id" not in metadata:
-            metadata["request-id"] = f"{self._conn_tag}-{call_id}"
         ctx = CallContext(
             peer=self.peer,
             method=event.method,
             call_id=call_id,
             deadline=deadline,
-            metadata=metadata,
+            metadata=event.metadata,
             control=call,
             loop=loop,
+            connection_tag=self._conn_tag,
         )
         self.calls[call_id] = call
         if kind is MethodKind.UNARY:
@@ -855,6 +848,9 @@ class ServerConnection(_ConnectionBase):
             return
         finally:
             self._call_done(call)
+        if call.cancel_reason is not None:
+            self._cancelled(call)  # the handler swallowed its cancellation: the status stands
+            return
         try:
             core.send_reply(call_id, result)
         except P.MessageEncodeError as exc:
@@ -908,9 +904,26 @@ class ServerConnection(_ConnectionBase):
             self.kick()
 
     async def _pump_async(self, call: ServerCall, items: Any) -> None:
+        core = self.core
+        send_item = core.send_item
+        call_id = call.call_id
         n = 0
         async for item in items:
-            await self._send_item(call, item)
+            # The common case inline: credit available, output below the high-water mark.
+            if call.cancel_reason is not None:
+                raise Cancelled("the call is over")
+            try:
+                sent = send_item(call_id, item)
+            except P.MessageEncodeError as exc:
+                raise _ItemRejected(
+                    Internal(f"handler of call {call_id} produced a stream item that is {exc}")
+                ) from exc
+            except P.MessageTooLarge as exc:
+                raise _ItemRejected(ResourceExhausted(f"stream item: {exc}")) from exc
+            if self._write_waiter is not None:
+                self.kick()
+            if not sent or core.pending_output > _HIGH_WATER:
+                await self._wait_sendable(call, sent)
             n += 1
             if n == _YIELD_EVERY:
                 n = 0
@@ -940,6 +953,12 @@ class ServerConnection(_ConnectionBase):
                 raise ResourceExhausted(str(exc)) from exc
             raise _ItemRejected(ResourceExhausted(f"stream item: {exc}")) from exc
         self.kick()
+        if not sent or core.pending_output > _HIGH_WATER:
+            await self._wait_sendable(call, sent)
+
+    async def _wait_sendable(self, call: ServerCall, sent: bool) -> None:
+        """Wait for credit (if the last message was held back) and for the writer."""
+        core = self.core
         while not sent and core.send_blocked(call.call_id):
             if call.cancel_reason is not None:
                 raise Cancelled("the call is over")
@@ -969,6 +988,9 @@ class ServerConnection(_ConnectionBase):
         # _PEER_CANCEL: the client has forgotten the call. _LOST: nobody to tell.
 
     def _send_exception(self, call: ServerCall, exc: Exception) -> None:
+        if call.cancel_reason is not None:
+            self._cancelled(call)
+            return
         if isinstance(exc, RpcError):
             self._send_status(call, exc)
             return

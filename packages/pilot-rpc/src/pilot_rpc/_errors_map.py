@@ -5,7 +5,6 @@ from __future__ import annotations
 from pilot_transport import errors as transport_errors
 
 from pilot_rpc.errors import (
-    DeadlineExceeded,
     InvalidArgument,
     RpcError,
     Unauthenticated,
@@ -35,8 +34,6 @@ def map_transport_error(exc: BaseException, context: str, *, retry_safe: bool = 
         error = InvalidArgument(f"{context}: {exc}")
     elif isinstance(exc, transport_errors.TransportError | OSError | EOFError):
         error = Unavailable(f"{context}: {exc}", retry_safe=retry_safe)
-    elif isinstance(exc, TimeoutError):
-        error = DeadlineExceeded(f"{context}: timed out")
     else:
         error = Unavailable(f"{context}: {type(exc).__name__}: {exc}", retry_safe=retry_safe)
     error.__cause__ = exc

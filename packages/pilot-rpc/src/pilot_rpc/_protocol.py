@@ -748,9 +748,20 @@ class Connection:
             raise CallNotActive(f"call {call_id} is not active")
         data = self.encode(value)
         if self.role is Role.SERVER:
-            self._transition_response(call, F.ITEM)
+            # OPEN --ITEM--> OPEN is the hot path of every stream: skip the table lookup.
+            if call.response is not Half.OPEN or not call.stream_response:
+                self._transition_response(call, F.ITEM)
         else:
             self._transition_request(call, F.ITEM)
+        n = len(data)
+        if not call.deferred and n <= call.send_credit and n <= self.peer_max_frame_size:
+            call.send_credit -= n
+            if n <= 4096:
+                self._out.append(_pack_header(n, F.ITEM, 0, call_id) + data)
+                self._out_size += n + 10
+            else:
+                self._emit(F.ITEM, 0, call_id, data)
+            return True
         return self._send_flow(call_id, call, F.ITEM, data)
 
     def consumed(self, call_id: int, flow: int) -> None:
@@ -1063,6 +1074,25 @@ class Connection:
         self._on_message(F.REPLY, flags, call_id, payload, events)
 
     def _on_item(self, flags: int, call_id: int, payload: _Buf, events: list[Event]) -> None:
+        # The hot path of every stream, inlined: a whole item on an open streaming half.
+        call = self._calls.get(call_id)
+        n = len(payload)
+        if (
+            call is not None
+            and not flags & F.FLAG_MORE
+            and call.asm_buf is None
+            and 0 < n <= call.recv_credit
+            and n <= self.max_message_size
+        ):
+            if self.role is Role.CLIENT:
+                if call.response is Half.OPEN and call.stream_response:
+                    call.recv_credit -= n
+                    events.append(MessageReceived(call_id, self._decode_message(payload), n))
+                    return
+            elif call.request is Half.OPEN and call.stream_request:
+                call.recv_credit -= n
+                events.append(MessageReceived(call_id, self._decode_message(payload), n))
+                return
         self._on_message(F.ITEM, flags, call_id, payload, events)
 
     def _on_progress(self, flags: int, call_id: int, payload: _Buf, events: list[Event]) -> None:
