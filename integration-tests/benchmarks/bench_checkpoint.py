@@ -279,7 +279,9 @@ async def raw_bench(
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="concurrent threads (default 64; quick: 8)"
+    )
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument(
         "--local-only", action="store_true", help="skip the remote store worker (diagnostics)"
@@ -287,9 +289,9 @@ async def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     savers = SAVERS[1:] if args.local_only else SAVERS
     ours_name = savers[0][0]
-    seconds = args.seconds or (0.5 if args.quick else 10.0)
-    warmup = 0.3 if args.quick else 3.0
-    high = args.concurrency
+    seconds = args.seconds or (0.3 if args.quick else 10.0)
+    warmup = 0.2 if args.quick else 3.0
+    high = args.concurrency or (8 if args.quick else 64)
     graph_rows: dict[str, dict[int, Result]] = {}
     raw_rows: dict[str, dict[int, dict[str, Result]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as tmp:

@@ -1,4 +1,4 @@
-"""The checkpoint benchmark runs in quick mode and prints its table and ratios (no timed asserts)."""
+"""The checkpoint benchmark runs in quick mode, printing its table and ratios (no timed asserts)."""
 
 from __future__ import annotations
 
