@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -500,3 +501,42 @@ async def test_a_control_reply_that_comes_too_late_is_never_taken_for_the_next(n
         net.a.command_delay.clear()
         assert (await slow.resolve_hostname("beta"))["hostname"] == "beta"
         assert (await slow.daemon_info())["address"] == str(net.a.address)
+
+
+async def test_raw_listener_and_raw_stream_pass_bytes_unchanged(net: Net) -> None:
+    listener = await net.cb.bind_raw(6000)
+    client = await net.ca.open_raw_stream(str(net.b.address), 6000)
+    server = await listener.accept()
+    assert server.framed is False
+    message = b"SAC\x00 unescaped, S"
+    await client.write(message)
+    assert await read_exactly(server, len(message)) == message
+    await server.write_eof()  # no half-close on raw streams: ends both directions
+    assert await client.read() == b""
+    assert await server.read() == b""
+    with pytest.raises(StreamClosedError, match="write_eof"):
+        await server.write(b"late")
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_datagram_receivers_survive_a_daemon_restart(net: Net) -> None:
+    receiver = await net.cb.listen_datagrams(4000)
+    await net.b.restart()
+    got: list[Datagram] = []
+
+    async def keep_sending() -> None:
+        while True:  # datagrams are lossy: repeat until one lands after the reconnect
+            with contextlib.suppress(DaemonUnavailableError):
+                await net.ca.send_datagram(net.b.address, 4000, b"again")
+            await asyncio.sleep(0.02)
+
+    sender = asyncio.create_task(keep_sending())
+    try:
+        async with asyncio.timeout(10):
+            got.append(await receiver.recv())
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+    assert got[0].data == b"again"

@@ -431,6 +431,8 @@ class _DatagramConnection(_IpcConnection):
     def handle(self, msg: ipc.Message) -> None:
         if isinstance(msg, ipc.RecvFrom):
             self.carrier._deliver_datagram(msg)
+        elif self.take_reply(msg):
+            pass  # the Info that proves the daemon serves this connection
         elif isinstance(msg, ipc.Error):
             self.carrier._stats["stray_errors"] += 1
             _log.warning("pilot daemon failed a datagram send: %s", msg.message)
@@ -1277,7 +1279,16 @@ class PilotCarrier(Carrier):
             conn = self._datagram
             if conn is None or conn.closed:
                 conn = await self._connect(lambda: _DatagramConnection(self))
+                # One Info round trip before any SendTo (so its reply is unambiguous)
+                # proves the daemon serves this connection: a connection left in a
+                # dying daemon's backlog would otherwise look alive forever.
+                try:
+                    await conn.request(ipc.info(), self.options.request_timeout)
+                except TimeoutError as exc:
+                    raise DaemonError("the Pilot daemon did not answer Info") from exc
                 conn.on_lost.append(self._on_datagram_lost)
+                if conn.closed:
+                    raise DaemonUnavailableError(_LOST)
                 self._datagram = conn
             return conn
 
@@ -1292,7 +1303,7 @@ class PilotCarrier(Carrier):
         while self._datagram_ports and not self.closed and self._datagram is None:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.options.reconnect_max_delay)
-            with contextlib.suppress(DaemonUnavailableError):
+            with contextlib.suppress(DaemonUnavailableError, DaemonError):
                 await self._datagram_connection()
 
     def _deliver_datagram(self, msg: ipc.RecvFrom) -> None:

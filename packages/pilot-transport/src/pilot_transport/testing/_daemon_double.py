@@ -276,6 +276,7 @@ class PilotDaemonDouble:
         self._ports: dict[int, _Client] = {}
         self._services: dict[int, _Service] = {}
         self._next_conn = 1
+        self._generation = 0
         self._next_ephemeral = _EPHEMERAL_FIRST
         self._started_at = time.monotonic()
         self._pending: dict[int, dict[str, Any]] = {}
@@ -308,7 +309,13 @@ class PilotDaemonDouble:
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
-        self._server = await asyncio.start_unix_server(self._serve, path=self.socket_path)
+        self._generation += 1
+        generation = self._generation
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._serve(reader, writer, generation)
+
+        self._server = await asyncio.start_unix_server(serve, path=self.socket_path)
         os.chmod(self.socket_path, 0o600)
         self._started_at = time.monotonic()
         self._next_conn = 1
@@ -317,6 +324,7 @@ class PilotDaemonDouble:
     async def stop(self) -> None:
         """Stop like a daemon going down: every client, stream and port is gone. Idempotent."""
         server, self._server = self._server, None
+        self._generation += 1  # connections accepted but not yet served die too
         if server is None:
             return
         server.close()
@@ -376,7 +384,12 @@ class PilotDaemonDouble:
                 self._push_accept(port, conn)
 
     # -- connection handling ---------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, generation: int
+    ) -> None:
+        if generation != self._generation:
+            writer.close()  # accepted just before a stop: the "daemon" that took it is gone
+            return
         client = _Client(writer)
         self._clients.add(client)
         task = asyncio.current_task()
