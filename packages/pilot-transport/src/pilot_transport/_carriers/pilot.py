@@ -68,6 +68,7 @@ from pilot_transport._carriers._pilot_framing import (
     CREDIT_UNIT,
     EOF_MARKER,
     INITIAL_CREDIT,
+    NOOP,
     FramingDecoder,
     FramingError,
     credit_controls,
@@ -103,6 +104,9 @@ DEFAULT_SOCKET_PATH: Final = "/tmp/pilot.sock"  # noqa: S108  # the daemon's doc
 """Where the Pilot daemon listens unless configured otherwise."""
 
 _U32 = struct.Struct(">I")
+_MAX_FRAMED_CHUNK = (ipc.MAX_SEND_DATA - len(NOOP)) * 3 // 4
+"""Data bytes whose encoding (at most 4/3 of them, plus a no-op) fits one Send frame,
+so every Send carries a whole encoded chunk and nothing can land inside an escape."""
 _LOST = "the connection to the Pilot daemon was lost (daemon stopped or restarted)"
 
 
@@ -656,7 +660,7 @@ class PilotStream(CarrierStream):
                         self._credit_event.clear()
                         await self._credit_event.wait()
                         self._raise_if_broken()
-                    n = min(total - pos, self._send_credit, self._chunk)
+                    n = min(total - pos, self._send_credit, self._chunk, _MAX_FRAMED_CHUNK)
                     self._send_credit -= n
                     wire = encode_data(bytes(view[pos : pos + n]))
                 else:
