@@ -594,7 +594,7 @@ class SecureStream:
         sslobj = self._sslobj
         incoming = self._incoming
         while True:
-            if not incoming.pending and not sslobj.pending():
+            if not incoming.pending and not sslobj.pending() and not incoming.eof:
                 # Nothing to decrypt: fetch ciphertext first rather than pay for an
                 # SSL_read that can only fail with WANT_READ.
                 await self._receive()
@@ -605,6 +605,13 @@ class SecureStream:
             except ssl.SSLZeroReturnError:
                 self._eof_received = True
                 return b""
+            except ssl.SSLEOFError as exc:
+                raise self._fail(
+                    StreamResetError(
+                        f"the connection to {self.peer.name or self.peer.node_id} ended "
+                        "without a TLS close (the peer may have crashed)"
+                    )
+                ) from exc
             except ssl.SSLError as exc:
                 raise self._fail(StreamResetError(f"TLS error on the stream: {exc}")) from exc
             if not data:
@@ -620,14 +627,12 @@ class SecureStream:
             # sends it with its own bytes, in order, so never wait for it here.
             await self._send_pending()
         chunk = await self._carrier_read()
-        if not chunk:
-            raise self._fail(
-                StreamResetError(
-                    f"the connection to {self.peer.name or self.peer.node_id} ended "
-                    "without a TLS close (the peer may have crashed)"
-                )
-            ) from None
-        self._incoming.write(chunk)
+        if chunk:
+            self._incoming.write(chunk)
+        else:
+            # The carrier ended. OpenSSL decides whether that was after the peer's
+            # close_notify (clean EOF) or a truncation (SSLEOFError).
+            self._incoming.write_eof()
 
     def _gather(self, first: bytes, max_bytes: int) -> bytes:
         """Append the records already buffered, up to ``max_bytes``, in one result."""
@@ -638,8 +643,14 @@ class SecureStream:
         while size < max_bytes and (incoming.pending or sslobj.pending()):
             try:
                 more = sslobj.read(max_bytes - size)
-            except ssl.SSLError:
-                break  # a partial record, EOF or an error: the next read handles it
+            except ssl.SSLWantReadError:
+                break  # a partial record: the next read fetches the rest
+            except ssl.SSLZeroReturnError:
+                self._eof_received = True  # return what we have; then b""
+                break
+            except ssl.SSLError as exc:
+                self._fail(StreamResetError(f"TLS error on the stream: {exc}"))
+                break  # return what we have; the next read raises
             if not more:
                 break
             parts.append(more)
