@@ -622,7 +622,7 @@ class PilotPublisher:
         return list(await asyncio.gather(*(self.publish(t, p) for t, p in events)))
 
     async def stats(self, timeout: float = 10.0) -> dict[str, Any]:  # noqa: ASYNC109
-        """The broker's counters and per-subscription queue depths.
+        """Broker totals, and queue depth, drops and deliveries of this node's subscriptions.
 
         Raises:
             ChannelError: as :meth:`publish`.

@@ -86,8 +86,10 @@ def broker_handlers(broker: Broker) -> list[HandlerSpec]:
             raise to_rpc(exc) from exc
         return {"offsets": offsets}
 
-    async def stats(request: Any = None) -> Any:
+    async def stats(request: Any, ctx: Context) -> Any:
+        # Totals for everyone; details only of the caller's own subscriptions.
         subs = broker.subscriptions
+        own = [s for s in subs if s.node_id == ctx.caller_node_id]
         return {
             "subscribers": len(subs),
             "head": broker.head,
@@ -103,7 +105,7 @@ def broker_handlers(broker: Broker) -> list[HandlerSpec]:
                     "delivered": s.delivered,
                     "lagging": s.lagging,
                 }
-                for s in subs
+                for s in own
             ],
         }
 
@@ -124,7 +126,7 @@ def broker_handlers(broker: Broker) -> list[HandlerSpec]:
             name=METHOD_STATS,
             fn=stats,
             timeout_secs=10.0,
-            description="Broker counters and per-subscription queue depths.",
+            description="Broker totals and the caller's own subscriptions' queue depths.",
         ),
     ]
 
