@@ -1075,6 +1075,10 @@ class PilotCarrier(Carrier):
         host.dialing = (remote, framed)
         try:
             reply = await host.request(ipc.dial(address, port), None)
+        except DaemonUnavailableError:
+            self._hosts.discard(host)
+            self._check_open()  # the carrier was closed under the dial: say so
+            raise
         except BaseException:
             # Dropping the connection is how a client abandons a dial: the
             # daemon cancels it (or finishes it for nobody) and frees the stream.
