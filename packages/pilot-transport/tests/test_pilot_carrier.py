@@ -434,6 +434,10 @@ async def test_daemon_features(net: Net) -> None:
     assert (await net.cb.handshake_revoke(1))["status"] == "revoked"
     assert (await net.cb.handshake_reject(7, "no"))["status"] == "rejected"
     assert await net.cb.handshake_trusted() == []
+    assert await net.ca.set_webhook("http://127.0.0.1:9/hook") == {
+        "webhook": "http://127.0.0.1:9/hook"
+    }
+    assert await net.ca.set_task_exec(True) == {"task_exec": True}
     assert (await net.ca.deregister())["status"] == "deregistered"
 
 

@@ -1231,6 +1231,20 @@ class PilotCarrier(Carrier):
             raise TransportUsageError("tags must be at most 3 strings")
         return await self._json(ipc.set_tags(tag_list), ipc.Cmd.SET_TAGS_OK, "SetTags")
 
+    async def set_webhook(self, url: str) -> Any:
+        """Set (or clear, with ``""``) the daemon's event webhook URL."""
+        return await self._json(
+            ipc.text_command(ipc.Cmd.SET_WEBHOOK, url), ipc.Cmd.SET_WEBHOOK_OK, "SetWebhook"
+        )
+
+    async def set_task_exec(self, enabled: bool) -> Any:
+        """Allow or refuse task submission (port 1003) on this node."""
+        return await self._json(
+            ipc.flag_command(ipc.Cmd.SET_TASK_EXEC, enabled),
+            ipc.Cmd.SET_TASK_EXEC_OK,
+            "SetTaskExec",
+        )
+
     async def deregister(self) -> Any:
         """Remove this node from the registry."""
         return await self._json(
