@@ -40,7 +40,8 @@ Reproduced
   ``network.unreachable`` node fails after this long; the real daemon takes
   ~30 s), ``hold_accepts`` with ``accept_backlog`` (past 64 pending accepts an
   inbound stream is silently dropped while the dialer believes it is
-  connected), ``push_error()`` to inject a stray Send failure.
+  connected), ``command_delay`` to make chosen commands slow, ``push_error()``
+  to inject a stray Send failure.
 
 Run ``python -m pilot_transport.testing._run_daemon_double --socket A --socket B``
 to serve linked doubles from a separate process (it prints ``ready`` plus the
