@@ -301,8 +301,9 @@ def test_construction_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_remote_saver_without_identity_says_what_is_missing(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    monkeypatch.setenv("PILOT_CONFIG_DIR", str(tmp_path))
     monkeypatch.delenv("PILOT_IDENTITY", raising=False)
     monkeypatch.delenv("PILOT_TRUST", raising=False)
     with (

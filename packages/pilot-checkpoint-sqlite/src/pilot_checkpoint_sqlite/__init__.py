@@ -6,6 +6,8 @@ URL``); the store keeps LangGraph's serialized blobs in SQLite or PostgreSQL
 and never deserializes them.
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from pilot_checkpoint_sqlite._backend import CheckpointBackend, LocalStoreBackend
 from pilot_checkpoint_sqlite._options import (
     RetentionPolicy,
@@ -16,6 +18,9 @@ from pilot_checkpoint_sqlite._options import (
 from pilot_checkpoint_sqlite._saver import PilotCheckpointSaver
 from pilot_checkpoint_sqlite._service import CheckpointService
 from pilot_checkpoint_sqlite._store import CheckpointStore, open_store
+
+if _TYPE_CHECKING:
+    from pilot_checkpoint_sqlite._plugin import register_store_handlers
 
 __all__ = [
     "CheckpointBackend",
@@ -28,4 +33,16 @@ __all__ = [
     "SaverOptions",
     "StoreOptions",
     "open_store",
+    "register_store_handlers",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The worker-side helper imports pilot-worker; load it only when asked, so
+    # a process that only runs the saver does not pay for it.
+    if name == "register_store_handlers":
+        from pilot_checkpoint_sqlite._plugin import register_store_handlers
+
+        globals()[name] = register_store_handlers
+        return register_store_handlers
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

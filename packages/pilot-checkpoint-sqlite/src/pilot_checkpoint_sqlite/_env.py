@@ -28,3 +28,6 @@ PILOT_IDENTITY = "PILOT_IDENTITY"
 
 PILOT_TRUST = "PILOT_TRUST"
 """Path of the trust store file used when the saver opens its own transport."""
+
+PILOT_CONFIG_DIR = "PILOT_CONFIG_DIR"
+"""Directory of the default ``identity.key`` and ``trust.json`` (as pilot-transport's CLI)."""

@@ -8,6 +8,7 @@ the same translation is in ``_plugin.py``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from pilot_rpc import (
@@ -141,6 +142,23 @@ class RemoteBackend:
                 await transport.aclose()
 
 
+def _config_dir() -> Path:
+    # Same defaults as the pilot-transport command line that creates the files.
+    explicit = os.environ.get(_env.PILOT_CONFIG_DIR)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".config") / "pilot"
+
+
+def _default_file(env: str, name: str) -> str | None:
+    value = os.environ.get(env)
+    if value:
+        return os.path.expanduser(value)
+    candidate = _config_dir() / name
+    return str(candidate) if candidate.exists() else None
+
+
 async def open_remote_backend(
     *,
     peer: str,
@@ -161,13 +179,16 @@ async def open_remote_backend(
         from pilot_transport import open_transport
 
         url = transport if transport is not None else os.environ.get(_env.PILOT_TRANSPORT)
-        identity = identity if identity is not None else os.environ.get(_env.PILOT_IDENTITY)
-        trust = trust if trust is not None else os.environ.get(_env.PILOT_TRUST)
+        identity = (
+            identity if identity is not None else _default_file(_env.PILOT_IDENTITY, "identity.key")
+        )
+        trust = trust if trust is not None else _default_file(_env.PILOT_TRUST, "trust.json")
         if identity is None or trust is None:
             raise CheckpointConfigError(
                 "PilotCheckpointSaver needs an identity and a trust store to reach its peer: "
-                f"pass identity=/trust= (or transport=), or set ${_env.PILOT_IDENTITY} and "
-                f"${_env.PILOT_TRUST}"
+                f"pass identity=/trust= (or transport=), set ${_env.PILOT_IDENTITY} and "
+                f"${_env.PILOT_TRUST}, or create them in {_config_dir()} with the "
+                "pilot-transport command line"
             )
         try:
             owned = await open_transport(url, identity=identity, trust=trust)
