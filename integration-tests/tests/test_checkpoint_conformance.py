@@ -16,11 +16,10 @@ from urllib.parse import quote
 import pytest
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.report import ProgressCallbacks
-from pilot_transport.testing import create_test_peers
-from sqlalchemy.engine import make_url
-
 from pilot_checkpoint_sqlite import PilotCheckpointSaver
 from pilot_checkpoint_sqlite.testing import start_store_worker
+from pilot_transport.testing import create_test_peers
+from sqlalchemy.engine import make_url
 
 POSTGRES_ENV = "PILOT_TEST_POSTGRES_URL"
 
