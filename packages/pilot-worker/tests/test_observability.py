@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from pilot_rpc import PermissionDenied
-from pilot_worker import WorkerServer, pilot_handler
+from pilot_worker import CallLogWriter, WorkerServer, pilot_handler
 from pilot_worker._http import OpsHttpServer
 from pilot_worker._logging import JsonFormatter
 from pilot_worker.testing import WorkerTestClient, make_peer
@@ -94,6 +94,54 @@ async def test_one_json_line_per_call(json_log: io.StringIO) -> None:
     assert second["status"] == "PERMISSION_DENIED"
     assert second["reason"] == "acl"
     assert second["level"] == "WARNING"
+
+
+async def test_call_log_writer_matches_the_json_formatter(json_log: io.StringIO) -> None:
+    fast = io.StringIO()
+    writer = CallLogWriter(fast, "json")
+    worker = WorkerServer(None, call_log=writer)
+    worker.register(hello)
+    worker.register(private)
+    async with WorkerTestClient(worker, caller="bob") as client:
+        await client.call("hello", 'quote " and \\ backslash')
+        with pytest.raises(PermissionDenied):
+            await client.call("private")
+    writer.flush()
+    assert json_log.getvalue() == ""  # the writer replaced the logger
+    lines = [json.loads(line) for line in fast.getvalue().splitlines()]
+    assert [line["status"] for line in lines] == ["OK", "PERMISSION_DENIED"]
+    reference = JsonFormatter().format(
+        logging.LogRecord("pilot_worker.calls", logging.INFO, "", 0, "m", None, None)
+    )
+    keys = set(json.loads(reference)) | {
+        "request_id",
+        "caller",
+        "caller_name",
+        "handler",
+        "status",
+        "duration_ms",
+        "reason",
+    }
+    assert set(lines[0]) == keys
+    assert lines[1]["reason"] == "acl"
+    assert lines[1]["level"] == "WARNING"
+    assert lines[0]["caller_name"] == "bob"
+
+    plain = io.StringIO()
+    plain_writer = CallLogWriter(plain, "plain")
+    plain_writer.write(
+        handler="h",
+        status="OK",
+        duration_ms=1.5,
+        caller="n",
+        caller_name=None,
+        request_id="r",
+        reason=None,
+    )
+    plain_writer.flush()
+    assert plain.getvalue().endswith(
+        " INFO pilot_worker.calls: h OK 1.500ms caller=n request_id=r\n"
+    )
 
 
 async def _get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:

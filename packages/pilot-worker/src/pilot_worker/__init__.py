@@ -24,8 +24,10 @@ from pilot_worker._handler import (
     get_handler_spec,
     pilot_handler,
 )
+from pilot_worker._logging import CallLogWriter
 from pilot_worker._plugins import Plugin, PluginContext, PluginOption, discover_plugins, load_plugin
 from pilot_worker._server import Middleware, WorkerServer
+from pilot_worker._version import __version__
 from pilot_worker.errors import (
     DuplicateHandlerError,
     HandlerDefinitionError,
@@ -37,9 +39,8 @@ from pilot_worker.errors import (
     WorkerStateError,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "CallLogWriter",
     "CallStyle",
     "Context",
     "DefaultPolicy",

@@ -47,7 +47,7 @@ from pilot_worker._env import (
     ENV_TRUST,
     PLUGIN_ENTRY_POINT_GROUP,
 )
-from pilot_worker._logging import configure_logging
+from pilot_worker._logging import CallLogWriter, configure_logging
 from pilot_worker._modules import import_handler_module
 from pilot_worker._plugins import Plugin, PluginContext, discover_plugins, load_plugin
 from pilot_worker._version import __version__
@@ -436,7 +436,7 @@ def main(
     if not args.trust:
         parser.error(f"--trust is required (or set {ENV_TRUST})")
     plugin_options = {p.name: _plugin_options(parser, args, p) for p in loaded}
-    configure_logging(args.log_format, args.log_level)
+    log_handler = configure_logging(args.log_format, args.log_level)
     # Quiet libraries that log per request at INFO.
     logging.getLogger("watchfiles").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
@@ -448,6 +448,7 @@ def main(
                 plugin_options=plugin_options,
                 setup=setup,
                 prog=prog,
+                call_log=CallLogWriter(log_handler.stream, args.log_format, handler=log_handler),
             )
         )
     except KeyboardInterrupt:  # a signal before the handlers were installed
@@ -517,8 +518,13 @@ async def run(
     plugin_options: Mapping[str, Mapping[str, str | None]] | None = None,
     setup: Callable[[PluginContext], Any] | None = None,
     prog: str = "pilot-worker",
+    call_log: CallLogWriter | None = None,
 ) -> int:
-    """Run a worker from parsed arguments until SIGTERM/SIGINT; returns the exit code."""
+    """Run a worker from parsed arguments until SIGTERM/SIGINT; returns the exit code.
+
+    ``call_log`` receives the one-line-per-call log (default: the
+    ``pilot_worker.calls`` logger).
+    """
     # Imported here so `--help` and `--list-plugins` stay fast.
     from pilot_transport import Identity, TrustStore, open_transport
     from pilot_transport.errors import TransportError
@@ -560,7 +566,7 @@ async def run(
     exit_code = EXIT_OK
     ready_file: str | None = args.ready_file
     try:
-        worker = WorkerServer(transport, config, codec=codec)
+        worker = WorkerServer(transport, config, codec=codec, call_log=call_log)
         try:
             for module in modules:
                 worker.include_module(module)
@@ -607,6 +613,8 @@ async def run(
             return _fail(prog, f"cannot start serving: {exc}")
         exit_code = await _serve_until_signal(worker, modules, args, ready_file, Reloader)
     finally:
+        if call_log is not None:
+            call_log.flush()
         if ready_file:
             _remove_file(ready_file)
         await transport.aclose()

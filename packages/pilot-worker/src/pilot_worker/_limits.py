@@ -88,6 +88,13 @@ class ConcurrencyGate:
     def limit(self) -> int:
         return self._limit
 
+    def try_acquire(self) -> bool:
+        """Take a free slot without waiting; ``False`` if none is free."""
+        if self._active < self._limit and not self._waiters:
+            self._active += 1
+            return True
+        return False
+
     async def acquire(self) -> None:
         """Take a slot, waiting in ``"queue"`` mode.
 

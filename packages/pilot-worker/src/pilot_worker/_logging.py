@@ -9,13 +9,15 @@ formatter writes every such field as a key next to ``ts``, ``level``,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
+from json.encoder import encode_basestring
 from typing import Any, Literal, TextIO
 
-__all__ = ["CALL_FIELDS", "JsonFormatter", "configure_logging"]
+__all__ = ["CALL_FIELDS", "CallLogWriter", "JsonFormatter", "configure_logging"]
 
 LogFormat = Literal["plain", "json"]
 
@@ -29,20 +31,33 @@ _STANDARD_ATTRS = frozenset(
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg`` and any extras."""
 
+    _encoder = json.JSONEncoder(default=str, separators=(",", ":"), ensure_ascii=False)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
+
+    def _timestamp(self, created: float, msecs: float) -> str:
+        second = int(created)
+        if second != self._second:  # strftime once per second, not per line
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int(msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": self._timestamp(record.created, record.msecs),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and key[0] != "_":
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, separators=(",", ":"))
+        return self._encoder.encode(out)
 
 
 class _CliHandler(logging.StreamHandler[TextIO]):
@@ -51,11 +66,17 @@ class _CliHandler(logging.StreamHandler[TextIO]):
 
 def configure_logging(
     fmt: LogFormat = "plain", level: str | int = "INFO", *, stream: TextIO | None = None
-) -> logging.Handler:
+) -> logging.StreamHandler[TextIO]:
     """Send the root logger to ``stream`` (stderr) in the given format; returns the handler.
 
-    Meant for the CLI; a library embedding a worker configures logging itself.
+    Meant for the CLI, which owns its process's logging: it also stops
+    ``logging`` from collecting thread and process names on every record (our
+    formats do not show them, and the call log writes a record per call).
+    A library embedding a worker configures logging itself.
     """
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = _CliHandler(stream if stream is not None else sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -68,3 +89,103 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
     return handler
+
+
+_CALLS_LOGGER = "pilot_worker.calls"
+
+
+class CallLogWriter:
+    """Writes the one-line-per-call log straight to a stream, in the CLI's format.
+
+    Same lines as the ``pilot_worker.calls`` logger would produce through
+    :func:`configure_logging`'s handler (same JSON keys, same plain layout),
+    without building a ``LogRecord`` per call: at thousands of calls per
+    second that machinery costs more than the call itself. Lines produced
+    during one event-loop iteration are written together at its end (one
+    write, under the logging handler's lock so they never interleave with
+    other log lines). The ``pilot_worker.calls`` logger's level still applies.
+    """
+
+    def __init__(
+        self, stream: TextIO, fmt: LogFormat = "plain", *, handler: logging.Handler | None = None
+    ) -> None:
+        self._stream = stream
+        self._json = fmt == "json"
+        self._handler = handler
+        self._logger = logging.getLogger(_CALLS_LOGGER)
+        self._pending: list[str] = []
+        self._scheduled = False
+        self._second = -1
+        self._stamp = ""
+
+    def _time(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            if self._json:
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            else:
+                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        millis = int((now - second) * 1000)
+        return f"{self._stamp}.{millis:03d}Z" if self._json else f"{self._stamp},{millis:03d}"
+
+    def write(
+        self,
+        *,
+        handler: str,
+        status: str,
+        duration_ms: float,
+        caller: str,
+        caller_name: str | None,
+        request_id: str,
+        reason: str | None,
+    ) -> None:
+        """Queue the line of one finished call (never blocks, never raises)."""
+        level = logging.INFO if status == "OK" else logging.WARNING
+        if not self._logger.isEnabledFor(level):
+            return
+        levelname = "INFO" if level == logging.INFO else "WARNING"
+        msg = f"{handler} {status} {duration_ms:.3f}ms caller={caller} request_id={request_id}" + (
+            f" reason={reason}" if reason else ""
+        )
+        if self._json:
+            line = (
+                f'{{"ts":"{self._time()}","level":"{levelname}","logger":"{_CALLS_LOGGER}",'
+                f'"msg":{encode_basestring(msg)},"request_id":{encode_basestring(request_id)},'
+                f'"caller":{encode_basestring(caller)},"caller_name":'
+                f"{encode_basestring(caller_name) if caller_name is not None else 'null'},"
+                f'"handler":{encode_basestring(handler)},"status":"{status}",'
+                f'"duration_ms":{duration_ms!r},"reason":'
+                f"{encode_basestring(reason) if reason else 'null'}}}\n"
+            )
+        else:
+            line = f"{self._time()} {levelname} {_CALLS_LOGGER}: {msg}\n"
+        self._pending.append(line)
+        if len(self._pending) >= 512:
+            self.flush()
+        elif not self._scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+                self._scheduled = True
+            except RuntimeError:  # no loop: write now
+                self.flush()
+
+    def flush(self) -> None:
+        """Write every queued line now."""
+        self._scheduled = False
+        if not self._pending:
+            return
+        data = "".join(self._pending)
+        self._pending.clear()
+        handler = self._handler
+        if handler is not None:
+            handler.acquire()
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except (OSError, ValueError):  # closed or broken stream: drop, like logging does
+            pass
+        finally:
+            if handler is not None:
+                handler.release()

@@ -19,15 +19,23 @@ Metric names (the table is repeated in the package README)::
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
-__all__ = ["HandlerStats", "WorkerMetrics", "percentiles"]
+__all__ = ["BUCKETS", "HandlerStats", "WorkerMetrics", "percentiles"]
 
-_BUCKETS = (
+BUCKETS = (
     0.0005,
     0.001,
     0.0025,
@@ -45,50 +53,129 @@ _BUCKETS = (
     30.0,
     60.0,
 )
+_BUCKET_LABELS = [*(repr(b) for b in BUCKETS), "+Inf"]
+
+
+class HandlerStats:
+    """Per-handler counters, kept as plain numbers on the event loop thread.
+
+    The hot path only increments these; Prometheus reads them when scraped
+    (:class:`_StatsCollector`), and ``_handlers`` reports them. A lock-taking
+    metric update per event would cost more than the call itself.
+    """
+
+    __slots__ = (
+        "buckets",
+        "calls",
+        "codes",
+        "duration_sum",
+        "errors",
+        "in_flight",
+        "latencies",
+        "rejected",
+        "rejections",
+        "replays",
+    )
+
+    def __init__(self, window: int) -> None:
+        self.in_flight = 0
+        self.calls = 0
+        self.errors = 0
+        self.rejected = 0
+        self.replays = 0
+        self.codes: dict[str, int] = {}
+        self.rejections: dict[str, int] = {}
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.latencies: deque[float] = deque(maxlen=window)
+
+    def observe(self, code: str, duration: float) -> None:
+        """Count one finished call."""
+        self.calls += 1
+        codes = self.codes
+        codes[code] = codes.get(code, 0) + 1
+        if code != "OK":
+            self.errors += 1
+        self.buckets[bisect.bisect_left(BUCKETS, duration)] += 1
+        self.duration_sum += duration
+        self.latencies.append(duration)
+
+    def reject(self, reason: str) -> None:
+        self.rejected += 1
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+
+class _StatsCollector(Collector):
+    """Builds the per-handler families from :class:`HandlerStats` at scrape time."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, HandlerStats]]) -> None:
+        self._stats = stats
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        stats = dict(self._stats())
+        calls = CounterMetricFamily(
+            "pilot_worker_calls",
+            "Finished handler calls by status code.",
+            labels=["handler", "code"],
+        )
+        errors = CounterMetricFamily(
+            "pilot_worker_errors",
+            "Handler calls that failed, by status code.",
+            labels=["handler", "code"],
+        )
+        duration = HistogramMetricFamily(
+            "pilot_worker_call_duration_seconds",
+            "Wall time of a handler call, from arrival to answer.",
+            labels=["handler"],
+        )
+        in_flight = GaugeMetricFamily(
+            "pilot_worker_in_flight_calls",
+            "Calls holding a slot (including sync handlers overrunning their timeout).",
+            labels=["handler"],
+        )
+        rejections = CounterMetricFamily(
+            "pilot_worker_rejections",
+            "Calls refused before the handler ran, by reason.",
+            labels=["handler", "reason"],
+        )
+        replays = CounterMetricFamily(
+            "pilot_worker_idempotent_replays",
+            "Calls answered from the idempotency cache.",
+            labels=["handler"],
+        )
+        for name, st in sorted(stats.items()):
+            for code, count in sorted(st.codes.items()):
+                calls.add_metric([name, code], count)
+                if code != "OK":
+                    errors.add_metric([name, code], count)
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for label, count in zip(_BUCKET_LABELS, st.buckets, strict=True):
+                cumulative += count
+                buckets.append((label, cumulative))
+            duration.add_metric([name], buckets, st.duration_sum)
+            in_flight.add_metric([name], st.in_flight)
+            for reason, count in sorted(st.rejections.items()):
+                rejections.add_metric([name, reason], count)
+            replays.add_metric([name], st.replays)
+        yield from (calls, errors, duration, in_flight, rejections, replays)
 
 
 class WorkerMetrics:
-    """The worker's collectors, registered on ``registry``."""
+    """The worker's metrics, registered on ``registry``."""
 
-    def __init__(self, registry: CollectorRegistry, *, version: str) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        version: str,
+        stats: Callable[[], Mapping[str, HandlerStats]],
+    ) -> None:
         self.registry = registry
-        self.calls = Counter(
-            "pilot_worker_calls",
-            "Finished handler calls by status code.",
-            ["handler", "code"],
-            registry=registry,
-        )
-        self.errors = Counter(
-            "pilot_worker_errors",
-            "Handler calls that failed, by status code.",
-            ["handler", "code"],
-            registry=registry,
-        )
-        self.duration = Histogram(
-            "pilot_worker_call_duration_seconds",
-            "Wall time of a handler call, from arrival to answer.",
-            ["handler"],
-            buckets=_BUCKETS,
-            registry=registry,
-        )
-        self.in_flight = Gauge(
-            "pilot_worker_in_flight_calls",
-            "Calls holding a slot (including sync handlers overrunning their timeout).",
-            ["handler"],
-            registry=registry,
-        )
-        self.rejections = Counter(
-            "pilot_worker_rejections",
-            "Calls refused before the handler ran, by reason.",
-            ["handler", "reason"],
-            registry=registry,
-        )
-        self.replays = Counter(
-            "pilot_worker_idempotent_replays",
-            "Calls answered from the idempotency cache.",
-            ["handler"],
-            registry=registry,
-        )
+        registry.register(_StatsCollector(stats))
         self.sync_busy = Gauge(
             "pilot_worker_sync_threads_busy",
             "Sync-handler pool threads running a function.",
@@ -123,16 +210,3 @@ def percentiles(samples: deque[float], points: tuple[float, ...]) -> dict[str, f
         rank = max(0, min(len(ordered) - 1, math.ceil(point / 100 * len(ordered)) - 1))
         out[key] = round(ordered[rank] * 1000, 3)
     return out
-
-
-class HandlerStats:
-    """Per-handler counts and a window of recent latencies, for ``_handlers``."""
-
-    __slots__ = ("calls", "errors", "in_flight", "latencies", "rejected")
-
-    def __init__(self, window: int) -> None:
-        self.in_flight = 0
-        self.calls = 0
-        self.errors = 0
-        self.rejected = 0
-        self.latencies: deque[float] = deque(maxlen=window)

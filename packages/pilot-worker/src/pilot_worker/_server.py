@@ -63,6 +63,7 @@ from typing import Any, Literal
 
 from opentelemetry import trace
 from pilot_rpc import (
+    CallContext,
     DeadlineExceeded,
     Internal,
     InvalidArgument,
@@ -85,6 +86,7 @@ from pilot_worker._handler import CallStyle, HandlerKind, HandlerSpec, get_handl
 from pilot_worker._http import OpsHttpServer
 from pilot_worker._idempotency import IdempotencyCache
 from pilot_worker._limits import ConcurrencyGate, GateFull, SlidingWindowLimiter
+from pilot_worker._logging import CallLogWriter
 from pilot_worker._metrics import HandlerStats, WorkerMetrics, percentiles
 from pilot_worker._modules import collect_specs, import_handler_module
 from pilot_worker._pool import SyncPool
@@ -114,6 +116,7 @@ handler_logger = logging.getLogger("pilot_worker.handlers")
 _PERCENTILES = (50.0, 90.0, 99.0)
 _SHUTDOWN_HOOK_TIMEOUT = 10.0
 State = Literal["new", "serving", "draining", "closed"]
+_NO_SPAN: trace.Span = trace.INVALID_SPAN
 
 
 class _SyncHolder:
@@ -131,10 +134,7 @@ class _Entry:
     __slots__ = (
         "allow_set",
         "gate",
-        "in_flight",
         "input_adapter",
-        "m_duration",
-        "m_ok",
         "output_adapter",
         "rate",
         "schemas",
@@ -148,7 +148,6 @@ class _Entry:
         spec: HandlerSpec,
         *,
         config: WorkerConfig,
-        metrics: WorkerMetrics,
         stats: HandlerStats,
         source: str | None,
     ) -> None:
@@ -180,9 +179,6 @@ class _Entry:
         self.output_adapter: TypeAdapter[Any] | None = (
             TypeAdapter(spec.output_model) if spec.output_model is not None else None
         )
-        self.m_duration = metrics.duration.labels(spec.name)
-        self.m_ok = metrics.calls.labels(spec.name, "OK")
-        self.in_flight = metrics.in_flight.labels(spec.name)
         self.schemas: dict[str, Any] | None = None
 
 
@@ -224,6 +220,9 @@ class WorkerServer:
             default a fresh one (with process, platform and GC collectors), so
             several workers can live in one process.
         tracer_provider: OpenTelemetry tracer provider (default: the global one).
+        call_log: Where the one-line-per-call log goes. ``None``: records on
+            the ``pilot_worker.calls`` logger. The CLI passes a
+            :class:`CallLogWriter` on its own log stream (much cheaper per call).
 
     Usage::
 
@@ -242,6 +241,7 @@ class WorkerServer:
         middleware: Sequence[Middleware] = (),
         metrics_registry: CollectorRegistry | None = None,
         tracer_provider: trace.TracerProvider | None = None,
+        call_log: CallLogWriter | None = None,
     ) -> None:
         if config is not None and not isinstance(config, WorkerConfig):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise WorkerConfigError("config must be a WorkerConfig")
@@ -253,8 +253,15 @@ class WorkerServer:
         for mw in middleware:
             self.add_middleware(mw)
         self._registry = metrics_registry if metrics_registry is not None else _default_registry()
-        self._metrics = WorkerMetrics(self._registry, version=__version__)
+        self._stats: dict[str, HandlerStats] = {}
+        self._metrics = WorkerMetrics(
+            self._registry, version=__version__, stats=lambda: self._stats
+        )
         self._tracer = trace.get_tracer("pilot_worker", __version__, tracer_provider)
+        self._explicit_tracer = tracer_provider is not None
+        self._tracing_on = False
+        self._tracing_recheck_at = 0.0
+        self._call_log = call_log
         self._pool = SyncPool(self._config.sync_threads)
         self._metrics.bind_sync_busy(lambda: self._pool.busy)
         self._idempotency = IdempotencyCache(
@@ -262,7 +269,6 @@ class WorkerServer:
             max_entries=self._config.idempotency_max_entries,
         )
         self._entries: dict[str, _Entry] = {}
-        self._stats: dict[str, HandlerStats] = {}
         self._state: State = "new"
         self._rpc: RpcServer | None = None
         self._listener: Any = None
@@ -724,7 +730,7 @@ class WorkerServer:
         stats = self._stats.get(spec.name)
         if stats is None:
             stats = self._stats[spec.name] = HandlerStats(self._config.latency_window)
-        entry = _Entry(spec, config=self._config, metrics=self._metrics, stats=stats, source=source)
+        entry = _Entry(spec, config=self._config, stats=stats, source=source)
         replacing = spec.name in self._entries
         self._entries[spec.name] = entry
         if self._rpc is not None:
@@ -783,9 +789,23 @@ class WorkerServer:
             raise NotFound(f"no handler named {name!r}", details={"reason": "no_such_handler"})
         return found
 
+    def _start_span(
+        self, name: str, call: IncomingCall, node_id: str
+    ) -> tuple[trace.Span, object | None]:
+        if not self._explicit_tracer:
+            now = time.monotonic()
+            if now >= self._tracing_recheck_at:
+                # Looking the provider up reads the environment: do it once a second.
+                provider = trace.get_tracer_provider()
+                self._tracing_on = not isinstance(provider, trace.ProxyTracerProvider)
+                self._tracing_recheck_at = now + 1.0
+            if not self._tracing_on:
+                # No SDK configured anywhere: skip the no-op span and its context switch.
+                return _NO_SPAN, None
+        return start_server_span(self._tracer, name, call.traceparent, node_id, call.request_id)
+
     def _reject(self, entry: _Entry, reason: str) -> None:
-        entry.stats.rejected += 1
-        self._metrics.rejections.labels(entry.spec.name, reason).inc()
+        entry.stats.reject(reason)
 
     def _admit(self, entry: _Entry, node_id: str) -> None:
         spec = entry.spec
@@ -855,6 +875,23 @@ class WorkerServer:
             deadline = own if deadline is None else min(deadline, own)
         return deadline
 
+    @staticmethod
+    def _timer_deadline(call: IncomingCall, deadline: float | None) -> float | None:
+        """The deadline our own timer must enforce (``None``: no timer needed).
+
+        pilot-rpc already cancels a call at the caller's deadline, so a timer
+        is only needed when the handler's own timeout comes first (or offline,
+        where nobody else enforces anything).
+        """
+        if (
+            deadline is not None
+            and isinstance(call, CallContext)
+            and call.deadline is not None
+            and call.deadline <= deadline
+        ):
+            return None
+        return deadline
+
     def _deadline_error(
         self, spec: HandlerSpec, call: IncomingCall, deadline: float | None, stage: str
     ) -> RpcError:
@@ -869,6 +906,12 @@ class WorkerServer:
             details={"reason": "timeout", "handler": spec.name, "timeout_secs": spec.timeout_secs},
         )
 
+    def _cancel_code(self, call: IncomingCall) -> str:
+        deadline = call.deadline
+        if deadline is not None and self._loop_time() >= deadline:
+            return "DEADLINE_EXCEEDED"
+        return "CANCELLED"
+
     def _loop_time(self) -> float:
         loop = self._loop
         if loop is None:
@@ -879,7 +922,7 @@ class WorkerServer:
         self, entry: _Entry, call: IncomingCall, deadline: float | None
     ) -> None:
         gate = entry.gate
-        if gate is not None:
+        if gate is not None and not gate.try_acquire():
             try:
                 async with asyncio.timeout_at(deadline):
                     await gate.acquire()
@@ -896,14 +939,12 @@ class WorkerServer:
                 ) from None
             except TimeoutError:
                 raise self._deadline_error(entry.spec, call, deadline, "while queued") from None
-        entry.in_flight.inc()
         entry.stats.in_flight += 1
 
     def _release_slot(self, entry: _Entry, holder: _SyncHolder) -> None:
         fut = holder.future
 
         def release(_: object = None) -> None:
-            entry.in_flight.dec()
             entry.stats.in_flight -= 1
             if entry.gate is not None:
                 entry.gate.release()
@@ -1011,9 +1052,7 @@ class WorkerServer:
         code = "OK"
         reason: str | None = None
         message: str | None = None
-        span, token = start_server_span(
-            self._tracer, spec.name, call.traceparent, node_id, call.request_id
-        )
+        span, token = self._start_span(spec.name, call, node_id)
         try:
             self._admit(entry, node_id)
             payload = self._decode(entry, request)
@@ -1025,7 +1064,7 @@ class WorkerServer:
                     lambda: self._run_unary(entry, payload, call, deadline),
                 )
                 if replayed:
-                    self._metrics.replays.labels(spec.name).inc()
+                    entry.stats.replays += 1
                 return result
             return await self._run_unary(entry, payload, call, deadline)
         except RpcError as exc:
@@ -1033,7 +1072,7 @@ class WorkerServer:
             reason = exc.details.get("reason")
             raise
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            code = self._cancel_code(call)
             raise
         except Exception as exc:
             err = self._internal(entry, exc)
@@ -1049,16 +1088,20 @@ class WorkerServer:
         holder = _SyncHolder()
         try:
             ctx = self._context(entry, call, deadline)
-            timeout = asyncio.timeout_at(deadline)
-            try:
-                async with timeout:
-                    result = await self._run_chain(entry, payload, ctx, holder)
-            except TimeoutError:
-                if timeout.expired():
-                    raise self._deadline_error(
-                        entry.spec, call, deadline, "while running"
-                    ) from None
-                raise
+            timer = self._timer_deadline(call, deadline)
+            if timer is None:
+                result = await self._run_chain(entry, payload, ctx, holder)
+            else:
+                timeout = asyncio.timeout_at(timer)
+                try:
+                    async with timeout:
+                        result = await self._run_chain(entry, payload, ctx, holder)
+                except TimeoutError:
+                    if timeout.expired():
+                        raise self._deadline_error(
+                            entry.spec, call, deadline, "while running"
+                        ) from None
+                    raise
             return self._encode(entry, result)
         except (RpcError, asyncio.CancelledError):
             raise
@@ -1086,12 +1129,11 @@ class WorkerServer:
         code = "OK"
         reason: str | None = None
         message: str | None = None
-        span, token = start_server_span(
-            self._tracer, spec.name, call.traceparent, node_id, call.request_id
-        )
+        span, token = self._start_span(spec.name, call, node_id)
         # The span must not stay attached across yields (the consumer may close
         # this generator from another context): detach now, re-enter per step.
         end_token: object | None = token
+        traced = span is not _NO_SPAN
         holder = _SyncHolder()
         acquired = False
         source: Any = None
@@ -1102,7 +1144,8 @@ class WorkerServer:
             await self._acquire_slot(entry, call, deadline)
             acquired = True
             ctx = self._context(entry, call, deadline)
-            timeout = asyncio.timeout_at(deadline)
+            timer = self._timer_deadline(call, deadline)
+            timeout = asyncio.timeout_at(timer)
             try:
                 async with timeout:
                     source = await self._run_chain(entry, payload, ctx, holder)
@@ -1122,9 +1165,13 @@ class WorkerServer:
             _detach(end_token)
             end_token = None
             while True:
-                step = asyncio.timeout_at(deadline)
+                step = asyncio.timeout_at(timer)
                 try:
-                    with trace.use_span(span, end_on_exit=False):
+                    if traced:
+                        with trace.use_span(span, end_on_exit=False):
+                            async with step:
+                                item = await source.__anext__()
+                    else:
                         async with step:
                             item = await source.__anext__()
                 except StopAsyncIteration:
@@ -1141,7 +1188,7 @@ class WorkerServer:
             reason = exc.details.get("reason")
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
+            code = self._cancel_code(call)
             raise
         except Exception as exc:
             err = self._internal(entry, exc)
@@ -1167,32 +1214,47 @@ class WorkerServer:
         token: object | None,
     ) -> None:
         duration = time.perf_counter() - start
-        stats = entry.stats
-        stats.calls += 1
-        stats.latencies.append(duration)
-        entry.m_duration.observe(duration)
-        if code == "OK":
-            entry.m_ok.inc()
-        else:
-            stats.errors += 1
-            self._metrics.calls.labels(entry.spec.name, code).inc()
-            self._metrics.errors.labels(entry.spec.name, code).inc()
-        if token is not None:
+        entry.stats.observe(code, duration)
+        if span is _NO_SPAN:
+            pass
+        elif token is not None:
             end_span(span, token, code, message)
         else:
             _end_detached(span, code, message)
-        if self._config.log_calls and call_logger.isEnabledFor(logging.INFO):
-            peer = call.peer
-            duration_ms = round(duration * 1000, 3)
-            call_logger.log(
-                logging.INFO if code == "OK" else logging.WARNING,
+        if not self._config.log_calls:
+            return
+        peer = call.peer
+        duration_ms = round(duration * 1000, 3)
+        writer = self._call_log
+        if writer is not None:
+            writer.write(
+                handler=entry.spec.name,
+                status=code,
+                duration_ms=duration_ms,
+                caller=peer.node_id,
+                caller_name=peer.name,
+                request_id=call.request_id,
+                reason=reason,
+            )
+            return
+        level = logging.INFO if code == "OK" else logging.WARNING
+        if call_logger.isEnabledFor(level):
+            # makeRecord + handle: one line per call without logging's stack walk.
+            record = call_logger.makeRecord(
+                call_logger.name,
+                level,
+                "",
+                0,
                 "%s %s %.3fms caller=%s request_id=%s%s",
-                entry.spec.name,
-                code,
-                duration_ms,
-                peer.node_id,
-                call.request_id,
-                f" reason={reason}" if reason else "",
+                (
+                    entry.spec.name,
+                    code,
+                    duration_ms,
+                    peer.node_id,
+                    call.request_id,
+                    f" reason={reason}" if reason else "",
+                ),
+                None,
                 extra={
                     "request_id": call.request_id,
                     "caller": peer.node_id,
@@ -1203,6 +1265,7 @@ class WorkerServer:
                     "reason": reason,
                 },
             )
+            call_logger.handle(record)
 
     # ------------------------------------------------------------------ built-ins
 
