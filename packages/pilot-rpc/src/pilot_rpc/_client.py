@@ -450,6 +450,7 @@ class _PeerPool:
                         keepalive_timeout=options.keepalive_timeout,
                         max_calls=options.max_calls_per_connection,
                         on_idle=self._on_idle,
+                        idle_waiters=self.waiters,
                     )
                     conn.start()
                     try:
@@ -477,7 +478,10 @@ class _PeerPool:
                 error = map_transport_error(
                     exc, f"cannot connect to {self.peer}:{self.port}", retry_safe=True
                 )
-                self._failed(error, loop)
+                if isinstance(error, Unavailable):
+                    # Back off from an unreachable peer; a refused identity or an unknown
+                    # name is reported as itself on every attempt.
+                    self._failed(error, loop)
                 raise error from exc
         finally:
             self.dialing -= 1

@@ -92,6 +92,7 @@ class _ConnectionBase:
         self._writer: asyncio.Task[None] | None = None
         self._shutdown: asyncio.Task[None] | None = None
         self._closing = False
+        self._dispatch: dict[type[P.Event], Callable[[Any], None]] = {}
 
     def start(self) -> None:
         self._reader = self.loop.create_task(self._read_loop())
@@ -199,7 +200,7 @@ class _ConnectionBase:
     async def _read_loop(self) -> None:
         core = self.core
         stream = self.stream
-        dispatch = self.dispatch
+        handlers = self._dispatch
         loop = self.loop
         try:
             while True:
@@ -208,7 +209,7 @@ class _ConnectionBase:
                 self._ping_sent_at = None
                 events = core.receive_data(data)
                 for event in events:
-                    dispatch(event)
+                    handlers[type(event)](event)
                 if core.pending_output:
                     self.kick()
                 if not data or core.closed:
@@ -222,7 +223,8 @@ class _ConnectionBase:
             self._lost(self.close_error or Unavailable("connection closed by the peer"))
 
     def dispatch(self, event: P.Event) -> None:
-        raise NotImplementedError
+        """Handle one protocol event (the read loop does the same lookup inline)."""
+        self._dispatch[type(event)](event)
 
     def on_hello(self, event: P.HelloReceived) -> None:
         if not self.hello.done():
@@ -232,7 +234,7 @@ class _ConnectionBase:
         if event.protocol_error:
             logger.warning("pilot-rpc connection with %s: %s", _peer_name(self.peer), event.message)
             self.close_error = Internal(event.message, details={"protocol_error": True})
-        else:
+        elif self.close_error is None:  # keep what the peer's GOAWAY said, if anything
             self.close_error = Unavailable(event.message)
 
     # -- keepalive ------------------------------------------------------------------------------
@@ -385,6 +387,7 @@ class ClientConnection(_ConnectionBase):
         keepalive_timeout: float,
         max_calls: int,
         on_idle: Callable[[ClientConnection], None] | None = None,
+        idle_waiters: deque[asyncio.Future[None]] | None = None,
     ) -> None:
         super().__init__(
             stream, core, keepalive_interval=keepalive_interval, keepalive_timeout=keepalive_timeout
@@ -392,7 +395,11 @@ class ClientConnection(_ConnectionBase):
         self.calls: dict[int, ClientCall] = {}
         self.max_calls = max_calls
         self.on_idle = on_idle
-        self._dispatch: dict[type[P.Event], Callable[[Any], None]] = {
+        # The pool's queue of callers waiting for a slot: on_idle runs only when it matters.
+        self._idle_waiters: deque[asyncio.Future[None]] = (
+            idle_waiters if idle_waiters is not None else deque()
+        )
+        self._dispatch = {
             P.ReplyReceived: self._on_reply,
             P.ErrorReceived: self._on_error,
             P.MessageReceived: self._on_item,
@@ -413,9 +420,6 @@ class ClientConnection(_ConnectionBase):
     @property
     def usable(self) -> bool:
         return not self.going_away and not self.closed.done()
-
-    def dispatch(self, event: P.Event) -> None:
-        self._dispatch[type(event)](event)
 
     def _on_hello_client(self, event: P.HelloReceived) -> None:
         self.max_calls = min(self.max_calls, event.max_concurrent_calls)
@@ -460,7 +464,7 @@ class ClientConnection(_ConnectionBase):
             return
         self.core.cancel_call(call.call_id)
         self.kick()
-        self._finish(call, DeadlineExceeded(f"deadline of {timeout:g} s exceeded"))
+        self._finish(call, DeadlineExceeded(f"deadline exceeded (budget {timeout:.3g} s)"))
 
     def cancel(self, call: ClientCall) -> None:
         """The caller gave up: tell the server, forget the call."""
@@ -474,7 +478,7 @@ class ClientConnection(_ConnectionBase):
         call.done = True
         if call.timer is not None:
             call.timer.cancel()
-        del self.calls[call.call_id]
+        self.calls.pop(call.call_id, None)
         fut = call.future
         if not fut.done():
             if error is None:
@@ -486,15 +490,26 @@ class ClientConnection(_ConnectionBase):
         call.wake()
         if call.send_waiter is not None and not call.send_waiter.done():
             call.send_waiter.set_result(None)
-        if self.on_idle is not None:
+        if self.on_idle is not None and (self._idle_waiters or self.going_away):
             self.on_idle(self)
 
     # -- events ---------------------------------------------------------------------------------
 
     def _on_reply(self, event: P.ReplyReceived) -> None:
-        call = self.calls.get(event.call_id)
-        if call is not None:
-            self._finish(call, None, event.message)
+        call = self.calls.pop(event.call_id, None)
+        if call is None:
+            return
+        # _finish, inlined for the hot path of every unary call.
+        call.done = True
+        if call.timer is not None:
+            call.timer.cancel()
+        fut = call.future
+        if not fut.done():
+            fut.set_result(event.message)
+        if call.waiter is not None:
+            call.wake()
+        if self.on_idle is not None and (self._idle_waiters or self.going_away):
+            self.on_idle(self)
 
     def _on_error(self, event: P.ErrorReceived) -> None:
         call = self.calls.get(event.call_id)
@@ -548,11 +563,8 @@ class ClientConnection(_ConnectionBase):
 
     def fail_all(self, error: RpcError) -> None:
         for call in list(self.calls.values()):
-            err: RpcError = error
-            if isinstance(error, Unavailable):
-                err = Unavailable(error.message, details=error.details)
-            elif isinstance(error, Internal):
-                err = Internal(error.message, details=error.details)
+            # One exception object per waiting caller (a shared one would pile up tracebacks).
+            err = RpcError.from_code(error.code, error.message, error.details)
             err.__cause__ = error.__cause__
             self._finish(call, err)
 
@@ -724,6 +736,7 @@ class ServerConnection(_ConnectionBase):
         options: ServerOptions,
         methods: Mapping[str, tuple[MethodKind, Callable[..., Any]]],
         on_call_done: Callable[[], None],
+        idle_waiters: list[asyncio.Future[None]] | None = None,
     ) -> None:
         super().__init__(
             stream,
@@ -735,8 +748,12 @@ class ServerConnection(_ConnectionBase):
         self.methods = methods
         self.calls: dict[int, ServerCall] = {}
         self._on_call_done = on_call_done
+        # The server's drain waiters: on_call_done runs only while someone waits.
+        self._idle_waiters: list[asyncio.Future[None]] = (
+            idle_waiters if idle_waiters is not None else []
+        )
         self._conn_tag = os.urandom(4).hex()
-        self._dispatch: dict[type[P.Event], Callable[[Any], None]] = {
+        self._dispatch = {
             P.CallReceived: self._on_call,
             P.MessageReceived: self._on_item,
             P.StreamEnded: self._on_request_end,
@@ -747,9 +764,6 @@ class ServerConnection(_ConnectionBase):
             P.HelloReceived: self.on_hello,
             P.ConnectionClosed: self.on_connection_closed,
         }
-
-    def dispatch(self, event: P.Event) -> None:
-        self._dispatch[type(event)](event)
 
     def _on_call(self, event: P.CallReceived) -> None:
         call_id = event.call_id
@@ -977,7 +991,8 @@ class ServerConnection(_ConnectionBase):
         if self.calls.pop(call.call_id, None) is not None:
             if call.timer is not None:
                 call.timer.cancel()
-            self._on_call_done()
+            if self._idle_waiters:
+                self._on_call_done()
 
     def _cancelled(self, call: ServerCall) -> None:
         reason = call.cancel_reason

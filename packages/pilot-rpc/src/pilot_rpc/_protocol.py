@@ -141,6 +141,9 @@ _STREAMING_REQUEST: Final = frozenset({MethodKind.CLIENT_STREAMING, MethodKind.B
 _STREAMING_RESPONSE: Final = frozenset({MethodKind.SERVER_STREAMING, MethodKind.BIDI_STREAMING})
 _FLOW_CONTROLLED: Final = frozenset({F.ITEM, F.PROGRESS})
 
+_KINDS: Final = {int(k): k for k in MethodKind}
+_unpackb = msgpack.unpackb
+
 NO_MESSAGE: Final[Any] = object()
 """Placeholder for "this CALL carries no message" (streaming requests)."""
 
@@ -386,7 +389,7 @@ class _Call:
 
 
 def _decode(data: bytes | bytearray | memoryview) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return _unpackb(data, raw=False, strict_map_key=False)
 
 
 class Connection:
@@ -430,7 +433,8 @@ class Connection:
         self._pending_calls: dict[int, CallReceived] = {}
         self._highest_call_id = 0
         self._out: list[bytes | bytearray | memoryview] = []
-        self._out_size = 0
+        self.pending_output = 0
+        """Bytes queued for :meth:`data_to_send` (a plain attribute: read on every call)."""
         self._inbuf = bytearray()
         self._packer = msgpack.Packer(use_bin_type=True, datetime=False)
         self.closed = False
@@ -494,10 +498,10 @@ class Connection:
         out = self._out
         if not out:
             return b""
-        if max_bytes is None or self._out_size <= max_bytes:
+        if max_bytes is None or self.pending_output <= max_bytes:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
-            self._out_size = 0
+            self.pending_output = 0
             return bytes(data)
         taken = 0
         n = 0
@@ -508,12 +512,8 @@ class Connection:
                 break
         data = b"".join(out[:n])
         del out[:n]
-        self._out_size -= taken
+        self.pending_output -= taken
         return data
-
-    @property
-    def pending_output(self) -> int:
-        return self._out_size
 
     # -- encoding ---------------------------------------------------------------------------------
 
@@ -536,7 +536,7 @@ class Connection:
         else:
             self._out.append(_pack_header(n, kind, flags, call_id))
             self._out.append(payload)
-        self._out_size += n + F.HEADER_SIZE
+        self.pending_output += n + F.HEADER_SIZE
 
     def _emit_message(self, kind: int, flags: int, call_id: int, data: bytes) -> None:
         """Emit a whole message, split into CONTINUATION pieces if it exceeds the frame size."""
@@ -634,7 +634,15 @@ class Connection:
             )
         if self._highest_call_id >= F.MAX_CALL_ID:
             raise LocalProtocolError("call ids exhausted on this connection")
-        body = b"" if request is NO_MESSAGE else self.encode(request)
+        if request is NO_MESSAGE:
+            body = b""
+        else:
+            try:
+                body = self._packer.pack(request)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise MessageEncodeError(f"not msgpack-encodable: {exc}") from exc
+            if len(body) > self.peer_max_message_size:
+                raise MessageTooLarge(len(body), self.peer_max_message_size)
         timeout_us = None if timeout is None else max(0, int(timeout * 1_000_000))
         header = self._packer.pack([method, int(kind), timeout_us, metadata or None])
         header_limit = min(0xFFFF, self.peer_max_frame_size // 2)
@@ -647,7 +655,11 @@ class Connection:
         self._calls[call_id] = call
         flags = 0 if streaming_request else F.FLAG_END_STREAM
         prefix = F.CALL_HEADER_LEN.pack(len(header)) + header
-        if len(prefix) + len(body) <= self.peer_max_frame_size:
+        size = len(prefix) + len(body)
+        if size <= 4096:
+            self._out.append(_pack_header(size, F.CALL, flags, call_id) + prefix + body)
+            self.pending_output += size + 10
+        elif size <= self.peer_max_frame_size:
             self._emit(F.CALL, flags, call_id, prefix + body)
         else:
             # The header frame carries as much of the body as fits; pieces follow.
@@ -684,6 +696,17 @@ class Connection:
         """SERVER: the final reply of a single-response call (status OK); the call ends."""
         call = self._require(call_id, Role.SERVER)
         data = self.encode(value)
+        if call.response is Half.IDLE and not call.stream_response and not call.deferred:
+            # IDLE --REPLY--> CLOSED on a single response with nothing queued: the hot path.
+            call.response = Half.CLOSED
+            n = len(data)
+            if n <= 4096:
+                self._out.append(_pack_header(n, F.REPLY, 0, call_id) + data)
+                self.pending_output += n + 10
+            else:
+                self._emit_message(F.REPLY, 0, call_id, data)
+            del self._calls[call_id]
+            return
         self._transition_response(call, F.REPLY)
         self._queue_after_deferred(call_id, call, F.REPLY, 0, data)
         self._finish_server_call(call_id, call)
@@ -758,7 +781,7 @@ class Connection:
             call.send_credit -= n
             if n <= 4096:
                 self._out.append(_pack_header(n, F.ITEM, 0, call_id) + data)
-                self._out_size += n + 10
+                self.pending_output += n + 10
             else:
                 self._emit(F.ITEM, 0, call_id, data)
             return True
@@ -1008,10 +1031,10 @@ class Connection:
         method, kind, timeout, metadata = header[0], header[1], header[2], header[3]
         if not isinstance(method, str) or not 0 < len(method) <= F.MAX_METHOD_LEN:
             raise _RemoteProtocolError("CALL method must be a non-empty string")
-        try:
-            kind = MethodKind(kind)
-        except ValueError:
-            raise _RemoteProtocolError(f"CALL has an unknown method kind {kind!r}") from None
+        kind_value = _KINDS.get(kind) if type(kind) is int else None
+        if kind_value is None:
+            raise _RemoteProtocolError(f"CALL has an unknown method kind {kind!r}")
+        kind = kind_value
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
                 raise _RemoteProtocolError("CALL timeout must be microseconds >= 0 or nil")
@@ -1026,7 +1049,7 @@ class Connection:
 
     def _decode_message(self, data: bytes | bytearray) -> Any:
         try:
-            return _decode(data)
+            return _unpackb(data, raw=False, strict_map_key=False)
         except Exception as exc:
             raise _RemoteProtocolError(f"malformed message: {type(exc).__name__}: {exc}") from None
 
@@ -1071,6 +1094,25 @@ class Connection:
     def _on_reply(self, flags: int, call_id: int, payload: _Buf, events: list[Event]) -> None:
         if self.role is not Role.CLIENT:
             raise _RemoteProtocolError("REPLY frame sent to a server")
+        call = self._calls.get(call_id)
+        if (
+            call is not None
+            and not flags & F.FLAG_MORE
+            and call.asm_buf is None
+            and call.response is Half.IDLE
+            and not call.stream_response
+            and 0 < len(payload) <= self.max_message_size
+        ):
+            # IDLE --REPLY--> CLOSED, a whole message: the hot path of every unary call.
+            del self._calls[call_id]
+            try:
+                message = _unpackb(payload, raw=False, strict_map_key=False)
+            except Exception as exc:
+                raise _RemoteProtocolError(
+                    f"malformed message: {type(exc).__name__}: {exc}"
+                ) from None
+            events.append(ReplyReceived(call_id, message))
+            return
         self._on_message(F.REPLY, flags, call_id, payload, events)
 
     def _on_item(self, flags: int, call_id: int, payload: _Buf, events: list[Event]) -> None:

@@ -160,7 +160,12 @@ class RpcServer:
             initial_window=options.initial_window,
         )
         conn = ServerConnection(
-            stream, core, options=options, methods=self._methods, on_call_done=self._call_done
+            stream,
+            core,
+            options=options,
+            methods=self._methods,
+            on_call_done=self._call_done,
+            idle_waiters=self._idle_waiters,
         )
         self._connections.add(conn)
         task = asyncio.get_running_loop().create_task(self._run_connection(conn))
@@ -189,8 +194,9 @@ class RpcServer:
 
     def _call_done(self) -> None:
         if self._idle_waiters and self.inflight == 0:
-            waiters = self._idle_waiters
-            self._idle_waiters = []
+            # Emptied in place: connections hold a reference to this list.
+            waiters = list(self._idle_waiters)
+            self._idle_waiters.clear()
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
