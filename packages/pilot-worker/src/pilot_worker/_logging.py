@@ -117,6 +117,16 @@ class CallLogWriter:
         self._scheduled = False
         self._second = -1
         self._stamp = ""
+        self._cache: dict[str, str] = {}
+
+    def _encoded(self, text: str) -> str:
+        """JSON string literal of ``text``, cached (handler names and callers repeat)."""
+        value = self._cache.get(text)
+        if value is None:
+            if len(self._cache) >= 4096:
+                self._cache.clear()
+            value = self._cache[text] = encode_basestring(text)
+        return value
 
     def _time(self) -> str:
         now = time.time()
@@ -146,21 +156,28 @@ class CallLogWriter:
         if not self._logger.isEnabledFor(level):
             return
         levelname = "INFO" if level == logging.INFO else "WARNING"
-        msg = f"{handler} {status} {duration_ms:.3f}ms caller={caller} request_id={request_id}" + (
-            f" reason={reason}" if reason else ""
-        )
         if self._json:
+            enc = self._encoded
+            h = enc(handler)
+            c = enc(caller)
+            r = encode_basestring(request_id)
+            why = enc(reason) if reason else "null"
+            tail = f" reason={why[1:-1]}" if reason else ""
+            name = enc(caller_name) if caller_name is not None else "null"
             line = (
                 f'{{"ts":"{self._time()}","level":"{levelname}","logger":"{_CALLS_LOGGER}",'
-                f'"msg":{encode_basestring(msg)},"request_id":{encode_basestring(request_id)},'
-                f'"caller":{encode_basestring(caller)},"caller_name":'
-                f"{encode_basestring(caller_name) if caller_name is not None else 'null'},"
-                f'"handler":{encode_basestring(handler)},"status":"{status}",'
-                f'"duration_ms":{duration_ms!r},"reason":'
-                f"{encode_basestring(reason) if reason else 'null'}}}\n"
+                f'"msg":"{h[1:-1]} {status} {duration_ms:.3f}ms caller={c[1:-1]} '
+                f'request_id={r[1:-1]}{tail}","request_id":{r},"caller":{c},'
+                f'"caller_name":{name},"handler":{h},"status":"{status}",'
+                f'"duration_ms":{duration_ms!r},"reason":{why}}}\n'
             )
         else:
-            line = f"{self._time()} {levelname} {_CALLS_LOGGER}: {msg}\n"
+            line = (
+                f"{self._time()} {levelname} {_CALLS_LOGGER}: {handler} {status} "
+                f"{duration_ms:.3f}ms caller={caller} request_id={request_id}"
+                + (f" reason={reason}" if reason else "")
+                + "\n"
+            )
         self._pending.append(line)
         if len(self._pending) >= 512:
             self.flush()

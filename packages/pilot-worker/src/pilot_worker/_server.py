@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -790,10 +791,9 @@ class WorkerServer:
         return found
 
     def _start_span(
-        self, name: str, call: IncomingCall, node_id: str
+        self, name: str, call: IncomingCall, node_id: str, now: float
     ) -> tuple[trace.Span, object | None]:
         if not self._explicit_tracer:
-            now = time.monotonic()
             if now >= self._tracing_recheck_at:
                 # Looking the provider up reads the environment: do it once a second.
                 provider = trace.get_tracer_provider()
@@ -807,7 +807,7 @@ class WorkerServer:
     def _reject(self, entry: _Entry, reason: str) -> None:
         entry.stats.reject(reason)
 
-    def _admit(self, entry: _Entry, node_id: str) -> None:
+    def _admit(self, entry: _Entry, node_id: str, now: float) -> None:
         spec = entry.spec
         if self._state in ("draining", "closed"):
             self._reject(entry, "draining")
@@ -828,7 +828,7 @@ class WorkerServer:
                 details={"reason": "acl", "handler": spec.name},
             )
         if entry.rate is not None:
-            retry_after = entry.rate.try_acquire(node_id, time.monotonic())
+            retry_after = entry.rate.try_acquire(node_id, now)
             if retry_after is not None:
                 self._reject(entry, "rate_limit")
                 raise ResourceExhausted(
@@ -923,36 +923,37 @@ class WorkerServer:
     ) -> None:
         gate = entry.gate
         if gate is not None and not gate.try_acquire():
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await gate.acquire()
-            except GateFull as exc:
-                self._reject(entry, exc.reason)
-                raise ResourceExhausted(
-                    f"{entry.spec.name!r} is at its limit of {gate.limit} concurrent calls"
-                    + (" and its queue is full" if exc.reason == "queue_full" else ""),
-                    details={
-                        "reason": exc.reason,
-                        "handler": entry.spec.name,
-                        "max_concurrent": gate.limit,
-                    },
-                ) from None
-            except TimeoutError:
-                raise self._deadline_error(entry.spec, call, deadline, "while queued") from None
+            await self._wait_for_slot(entry, gate, call, deadline)
         entry.stats.in_flight += 1
 
-    def _release_slot(self, entry: _Entry, holder: _SyncHolder) -> None:
-        fut = holder.future
+    async def _wait_for_slot(
+        self, entry: _Entry, gate: ConcurrencyGate, call: IncomingCall, deadline: float | None
+    ) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await gate.acquire()
+        except GateFull as exc:
+            self._reject(entry, exc.reason)
+            raise ResourceExhausted(
+                f"{entry.spec.name!r} is at its limit of {gate.limit} concurrent calls"
+                + (" and its queue is full" if exc.reason == "queue_full" else ""),
+                details={
+                    "reason": exc.reason,
+                    "handler": entry.spec.name,
+                    "max_concurrent": gate.limit,
+                },
+            ) from None
+        except TimeoutError:
+            raise self._deadline_error(entry.spec, call, deadline, "while queued") from None
 
-        def release(_: object = None) -> None:
-            entry.stats.in_flight -= 1
-            if entry.gate is not None:
-                entry.gate.release()
-
+    @staticmethod
+    def _release_slot(entry: _Entry, holder: _SyncHolder | None) -> None:
+        fut = holder.future if holder is not None else None
         if fut is not None and not fut.done():
-            fut.add_done_callback(release)
+            # A sync handler still runs on its thread: the slot is freed when it ends.
+            fut.add_done_callback(functools.partial(_release_now, entry))
         else:
-            release()
+            _release_now(entry)
 
     def _context(self, entry: _Entry, call: IncomingCall, deadline: float | None) -> Context:
         loop = self._loop
@@ -966,7 +967,9 @@ class WorkerServer:
             encode=None if self._identity_codec else self._codec.encode_response,
         )
 
-    async def _invoke(self, entry: _Entry, payload: Any, ctx: Context, holder: _SyncHolder) -> Any:
+    async def _invoke(
+        self, entry: _Entry, payload: Any, ctx: Context, holder: _SyncHolder | None
+    ) -> Any:
         """Innermost step: validate input, run the function, validate output."""
         spec = entry.spec
         if entry.input_adapter is not None:
@@ -987,8 +990,10 @@ class WorkerServer:
             return spec.fn(*args)
         if spec.style is CallStyle.SYNC:
             await self._pool.acquire()
-            holder.future = self._pool.start(spec.fn, *args)
-            result = await asyncio.shield(holder.future)
+            future = self._pool.start(spec.fn, *args)
+            if holder is not None:
+                holder.future = future
+            result = await asyncio.shield(future)
         else:
             result = await spec.fn(*args)
         return self._check_output(entry, result)
@@ -1009,7 +1014,7 @@ class WorkerServer:
             ) from None
 
     async def _run_chain(
-        self, entry: _Entry, payload: Any, ctx: Context, holder: _SyncHolder
+        self, entry: _Entry, payload: Any, ctx: Context, holder: _SyncHolder | None
     ) -> Any:
         middleware = self._middleware
         if not middleware:
@@ -1044,28 +1049,33 @@ class WorkerServer:
         Raises:
             pilot_rpc.RpcError: The subclass the caller would receive.
         """
-        entry = self._entry_for(name, entry)
+        if entry is None:
+            entry = self._entry_for(name, None)
         spec = entry.spec
-        start = time.perf_counter()
-        now = self._loop_time()
+        start = self._loop_time()
         node_id = call.peer.node_id
         code = "OK"
         reason: str | None = None
         message: str | None = None
-        span, token = self._start_span(spec.name, call, node_id)
+        span, token = self._start_span(spec.name, call, node_id, start)
         try:
-            self._admit(entry, node_id)
-            payload = self._decode(entry, request)
-            deadline = self._deadline(spec, call, now)
-            key = call.idempotency_key
-            if spec.idempotent and key:
-                result, replayed = await self._idempotency.run(
-                    (spec.name, node_id, key),
-                    lambda: self._run_unary(entry, payload, call, deadline),
-                )
-                if replayed:
-                    entry.stats.replays += 1
-                return result
+            self._admit(entry, node_id, start)
+            payload = request if self._identity_codec else self._decode(entry, request)
+            deadline = call.deadline
+            if spec.timeout_secs is not None:
+                own = start + spec.timeout_secs
+                if deadline is None or own < deadline:
+                    deadline = own
+            if spec.idempotent:
+                key = call.idempotency_key
+                if key:
+                    result, replayed = await self._idempotency.run(
+                        (spec.name, node_id, key),
+                        lambda: self._run_unary(entry, payload, call, deadline),
+                    )
+                    if replayed:
+                        entry.stats.replays += 1
+                    return result
             return await self._run_unary(entry, payload, call, deadline)
         except RpcError as exc:
             code, message = exc.code.name, exc.message
@@ -1084,13 +1094,19 @@ class WorkerServer:
     async def _run_unary(
         self, entry: _Entry, payload: Any, call: IncomingCall, deadline: float | None
     ) -> Any:
-        await self._acquire_slot(entry, call, deadline)
-        holder = _SyncHolder()
+        gate = entry.gate
+        if gate is not None and not gate.try_acquire():
+            await self._wait_for_slot(entry, gate, call, deadline)
+        entry.stats.in_flight += 1
+        holder = _SyncHolder() if entry.spec.style is CallStyle.SYNC else None
         try:
             ctx = self._context(entry, call, deadline)
             timer = self._timer_deadline(call, deadline)
             if timer is None:
-                result = await self._run_chain(entry, payload, ctx, holder)
+                if self._middleware:
+                    result = await self._run_chain(entry, payload, ctx, holder)
+                else:
+                    result = await self._invoke(entry, payload, ctx, holder)
             else:
                 timeout = asyncio.timeout_at(timer)
                 try:
@@ -1102,13 +1118,19 @@ class WorkerServer:
                             entry.spec, call, deadline, "while running"
                         ) from None
                     raise
-            return self._encode(entry, result)
+            return result if self._identity_codec else self._encode(entry, result)
         except (RpcError, asyncio.CancelledError):
             raise
         except Exception as exc:
             raise self._internal(entry, exc) from exc
         finally:
-            self._release_slot(entry, holder)
+            fut = holder.future if holder is not None else None
+            if fut is not None and not fut.done():
+                fut.add_done_callback(functools.partial(_release_now, entry))
+            else:
+                entry.stats.in_flight -= 1
+                if gate is not None:
+                    gate.release()
 
     async def dispatch_stream(
         self, name: str, request: Any, call: IncomingCall, entry: _Entry | None = None
@@ -1123,22 +1145,21 @@ class WorkerServer:
         """
         entry = self._entry_for(name, entry)
         spec = entry.spec
-        start = time.perf_counter()
-        now = self._loop_time()
+        start = now = self._loop_time()
         node_id = call.peer.node_id
         code = "OK"
         reason: str | None = None
         message: str | None = None
-        span, token = self._start_span(spec.name, call, node_id)
+        span, token = self._start_span(spec.name, call, node_id, start)
         # The span must not stay attached across yields (the consumer may close
         # this generator from another context): detach now, re-enter per step.
         end_token: object | None = token
         traced = span is not _NO_SPAN
-        holder = _SyncHolder()
+        holder: _SyncHolder | None = None
         acquired = False
         source: Any = None
         try:
-            self._admit(entry, node_id)
+            self._admit(entry, node_id, now)
             payload = self._decode(entry, request)
             deadline = self._deadline(spec, call, now)
             await self._acquire_slot(entry, call, deadline)
@@ -1213,7 +1234,7 @@ class WorkerServer:
         span: trace.Span,
         token: object | None,
     ) -> None:
-        duration = time.perf_counter() - start
+        duration = self._loop_time() - start
         entry.stats.observe(code, duration)
         if span is _NO_SPAN:
             pass
@@ -1342,6 +1363,12 @@ class WorkerServer:
                 }
             )
         return out
+
+
+def _release_now(entry: _Entry, _: object = None) -> None:
+    entry.stats.in_flight -= 1
+    if entry.gate is not None:
+        entry.gate.release()
 
 
 def _schema(adapter: TypeAdapter[Any] | None) -> dict[str, Any] | None:
