@@ -17,6 +17,7 @@ from pilot_rpc import (
     NotFound,
     ResourceExhausted,
     RetryPolicy,
+    RpcClient,
     RpcServer,
     ServerOptions,
     Unavailable,
@@ -394,3 +395,40 @@ def test_options_are_validated() -> None:
         RetryPolicy(jitter=2)
     assert RetryPolicy.disabled().max_attempts == 1
     assert RetryPolicy(initial_backoff=0.1, max_backoff=0.3).backoff(5) == 0.3
+
+
+async def test_waiting_for_a_slot_respects_the_deadline(
+    make_server: MakeServer, probe: Any
+) -> None:
+    server = make_server(ServerOptions(max_concurrent_calls_per_connection=1))
+    async with connect_in_memory(server) as pair:
+        hanging = asyncio.create_task(pair.call("hang"))
+        async with asyncio.timeout(5):
+            await probe.started.wait()
+        with pytest.raises(DeadlineExceeded, match="free connection slot"):
+            await pair.call("echo", 1, timeout=0.2)
+        hanging.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await hanging
+        assert await pair.call("echo", 2, timeout=5) == 2
+
+
+async def test_pool_spreads_busy_calls_over_connections(server: RpcServer, probe: Any) -> None:
+    async with connect_in_memory(server, client_options=ClientOptions(pool_size=3)) as pair:
+        calls = [asyncio.create_task(pair.call("sleep", 0.3)) for _ in range(6)]
+        assert await asyncio.gather(*calls) == ["slept"] * 6
+        assert pair.client.connections() == 3
+
+
+async def test_pilot_carrier_gets_a_pool_by_default(server: RpcServer) -> None:
+    from pilot_rpc.testing import InMemoryTransport
+
+    transport = InMemoryTransport(server, client_name="c", server_name="server")
+    transport.url = "pilot:///tmp/pilot.sock"
+    client = RpcClient(transport)
+    try:
+        assert client._pool_size == 8
+        assert await client.call("server", 1, "echo", 1) == 1
+    finally:
+        await client.aclose()
+        await transport.aclose()

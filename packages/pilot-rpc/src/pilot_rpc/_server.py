@@ -238,7 +238,9 @@ class RpcServer:
         (clients send further calls elsewhere, and calls that crossed the GOAWAY
         are refused with a retry-safe ``Unavailable``). In-flight calls have up
         to ``timeout`` seconds; those still running are cancelled and their
-        callers get ``Unavailable``. Safe to call more than once.
+        callers get ``Unavailable``. Safe to call more than once; afterwards
+        the server serves no new connections (build a new one to serve again).
+        Cancelling ``drain`` leaves the calls running; call :meth:`aclose`.
 
         Returns:
             The number of calls that were cut.
