@@ -69,9 +69,7 @@ def reply_for(request: Any) -> Any:
 
 
 async def serve_ours(directory: Path, stop: asyncio.Event) -> None:
-    server = RpcServer(
-        options=ServerOptions(max_concurrent_calls_per_connection=20_000, keepalive_interval=None)
-    )
+    server = RpcServer(options=ServerOptions(max_concurrent_calls_per_connection=20_000))
 
     @server.unary("echo")
     async def echo(request: Any, ctx: CallContext) -> Any:
@@ -308,7 +306,7 @@ async def run_ours(
     result = Result("pilot-rpc")
     identity = Identity.load(directory / "client" / "identity.key")
     trust = TrustStore.open(directory / "client" / "trust.json")
-    options = ClientOptions(max_calls_per_connection=20_000, keepalive_interval=None)
+    options = ClientOptions(max_calls_per_connection=20_000)
     async with (
         open_transport("tcp://127.0.0.1:0", identity=identity, trust=trust) as transport,
         RpcClient(transport, options=options) as client,
