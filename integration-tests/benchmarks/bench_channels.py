@@ -50,6 +50,7 @@ PAYLOAD_SIZE = 100
 TOPIC = "bench.events"
 DURABLE_TOPIC = "durable.events"
 IN_FLIGHT = 256
+LINE_LIMIT = 64 * 1024 * 1024  # a result line carries every latency of one subscriber
 _TS = struct.Struct("<dB")
 KIND_DATA, KIND_END, KIND_WARM_UP = 0, 1, 2
 
@@ -90,7 +91,7 @@ class Receiver:
         if self.first is None:
             self.first = now
         self.last = now
-        self.latencies.append(now - sent)
+        self.latencies.append(round(now - sent, 6))
         return True
 
     def report(self) -> None:
@@ -250,7 +251,7 @@ class Child:
         with open(log, "ab") as stderr:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, *argv, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=stderr,
+                stdout=asyncio.subprocess.PIPE, stderr=stderr, limit=LINE_LIMIT,
             )  # fmt: skip
         return cls(process, name)
 
