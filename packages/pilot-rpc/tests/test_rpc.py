@@ -432,3 +432,36 @@ async def test_pilot_carrier_gets_a_pool_by_default(server: RpcServer) -> None:
     finally:
         await client.aclose()
         await transport.aclose()
+
+
+async def test_peer_that_never_reads_cannot_grow_server_memory(server: RpcServer) -> None:
+    import struct
+
+    from pilot_rpc import _protocol as P
+    from pilot_rpc._memory import memory_stream_pair
+    from pilot_rpc.testing import fake_peer
+
+    client_end, server_end = memory_stream_pair(fake_peer("flooder"), fake_peer("server"))
+    conn = server._start_connection(server_end)
+    hello = P.Connection(P.Role.CLIENT).data_to_send()
+    ping = struct.pack(">IBBI", 8, 0x0A, 0, 0) + b"12345678"
+    await client_end.write(hello)
+
+    async def flood() -> None:
+        while True:  # 18 bytes in, 18 bytes of PONG out, and never a read
+            await client_end.write(ping * 1000)
+
+    task = asyncio.create_task(flood())
+    try:
+        # The flood stalls: the server stopped reading once its output hit the cap.
+        async with asyncio.timeout(10):
+            while True:
+                before = conn.core.pending_output
+                await asyncio.sleep(0.1)
+                if conn.core.pending_output == before and before > 0:
+                    break
+        assert conn.core.pending_output <= 4 * 1024 * 1024 + 256 * 1024
+    finally:
+        task.cancel()
+        await client_end.aclose()
+        await conn.aclose()

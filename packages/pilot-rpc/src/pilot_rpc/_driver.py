@@ -55,6 +55,8 @@ _WRITE_CHUNK = 256 * 1024
 _READ_SIZE = 256 * 1024
 _HIGH_WATER = 1024 * 1024
 """Queued output above which streaming senders wait for the writer."""
+_READ_PAUSE = 4 * 1024 * 1024
+"""Server: queued output above which the connection stops reading until it drains."""
 _YIELD_EVERY = 64
 """A stream producer that never suspends yields to the loop after this many items."""
 
@@ -93,6 +95,9 @@ class _ConnectionBase:
         self._shutdown: asyncio.Task[None] | None = None
         self._closing = False
         self._dispatch: dict[type[P.Event], Callable[[Any], None]] = {}
+        # Servers stop reading while this much output waits; clients always read (a client
+        # that stopped too could deadlock with a server sending it a large reply).
+        self._read_pause_above = 1 << 62
 
     def start(self) -> None:
         self._reader = self.loop.create_task(self._read_loop())
@@ -212,6 +217,10 @@ class _ConnectionBase:
                     handlers[type(event)](event)
                 if core.pending_output:
                     self.kick()
+                    if core.pending_output > self._read_pause_above:
+                        # A peer that sends but does not read (refused calls, pings) must
+                        # not grow our output without bound: stop reading until it drains.
+                        await self.wait_writable()
                 if not data or core.closed:
                     break
         except asyncio.CancelledError:
@@ -747,6 +756,7 @@ class ServerConnection(_ConnectionBase):
         self.options = options
         self.methods = methods
         self.calls: dict[int, ServerCall] = {}
+        self._read_pause_above = _READ_PAUSE
         self._on_call_done = on_call_done
         # The server's drain waiters: on_call_done runs only while someone waits.
         self._idle_waiters: list[asyncio.Future[None]] = (
