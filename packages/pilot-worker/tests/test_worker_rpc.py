@@ -173,3 +173,51 @@ async def test_drain_cuts_after_timeout(tmp_path: Path) -> None:
         assert await env.worker.drain(0.1) == 1
         with pytest.raises(Unavailable):
             await running
+
+
+async def test_periodic_tasks_and_shutdown_hooks(tmp_path: Path) -> None:
+    runs: list[str] = []
+    three = asyncio.Event()
+    failed = asyncio.Event()
+    order: list[str] = []
+
+    async def tick() -> None:
+        runs.append("async")
+        if len(runs) >= 3:
+            three.set()
+
+    loop = asyncio.get_running_loop()
+    attempts: list[int] = []
+
+    def sync_fails() -> None:  # runs on a pool thread
+        attempts.append(1)
+        if len(attempts) == 2:
+            # Runs never overlap, so the first failure has been counted by now.
+            loop.call_soon_threadsafe(failed.set)
+        raise RuntimeError("periodic failure")
+
+    async for env in _env(tmp_path, WorkerConfig(port=5000), [echo]):
+        worker = env.worker
+        worker.add_periodic(0.01, tick, name="tick", run_immediately=True)
+        worker.add_periodic(0.01, sync_fails, name="fails", run_immediately=True)
+        worker.on_shutdown(lambda: order.append("first registered"))
+
+        async def second() -> None:
+            order.append("second registered")
+
+        worker.on_shutdown(second)
+        async with asyncio.timeout(5):
+            await three.wait()
+        async with asyncio.timeout(5):
+            await failed.wait()
+        failures = worker.metrics_registry.get_sample_value(
+            "pilot_worker_periodic_failures_total", {"task": "fails"}
+        )
+        assert failures is not None
+        assert failures >= 1
+        await worker.aclose()
+        count = len(runs)
+        # Stopped with the worker: no run after close, hooks in reverse order.
+        assert [p.task.done() for p in worker._periodic] == [True, True]  # type: ignore[union-attr]
+        assert len(runs) == count
+        assert order == ["second registered", "first registered"]
