@@ -250,21 +250,26 @@ class Result:
     c64_rate: float = 0.0
     c64_p50: float = 0.0
     c64_p99: float = 0.0
+    c1_cpu: float = 0.0
+    c64_cpu: float = 0.0
     stream1: float = 0.0
     stream64: float = 0.0
     extra: dict[str, str] = field(default_factory=lambda: {})
 
 
 async def measure_unary(
-    call: Callable[[], Awaitable[Any]], concurrency: int, duration: float
-) -> tuple[float, float, float]:
-    """(calls/s, p50 us, p99 us) of ``concurrency`` workers calling for ``duration`` s."""
+    call: Callable[[], Awaitable[Any]], concurrency: int, duration: float, server_pid: int
+) -> tuple[float, float, float, float]:
+    """(calls/s, p50 us, p99 us, CPU us per call of client + server) of ``concurrency``
+    workers calling for ``duration`` s. CPU per call is the figure least moved by load
+    from elsewhere on the machine."""
     for _ in range(50):
         await call()
     latencies: list[float] = []
     loop = asyncio.get_running_loop()
     end = loop.time() + duration
     perf = time.perf_counter
+    server = psutil.Process(server_pid)
 
     async def worker() -> None:
         while loop.time() < end:
@@ -272,13 +277,27 @@ async def measure_unary(
             await call()
             latencies.append(perf() - started)
 
+    server_cpu = sum(server.cpu_times()[:2])
+    client_cpu = time.process_time()
     started = perf()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = perf() - started
+    cpu = sum(server.cpu_times()[:2]) - server_cpu + time.process_time() - client_cpu
     latencies.sort()
     p50 = latencies[len(latencies) // 2] * 1e6
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1e6
-    return len(latencies) / elapsed, p50, p99
+    return len(latencies) / elapsed, p50, p99, cpu / len(latencies) * 1e6
+
+
+async def measure_both(
+    call: Callable[[], Awaitable[Any]], plan: Plan, server_pid: int, result: Result
+) -> None:
+    result.c1_rate, result.c1_p50, result.c1_p99, result.c1_cpu = await measure_unary(
+        call, 1, plan.duration, server_pid
+    )
+    result.c64_rate, result.c64_p50, result.c64_p99, result.c64_cpu = await measure_unary(
+        call, 64, plan.duration, server_pid
+    )
 
 
 async def measure_stream(stream: Callable[[int], Awaitable[int]], calls: int, items: int) -> float:
@@ -322,10 +341,7 @@ async def run_ours(
                     count += 1
             return count
 
-        result.c1_rate, result.c1_p50, result.c1_p99 = await measure_unary(call, 1, plan.duration)
-        result.c64_rate, result.c64_p50, result.c64_p99 = await measure_unary(
-            call, 64, plan.duration
-        )
+        await measure_both(call, plan, server_pid, result)
         result.stream1 = await measure_stream(stream, 1, plan.stream_items)
         result.stream64 = await measure_stream(stream, 64, plan.stream64_items)
         if memory:
@@ -366,7 +382,7 @@ async def measure_memory(client: RpcClient, server_pid: int, plan: Plan, result:
     )
 
 
-async def run_raw(directory: Path, endpoint: str, plan: Plan) -> Result:
+async def run_raw(directory: Path, endpoint: str, plan: Plan, server_pid: int) -> Result:
     result = Result("raw asyncio")
     identity = Identity.load(directory / "client" / "identity.key")
     trust = TrustStore.open(directory / "client" / "trust.json")
@@ -381,16 +397,13 @@ async def run_raw(directory: Path, endpoint: str, plan: Plan) -> Result:
         async def call() -> Any:
             return await client.call(REQUEST)
 
-        result.c1_rate, result.c1_p50, result.c1_p99 = await measure_unary(call, 1, plan.duration)
-        result.c64_rate, result.c64_p50, result.c64_p99 = await measure_unary(
-            call, 64, plan.duration
-        )
+        await measure_both(call, plan, server_pid, result)
     finally:
         await client.aclose()
     return result
 
 
-async def run_grpc(directory: Path, endpoint: str, plan: Plan) -> Result:
+async def run_grpc(directory: Path, endpoint: str, plan: Plan, server_pid: int) -> Result:
     import grpc
 
     result = Result("grpc.aio")
@@ -415,10 +428,7 @@ async def run_grpc(directory: Path, endpoint: str, plan: Plan) -> Result:
                 count += 1
             return count
 
-        result.c1_rate, result.c1_p50, result.c1_p99 = await measure_unary(call, 1, plan.duration)
-        result.c64_rate, result.c64_p50, result.c64_p99 = await measure_unary(
-            call, 64, plan.duration
-        )
+        await measure_both(call, plan, server_pid, result)
         result.stream1 = await measure_stream(stream, 1, plan.stream_items)
         result.stream64 = await measure_stream(stream, 64, plan.stream64_items)
     return result
@@ -518,6 +528,10 @@ def report(results: dict[str, Result], plan: Plan, quick: bool, rounds: int) -> 
             f"{fmt_rate(r.stream1):>17} {fmt_rate(r.stream64):>18}"
         )
     print()
+    print("CPU per unary call, client + server processes (us):")
+    for r in (ours, raw, grpc_):
+        print(f"  {r.name:14} c=1 {r.c1_cpu:8,.0f}   c=64 {r.c64_cpu:8,.0f}")
+    print()
     for line in ours.extra.values():
         print(line)
     print()
@@ -526,6 +540,8 @@ def report(results: dict[str, Result], plan: Plan, quick: bool, rounds: int) -> 
     print(f"  c=64 calls/s  ours/raw  = {ours.c64_rate / raw.c64_rate:5.2f}  [>= 0.6]")
     print(f"  c=1  p50      ours/raw  = {ours.c1_p50 / raw.c1_p50:5.2f}  [<= 1.3]")
     print(f"  c=1  calls/s  ours/grpc = {ours.c1_rate / grpc_.c1_rate:5.2f}")
+    print(f"  c=1  CPU/call ours/raw  = {ours.c1_cpu / raw.c1_cpu:5.2f}")
+    print(f"  c=64 CPU/call ours/raw  = {ours.c64_cpu / raw.c64_cpu:5.2f}")
     print(f"  stream 1      ours/grpc = {ours.stream1 / grpc_.stream1:5.2f}  [>= 5]")
     print(f"  stream 64     ours/grpc = {ours.stream64 / grpc_.stream64:5.2f}  [>= 5]")
 
@@ -535,7 +551,7 @@ def best(results: list[Result]) -> Result:
     merged = Result(results[0].name)
     for name in ("c1_rate", "c64_rate", "stream1", "stream64"):
         setattr(merged, name, max(getattr(r, name) for r in results))
-    for name in ("c1_p50", "c1_p99", "c64_p50", "c64_p99"):
+    for name in ("c1_p50", "c1_p99", "c64_p50", "c64_p99", "c1_cpu", "c64_cpu"):
         setattr(merged, name, min(getattr(r, name) for r in results))
     for r in results:
         merged.extra.update(r.extra)
@@ -570,9 +586,9 @@ async def run_all(quick: bool, rounds: int) -> None:
                         last = round_number == rounds - 1
                         result = await run_ours(directory, endpoint, plan, process.pid, memory=last)
                     elif kind == "raw":
-                        result = await run_raw(directory, endpoint, plan)
+                        result = await run_raw(directory, endpoint, plan, process.pid)
                     else:
-                        result = await run_grpc(directory, endpoint, plan)
+                        result = await run_grpc(directory, endpoint, plan, process.pid)
                     results[kind].append(result)
                 finally:
                     stop_server(process)
