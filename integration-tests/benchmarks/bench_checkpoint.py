@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sqlite3
 import statistics
 import sys
@@ -220,60 +221,57 @@ ANCHOR = "AsyncSqliteSaver (file)"
 # ----------------------------------------------------------------- workloads
 
 
-async def graph_bench(
-    saver: BaseCheckpointSaver[Any], is_async: bool, concurrency: int, seconds: float, warmup: float
-) -> Result:
+def graph_op(saver: BaseCheckpointSaver[Any], is_async: bool) -> Callable[[int, int], Any]:
+    """One graph invocation on the worker's own thread id."""
     graph = build_graph(saver)
     run = uuid.uuid4().hex[:8]
     inputs: State = {"payload": PAYLOAD, "steps": 0}
 
-    def config(w: int) -> dict[str, Any]:
-        return {"configurable": {"thread_id": f"{run}-{w}"}}
-
     if is_async:
 
         async def op(w: int, i: int) -> None:
-            await graph.ainvoke(inputs, config(w))
+            await graph.ainvoke(inputs, {"configurable": {"thread_id": f"{run}-{w}"}})
 
-        return await measure_async(op, concurrency, seconds, warmup)
+        return op
 
     def sync_op(w: int, i: int) -> None:
-        graph.invoke(inputs, config(w))
+        graph.invoke(inputs, {"configurable": {"thread_id": f"{run}-{w}"}})
 
-    return await asyncio.to_thread(measure_threads, sync_op, concurrency, seconds, warmup)
+    return sync_op
 
 
-async def raw_bench(
-    saver: BaseCheckpointSaver[Any], concurrency: int, seconds: float, warmup: float
-) -> dict[str, Result]:
+def raw_ops(saver: BaseCheckpointSaver[Any]) -> dict[str, Callable[[int, int], Awaitable[Any]]]:
     run = uuid.uuid4().hex[:8]
     value = {"payload": PAYLOAD, "steps": 1}
     heads: dict[int, Any] = {}
+
+    def config(w: int) -> Any:
+        return {"configurable": {"thread_id": f"{run}-{w}", "checkpoint_ns": ""}}
 
     async def put(w: int, i: int) -> None:
         cp = empty_checkpoint()
         cp["channel_values"] = value
         cp["channel_versions"] = {"payload": i + 1, "steps": i + 1}
-        parent = heads.get(w, {"configurable": {"thread_id": f"{run}-{w}", "checkpoint_ns": ""}})
         heads[w] = await saver.aput(
-            parent, cp, {"source": "loop", "step": i}, cp["channel_versions"]
+            heads.get(w, config(w)), cp, {"source": "loop", "step": i}, cp["channel_versions"]
         )
 
-    results = {"aput": await measure_async(put, concurrency, seconds, warmup)}
-
     async def get(w: int, i: int) -> None:
-        await saver.aget_tuple({"configurable": {"thread_id": f"{run}-{w}", "checkpoint_ns": ""}})
-
-    results["aget_tuple"] = await measure_async(get, concurrency, seconds, warmup)
+        await saver.aget_tuple(config(w))
 
     async def lst(w: int, i: int) -> None:
-        async for _ in saver.alist(
-            {"configurable": {"thread_id": f"{run}-{w}", "checkpoint_ns": ""}}, limit=5
-        ):
+        async for _ in saver.alist(config(w), limit=5):
             pass
 
-    results["alist(limit=5)"] = await measure_async(lst, concurrency, seconds, warmup)
-    return results
+    # aput first: the reads then find the checkpoints it wrote.
+    return {"aput": put, "aget_tuple": get, "alist(limit=5)": lst}
+
+
+def merge(into: dict[str, Result], name: str, result: Result) -> None:
+    total = into.setdefault(name, Result(0, 0.0))
+    total.ops += result.ops
+    total.seconds += result.seconds
+    total.latencies.extend(result.latencies)
 
 
 async def main(argv: list[str] | None = None) -> int:
@@ -282,68 +280,103 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency", type=int, default=None, help="concurrent threads (default 64; quick: 8)"
     )
-    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds per cell (default 5; quick: 1)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="window per saver and round (default 2)"
+    )
     parser.add_argument(
         "--local-only", action="store_true", help="skip the remote store worker (diagnostics)"
     )
     args = parser.parse_args(argv)
     savers = SAVERS[1:] if args.local_only else SAVERS
     ours_name = savers[0][0]
-    seconds = args.seconds or (0.3 if args.quick else 10.0)
-    warmup = 0.2 if args.quick else 3.0
+    seconds = args.seconds or (0.3 if args.quick else 2.0)
+    warmup = 0.2 if args.quick else 0.5
+    rounds = args.rounds or (1 if args.quick else 5)
     high = args.concurrency or (8 if args.quick else 64)
-    graph_rows: dict[str, dict[int, Result]] = {}
-    raw_rows: dict[str, dict[int, dict[str, Result]]] = {}
+    graph_rows: dict[int, dict[str, Result]] = {1: {}, high: {}}
+    raw_rows: dict[tuple[int, str], dict[str, Result]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as tmp:
         workdir = Path(tmp)
-        for name, factory, is_async in savers:
-            print(f"- {name}", flush=True)
-            async with AsyncExitStack() as stack:
-                saver = await stack.enter_async_context(factory(workdir))
-                graph_rows[name] = {}
+        async with AsyncExitStack() as stack:
+            opened: list[tuple[str, BaseCheckpointSaver[Any], bool]] = []
+            for name, factory, is_async in savers:
+                opened.append((name, await stack.enter_async_context(factory(workdir)), is_async))
+            # Every cell runs each saver in turn, in a rotating order, for
+            # several short rounds: load swings on the shared machine then hit
+            # every saver alike.
+            for c in (1, high):
+                ops = {name: graph_op(saver, is_async) for name, saver, is_async in opened}
+                for r in range(rounds):
+                    order = opened[r % len(opened) :] + opened[: r % len(opened)]
+                    for name, _, is_async in order:
+                        if is_async:
+                            result = await measure_async(ops[name], c, seconds, warmup)
+                        else:
+                            result = await asyncio.to_thread(
+                                measure_threads, ops[name], c, seconds, warmup
+                            )
+                        merge(graph_rows[c], name, result)
+                print(f"- graph c={c} done", flush=True)
+            async_savers = [(n, s) for n, s, is_async in opened if is_async]
+            per_saver = {name: raw_ops(saver) for name, saver in async_savers}
+            for op_name in ("aput", "aget_tuple", "alist(limit=5)"):
                 for c in (1, high):
-                    graph_rows[name][c] = await graph_bench(saver, is_async, c, seconds, warmup)
-                if is_async:
-                    raw_rows[name] = {}
-                    for c in (1, high):
-                        raw_rows[name][c] = await raw_bench(saver, c, seconds / 2, warmup / 3)
+                    cell = raw_rows.setdefault((c, op_name), {})
+                    for r in range(rounds):
+                        order = (
+                            async_savers[r % len(async_savers) :]
+                            + async_savers[: r % len(async_savers)]
+                        )
+                        for name, _ in order:
+                            op = per_saver[name][op_name]
+                            merge(cell, name, await measure_async(op, c, seconds / 2, warmup))
+                print(f"- raw {op_name} done", flush=True)
 
     print()
     print(
-        f"3-node graph, ~1 KB state, default durability ({seconds:.1f}s per cell; "
-        "2 shared cores: noisy, compare ratios)"
+        f"3-node graph, ~1 KB state, default durability ({rounds} rounds x {seconds:.1f}s "
+        "per cell; 2 shared cores: noisy, compare ratios)"
     )
     header = f"{'saver':34} {'c=1 inv/s':>10} {'c=1 p50 ms':>11} {f'c={high} inv/s':>12}"
     print(header)
     print("-" * len(header))
-    for name, row in graph_rows.items():
-        print(f"{name:34} {row[1].rate:10.1f} {row[1].p50_ms:11.2f} {row[high].rate:12.1f}")
+    for name, _, _ in opened:
+        one, many = graph_rows[1][name], graph_rows[high][name]
+        print(f"{name:34} {one.rate:10.1f} {one.p50_ms:11.2f} {many.rate:12.1f}")
     print()
-    ops = ["aput", "aget_tuple", "alist(limit=5)"]
+    op_names = ["aput", "aget_tuple", "alist(limit=5)"]
     header = f"{'raw calls/s':34}" + "".join(
-        f" {op + ' c=' + str(c):>20}" for op in ops for c in (1, high)
+        f" {op + ' c=' + str(c):>20}" for op in op_names for c in (1, high)
     )
     print(header)
     print("-" * len(header))
-    for name, by_c in raw_rows.items():
-        cells = "".join(f" {by_c[c][op].rate:20.0f}" for op in ops for c in (1, high))
+    for name, _ in async_savers:
+        cells = "".join(
+            f" {raw_rows[(c, op)][name].rate:20.0f}" for op in op_names for c in (1, high)
+        )
         print(f"{name:34}{cells}")
     print()
 
     def ratio(a: float, b: float) -> str:
-        return f"{a / b:.2f}x" if a and b else "n/a (no completion in the window)"
+        if a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b):
+            return f"{a / b:.2f}x"
+        return "n/a (no completion in the window)"
 
-    ours, anchor = graph_rows[ours_name], graph_rows[ANCHOR]
+    ours_1, anchor_1 = graph_rows[1][ours_name], graph_rows[1][ANCHOR]
+    ours_n, anchor_n = graph_rows[high][ours_name], graph_rows[high][ANCHOR]
     print(f"ratios ({ours_name} / AsyncSqliteSaver):")
-    print(f"  inv/s at c={high}: {ratio(ours[high].rate, anchor[high].rate)} (goal >= 2x)")
-    print(f"  inv/s at c=1:  {ratio(ours[1].rate, anchor[1].rate)}")
+    print(f"  inv/s at c={high}: {ratio(ours_n.rate, anchor_n.rate)} (goal >= 2x)")
+    print(f"  inv/s at c=1:  {ratio(ours_1.rate, anchor_1.rate)}")
     print(
-        f"  p50 latency at c=1: {ratio(ours[1].p50_ms, anchor[1].p50_ms)} of "
+        f"  p50 latency at c=1: {ratio(ours_1.p50_ms, anchor_1.p50_ms)} of "
         "AsyncSqliteSaver's (goal <= 1.5x)"
     )
-    for op in ops:
+    for op in op_names:
         for c in (1, high):
-            mine, theirs = raw_rows[ours_name][c][op].rate, raw_rows[ANCHOR][c][op].rate
+            mine, theirs = raw_rows[(c, op)][ours_name].rate, raw_rows[(c, op)][ANCHOR].rate
             print(f"  raw {op} calls/s at c={c}: {ratio(mine, theirs)}")
     print("RATIOS-OK")
     return 0

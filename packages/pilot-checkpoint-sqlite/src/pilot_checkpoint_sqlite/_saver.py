@@ -38,6 +38,7 @@ from pilot_checkpoint_sqlite import _env, _wire
 from pilot_checkpoint_sqlite._backend import CheckpointBackend
 from pilot_checkpoint_sqlite._loop import ForeignLoop, LoopThread
 from pilot_checkpoint_sqlite._options import DEFAULT_PORT, SaverOptions
+from pilot_checkpoint_sqlite._perloop import LoopBackends
 from pilot_checkpoint_sqlite.errors import (
     CheckpointConfigError,
     CheckpointProtocolError,
@@ -177,6 +178,13 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
         # A loop-agnostic backend (an in-process store) is called on the
         # caller's own loop; anything else lives on the saver's loop.
         self._direct = backend is not None and bool(getattr(backend, "loop_agnostic", False))
+        # With its own transport, the saver opens one connection per calling
+        # event loop, so async calls run on the caller's loop (see _perloop).
+        self._per_loop = (
+            LoopBackends(self._factory)
+            if backend is None and isinstance(home, LoopThread)
+            else None
+        )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -190,8 +198,15 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
                 self._backend = await self._factory()
             return self._backend
 
-    async def _invoke(self, method: str, payload: dict[str, Any], key: str | None) -> Any:
-        backend = await self._ensure_backend()
+    async def _invoke(
+        self,
+        method: str,
+        payload: dict[str, Any],
+        key: str | None,
+        backend: CheckpointBackend | None = None,
+    ) -> Any:
+        if backend is None:
+            backend = await self._ensure_backend()
         retry = self.options.retry
         delay = retry.initial_backoff
         attempt = 1
@@ -219,10 +234,13 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
             attempt += 1
 
     async def _acall(self, method: str, payload: dict[str, Any], key: str | None = None) -> Any:
+        if self._closed:
+            raise StoreClosedError("the checkpoint saver is closed")
         if self._direct:
-            if self._closed:
-                raise StoreClosedError("the checkpoint saver is closed")
             return await self._invoke(method, payload, key)
+        if self._per_loop is not None and not self._home.on_loop_thread():
+            backend = await self._per_loop.get()
+            return await self._invoke(method, payload, key, backend)
         return await self._home.run_async(self._invoke(method, payload, key))
 
     def _call(self, method: str, payload: dict[str, Any], key: str | None = None) -> Any:
@@ -239,6 +257,8 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
         """
         with self._close_lock:
             self._closed = True
+            if self._per_loop is not None:
+                self._per_loop.close(self.options.close_timeout)
             self._home.stop(self._close_backend, self.options.close_timeout)
 
     async def aclose(self) -> None:
@@ -248,6 +268,9 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
             await self._close_backend()
             self._home.stop(None, 0)
             return
+        if self._per_loop is not None:
+            self._closed = True
+            await self._per_loop.aclose(self.options.close_timeout)
         await asyncio.to_thread(self.close)
 
     async def _close_backend(self) -> None:
