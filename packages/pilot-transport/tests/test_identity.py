@@ -87,3 +87,15 @@ def test_decode_public_key_rejects_garbage_with_value_error(text: str) -> None:
     except ValueError:
         return
     assert len(raw) == 32
+
+
+def test_symlinked_key_files_are_followed_and_the_target_mode_checked(tmp_path: Path) -> None:
+    identity = Identity.generate()
+    target = tmp_path / "secret" / "key"
+    identity.save(target)
+    link = tmp_path / "identity.key"
+    link.symlink_to(target)
+    assert Identity.load(link) == identity
+    os.chmod(target, 0o644)
+    with pytest.raises(InsecureKeyFileError):
+        Identity.load(link)

@@ -152,7 +152,8 @@ class Identity:
         """
         file = Path(path)
         try:
-            fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            # Symlinks are followed (secret mounts use them); the mode checked is the target's.
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError as exc:
             raise IdentityError(
                 f"identity key file {str(file)!r} does not exist "

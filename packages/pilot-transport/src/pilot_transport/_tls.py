@@ -265,11 +265,12 @@ class _Handshake:
 
     async def flush(self) -> None:
         data = self.outgoing.read()
+        if not data:
+            return  # never write first out of turn: a small-buffer carrier would deadlock
         if self.preamble_pending:
             self.preamble_pending = False
             data = self.config.preamble + data
-        if data:
-            await self.stream.write(data)
+        await self.stream.write(data)
 
     async def receive(self) -> None:
         data = await self.stream.read(_READ_CHUNK)
