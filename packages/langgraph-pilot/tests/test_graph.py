@@ -153,8 +153,8 @@ async def test_progress_keeps_the_idle_timeout_alive_and_timeouts_cancel(cluster
 
     @pilot_handler("long_with_progress", timeout_secs=30)
     async def long_with_progress(_: Any, ctx: Context) -> dict[str, Any]:
-        for i in range(8):
-            await asyncio.sleep(0.1)  # a slice of long-running work
+        for i in range(15):
+            await asyncio.sleep(0.1)  # a slice of long-running work (1.5 s in all)
             await ctx.report_progress({"done": i})
         return {"keys": ["finished"]}
 
@@ -168,7 +168,7 @@ async def test_progress_keeps_the_idle_timeout_alive_and_timeouts_cancel(cluster
         return {"keys": ["finished"]}
 
     await cluster.start_worker("worker-a", [long_with_progress, long_silent])
-    idle = TimeoutPolicy(idle_timeout=0.35, refresh_on="heartbeat")
+    idle = TimeoutPolicy(idle_timeout=1.0, refresh_on="heartbeat")
 
     def one_node(name: str) -> Any:
         graph = StateGraph(State)

@@ -11,6 +11,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, patch_config
 
 from pilot_langgraph import _runtime
+from pilot_langgraph._callbacks import run_as_chain
 from pilot_langgraph._remote import CONFIG_KEY_FANOUT_LABEL, PilotRemoteRunnable
 from pilot_langgraph.errors import PilotUsageError
 
@@ -80,21 +81,22 @@ class PilotFanoutRunnable(Runnable[Any, Any]):
                 return target.transport
         return None
 
-    def _child_config(
-        self, config: RunnableConfig, run_manager: AsyncCallbackManagerForChainRun, label: str
-    ) -> RunnableConfig:
-        child = patch_config(config, callbacks=run_manager.get_child(f"fanout:{label}"))
-        configurable = dict(child.get("configurable") or {})
-        configurable[CONFIG_KEY_FANOUT_LABEL] = label
-        child["configurable"] = configurable
+    @staticmethod
+    def _child_config(config: RunnableConfig, label: str) -> RunnableConfig:
+        child = patch_config(config)
+        child["configurable"] = {
+            **(config.get("configurable") or {}),
+            CONFIG_KEY_FANOUT_LABEL: label,
+        }
+        child["tags"] = [*(config.get("tags") or []), f"fanout:{label}"]
         return child
 
     async def _as_completed(
-        self, input: Any, config: RunnableConfig, run_manager: AsyncCallbackManagerForChainRun
+        self, input: Any, config: RunnableConfig
     ) -> AsyncIterator[tuple[str, Any]]:
         async def run(label: str, target: Runnable[Any, Any]) -> tuple[str, Any]:
             try:
-                result = await target.ainvoke(input, self._child_config(config, run_manager, label))
+                result = await target.ainvoke(input, self._child_config(config, label))
             except Exception as exc:
                 if not self.return_exceptions:
                     raise
@@ -112,11 +114,9 @@ class PilotFanoutRunnable(Runnable[Any, Any]):
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _ainvoke(
-        self, input: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
-    ) -> dict[str, Any]:
+    async def _ainvoke(self, input: Any, config: RunnableConfig) -> dict[str, Any]:
         results: dict[str, Any] = {}
-        async for label, result in self._as_completed(input, config, run_manager):
+        async for label, result in self._as_completed(input, config):
             results[label] = result
         return {label: results[label] for label in self.targets}
 
@@ -124,7 +124,9 @@ class PilotFanoutRunnable(Runnable[Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         del kwargs
-        return await self._acall_with_config(self._ainvoke, input, ensure_config(config))
+        return await run_as_chain(
+            self.get_name(), input, ensure_config(config), lambda c: self._ainvoke(input, c)
+        )
 
     def invoke(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
@@ -145,10 +147,10 @@ class PilotFanoutRunnable(Runnable[Any, Any]):
         if _TASK_ID_KEY in (config.get("configurable") or {}):
             # Running as a LangGraph node (astream_events/astream_log drive nodes with
             # astream and keep the last chunk as the node's output): one chunk, the update.
-            results = dict([pair async for pair in self._as_completed(value, config, run_manager)])
+            results = dict([pair async for pair in self._as_completed(value, config)])
             yield {label: results[label] for label in self.targets}
             return
-        async for pair in self._as_completed(value, config, run_manager):
+        async for pair in self._as_completed(value, config):
             yield pair
 
     async def astream(  # pyright: ignore[reportIncompatibleMethodOverride]

@@ -15,8 +15,8 @@ node and the fan-out label, so a handler that honours the key (or is declared
 ``idempotent=True`` on the worker) runs its side effect once.
 
 Callbacks, tags, metadata and run names follow LangChain's rules because the
-calls go through ``Runnable._acall_with_config`` /
-``_atransform_stream_with_config``. Inside a LangGraph node, progress reports
+calls are wrapped in a chain run (``_callbacks.run_as_chain``, and
+``Runnable._atransform_stream_with_config`` for streams). Inside a LangGraph node, progress reports
 from the handler call ``runtime.heartbeat()`` (idle timeouts stay alive) and
 stream chunks go to ``runtime.stream_writer`` (``stream_mode="custom"``).
 Cancelling the awaiting task cancels the remote call.
@@ -36,8 +36,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config
+from opentelemetry import propagate as otel_propagate
+from opentelemetry import trace as otel_trace
 
 from pilot_langgraph import _rpc, _runtime
+from pilot_langgraph._callbacks import run_as_chain
 from pilot_langgraph._codec import LangGraphCodec
 from pilot_langgraph._env import DEFAULT_PORT
 from pilot_langgraph._headers import (
@@ -127,12 +130,11 @@ class _PeerRing:
 
 
 def _traceparent() -> str | None:
-    try:
-        from opentelemetry import propagate
-    except ImportError:  # pragma: no cover - opentelemetry-api is optional here
+    """W3C trace context of the current OpenTelemetry span, if one is recording."""
+    if not otel_trace.get_current_span().get_span_context().is_valid:
         return None
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    otel_propagate.inject(carrier)
     return carrier.get("traceparent")
 
 
@@ -251,7 +253,10 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
     # -- LangChain Runnable interface ---------------------------------------
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return await self._acall_with_config(self._ainvoke, input, ensure_config(config), **kwargs)
+        del kwargs
+        return await run_as_chain(
+            self.get_name(), input, ensure_config(config), lambda c: self._ainvoke(input, c)
+        )
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return _runtime.run_sync(
@@ -368,14 +373,7 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
             return True
         return isinstance(exc, RemoteResourceExhaustedError) and len(self.peers) > 1
 
-    async def _ainvoke(
-        self,
-        input: Any,
-        run_manager: AsyncCallbackManagerForChainRun,
-        config: RunnableConfig,
-        **kwargs: Any,
-    ) -> Any:
-        del run_manager, kwargs
+    async def _ainvoke(self, input: Any, config: RunnableConfig) -> Any:
         if self.options.streaming:
             chunks: list[Any] = []
             async for chunk in self._stream_with_retries(input, config):
