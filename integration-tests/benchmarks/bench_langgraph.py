@@ -283,6 +283,7 @@ def main() -> int:
         server = subprocess.Popen(
             [sys.executable, __file__, "--serve-langserve", str(port), str(cert), str(key)],
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # LangServe prints a banner
         )
         try:
             handlers = root / "bench_handlers.py"

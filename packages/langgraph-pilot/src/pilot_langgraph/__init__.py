@@ -28,7 +28,7 @@ from pilot_langgraph.errors import (
 )
 
 if TYPE_CHECKING:
-    from pilot_channels import PilotChannel, PilotPublisher
+    from pilot_channels import PilotChannel, PilotPublisher, publish_once
     from pilot_checkpoint_sqlite import PilotCheckpointSaver
     from pilot_worker import Context, pilot_handler
 
@@ -70,6 +70,7 @@ __all__ = [
     "describe_handlers",
     "ensure_trust",
     "pilot_handler",
+    "publish_once",
 ]
 
 __version__ = "0.1.0"
@@ -79,6 +80,7 @@ _LAZY: dict[str, str] = {
     "pilot_handler": "pilot_worker",
     "PilotChannel": "pilot_channels",
     "PilotPublisher": "pilot_channels",
+    "publish_once": "pilot_channels",
     "PilotCheckpointSaver": "pilot_checkpoint_sqlite",
     "LangGraphCodec": "pilot_langgraph._codec",
     "HandlerInfo": "pilot_langgraph._discover",
