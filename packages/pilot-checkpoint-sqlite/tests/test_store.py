@@ -489,3 +489,27 @@ async def test_malformed_requests_are_refused(
     service = CheckpointService(store)
     with pytest.raises((CheckpointProtocolError, CheckpointUsageError)):
         await service.handle(method, payload, caller_node_id="someone")
+
+
+async def test_metadata_round_trips_exactly_and_filters_on_its_json_view(
+    saver: PilotCheckpointSaver,
+) -> None:
+    thread = str(uuid.uuid4())
+    odd: dict[str, Any] = {
+        "source": "update",
+        "step": 4,
+        "by_int": {1: "one", 2: "two"},
+        "raw": b"\x00\x01",
+        "nested": {"a": [1, {"b": None}]},
+    }
+    config = await saver.aput(_config(thread), _checkpoint(), odd, {})  # pyright: ignore[reportArgumentType]
+    tup = await saver.aget_tuple(config)
+    assert tup is not None
+    for key, value in odd.items():
+        assert tup.metadata[key] == value  # pyright: ignore[reportTypedDictNotRequiredAccess]
+    assert (
+        len(await _collect(saver, _config(thread), filter={"nested": {"a": [1, {"b": None}]}})) == 1
+    )
+    assert len(await _collect(saver, _config(thread), filter={"source": "update", "step": 4})) == 1
+    assert await _collect(saver, _config(thread), filter={"step": 5}) == []
+    assert await _collect(saver, _config(thread), filter={"missing": 1}) == []

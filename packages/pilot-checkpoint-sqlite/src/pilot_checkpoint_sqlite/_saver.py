@@ -68,7 +68,7 @@ def _json_default(value: object) -> object:
 
 def metadata_json(value: Mapping[str, Any]) -> str:
     """The JSON text the store filters ``list`` on."""
-    return json.dumps(value, default=_json_default, separators=(",", ":"), sort_keys=True)
+    return json.dumps(value, default=_json_default, separators=(",", ":"))
 
 
 class PilotCheckpointSaver(BaseCheckpointSaver[str]):

@@ -44,6 +44,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -306,43 +307,116 @@ class _Writer:
 
 
 class _Readers:
-    """A bounded pool of reader threads, each with its own connection."""
+    """Reader threads, each with its own connection, fed by one bounded queue."""
 
-    def __init__(self, engine: Engine, statements: Statements, size: int) -> None:
-        self._engine = engine
-        self._statements = statements
+    def __init__(self, engine: Engine, statements: Statements, size: int, max_queue: int) -> None:
         self._begin = statements.begin_read()
-        self._local = threading.local()
-        self._all: list[_Db] = []
+        self._queue: queue.Queue[_Op | None] = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=size, thread_name_prefix="pilot-ckpt-reader"
-        )
-
-    def _db(self) -> _Db:
-        db: _Db | None = getattr(self._local, "db", None)
-        if db is None:
-            db = _Db(self._engine, self._statements)
-            self._local.db = db
-            with self._lock:
-                self._all.append(db)
-        return db
+        self._closed = False
+        self._dbs = [_Db(engine, statements) for _ in range(size)]
+        self._threads = [
+            threading.Thread(
+                target=self._run, args=(db,), name=f"pilot-ckpt-reader-{i}", daemon=True
+            )
+            for i, db in enumerate(self._dbs)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, fn: Callable[[_Db], T]) -> concurrent.futures.Future[T]:
-        def _run() -> T:
-            return self._db().transaction(self._begin, fn)
-
-        try:
-            return self._pool.submit(_run)
-        except RuntimeError:
-            raise StoreClosedError("the checkpoint store is closed") from None
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        op = _Op(fn)
         with self._lock:
-            for db in self._all:
-                db.close()
-            self._all.clear()
+            if self._closed:
+                raise StoreClosedError("the checkpoint store is closed")
+            try:
+                self._queue.put_nowait(op)
+            except queue.Full:
+                raise StoreOverloadedError(
+                    "checkpoint store read queue is full; retry later"
+                ) from None
+        return op.future
+
+    def _run(self, db: _Db) -> None:
+        try:
+            while True:
+                op = self._queue.get()
+                if op is None:
+                    return
+                if not op.future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    result = db.transaction(self._begin, op.fn)
+                except BaseException as exc:
+                    op.future.set_exception(
+                        exc if isinstance(exc, Exception) else db.translate(exc)
+                    )
+                else:
+                    op.future.set_result(result)
+        finally:
+            db.close()
+
+    def close(self, timeout: float) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for _ in self._threads:
+            self._queue.put(None, timeout=timeout)
+        for thread in self._threads:
+            thread.join(timeout)
+
+
+class _Relay:
+    """Hands results from the store's threads to one event loop, one wake-up per burst.
+
+    ``asyncio.wrap_future`` wakes the loop once per result (a self-pipe write
+    and a GIL hand-over each); a group commit resolves dozens of requests at
+    once, so the relay queues results and schedules one drain while one is
+    pending.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[tuple[concurrent.futures.Future[Any], asyncio.Future[Any]]] = []
+        self._scheduled = False
+
+    def watch(self, cfut: concurrent.futures.Future[T]) -> asyncio.Future[T]:
+        afut: asyncio.Future[T] = self._loop.create_future()
+
+        def _on_cancel(done: asyncio.Future[T]) -> None:
+            if done.cancelled():
+                cfut.cancel()  # dropped if not started yet
+
+        afut.add_done_callback(_on_cancel)
+        cfut.add_done_callback(lambda f: self._push(f, afut))
+        return afut
+
+    def _push(self, cfut: concurrent.futures.Future[Any], afut: asyncio.Future[Any]) -> None:
+        with self._lock:
+            self._ready.append((cfut, afut))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+            self._scheduled = False
+        for cfut, afut in ready:
+            if afut.done():
+                continue
+            if cfut.cancelled():
+                afut.cancel()
+                continue
+            exc = cfut.exception()
+            if exc is not None:
+                afut.set_exception(exc)
+            else:
+                afut.set_result(cfut.result())
 
 
 # ---------------------------------------------------------------- engines
@@ -454,7 +528,11 @@ class CheckpointStore:
             max_queue=options.max_queue,
             name="pilot-ckpt-writer",
         )
-        self._readers = _Readers(engine, self._sql, options.read_pool_size)
+        self._readers = _Readers(engine, self._sql, options.read_pool_size, options.max_queue)
+        self._relays: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Relay] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._relays_lock = threading.Lock()
         self._closed = False
 
     # -------------------------------------------------------- lifecycle
@@ -504,7 +582,7 @@ class CheckpointStore:
             return
         self._closed = True
         self._writer.close(timeout)
-        self._readers.close()
+        self._readers.close(timeout)
         self._engine.dispose()
 
     async def aclose(self, grace: float = 30.0) -> None:
@@ -518,15 +596,25 @@ class CheckpointStore:
 
     # -------------------------------------------------------- plumbing
 
+    def _relay(self) -> _Relay:
+        loop = asyncio.get_running_loop()
+        relay = self._relays.get(loop)
+        if relay is None:
+            with self._relays_lock:
+                relay = self._relays.get(loop)
+                if relay is None:
+                    relay = self._relays[loop] = _Relay(loop)
+        return relay
+
     async def _write(self, fn: Callable[[_Db], T]) -> T:
         if self._closed:
             raise StoreClosedError("the checkpoint store is closed")
-        return await asyncio.wrap_future(self._writer.submit(fn))
+        return await self._relay().watch(self._writer.submit(fn))
 
     async def _read(self, fn: Callable[[_Db], T]) -> T:
         if self._closed:
             raise StoreClosedError("the checkpoint store is closed")
-        return await asyncio.wrap_future(self._readers.submit(fn))
+        return await self._relay().watch(self._readers.submit(fn))
 
     # -------------------------------------------------------- writes
 
