@@ -252,6 +252,8 @@ class Result:
     c64_p99: float = 0.0
     c1_cpu: float = 0.0
     c64_cpu: float = 0.0
+    stream1_cpu: float = 0.0
+    stream64_cpu: float = 0.0
     stream1: float = 0.0
     stream64: float = 0.0
     extra: dict[str, str] = field(default_factory=lambda: {})
@@ -300,14 +302,22 @@ async def measure_both(
     )
 
 
-async def measure_stream(stream: Callable[[int], Awaitable[int]], calls: int, items: int) -> float:
-    """Items/s of ``calls`` concurrent streaming calls of ``items`` items each."""
+async def measure_stream(
+    stream: Callable[[int], Awaitable[int]], calls: int, items: int, server_pid: int
+) -> tuple[float, float]:
+    """(items/s, CPU us per item of client + server) of ``calls`` concurrent streaming calls
+    of ``items`` items each."""
     await stream(100)
+    server = psutil.Process(server_pid)
+    server_cpu = sum(server.cpu_times()[:2])
+    client_cpu = time.process_time()
     started = time.perf_counter()
     counts = await asyncio.gather(*(stream(items) for _ in range(calls)))
     elapsed = time.perf_counter() - started
-    assert sum(counts) == calls * items
-    return sum(counts) / elapsed
+    cpu = sum(server.cpu_times()[:2]) - server_cpu + time.process_time() - client_cpu
+    total = sum(counts)
+    assert total == calls * items
+    return total / elapsed, cpu / total * 1e6
 
 
 @dataclass
@@ -342,8 +352,12 @@ async def run_ours(
             return count
 
         await measure_both(call, plan, server_pid, result)
-        result.stream1 = await measure_stream(stream, 1, plan.stream_items)
-        result.stream64 = await measure_stream(stream, 64, plan.stream64_items)
+        result.stream1, result.stream1_cpu = await measure_stream(
+            stream, 1, plan.stream_items, server_pid
+        )
+        result.stream64, result.stream64_cpu = await measure_stream(
+            stream, 64, plan.stream64_items, server_pid
+        )
         if memory:
             await measure_memory(client, server_pid, plan, result)
     return result
@@ -429,8 +443,12 @@ async def run_grpc(directory: Path, endpoint: str, plan: Plan, server_pid: int) 
             return count
 
         await measure_both(call, plan, server_pid, result)
-        result.stream1 = await measure_stream(stream, 1, plan.stream_items)
-        result.stream64 = await measure_stream(stream, 64, plan.stream64_items)
+        result.stream1, result.stream1_cpu = await measure_stream(
+            stream, 1, plan.stream_items, server_pid
+        )
+        result.stream64, result.stream64_cpu = await measure_stream(
+            stream, 64, plan.stream64_items, server_pid
+        )
     return result
 
 
@@ -528,9 +546,12 @@ def report(results: dict[str, Result], plan: Plan, quick: bool, rounds: int) -> 
             f"{fmt_rate(r.stream1):>17} {fmt_rate(r.stream64):>18}"
         )
     print()
-    print("CPU per unary call, client + server processes (us):")
+    print("CPU per call / per item, client + server processes (us):")
+    print(f"  {'':14} {'c=1':>8} {'c=64':>8} {'stream 1':>9} {'stream 64':>10}")
     for r in (ours, raw, grpc_):
-        print(f"  {r.name:14} c=1 {r.c1_cpu:8,.0f}   c=64 {r.c64_cpu:8,.0f}")
+        s1 = f"{r.stream1_cpu:9,.1f}" if r.stream1_cpu else f"{'-':>9}"
+        s64 = f"{r.stream64_cpu:10,.1f}" if r.stream64_cpu else f"{'-':>10}"
+        print(f"  {r.name:14} {r.c1_cpu:8,.0f} {r.c64_cpu:8,.0f} {s1} {s64}")
     print()
     for line in ours.extra.values():
         print(line)
@@ -544,6 +565,9 @@ def report(results: dict[str, Result], plan: Plan, quick: bool, rounds: int) -> 
     print(f"  c=64 CPU/call ours/raw  = {ours.c64_cpu / raw.c64_cpu:5.2f}")
     print(f"  stream 1      ours/grpc = {ours.stream1 / grpc_.stream1:5.2f}  [>= 5]")
     print(f"  stream 64     ours/grpc = {ours.stream64 / grpc_.stream64:5.2f}  [>= 5]")
+    print(f"  stream 1  CPU/item grpc/ours = {grpc_.stream1_cpu / ours.stream1_cpu:5.2f}")
+    print(f"  stream 64 CPU/item grpc/ours = {grpc_.stream64_cpu / ours.stream64_cpu:5.2f}")
+    print(f"  c=64 CPU/call      grpc/ours = {grpc_.c64_cpu / ours.c64_cpu:5.2f}")
 
 
 def best(results: list[Result]) -> Result:
@@ -551,7 +575,10 @@ def best(results: list[Result]) -> Result:
     merged = Result(results[0].name)
     for name in ("c1_rate", "c64_rate", "stream1", "stream64"):
         setattr(merged, name, max(getattr(r, name) for r in results))
-    for name in ("c1_p50", "c1_p99", "c64_p50", "c64_p99", "c1_cpu", "c64_cpu"):
+    for name in (
+        "c1_p50", "c1_p99", "c64_p50", "c64_p99", "c1_cpu", "c64_cpu", "stream1_cpu",
+        "stream64_cpu",
+    ):  # fmt: skip
         setattr(merged, name, min(getattr(r, name) for r in results))
     for r in results:
         merged.extra.update(r.extra)

@@ -600,12 +600,9 @@ class ResponseStream:
         items = call.items
         if items:  # the common case inline: an item is already here
             message, flow = items.popleft()
-            if not call.done:
-                conn = self._conn
-                core = conn.core
-                core.consumed(call.call_id, flow)
-                if core.pending_output:
-                    conn.kick()
+            call.unacked += flow
+            if call.unacked >= self._conn.core.credit_threshold:
+                self._conn.credit(call)
             return message
         return await self._conn.next_item(call)
 

@@ -360,6 +360,7 @@ class ClientCall:
         "on_progress",
         "send_waiter",
         "timer",
+        "unacked",
         "waiter",
     )
 
@@ -375,6 +376,8 @@ class ClientCall:
         self.send_waiter: asyncio.Future[None] | None = None
         self.done = False
         self.error: BaseException | None = None
+        # Consumed item bytes not yet reported to the protocol (reported in batches).
+        self.unacked = 0
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -579,17 +582,29 @@ class ClientConnection(_ConnectionBase):
 
     # -- consuming streams and progress ---------------------------------------------------------
 
+    def credit(self, call: ClientCall) -> None:
+        """Report the call's consumed bytes to the protocol (which may send CREDIT)."""
+        unacked = call.unacked
+        if unacked and not call.done:
+            call.unacked = 0
+            core = self.core
+            core.consumed(call.call_id, unacked)
+            if core.pending_output:
+                self.kick()
+
     async def next_item(self, call: ClientCall) -> Any:
         """The next stream item; raises StopAsyncIteration at a clean end, RpcError on error."""
         while True:
             items = call.items
             if items:
                 message, flow = items.popleft()
-                if not call.done:
-                    self.core.consumed(call.call_id, flow)
-                    if self.core.pending_output:
-                        self.kick()
+                call.unacked += flow
+                if call.unacked >= self.core.credit_threshold:
+                    self.credit(call)
                 return message
+            # Nothing buffered: every consumed byte must be credited before waiting, or a
+            # server out of credit and a reader waiting for items would wait for each other.
+            self.credit(call)
             if call.done:
                 if call.error is not None:
                     raise call.error

@@ -420,7 +420,8 @@ class Connection:
         self.max_message_size = max_message_size
         self.max_concurrent_calls = max_concurrent_calls if role is Role.SERVER else 0
         self.initial_window = initial_window
-        self._credit_threshold = max(1, initial_window // 4)
+        self.credit_threshold = max(1, initial_window // 4)
+        """Consumed bytes worth a CREDIT frame (callers may batch ``consumed`` up to this)."""
         # The peer's limits; known once its HELLO is in.
         self.peer_hello: HelloReceived | None = None
         self.peer_max_frame_size = MIN_FRAME_SIZE
@@ -769,7 +770,12 @@ class Connection:
         call = self._calls.get(call_id)
         if call is None or self.closed:
             raise CallNotActive(f"call {call_id} is not active")
-        data = self.encode(value)
+        try:
+            data = self._packer.pack(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise MessageEncodeError(f"not msgpack-encodable: {exc}") from exc
+        if len(data) > self.peer_max_message_size:
+            raise MessageTooLarge(len(data), self.peer_max_message_size)
         if self.role is Role.SERVER:
             # OPEN --ITEM--> OPEN is the hot path of every stream: skip the table lookup.
             if call.response is not Half.OPEN or not call.stream_response:
@@ -793,7 +799,7 @@ class Connection:
         if call is None or self.closed or flow <= 0:
             return
         unacked = call.recv_unacked + flow
-        if unacked >= self._credit_threshold:
+        if unacked >= self.credit_threshold:
             call.recv_unacked = 0
             call.recv_credit += unacked
             self._emit(F.CREDIT, 0, call_id, _pack_u32(unacked))
