@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib
 import inspect
 import json
@@ -606,6 +607,10 @@ async def run(
         served = [name for name, spec in worker.handlers.items() if not spec.builtin]
         if not served:
             logger.warning("no handlers registered: only _health and _handlers are served")
+        # Everything imported and built so far lives as long as the process:
+        # keep the cyclic GC from rescanning it on every collection.
+        gc.collect()
+        gc.freeze()
         try:
             await worker.start()
         except (TransportError, OSError) as exc:

@@ -118,6 +118,7 @@ _PERCENTILES = (50.0, 90.0, 99.0)
 _SHUTDOWN_HOOK_TIMEOUT = 10.0
 State = Literal["new", "serving", "draining", "closed"]
 _NO_SPAN: trace.Span = trace.INVALID_SPAN
+_WIRE_TYPES = frozenset({dict, list, str, int, float, bool, bytes, type(None), tuple})
 
 
 class _SyncHolder:
@@ -1001,6 +1002,8 @@ class WorkerServer:
     def _check_output(self, entry: _Entry, result: Any) -> Any:
         adapter = entry.output_adapter
         if adapter is None:
+            if result.__class__ in _WIRE_TYPES:  # the common case, without an ABC check
+                return result
             if isinstance(result, BaseModel):
                 return result.model_dump(mode="json")
             return result
@@ -1103,8 +1106,18 @@ class WorkerServer:
             ctx = self._context(entry, call, deadline)
             timer = self._timer_deadline(call, deadline)
             if timer is None:
+                spec = entry.spec
                 if self._middleware:
                     result = await self._run_chain(entry, payload, ctx, holder)
+                elif (
+                    spec.style is CallStyle.ASYNC
+                    and entry.input_adapter is None
+                    and spec.takes_payload
+                ):
+                    # Fast path (no middleware, no validation, async): no extra coroutine.
+                    fn = spec.fn
+                    raw = await (fn(payload, ctx) if spec.takes_context else fn(payload))
+                    result = self._check_output(entry, raw)
                 else:
                     result = await self._invoke(entry, payload, ctx, holder)
             else:
@@ -1245,13 +1258,12 @@ class WorkerServer:
         if not self._config.log_calls:
             return
         peer = call.peer
-        duration_ms = round(duration * 1000, 3)
         writer = self._call_log
         if writer is not None:
             writer.write(
                 handler=entry.spec.name,
                 status=code,
-                duration_ms=duration_ms,
+                duration_ms=duration * 1000,
                 caller=peer.node_id,
                 caller_name=peer.name,
                 request_id=call.request_id,
@@ -1260,6 +1272,7 @@ class WorkerServer:
             return
         level = logging.INFO if code == "OK" else logging.WARNING
         if call_logger.isEnabledFor(level):
+            duration_ms = round(duration * 1000, 3)
             # makeRecord + handle: one line per call without logging's stack walk.
             record = call_logger.makeRecord(
                 call_logger.name,
