@@ -99,3 +99,10 @@ def test_symlinked_key_files_are_followed_and_the_target_mode_checked(tmp_path: 
     os.chmod(target, 0o644)
     with pytest.raises(InsecureKeyFileError):
         Identity.load(link)
+
+
+def test_paths_expand_the_home_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    identity = Identity.load_or_create("~/.config/pilot/identity.key")
+    assert (tmp_path / ".config" / "pilot" / "identity.key").exists()
+    assert Identity.load("~/.config/pilot/identity.key") == identity

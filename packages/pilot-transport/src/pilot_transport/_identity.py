@@ -150,7 +150,7 @@ class Identity:
             IdentityError: the file is missing, unreadable or not an Ed25519 key.
             InsecureKeyFileError: the file's permissions let others read or write it.
         """
-        file = Path(path)
+        file = Path(path).expanduser()
         try:
             # Symlinks are followed (secret mounts use them); the mode checked is the target's.
             fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -197,7 +197,7 @@ class Identity:
         Raises:
             IdentityError, InsecureKeyFileError: as :meth:`load` and :meth:`save`.
         """
-        file = Path(path)
+        file = Path(path).expanduser()
         if file.exists() or file.is_symlink():
             return cls.load(file)
         identity = cls.generate()
@@ -213,7 +213,7 @@ class Identity:
         Raises:
             IdentityError: the file cannot be written.
         """
-        file = Path(path)
+        file = Path(path).expanduser()
         try:
             file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             atomic_write(file, self.private_key_pem(), mode=_KEY_FILE_MODE)

@@ -219,7 +219,7 @@ class TrustStore:
             TrustStoreError: the file exists but is malformed, unreadable, or
                 writable by group or others.
         """
-        file = Path(path)
+        file = Path(path).expanduser()
         snapshot, signature = _read_file(file)
         return cls(file, snapshot, signature)
 

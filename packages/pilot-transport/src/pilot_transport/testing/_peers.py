@@ -97,7 +97,7 @@ def create_test_peers(
     if len(set(names)) != len(names):
         raise ValueError(f"peer names must be unique: {names}")
     endpoints = dict(endpoints or {})
-    root = Path(directory)
+    root = Path(directory).expanduser()
     identities: dict[str, tuple[Identity, Path]] = {}
     for name in names:
         folder = root / name
