@@ -750,10 +750,8 @@ class WorkerServer:
 
             return streaming
 
-        async def unary(request: Any, call: IncomingCall) -> Any:
-            return await self.dispatch_unary(entry.spec.name, request, call, entry)
-
-        return unary
+        # A partial, not a closure: one coroutine frame less per call.
+        return functools.partial(self._unary, entry)
 
     def _start_periodic(self, periodic: _Periodic) -> None:
         if periodic.task is None or periodic.task.done():
@@ -1054,6 +1052,9 @@ class WorkerServer:
         """
         if entry is None:
             entry = self._entry_for(name, None)
+        return await self._unary(entry, request, call)
+
+    async def _unary(self, entry: _Entry, request: Any, call: IncomingCall) -> Any:
         spec = entry.spec
         start = self._loop_time()
         node_id = call.peer.node_id
