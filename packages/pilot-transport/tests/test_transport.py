@@ -415,3 +415,27 @@ async def test_huge_read_sizes_are_fine(
     assert await accepted.read(1 << 40) == b"x" * 100
     await stream.aclose()
     await accepted.aclose()
+
+
+async def test_connect_by_pilot_address_of_a_trusted_peer(peers: TestPeers, hub: str) -> None:
+    from pilot_transport import Address
+
+    peers.set_address("server", "0:0000.0000.0005")
+    async with (
+        open_transport(
+            hub, identity=peers["server"].identity, trust=peers["server"].trust
+        ) as server,
+        open_transport(
+            hub, identity=peers["client"].identity, trust=peers["client"].trust
+        ) as client,
+    ):
+        listener = await server.listen(1)
+        for peer in ("0:0000.0000.0005", Address(0, 5)):
+            stream, accepted = await asyncio.gather(client.connect(peer, 1), listener.accept())
+            assert stream.peer.name == "server"
+            assert stream.peer.address == "0:0000.0000.0005"
+            await stream.aclose()
+            await accepted.aclose()
+        assert client.resolve("0:0000.0000.0005").name == "server"
+        with pytest.raises(PeerUnreachableError, match="node id"):
+            await client.connect("0:0000.0000.0009", 1)  # unknown address: memory cannot route it

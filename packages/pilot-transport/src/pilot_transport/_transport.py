@@ -322,15 +322,15 @@ class Transport:
 
     async def connect(
         self,
-        peer: str | TrustedPeer | PeerInfo | DialTarget,
+        peer: str | Address | TrustedPeer | PeerInfo | DialTarget,
         port: int,
         *,
         timeout: float | None = None,  # noqa: ASYNC109  # a per-call deadline is the API
     ) -> SecureStream:
         """Open an authenticated stream to ``peer`` on virtual ``port``.
 
-        ``peer`` is a trust-store name, a node id, a Pilot address text, a
-        :class:`TrustedPeer` or :class:`PeerInfo`. When the peer is known by
+        ``peer`` is a trust-store name, a node id, a Pilot address (text or
+        :class:`Address`), a :class:`TrustedPeer` or :class:`PeerInfo`. When the peer is known by
         name or key, the handshake must prove exactly that key. Safe to
         repeat (each call opens a new stream). Cancelling abandons the attempt
         and closes whatever was opened.
@@ -394,8 +394,10 @@ class Transport:
         return entry
 
     def _dial_target(
-        self, peer: str | TrustedPeer | PeerInfo | DialTarget
+        self, peer: str | Address | TrustedPeer | PeerInfo | DialTarget
     ) -> tuple[DialTarget, bytes | None, str]:
+        if isinstance(peer, Address):
+            peer = str(peer)
         if isinstance(peer, DialTarget):
             label = peer.name or peer.endpoint or peer.address or peer.node_id or "peer"
             return peer, None, label
