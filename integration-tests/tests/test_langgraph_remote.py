@@ -262,3 +262,59 @@ async def test_error_mapping(cluster: LocalCluster, shared: Path) -> None:
         ).ainvoke(None)
     assert isinstance(down.value, ConnectionError)
     assert down.value.peer == "ghost"
+
+
+async def test_adiscover_builds_runnables(cluster: LocalCluster) -> None:
+    nodes = await PilotRemoteRunnable.adiscover("worker-a")
+    assert {"search", "chat", "tokens", "validated", "lg.echo"} <= set(nodes)
+    assert not any(name.startswith("_") for name in nodes)
+    assert nodes["tokens"].options.streaming
+    assert not nodes["chat"].options.streaming
+    assert [c async for c in nodes["tokens"].astream("p q")] == ["p ", "q "]
+
+
+def test_cli_discover_and_trust(cluster: LocalCluster, tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pilot_langgraph._cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **cluster.client_env},
+            check=False,
+        )
+
+    table = cli("discover", "worker-a")
+    assert table.returncode == 0, table.stderr
+    assert "worker-a port 5000" in table.stdout
+    lines = table.stdout.splitlines()
+    assert lines[1].split()[:3] == ["HANDLER", "KIND", "ACL"]
+    assert any(ln.startswith("tokens") and "server_streaming" in ln for ln in lines)
+    assert any(ln.startswith("nobody_may_call") and "allow 1 node(s)" in ln for ln in lines)
+    assert any(ln.startswith("validated") and "Query" in ln for ln in lines)
+    as_json = cli("discover", "worker-a", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    names = {h["name"] for h in json.loads(as_json.stdout)}
+    assert {"search", "_handlers", "_health"} <= names
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    paired = cli(
+        "trust",
+        "--peer",
+        f"name=alice,identity={a}.key,trust={a}.json,endpoint=127.0.0.1:7001",
+        "--peer",
+        f"name=bob,identity={b}.key,trust={b}.json",
+    )
+    assert paired.returncode == 0, paired.stderr
+    assert TrustStore.open(f"{a}.json").get("bob") is not None
+    alice = TrustStore.open(f"{b}.json").get("alice")
+    assert alice is not None
+    assert alice.endpoint == "127.0.0.1:7001"
+    bad = cli("trust", "--peer", "name=alice")
+    assert bad.returncode == 1
+    assert "missing identity, trust" in bad.stderr

@@ -102,10 +102,18 @@ def _format_table(rows: list[list[str]]) -> str:
 
 def _latency(info: Any) -> str:
     lat = info.latency_ms
-    for key in ("p50", "p50_ms", "median"):
-        if isinstance(lat.get(key), (int, float)):
-            return f"{lat[key]:.2f}"
-    return "-"
+
+    def fmt(key: str) -> str:
+        value = lat.get(key)
+        return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
+
+    return f"{fmt('p50')}/{fmt('p99')}"
+
+
+def _acl(info: Any) -> str:
+    if info.allow is not None:
+        return f"allow {len(info.allow)} node(s)"
+    return str(info.raw.get("effective_policy") or "open")
 
 
 async def _discover(args: argparse.Namespace) -> int:
@@ -126,14 +134,27 @@ async def _discover(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    rows = [["HANDLER", "KIND", "ALLOW", "TIMEOUT", "P50 ms", "INPUT", "OUTPUT", "DESCRIPTION"]]
-    for h in sorted(handlers, key=lambda h: h.name):
+    rows = [
+        [
+            "HANDLER",
+            "KIND",
+            "ACL",
+            "TIMEOUT",
+            "CALLS",
+            "P50/P99 ms",
+            "INPUT",
+            "OUTPUT",
+            "DESCRIPTION",
+        ]
+    ]
+    for h in sorted(handlers, key=lambda h: (h.name.startswith("_"), h.name)):
         rows.append(
             [
                 h.name,
                 h.kind,
-                "open" if h.allow is None else f"{len(h.allow)} node(s)",
+                _acl(h),
                 "-" if h.timeout_secs is None else f"{h.timeout_secs:g}s",
+                str(h.raw.get("calls", "-")),
                 _latency(h),
                 str((h.input_schema or {}).get("title", "-")),
                 str((h.output_schema or {}).get("title", "-")),
