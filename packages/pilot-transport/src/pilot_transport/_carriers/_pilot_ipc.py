@@ -36,6 +36,7 @@ from pilot_transport._address import Address, SocketAddress
 from pilot_transport.errors import DaemonError
 
 __all__ = [
+    "JSON_REPLIES",
     "MAX_DATAGRAM",
     "MAX_FRAME",
     "MAX_SEND_DATA",
@@ -54,8 +55,26 @@ __all__ = [
     "Message",
     "Recv",
     "RecvFrom",
+    "accept",
+    "bind",
+    "bind_ok",
+    "close",
+    "close_ok",
+    "dial",
+    "dial_ok",
     "encode_frame",
+    "error",
+    "flag_command",
+    "handshake",
+    "info",
+    "json_reply",
     "parse_message",
+    "recv",
+    "recv_from",
+    "send",
+    "send_to",
+    "set_tags",
+    "text_command",
 ]
 
 MAX_FRAME = 1_048_576
