@@ -59,6 +59,8 @@ _READ_HIGH = 1024 * 1024
 _READ_LOW = 256 * 1024
 _WRITE_HIGH = 256 * 1024
 _BACKLOG = 128
+_MAX_UNIDENTIFIED = 256
+"""Inbound connections allowed at once before they name their virtual port."""
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -122,6 +124,12 @@ class _TcpStream(CarrierStream, asyncio.Protocol):
             self.remote_hint = _format_endpoint(str(peername[0]), int(peername[1]))
         self._carrier._streams.add(self)
         if self._inbound:
+            if self._carrier._unidentified >= _MAX_UNIDENTIFIED:
+                # Too many connections that have not named a port yet: shed load
+                # rather than hold sockets for whoever opens the most.
+                self._abort_quietly()
+                return
+            self._carrier._unidentified += 1
             loop = asyncio.get_running_loop()
             self._header_timer = loop.call_later(
                 self._carrier.header_timeout, self._header_timed_out
@@ -153,8 +161,8 @@ class _TcpStream(CarrierStream, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        if self._header_timer is not None:
-            self._header_timer.cancel()
+        if self._inbound and self._handshaking:
+            self._end_header_phase()
         if exc is not None and self._error is None and not self._closed:
             self._error = StreamResetError(f"connection to {self.remote_hint} broke: {exc}")
         self._carrier._streams.discard(self)
@@ -176,10 +184,7 @@ class _TcpStream(CarrierStream, asyncio.Protocol):
         if len(self._header) < _HEADER.size:
             return b""
         rest = data[need:]
-        self._handshaking = False
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._end_header_phase()
         magic, version, port = _HEADER.unpack(self._header)
         if magic != _MAGIC or version != _VERSION:
             self._abort_quietly()
@@ -212,9 +217,16 @@ class _TcpStream(CarrierStream, asyncio.Protocol):
         self._wake_reader()
         return b""
 
+    def _end_header_phase(self) -> None:
+        self._handshaking = False
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+            self._carrier._unidentified -= 1
+
     def _header_timed_out(self) -> None:
-        self._header_timer = None
         if self._handshaking:
+            self._end_header_phase()
             self._abort_quietly()
 
     def _abort_quietly(self) -> None:
@@ -379,6 +391,7 @@ class TcpCarrier(Carrier):
         self._server_lock = asyncio.Lock()
         self._listeners: dict[int, _TcpListener] = {}
         self._streams: set[_TcpStream] = set()
+        self._unidentified = 0
         self._closed = False
 
     @property
