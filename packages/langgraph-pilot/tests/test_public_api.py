@@ -44,3 +44,18 @@ def test_reexports_are_the_lower_layers_objects() -> None:
     import pilot_worker
 
     assert pilot_langgraph.pilot_handler is pilot_worker.pilot_handler
+
+
+def test_testing_module_all_is_honest() -> None:
+    from pilot_langgraph import testing
+
+    assert set(testing.__all__) == {"LocalCluster", "WorkerProcess"}
+    for name in testing.__all__:
+        assert getattr(testing, name) is not None
+
+
+def test_lazy_names_cover_all_but_the_errors() -> None:
+    lazy = set(pilot_langgraph._LAZY)
+    eager = {n for n in pilot_langgraph.__all__ if n.startswith("Pilot") and n.endswith("Error")}
+    assert lazy | eager == set(pilot_langgraph.__all__)
+    assert "PilotRemoteRunnable" in dir(pilot_langgraph)
