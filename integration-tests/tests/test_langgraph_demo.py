@@ -36,7 +36,9 @@ def test_demo_end_to_end() -> None:
         ("verifier", "worker-c"),
     ):
         assert re.search(rf"{node}\s+{worker} \(pid \d+\)", out), node
-    pids = [int(p) for p in re.search(r"stopped 4 workers \(pids ([\d, ]+)\)", out)[1].split(", ")]
+    stopped = re.search(r"stopped 4 workers \(pids ([\d, ]+)\)", out)
+    assert stopped is not None
+    pids = [int(p) for p in stopped[1].split(", ")]
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

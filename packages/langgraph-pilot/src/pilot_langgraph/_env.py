@@ -18,6 +18,7 @@ __all__ = [
     "PILOT_LANGGRAPH_PORT",
     "PILOT_TRANSPORT",
     "PILOT_TRUST",
+    "PILOT_WORKER_HANDLERS",
     "TRUST_FILE",
 ]
 
@@ -40,6 +41,10 @@ DEFAULT_CONFIG_DIR: Final = "~/.config/pilot"
 IDENTITY_FILE: Final = "identity.key"
 TRUST_FILE: Final = "trust.json"
 DEFAULT_PORT: Final = 5000
+
+PILOT_WORKER_HANDLERS: Final = "PILOT_WORKER_HANDLERS"
+"""pilot-worker's comma-separated default ``--handlers`` (expanded by
+``pilot-langgraph-worker``, which always adds its own built-in module)."""
 
 PILOT_DEMO_WORKER: Final = "PILOT_DEMO_WORKER"
 """Set by ``pilot-langgraph demo`` on each worker it starts: the worker's name,

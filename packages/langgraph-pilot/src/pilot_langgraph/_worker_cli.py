@@ -14,13 +14,11 @@ import sys
 from collections.abc import Sequence
 
 from pilot_langgraph._codec import LangGraphCodec
+from pilot_langgraph._env import PILOT_WORKER_HANDLERS
 
 __all__ = ["main"]
 
 _BUILTIN_MODULE = "pilot_langgraph._builtin_handlers"
-# pilot-worker reads this when no --handlers is given; we always pass one, so
-# expand it ourselves.
-_ENV_HANDLERS = "PILOT_WORKER_HANDLERS"
 
 
 def worker_argv(argv: Sequence[str]) -> list[str]:
@@ -29,7 +27,9 @@ def worker_argv(argv: Sequence[str]) -> list[str]:
     if any(a in ("-h", "--help", "--version") for a in args):
         return args
     has_handlers = any(a == "--handlers" or a.startswith("--handlers=") for a in args)
-    if not has_handlers and (env := os.environ.get(_ENV_HANDLERS)):
+    # pilot-worker reads this only when no --handlers is given; we always pass
+    # one, so expand it ourselves.
+    if not has_handlers and (env := os.environ.get(PILOT_WORKER_HANDLERS)):
         for module in filter(None, (m.strip() for m in env.split(","))):
             args += ["--handlers", module]
     return [*args, "--handlers", _BUILTIN_MODULE]
