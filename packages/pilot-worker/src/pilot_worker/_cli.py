@@ -273,7 +273,7 @@ def build_parser(
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         metavar="LEVEL",
         default=(_env(ENV_LOG_LEVEL, "INFO") or "INFO").upper(),
-        help=f"log level (env {ENV_LOG_LEVEL}; default INFO)",
+        help=f"DEBUG, INFO, WARNING or ERROR (env {ENV_LOG_LEVEL}; default INFO)",
     )
     ops.add_argument(
         "--no-call-log",
@@ -703,3 +703,7 @@ async def _serve_until_signal(
             await asyncio.gather(reload_task, return_exceptions=True)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+if __name__ == "__main__":  # python -m pilot_worker._cli (python -m pilot_worker is the same)
+    sys.exit(main())

@@ -18,3 +18,8 @@ from __future__ import annotations
 from pilot_worker._cli import EXIT_CONFIG, EXIT_CUT, EXIT_OK, build_parser, main, run
 
 __all__ = ["EXIT_CONFIG", "EXIT_CUT", "EXIT_OK", "build_parser", "main", "run"]
+
+if __name__ == "__main__":  # python -m pilot_worker.cli
+    import sys
+
+    sys.exit(main())
