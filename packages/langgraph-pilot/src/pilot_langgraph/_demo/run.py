@@ -229,9 +229,13 @@ async def _main(workdir: Path, workers: list[WorkerProcess]) -> int:
     crash_thread = "demo-run-2"
     children: list[_Child] = []
     try:
-        # The run that will be killed loads its code while the workers boot.
+        # Both graph processes load their code while the workers boot; each waits
+        # for a "go" before touching the network. The resuming one never sees the
+        # killed one: all it gets is the thread id.
         crasher = await _Child.spawn("run", crash_thread, env, wait_for_go=True)
         children.append(crasher)
+        resumer = await _Child.spawn("resume", crash_thread, env, wait_for_go=True)
+        children.append(resumer)
         workers[:] = _start_workers(workdir)
         importlib.import_module("pilot_langgraph._demo.graph")  # load while the workers boot
 
@@ -257,9 +261,12 @@ async def _main(workdir: Path, workers: list[WorkerProcess]) -> int:
         await crasher.go()
         code = await crasher.follow(kill_after=KILL_AFTER_UPDATES)
         _say(f"    killed process exit status: {code} (signal {-code if code < 0 else 0})")
-        _say(f"    a new process resumes thread {crash_thread!r} from {STATE_WORKER}:")
-        resumer = await _Child.spawn("resume", crash_thread, env, wait_for_go=False)
-        children.append(resumer)
+        _say(
+            f"    another process (pid {resumer.proc.pid}, idle until now) resumes thread "
+            f"{crash_thread!r} from {STATE_WORKER}:"
+        )
+        await resumer.wait_ready()
+        await resumer.go()
         code = await resumer.follow(kill_after=None)
         if code != 0 or resumer.final is None:
             _say(f"    resume process failed with exit status {code}")
