@@ -498,6 +498,31 @@ def _otel_setup(args: argparse.Namespace, prog: str) -> Callable[[], None] | Non
     return provider.shutdown
 
 
+def _open_keys(identity_path: str, trust_path: str) -> tuple[Any, Any]:
+    """Load (or create) the identity and open the trust store, saying what matters.
+
+    Raises:
+        pilot_transport.errors.TransportError: A file is unusable (the message says why).
+    """
+    from pilot_transport import Identity, TrustStore
+
+    existed = os.path.lexists(identity_path)
+    identity = Identity.load_or_create(identity_path)
+    trust = TrustStore.open(trust_path)
+    if not existed:
+        logger.warning(
+            "created a new identity at %s: node id %s, fingerprint %s",
+            identity_path,
+            identity.node_id,
+            identity.fingerprint,
+        )
+    if len(trust) == 0:
+        logger.warning(
+            "trust store %s lists no peers: nobody can connect to this worker", trust_path
+        )
+    return identity, trust
+
+
 def _remove_file(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
@@ -527,7 +552,7 @@ async def run(
     ``pilot_worker.calls`` logger).
     """
     # Imported here so `--help` and `--list-plugins` stay fast.
-    from pilot_transport import Identity, TrustStore, open_transport
+    from pilot_transport import open_transport
     from pilot_transport.errors import TransportError
 
     from pilot_worker._reload import Reloader
@@ -538,9 +563,7 @@ async def run(
     except WorkerError as exc:
         return _fail(prog, str(exc))
     try:
-        identity_path = Path(args.identity)
-        identity = Identity.load_or_create(identity_path)
-        trust = TrustStore.open(args.trust)
+        identity, trust = _open_keys(args.identity, args.trust)
     except TransportError as exc:
         return _fail(prog, str(exc))
     try:
