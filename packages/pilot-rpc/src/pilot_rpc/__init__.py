@@ -13,7 +13,7 @@ Call a named method on a peer and get a reply, or a stream of replies::
             assert await client.call("server", 5000, "echo", {"hi": 1}) == {"hi": 1}
 """
 
-from pilot_rpc._client import RpcClient
+from pilot_rpc._client import BidiStream, RequestStream, ResponseStream, RpcClient
 from pilot_rpc._context import CallContext
 from pilot_rpc._options import ClientOptions, RetryPolicy, ServerOptions
 from pilot_rpc._server import RpcServer
@@ -44,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Aborted",
     "AlreadyExists",
+    "BidiStream",
     "CallContext",
     "Cancelled",
     "ClientOptions",
@@ -56,7 +57,9 @@ __all__ = [
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
+    "RequestStream",
     "ResourceExhausted",
+    "ResponseStream",
     "RetryPolicy",
     "RpcClient",
     "RpcError",

@@ -10,6 +10,8 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+from pilot_transport.errors import ListenerClosedError
+
 from pilot_rpc import _protocol as P
 from pilot_rpc._driver import DRAIN_REASON, ServerConnection
 from pilot_rpc._options import ServerOptions
@@ -129,11 +131,11 @@ class RpcServer:
                     stream = await listener.accept()
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:
-                    if self._draining:
-                        return
-                    # ListenerClosedError (or anything else): the listener is done.
-                    logger.debug("listener ended: %r", exc)
+                except ListenerClosedError:
+                    return  # the listener's owner closed it: serving it is over
+                except Exception:
+                    if not self._draining:
+                        logger.exception("accepting a connection failed; no longer serving")
                     return
                 if self._draining:
                     await _close_quietly(stream)
