@@ -352,6 +352,7 @@ class _PeerPool:
         self.size = size
         self.conns: list[ClientConnection] = []
         self.dialing = 0
+        """Dials in progress, counted from the moment they are decided (not when they run)."""
         self.failures = 0
         self.retry_at = 0.0
         self.last_error: RpcError | None = None
@@ -383,14 +384,19 @@ class _PeerPool:
         return best
 
     def _grow(self) -> None:
-        """Every connection is busy and the pool has room: dial one more in the background."""
-        if self.dialing or self.closed or self.client._closed:
+        """Every connection is busy and the pool has room: dial one more in the background.
+
+        A burst of calls can start several dials at once, never past the pool size.
+        """
+        if self.closed or self.client._closed:
             return
         if len(self.conns) + self.dialing >= self.size:
             return
-        if asyncio.get_running_loop().time() < self.retry_at:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.retry_at:
             return
-        task = asyncio.get_running_loop().create_task(self._dial(None))
+        self.dialing += 1
+        task = loop.create_task(self._dial(None, counted=True))
         self.tasks.add(task)
         task.add_done_callback(self._background_done)
 
@@ -409,13 +415,24 @@ class _PeerPool:
                 return conn
             usable = sum(1 for c in self.conns if not c.going_away)
             if usable + self.dialing < self.size:
-                await self._dial(deadline)
+                self.dialing += 1
+                await self._dial(deadline, counted=True)
                 continue
             waiter = loop.create_future()
             self.waiters.append(waiter)
             await _wait(waiter, deadline, loop, "waiting for a free connection slot")
 
-    async def _dial(self, deadline: float | None) -> ClientConnection:
+    async def _dial(self, deadline: float | None, *, counted: bool) -> ClientConnection:
+        """Open one connection. ``counted``: the caller already added it to ``dialing``."""
+        if not counted:
+            self.dialing += 1
+        try:
+            return await self._dial_counted(deadline)
+        finally:
+            self.dialing -= 1
+            self._wake_all()
+
+    async def _dial_counted(self, deadline: float | None) -> ClientConnection:
         client = self.client
         options = client.options
         loop = asyncio.get_running_loop()
@@ -432,60 +449,55 @@ class _PeerPool:
             timeout = min(timeout, deadline - now)
             if timeout <= 0:
                 raise DeadlineExceeded("deadline exceeded while connecting")
-        self.dialing += 1
         try:
-            try:
-                async with asyncio.timeout(timeout):
-                    stream = await client.transport.connect(self.peer, self.port, timeout=timeout)
-                    core = P.Connection(
-                        P.Role.CLIENT,
-                        max_frame_size=options.max_frame_size,
-                        max_message_size=options.max_message_size,
-                        initial_window=options.initial_window,
-                    )
-                    conn = ClientConnection(
-                        stream,
-                        core,
-                        keepalive_interval=options.keepalive_interval,
-                        keepalive_timeout=options.keepalive_timeout,
-                        max_calls=options.max_calls_per_connection,
-                        on_idle=self._on_idle,
-                        idle_waiters=self.waiters,
-                    )
-                    conn.start()
-                    try:
-                        await asyncio.shield(conn.hello)
-                    except BaseException:
-                        await conn.aclose(flush_timeout=0.1)
-                        raise
-            except asyncio.CancelledError:
-                raise
-            except RpcError as exc:
-                self._failed(exc, loop)
-                raise Unavailable(
-                    f"cannot connect to {self.peer}:{self.port}: {exc}", retry_safe=True
-                ) from exc
-            except TimeoutError as exc:
-                error = Unavailable(
-                    f"cannot connect to {self.peer}:{self.port}: timed out after {timeout:g} s",
-                    retry_safe=True,
+            async with asyncio.timeout(timeout):
+                stream = await client.transport.connect(self.peer, self.port, timeout=timeout)
+                core = P.Connection(
+                    P.Role.CLIENT,
+                    max_frame_size=options.max_frame_size,
+                    max_message_size=options.max_message_size,
+                    initial_window=options.initial_window,
                 )
+                conn = ClientConnection(
+                    stream,
+                    core,
+                    keepalive_interval=options.keepalive_interval,
+                    keepalive_timeout=options.keepalive_timeout,
+                    max_calls=options.max_calls_per_connection,
+                    on_idle=self._on_idle,
+                    idle_waiters=self.waiters,
+                )
+                conn.start()
+                try:
+                    await asyncio.shield(conn.hello)
+                except BaseException:
+                    await conn.aclose(flush_timeout=0.1)
+                    raise
+        except asyncio.CancelledError:
+            raise
+        except RpcError as exc:
+            self._failed(exc, loop)
+            raise Unavailable(
+                f"cannot connect to {self.peer}:{self.port}: {exc}", retry_safe=True
+            ) from exc
+        except TimeoutError as exc:
+            error = Unavailable(
+                f"cannot connect to {self.peer}:{self.port}: timed out after {timeout:g} s",
+                retry_safe=True,
+            )
+            self._failed(error, loop)
+            if deadline is not None and loop.time() >= deadline:
+                raise DeadlineExceeded("deadline exceeded while connecting") from exc
+            raise error from exc
+        except Exception as exc:
+            error = map_transport_error(
+                exc, f"cannot connect to {self.peer}:{self.port}", retry_safe=True
+            )
+            if isinstance(error, Unavailable):
+                # Back off from an unreachable peer; a refused identity or an unknown
+                # name is reported as itself on every attempt.
                 self._failed(error, loop)
-                if deadline is not None and loop.time() >= deadline:
-                    raise DeadlineExceeded("deadline exceeded while connecting") from exc
-                raise error from exc
-            except Exception as exc:
-                error = map_transport_error(
-                    exc, f"cannot connect to {self.peer}:{self.port}", retry_safe=True
-                )
-                if isinstance(error, Unavailable):
-                    # Back off from an unreachable peer; a refused identity or an unknown
-                    # name is reported as itself on every attempt.
-                    self._failed(error, loop)
-                raise error from exc
-        finally:
-            self.dialing -= 1
-            self._wake_all()
+            raise error from exc
         self.failures = 0
         self.retry_at = 0.0
         if self.closed:
