@@ -186,3 +186,29 @@ async def test_progress_keeps_the_idle_timeout_alive_and_timeouts_cancel(cluster
     with pytest.raises(NodeTimeoutError):
         await one_node("long_silent").ainvoke({})
     await asyncio.wait_for(cancelled.wait(), 10)
+
+
+async def test_streaming_node_directly_in_a_graph(cluster: Any) -> None:
+    @pilot_handler("steps")
+    async def steps(_: Any) -> Any:
+        yield {"progress": 1}
+        yield {"progress": 2}
+        yield {"keys": ["final"]}
+
+    await cluster.start_worker("worker-a", [steps])
+    graph = StateGraph(State)
+    graph.add_node(
+        "gen",
+        PilotRemoteRunnable(
+            node="steps", peer="worker-a", transport=cluster.client, streaming=True
+        ),
+    )
+    graph.add_edge(START, "gen")
+    graph.add_edge("gen", END)
+    seen = [item async for item in graph.compile().astream({}, stream_mode=["custom", "values"])]
+    assert [c for m, c in seen if m == "custom"] == [
+        {"progress": 1},
+        {"progress": 2},
+        {"keys": ["final"]},
+    ]
+    assert [c for m, c in seen if m == "values"][-1]["keys"] == ["final"]

@@ -16,6 +16,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import (
     get_async_callback_manager_for_config,
     patch_config,
+    var_child_runnable_config,
 )
 
 __all__ = ["run_as_chain"]
@@ -33,10 +34,12 @@ async def run_as_chain(
 
     ``config`` must already have been through ``ensure_config``. Errors
     (cancellation included) are reported with ``on_chain_error`` and re-raised.
+    While ``body`` runs, the child config is the current runnable config, so
+    LangGraph's ``get_config()``/``get_stream_writer()`` work inside it.
     """
     manager = get_async_callback_manager_for_config(config)
     if not manager.handlers:
-        return await body(config)
+        return await _in_config(config, body)
     run_manager = await manager.on_chain_start(
         None,
         input,
@@ -44,9 +47,18 @@ async def run_as_chain(
         run_id=config.pop("run_id", None),
     )
     try:
-        result = await body(patch_config(config, callbacks=run_manager.get_child()))
+        result = await _in_config(patch_config(config, callbacks=run_manager.get_child()), body)
     except BaseException as exc:
         await run_manager.on_chain_error(exc)
         raise
     await run_manager.on_chain_end(result)
     return result
+
+
+async def _in_config(config: RunnableConfig, body: Callable[[RunnableConfig], Awaitable[T]]) -> T:
+    # Set in the current task and reset right after: no extra task per call.
+    token = var_child_runnable_config.set(config)
+    try:
+        return await body(config)
+    finally:
+        var_child_runnable_config.reset(token)
