@@ -29,12 +29,15 @@ for pkg in "${PACKAGES[@]}"; do
   step "$pkg: tests with only its declared dependencies"
   env_dir="$ROOT/.venvs/$pkg"
   UV_PROJECT_ENVIRONMENT="$env_dir" "$UV" sync --frozen --package "$pkg" --quiet
-  UV_PROJECT_ENVIRONMENT="$env_dir" "$UV" run --frozen --no-sync --package "$pkg" \
-    pytest "packages/$pkg/tests" -p no:cacheprovider
+  # pytest-timeout bounds each test; the outer timeout bounds the whole step,
+  # so a hang fails the run with a message instead of eating CI's budget.
+  UV_PROJECT_ENVIRONMENT="$env_dir" timeout --kill-after=30 900 "$UV" run --frozen --no-sync --package "$pkg" \
+    pytest "packages/$pkg/tests" -p no:cacheprovider --durations=5
 done
 
 step "integration-tests (real processes, faults, benchmarks)"
-"$UV" run --frozen --no-sync pytest integration-tests/tests -p no:cacheprovider
+timeout --kill-after=30 2700 "$UV" run --frozen --no-sync \
+  pytest integration-tests/tests -p no:cacheprovider --durations=15
 
 step "build each distribution alone and import its wheel in a clean venv"
 dist_dir="$ROOT/.venvs/dist"
