@@ -15,11 +15,11 @@ __all__ = [
     "PILOT_CONFIG_DIR",
     "PILOT_DEMO_WORKER",
     "PILOT_IDENTITY",
-    "PILOT_LANGGRAPH_PORT",
     "PILOT_TRANSPORT",
     "PILOT_TRUST",
     "PILOT_WORKER_HANDLERS",
     "TRUST_FILE",
+    "XDG_CONFIG_HOME",
 ]
 
 PILOT_TRANSPORT: Final = "PILOT_TRANSPORT"
@@ -34,13 +34,14 @@ PILOT_TRUST: Final = "PILOT_TRUST"
 PILOT_CONFIG_DIR: Final = "PILOT_CONFIG_DIR"
 """Directory holding ``identity.key`` and ``trust.json`` when the two above are unset."""
 
-PILOT_LANGGRAPH_PORT: Final = "PILOT_LANGGRAPH_PORT"
-"""Default virtual port of remote workers (5000 if unset)."""
+XDG_CONFIG_HOME: Final = "XDG_CONFIG_HOME"
+"""Standard variable: with no ``PILOT_CONFIG_DIR``, the files live in ``$XDG_CONFIG_HOME/pilot``."""
 
 DEFAULT_CONFIG_DIR: Final = "~/.config/pilot"
 IDENTITY_FILE: Final = "identity.key"
 TRUST_FILE: Final = "trust.json"
 DEFAULT_PORT: Final = 5000
+"""Virtual port workers serve on unless told otherwise (pilot-worker's default)."""
 
 PILOT_WORKER_HANDLERS: Final = "PILOT_WORKER_HANDLERS"
 """pilot-worker's comma-separated default ``--handlers`` (expanded by

@@ -88,7 +88,12 @@ def configure_default_transport(
 
 
 def _config_dir() -> Path:
-    return Path(os.environ.get(_env.PILOT_CONFIG_DIR) or _env.DEFAULT_CONFIG_DIR).expanduser()
+    # the same lookup as the pilot-transport command line
+    if configured := os.environ.get(_env.PILOT_CONFIG_DIR):
+        return Path(configured).expanduser()
+    if xdg := os.environ.get(_env.XDG_CONFIG_HOME):
+        return Path(xdg).expanduser() / "pilot"
+    return Path(_env.DEFAULT_CONFIG_DIR).expanduser()
 
 
 def _identity_and_trust(settings: DefaultTransportSettings) -> tuple[Identity, TrustStore]:
