@@ -324,6 +324,32 @@ class _Handshake:
             async with asyncio.timeout(_CLOSE_NOTIFY_TIMEOUT):
                 await self.flush()
 
+    def trusted_peer(self, who: str) -> TrustedPeer:
+        """Our trust-store entry for the key the peer proved in the finished handshake.
+
+        Raises:
+            PeerNotTrustedError: the key is not in our trust store.
+        """
+        public_key = _peer_public_key(self.sslobj)
+        entry = self.config.trust.by_public_key(public_key)
+        if entry is None:
+            raise PeerNotTrustedError(
+                f"{who} proved key {fingerprint_of(public_key)}, which is not in our trust store",
+                fingerprint=fingerprint_of(public_key),
+            )
+        return entry
+
+    def secure_stream(self, entry: TrustedPeer) -> SecureStream:
+        """The secure stream over the carrier stream, once both sides accepted each other."""
+        return SecureStream(
+            self.stream,
+            self.sslobj,
+            self.incoming,
+            self.outgoing,
+            peer=_peer_info(entry, self.stream),
+            local=PeerInfo.of_identity(self.config.identity),
+        )
+
     def claimed(self) -> tuple[str, str]:
         """(fingerprint, base64 key) the peer claims in its preamble, for messages."""
         if self.claimed_key is None:
@@ -400,15 +426,8 @@ async def client_handshake(
     try:
         try:
             await shake.run()
-            public_key = _peer_public_key(shake.sslobj)
-            entry = config.trust.by_public_key(public_key)
-            if entry is None:
-                raise PeerNotTrustedError(
-                    f"{who} proved key {fingerprint_of(public_key)}, which is not in our "
-                    "trust store",
-                    fingerprint=fingerprint_of(public_key),
-                )
-            if expected_key is not None and public_key != expected_key:
+            entry = shake.trusted_peer(who)
+            if expected_key is not None and entry.public_key != expected_key:
                 raise PeerIdentityMismatchError(
                     f"{who} is trusted peer {entry.name!r} ({entry.fingerprint}), not the "
                     f"peer we dialled (expected {fingerprint_of(expected_key)})",
@@ -421,14 +440,7 @@ async def client_handshake(
     except BaseException:
         await _abort(stream)
         raise
-    return SecureStream(
-        stream,
-        shake.sslobj,
-        shake.incoming,
-        shake.outgoing,
-        peer=_peer_info(entry, stream),
-        local=PeerInfo.of_identity(config.identity),
-    )
+    return shake.secure_stream(entry)
 
 
 async def server_handshake(stream: CarrierStream, config: TLSConfig) -> SecureStream:
@@ -447,14 +459,7 @@ async def server_handshake(stream: CarrierStream, config: TLSConfig) -> SecureSt
     try:
         try:
             await shake.run()
-            public_key = _peer_public_key(shake.sslobj)
-            entry = config.trust.by_public_key(public_key)
-            if entry is None:
-                raise PeerNotTrustedError(
-                    f"{who} proved key {fingerprint_of(public_key)}, which is not in our "
-                    "trust store",
-                    fingerprint=fingerprint_of(public_key),
-                )
+            entry = shake.trusted_peer(who)
             await shake.send_confirmation()
         except (ssl.SSLError, _PeerClosed, StreamResetError) as exc:
             await shake.send_alert()
@@ -462,14 +467,7 @@ async def server_handshake(stream: CarrierStream, config: TLSConfig) -> SecureSt
     except BaseException:
         await _abort(stream)
         raise
-    return SecureStream(
-        stream,
-        shake.sslobj,
-        shake.incoming,
-        shake.outgoing,
-        peer=_peer_info(entry, stream),
-        local=PeerInfo.of_identity(config.identity),
-    )
+    return shake.secure_stream(entry)
 
 
 def _carrier_address(stream: CarrierStream) -> str | None:
