@@ -356,37 +356,25 @@ def _peer_name(peer: Any) -> str:
 # =================================================================================================
 
 
-class ClientCall:
-    """One call in flight on a client connection."""
+class _InboundItems:
+    """What client and server call records share: received items and their reader's wake-up.
 
-    __slots__ = (
-        "call_id",
-        "conn",
-        "done",
-        "error",
-        "future",
-        "items",
-        "on_progress",
-        "send_waiter",
-        "timer",
-        "unacked",
-        "waiter",
-    )
+    Items are (message, flow) pairs; the reader reports ``flow`` to the protocol once it
+    has taken the message, which is what lets the peer send more.
+    """
 
-    def __init__(self, conn: ClientConnection, call_id: int) -> None:
-        self.conn = conn
-        self.call_id = call_id
-        self.future: asyncio.Future[Any] = conn.loop.create_future()
-        self.timer: asyncio.TimerHandle | None = None
-        self.on_progress: ProgressCallback | None = None
-        # Streams and progress: received (message, flow) pairs and a wake-up future.
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
         self.items: deque[tuple[Any, int]] | None = None
         self.waiter: asyncio.Future[None] | None = None
-        self.send_waiter: asyncio.Future[None] | None = None
-        self.done = False
-        self.error: BaseException | None = None
-        # Consumed item bytes not yet reported to the protocol (reported in batches).
-        self.unacked = 0
+
+    def push(self, message: Any, flow: int) -> None:
+        items = self.items
+        if items is None:
+            items = self.items = deque()
+        items.append((message, flow))
+        self.wake()
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -394,6 +382,35 @@ class ClientCall:
             self.waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+
+class ClientCall(_InboundItems):
+    """One call in flight on a client connection (its items: stream items or progress)."""
+
+    __slots__ = (
+        "call_id",
+        "conn",
+        "done",
+        "error",
+        "future",
+        "on_progress",
+        "send_waiter",
+        "timer",
+        "unacked",
+    )
+
+    def __init__(self, conn: ClientConnection, call_id: int) -> None:
+        super().__init__()
+        self.conn = conn
+        self.call_id = call_id
+        self.future: asyncio.Future[Any] = conn.loop.create_future()
+        self.timer: asyncio.TimerHandle | None = None
+        self.on_progress: ProgressCallback | None = None
+        self.send_waiter: asyncio.Future[None] | None = None
+        self.done = False
+        self.error: BaseException | None = None
+        # Consumed item bytes not yet reported to the protocol (reported in batches).
+        self.unacked = 0
 
 
 class ClientConnection(_ConnectionBase):
@@ -539,13 +556,8 @@ class ClientConnection(_ConnectionBase):
 
     def _on_item(self, event: P.MessageReceived) -> None:
         call = self.calls.get(event.call_id)
-        if call is None:
-            return
-        items = call.items
-        if items is None:
-            items = call.items = deque()
-        items.append((event.message, event.flow))
-        call.wake()
+        if call is not None:
+            call.push(event.message, event.flow)
 
     def _on_progress(self, event: P.ProgressReceived) -> None:
         call = self.calls.get(event.call_id)
@@ -554,11 +566,7 @@ class ClientConnection(_ConnectionBase):
         if call.on_progress is None:
             self.core.consumed(event.call_id, event.flow)
             return
-        items = call.items
-        if items is None:
-            items = call.items = deque()
-        items.append((event.message, event.flow))
-        call.wake()
+        call.push(event.message, event.flow)
 
     def _on_end(self, event: P.StreamEnded) -> None:
         call = self.calls.get(event.call_id)
@@ -687,24 +695,26 @@ _DRAIN = "drain"
 _LOST = "lost"
 
 
-class ServerCall:
-    """Server-side record of one call: its task, cancel signal and inbound items."""
+class ServerCall(_InboundItems):
+    """Server-side record of one call: its task, cancel signal and inbound items.
+
+    Its items are the request stream of a client-streaming or bidirectional call.
+    """
 
     __slots__ = (
         "_cancel_event",
         "call_id",
         "cancel_reason",
         "conn",
-        "items",
         "kind",
         "request_done",
         "send_waiter",
         "task",
         "timer",
-        "waiter",
     )
 
     def __init__(self, conn: ServerConnection, call_id: int, kind: MethodKind) -> None:
+        super().__init__()
         self.conn = conn
         self.call_id = call_id
         self.kind = kind
@@ -713,9 +723,6 @@ class ServerCall:
         self.cancel_reason: str | None = None
         self._cancel_event: asyncio.Event | None = None
         self.send_waiter: asyncio.Future[None] | None = None
-        # Client-streaming requests.
-        self.items: deque[tuple[Any, int]] | None = None
-        self.waiter: asyncio.Future[None] | None = None
         self.request_done = False
 
     # The CallContext control protocol.
@@ -744,13 +751,6 @@ class ServerCall:
         self.wake()
         if self.send_waiter is not None and not self.send_waiter.done():
             self.send_waiter.set_result(None)
-
-    def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
 
     async def send_progress(self, value: Any) -> None:
         if self.kind not in (MethodKind.UNARY, MethodKind.CLIENT_STREAMING):
@@ -851,13 +851,8 @@ class ServerConnection(_ConnectionBase):
 
     def _on_item(self, event: P.MessageReceived) -> None:
         call = self.calls.get(event.call_id)
-        if call is None:
-            return
-        items = call.items
-        if items is None:
-            items = call.items = deque()
-        items.append((event.message, event.flow))
-        call.wake()
+        if call is not None:
+            call.push(event.message, event.flow)
 
     def _on_request_end(self, event: P.StreamEnded) -> None:
         call = self.calls.get(event.call_id)
