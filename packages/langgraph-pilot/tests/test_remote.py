@@ -210,3 +210,11 @@ def test_options_are_validated() -> None:
         PilotRemoteRunnable(node="n", peer="a", timeout_secs=0)
     with pytest.raises(PilotUsageError):
         PilotRemoteRunnable(node="n", peer="a", max_retries=-1)
+
+
+def test_schemas_come_from_the_models() -> None:
+    node = PilotRemoteRunnable(node="ask", peer="a", input_model=Question, output_model=Question)
+    assert node.get_input_schema() is Question
+    assert node.get_output_schema() is Question
+    plain = PilotRemoteRunnable(node="ask", peer="a")
+    assert plain.get_input_schema().model_json_schema()["title"]

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config
+from langchain_core.utils.pydantic import TypeBaseModel
 from opentelemetry import propagate as otel_propagate
 from opentelemetry import trace as otel_trace
 
@@ -251,6 +252,18 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
         return f"PilotRemoteRunnable(node={self.node!r}, peer={peer!r}, port={self.options.port})"
 
     # -- LangChain Runnable interface ---------------------------------------
+
+    def get_input_schema(self, config: RunnableConfig | None = None) -> TypeBaseModel:
+        """``input_model`` when given (so tools and servers can describe the node)."""
+        if self.input_model is not None:
+            return self.input_model
+        return super().get_input_schema(config)
+
+    def get_output_schema(self, config: RunnableConfig | None = None) -> TypeBaseModel:
+        """``output_model`` when given."""
+        if self.output_model is not None:
+            return self.output_model
+        return super().get_output_schema(config)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         del kwargs
