@@ -86,60 +86,91 @@ class Result:
         return statistics.median(self.latencies) * 1000 if self.latencies else float("nan")
 
 
+class _Window:
+    """A measurement window that opens once every worker has finished one operation.
+
+    A cell starts with nothing in flight; with 64 workers and a slow saver the
+    first completions come late. Counting only after every worker completed
+    once (and at least ``warmup`` seconds in) measures the steady state.
+    """
+
+    def __init__(self, concurrency: int, seconds: float, warmup: float) -> None:
+        self.concurrency = concurrency
+        self.seconds = seconds
+        self.earliest = time.perf_counter() + warmup
+        self.started = 0
+        self.start_at: float | None = None
+        self.stop_at: float | None = None
+        self.lock = threading.Lock()
+        self.counted = 0
+        self.latencies: list[float] = []
+
+    def first_done(self) -> None:
+        with self.lock:
+            self.started += 1
+            if self.started == self.concurrency:
+                self.start_at = max(time.perf_counter(), self.earliest)
+                self.stop_at = self.start_at + self.seconds
+
+    def running(self) -> bool:
+        stop = self.stop_at
+        return stop is None or time.perf_counter() < stop
+
+    def record(self, t0: float, t1: float) -> None:
+        start, stop = self.start_at, self.stop_at
+        if start is not None and stop is not None and start <= t1 <= stop:
+            with self.lock:
+                self.counted += 1
+                self.latencies.append(t1 - t0)
+
+    def result(self) -> Result:
+        return Result(self.counted, self.seconds, self.latencies)
+
+
 async def measure_async(
     op: Callable[[int, int], Awaitable[Any]], concurrency: int, seconds: float, warmup: float
 ) -> Result:
-    """Run ``op(worker, i)`` from ``concurrency`` tasks; count completions in the window.
-
-    The window opens ``warmup`` seconds after the start and lasts ``seconds``;
-    workers stop starting new operations when it closes.
-    """
-    latencies: list[float] = []
-    counted = 0
-    start_at = time.perf_counter() + warmup
-    stop_at = start_at + seconds
+    """Run ``op(worker, i)`` from ``concurrency`` tasks; count completions in the window."""
+    window = _Window(concurrency, seconds, warmup)
 
     async def worker(w: int) -> None:
-        nonlocal counted
         i = 0
-        while time.perf_counter() < stop_at:
+        while window.running():
             t0 = time.perf_counter()
             await op(w, i)
-            i += 1
             t1 = time.perf_counter()
-            if start_at <= t1 <= stop_at:
-                counted += 1
-                latencies.append(t1 - t0)
+            if i == 0:
+                window.first_done()
+            window.record(t0, t1)
+            i += 1
+            # An operation that never suspends (InMemorySaver) would otherwise
+            # starve the other workers: give them a turn, as every saver does.
+            await asyncio.sleep(0)
 
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return Result(counted, seconds, latencies)
+    return window.result()
 
 
 def measure_threads(
     op: Callable[[int, int], Any], concurrency: int, seconds: float, warmup: float
 ) -> Result:
     """Thread-pool twin of :func:`measure_async` (for savers without async methods)."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    counted = [0]
-    start_at = time.perf_counter() + warmup
-    stop_at = start_at + seconds
+    window = _Window(concurrency, seconds, warmup)
 
     def worker(w: int) -> None:
         i = 0
-        while time.perf_counter() < stop_at:
+        while window.running():
             t0 = time.perf_counter()
             op(w, i)
-            i += 1
             t1 = time.perf_counter()
-            if start_at <= t1 <= stop_at:
-                with lock:
-                    counted[0] += 1
-                    latencies.append(t1 - t0)
+            if i == 0:
+                window.first_done()
+            window.record(t0, t1)
+            i += 1
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
-    return Result(counted[0], seconds, latencies)
+    return window.result()
 
 
 # ----------------------------------------------------------------- savers

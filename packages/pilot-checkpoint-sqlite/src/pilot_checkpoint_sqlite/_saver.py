@@ -134,6 +134,7 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
                 raise CheckpointConfigError("backend must implement CheckpointBackend")
             fixed = backend
             self.peer: str | None = None
+            self.port: int | None = None
             self._backend = backend
 
             async def _fixed() -> CheckpointBackend:
