@@ -240,7 +240,12 @@ class RpcClient:
     ) -> AsyncGenerator[RequestStream]:
         """Call a client-streaming method: ``await s.send(item)`` ..., then ``await s.finish()``.
 
-        Leaving the block without ``finish`` cancels the call.
+        Leaving the block without ``finish`` (or cancelling the task in it)
+        cancels the call on the server.
+
+        Raises:
+            RpcError: as :meth:`call`, when opening the call, from ``send`` or
+                from ``finish``.
         """
         conn, call = await self._open(
             peer, port, method, MethodKind.CLIENT_STREAMING, P.NO_MESSAGE, timeout, metadata,
@@ -265,7 +270,12 @@ class RpcClient:
     ) -> AsyncGenerator[BidiStream]:
         """Call a bidirectional method: ``send``/``done_sending`` and iterate the replies.
 
-        Leaving the block before the server ended the call cancels it.
+        Leaving the block before the server ended the call (or cancelling the
+        task in it) cancels the call on the server.
+
+        Raises:
+            RpcError: as :meth:`call`, when opening the call, from ``send`` or
+                while iterating.
         """
         conn, call = await self._open(
             peer, port, method, MethodKind.BIDI_STREAMING, P.NO_MESSAGE, timeout, metadata,
@@ -647,7 +657,13 @@ class RequestStream:
         await self._conn.send_request_item(self._call, item)
 
     async def finish(self) -> Any:
-        """End the request stream and return the server's reply."""
+        """End the request stream and return the server's reply.
+
+        Once the reply came, calling it again returns the same reply.
+
+        Raises:
+            RpcError: the call failed (the server's status, as :meth:`RpcClient.call`).
+        """
         self._conn.end_requests(self._call)
         return await self._call.future
 
@@ -658,9 +674,18 @@ class BidiStream(ResponseStream):
     __slots__ = ()
 
     async def send(self, item: Any) -> None:
-        """Send one item; waits while the server has not granted credit."""
+        """Send one item; waits while the server has not granted credit.
+
+        Raises:
+            InvalidArgument: ``item`` is not msgpack-encodable (nothing sent).
+            RpcError: the call already ended (the server's status).
+        """
         await self._conn.send_request_item(self._call, item)
 
     async def done_sending(self) -> None:
-        """End the request stream (the server's iterator stops); replies keep coming."""
+        """End the request stream (the server's iterator stops); replies keep coming.
+
+        Raises:
+            FailedPrecondition: the request stream was already ended.
+        """
         self._conn.end_requests(self._call)
