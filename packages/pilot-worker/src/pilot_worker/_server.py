@@ -558,7 +558,14 @@ class WorkerServer:
         """Start (if needed) and serve until :meth:`aclose` or cancellation.
 
         Cancelling it closes the worker (after a drain bounded by
-        ``config.drain_timeout_secs``).
+        ``config.drain_timeout_secs``). On a worker that is already closed it
+        returns at once.
+
+        Raises:
+            WorkerStateError: The worker has no transport (from :meth:`start`).
+            pilot_transport.errors.TransportError: Listening failed (from
+                :meth:`start`).
+            OSError: The ops HTTP port is taken (from :meth:`start`).
         """
         if self._state == "new":
             await self.start()
