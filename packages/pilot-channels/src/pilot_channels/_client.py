@@ -258,6 +258,7 @@ class PilotChannel:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` was called."""
         return self._closed
 
     async def open(self) -> Self:
@@ -463,7 +464,11 @@ class PilotChannel:
     ) -> AsyncIterator[Event]:
         """Yield events until ``max_events`` were yielded or the channel closes.
 
-        ``timeout`` bounds the wait for each event (ChannelTimeoutError past it).
+        ``timeout`` bounds the wait for each event. Cancellation loses no event.
+
+        Raises:
+            ChannelTimeoutError: no event within ``timeout``.
+            ChannelError: the subscription failed for good, as :meth:`recv`.
         """
         count = 0
         while max_events is None or count < max_events:
@@ -618,7 +623,15 @@ class PilotPublisher:
         return await future
 
     async def publish_many(self, events: Sequence[tuple[str, Any]]) -> list[int | None]:
-        """Publish several events in order; see :meth:`publish`."""
+        """Publish several events in order; see :meth:`publish`.
+
+        Returns:
+            The offsets, in the order of ``events`` (None on non-durable topics).
+
+        Raises:
+            ChannelError: the first failure, as :meth:`publish`; the other
+                events are published independently and may have gone out.
+        """
         return list(await asyncio.gather(*(self.publish(t, p) for t, p in events)))
 
     async def stats(self, timeout: float = 10.0) -> dict[str, Any]:  # noqa: ASYNC109
