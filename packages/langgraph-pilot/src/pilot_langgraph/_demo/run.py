@@ -280,7 +280,7 @@ async def _main(workdir: Path, workers: list[WorkerProcess]) -> int:
             await child.stop()
 
 
-def _short(value: Any, width: int = 60) -> str:
+def _short(value: Any, width: int = 44) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= width else text[: width - 3] + "..."
 
@@ -289,16 +289,16 @@ def _compare(resumed: dict[str, Any], local: dict[str, Any]) -> int:
     from pilot_langgraph._demo.graph import comparable
 
     mine, theirs = comparable(resumed), comparable(local)
-    _say(f"    {'key':<9} {'killed + resumed, remote':<62} {'local, in-process':<62}")
+    _say(f"    {'key':<9} {'killed + resumed, remote':<46} {'local, in-process':<46}")
     for key in sorted(set(mine) | set(theirs)):
         a, b = mine.get(key), theirs.get(key)
         mark = "==" if a == b else "!="
-        _say(f"    {key:<9} {_short(a):<62} {_short(b):<62} {mark}")
+        _say(f"    {key:<9} {_short(a):<46} {_short(b):<46} {mark}")
     same = mine == theirs
     verdict = "IDENTICAL" if same else "DIFFERENT"
     _say(
-        f"    -> final states {verdict} on all {len(mine)} keys (the trace of which worker "
-        "ran each step is left out: it differs by design)"
+        f"    -> final states {verdict} on all {len(mine)} keys (left out: the trace of which "
+        "worker ran each step, different by design)"
     )
     for label, trace in (("remote", resumed.get("trace", [])), ("local", local.get("trace", []))):
         _say(
