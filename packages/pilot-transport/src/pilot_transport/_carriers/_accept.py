@@ -35,11 +35,7 @@ class AcceptQueue(Generic[T]):
         if self._closed or len(self._items) >= self._maxsize:
             return False
         self._items.append(item)
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
+        self._wake_one()
         return True
 
     async def get(self) -> T:
