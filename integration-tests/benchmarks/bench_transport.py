@@ -242,6 +242,7 @@ def start_server(kind: str, directory: Path) -> tuple[subprocess.Popen[str], str
     line = process.stdout.readline().strip()
     if not line.startswith("READY "):
         process.kill()
+        process.wait()
         raise RuntimeError(f"{kind} server did not start: {line!r}")
     return process, line.split(" ", 1)[1]
 
