@@ -111,12 +111,14 @@ class PilotNetworkDouble:
         return daemon
 
     def by_hostname(self, hostname: str) -> PilotDaemonDouble | None:
+        """The double registered under ``hostname``, if any (running or not)."""
         for daemon in self._daemons.values():
             if daemon.hostname == hostname and daemon.registered:
                 return daemon
         return None
 
     def by_node(self, node_id: int) -> PilotDaemonDouble | None:
+        """The double with node number ``node_id`` on this network, if any (running or not)."""
         return self._daemons.get(Address(self.network_id, node_id))
 
 
@@ -290,18 +292,22 @@ class PilotDaemonDouble:
     # -- lifetime --------------------------------------------------------------------
     @property
     def running(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
         return self._server is not None
 
     @property
     def client_count(self) -> int:
+        """IPC clients connected to the socket now."""
         return len(self._clients)
 
     @property
     def bound_ports(self) -> set[int]:
+        """Ports clients have bound (a copy)."""
         return set(self._ports)
 
     @property
     def stream_count(self) -> int:
+        """Open streams that a client of this double holds."""
         return sum(1 for conn in self._conns.values() if conn.owner is not None)
 
     async def start(self) -> None:
@@ -350,6 +356,7 @@ class PilotDaemonDouble:
         await self.start()
 
     async def aclose(self) -> None:
+        """Same as ``stop()``. Idempotent."""
         await self.stop()
 
     async def __aenter__(self) -> PilotDaemonDouble:
