@@ -53,6 +53,14 @@ class InMemoryTransport:
         """Set to an exception to make the next connects fail with it."""
 
     async def connect(self, peer: str, port: int, *, timeout: float | None = None) -> MemoryStream:  # noqa: ASYNC109
+        """A new in-memory connection to the server (``port`` and ``timeout`` are ignored).
+
+        While ``refuse`` is set, raises that exception instead.
+
+        Raises:
+            UnknownPeerError: ``peer`` is not the server's name.
+            PeerUnreachableError: the server is draining.
+        """
         from pilot_transport.errors import PeerUnreachableError, UnknownPeerError
 
         if self.refuse is not None:
@@ -77,6 +85,7 @@ class InMemoryTransport:
         await asyncio.gather(*(conn.aclose() for conn in conns), return_exceptions=True)
 
     def break_connections(self) -> None:
+        """Break every connection made so far, as a lost network link would."""
         for stream in self.streams:
             stream.break_connection()
         self.streams.clear()
