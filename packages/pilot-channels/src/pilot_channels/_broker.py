@@ -28,7 +28,6 @@ between them, so no event can slip between a read and the switch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -44,6 +43,7 @@ from ._event import Event
 from ._log import DurableLog
 from ._metrics import BrokerMetrics
 from ._options import BrokerOptions, SlowConsumerPolicy
+from ._tasks import cancel_and_wait
 from ._topics import TopicPattern, compile_pattern, validate_topic
 from .errors import (
     BrokerUnavailableError,
@@ -403,9 +403,7 @@ class Broker:
             return
         self._closed = True
         if self._retention_task is not None:
-            self._retention_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retention_task
+            await cancel_and_wait(self._retention_task)
         for sub in list(self._subs.values()):
             sub._fail(BrokerUnavailableError("the broker is shutting down"))
         if self.log is not None:

@@ -25,6 +25,7 @@ from ._errmap import from_lower, is_retryable
 from ._event import Event
 from ._metrics import client_metrics
 from ._options import PublisherOptions, SubscribeOptions
+from ._tasks import cancel_and_wait
 from ._topics import compile_pattern, validate_topic
 from ._wire import METHOD_PUBLISH, METHOD_STATS, METHOD_SUBSCRIBE, WIRE_VERSION, decode_events
 from .errors import (
@@ -486,9 +487,7 @@ class PilotChannel:
         self._closed = True
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(ChannelClosedError("the channel was closed"))
             with contextlib.suppress(ChannelClosedError):
@@ -707,9 +706,7 @@ class PilotPublisher:
         self._closed = True
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         while self._queue:
             _, _, future = self._queue.popleft()
             if not future.done():

@@ -34,6 +34,7 @@ from typing import Any
 from pilot_transport._carriers.pilot import DEFAULT_SOCKET_PATH, PilotCarrier, PilotStream
 
 from ._errmap import from_lower
+from ._tasks import cancel_and_wait
 from ._topics import compile_pattern
 from .errors import (
     BrokerProtocolError,
@@ -226,9 +227,7 @@ class DaemonBackend:
         try:
             yield gen
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
             await gen.aclose()
             await stream.aclose()
 
@@ -253,9 +252,7 @@ class DaemonBackend:
         stream, self._pub_stream = self._pub_stream, None
         task, self._pub_drain = self._pub_drain, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         if stream is not None:
             await stream.aclose()
 
