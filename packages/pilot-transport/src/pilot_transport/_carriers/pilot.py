@@ -829,8 +829,13 @@ class PilotListener(CarrierListener):
         self._event.set()
         if self._reconnect is not None:
             self._reconnect.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._reconnect
+            except asyncio.CancelledError:
+                # Absorb the re-bind task's end, never our caller's cancellation.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
         for stream in self._queue:
             stream._abort_now()
         self._queue.clear()
