@@ -1,4 +1,4 @@
-"""Real network faults between network namespaces: partitions.
+"""Real network faults between network namespaces: partitions and a slow link.
 
 Each test creates its own network namespace ``pilot-ft-<pid><n>`` joined to
 the root namespace by a veth pair (``10.213.X.1/30`` on the root side,
@@ -12,6 +12,7 @@ pilot_worker``) bound to the namespace's veth address, and calls it from the
 root namespace over real TCP and TLS. Faults are made with the kernel:
 
 * a partition is ``ip link set <veth> down`` (then ``up``);
+* a slow link is ``tc qdisc add dev <veth> root tbf rate 2mbit ...`` on both ends.
 
 Packet loss, delay and reordering (``tc ... netem``) are not exercised: the
 kernel of the CI machine has no ``sch_netem`` module. Each test ends exactly
@@ -295,6 +296,19 @@ async def client_of(world: World, options: ClientOptions) -> AsyncIterator[RpcCl
             await client.aclose()
 
 
+@contextlib.asynccontextmanager
+async def owned_tasks() -> AsyncIterator[list[asyncio.Task[Any]]]:
+    """Tasks the test starts; any still running at exit are cancelled and awaited."""
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        yield tasks
+    finally:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        del results  # outcomes were asserted (or the test already failed)
+
+
 async def call_until_ok(client: RpcClient, payload: Any, *, within: float) -> Any:
     """Call ``echo`` until it succeeds (the client redials with backoff meanwhile)."""
     async with asyncio.timeout(within):
@@ -326,18 +340,20 @@ async def test_partition_fails_calls_fast_and_the_same_client_recovers(world: Wo
         assert await client.call("worker", 5000, "echo", "before", timeout=10) == "before"
 
         mark = len(proc.logs)
-        held = asyncio.create_task(client.call("worker", 5000, "hold", 300, timeout=240))
-        await proc.wait_for_log("hold started", start=mark, timeout=WAIT)
+        async with owned_tasks() as tasks:
+            held = asyncio.create_task(client.call("worker", 5000, "hold", 300, timeout=240))
+            tasks.append(held)
+            await proc.wait_for_log("hold started", start=mark, timeout=WAIT)
 
-        await world.link.set_up(False)
-        loop = asyncio.get_running_loop()
-        cut_at = loop.time()
-        # Keepalive (0.5 s of silence, then 1.5 s for an answer) must end the
-        # in-flight call in seconds; TCP alone would take many minutes.
-        with pytest.raises(Unavailable):
-            async with asyncio.timeout(20):
-                await held
-        detected_after = loop.time() - cut_at
+            await world.link.set_up(False)
+            loop = asyncio.get_running_loop()
+            cut_at = loop.time()
+            # Keepalive (0.5 s of silence, then 1.5 s for an answer) must end the
+            # in-flight call in seconds; TCP alone would take many minutes.
+            with pytest.raises(Unavailable):
+                async with asyncio.timeout(20):
+                    await held
+            detected_after = loop.time() - cut_at
 
         # New calls while partitioned fail promptly with a typed error.
         for attempt in range(3):
@@ -352,6 +368,56 @@ async def test_partition_fails_calls_fast_and_the_same_client_recovers(world: Wo
         async with client.stream("worker", 5000, "chunks", {"count": 3, "size": 4}) as items:
             assert [item["i"] async for item in items] == [0, 1, 2]
     print(f"in-flight call failed {detected_after:.1f}s after the partition")
+
+
+# ------------------------------------------------------------------ slow link
+
+SLOW_LINK = ("rate", "2mbit", "burst", "32kbit", "latency", "400ms")
+
+
+async def test_slow_link_delivers_a_stream_and_a_large_reply_in_order(world: World) -> None:
+    handlers = world.write("netns_handlers_slow_down.py", HANDLERS)
+    async with (
+        worker_in_netns(world, "--handlers", str(handlers)),
+        client_of(world, ClientOptions()) as client,
+    ):
+        assert await client.call("worker", 5000, "echo", "warm", timeout=10) == "warm"
+        await world.link.shape(*SLOW_LINK)
+
+        count, size = 48, 32 * 1024  # 1.5 MiB of stream items, ~7 s at 2 Mbit/s
+        blob = bytes(range(256)) * (1024 * 1024 // 256)  # 1 MiB each way, ~4.5 s
+        first_item = asyncio.Event()
+
+        async def stream_all() -> list[dict[str, Any]]:
+            received: list[dict[str, Any]] = []
+            async with client.stream(
+                "worker", 5000, "chunks", {"count": count, "size": size}, timeout=120
+            ) as items:
+                async for item in items:
+                    received.append(item)
+                    first_item.set()
+            return received
+
+        async with owned_tasks() as tasks:
+            streamed = asyncio.create_task(stream_all())
+            tasks.append(streamed)
+            async with asyncio.timeout(WAIT):
+                await first_item.wait()
+            # A 1 MiB reply (the server's echo of a 1 MiB request) shares the
+            # connection with the stream.
+            big = asyncio.create_task(client.call("worker", 5000, "echo", blob, timeout=120))
+            tasks.append(big)
+            # A small call on the same connection while megabytes are queued on
+            # a 2 Mbit/s link: it gets through, it does not wait forever.
+            async with asyncio.timeout(60):
+                assert await client.call("worker", 5000, "echo", "small", timeout=60) == "small"
+
+            async with asyncio.timeout(120):
+                echoed, received = await asyncio.gather(big, streamed)
+        assert echoed == blob
+        assert [item["i"] for item in received] == list(range(count))
+        for item in received:
+            assert item["data"] == bytes([item["i"] % 251]) * size
 
 
 # ------------------------------------------------------------- checkpoint store
@@ -411,15 +477,19 @@ async def test_checkpoint_saver_across_a_partition_loses_and_duplicates_nothing(
             await world.link.set_up(False)
             second = _checkpoint(2)
             third = _checkpoint(3)
-            during = asyncio.create_task(patient.aput(acked_first, third, {"step": 3}, {"step": 3}))
-            with pytest.raises((StoreUnavailableError, StoreTimeoutError)):
-                async with asyncio.timeout(WAIT):
-                    await hasty.aput(acked_first, second, {"step": 2}, {"step": 2})
-            assert not during.done(), "the patient put gave up while the link was down"
+            async with owned_tasks() as tasks:
+                during = asyncio.create_task(
+                    patient.aput(acked_first, third, {"step": 3}, {"step": 3})
+                )
+                tasks.append(during)
+                with pytest.raises((StoreUnavailableError, StoreTimeoutError)):
+                    async with asyncio.timeout(WAIT):
+                        await hasty.aput(acked_first, second, {"step": 2}, {"step": 2})
+                assert not during.done(), "the patient put gave up while the link was down"
 
-            await world.link.set_up(True)
-            async with asyncio.timeout(WAIT):
-                acked_third = await during
+                await world.link.set_up(True)
+                async with asyncio.timeout(WAIT):
+                    acked_third = await during
             assert acked_third["configurable"]["checkpoint_id"] == third["id"]
             await patient.aput_writes(acked_third, [("out", "three")], "task-3")
         finally:
