@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import os
 import re
@@ -418,6 +419,38 @@ async def test_slow_link_delivers_a_stream_and_a_large_reply_in_order(world: Wor
         assert [item["i"] for item in received] == list(range(count))
         for item in received:
             assert item["data"] == bytes([item["i"] % 251]) * size
+
+
+async def test_slow_link_carries_a_multi_megabyte_request_with_default_keepalive(
+    world: World,
+) -> None:
+    """A 3 MiB request takes ~13 s at 2 Mbit/s; the connection must stay up meanwhile.
+
+    The server has nothing to send while it receives, so the client's
+    keepalive pings after 5 s of silence; the link is slow, not dead, so the
+    call and the connection must survive, and a small call made behind the
+    large one must complete.
+    """
+    handlers = world.write("netns_handlers_slow_up.py", HANDLERS)
+    async with (
+        worker_in_netns(world, "--handlers", str(handlers)),
+        client_of(world, ClientOptions()) as client,
+    ):
+        assert await client.call("worker", 5000, "echo", "warm", timeout=10) == "warm"
+        await world.link.shape(*SLOW_LINK)
+
+        upload = bytes(range(256)) * (3 * 1024 * 1024 // 256)
+        # Tasks start in creation order: the large request is queued first.
+        async with owned_tasks() as tasks:
+            big = asyncio.create_task(client.call("worker", 5000, "digest", upload, timeout=120))
+            small = asyncio.create_task(client.call("worker", 5000, "echo", "small", timeout=90))
+            tasks += [big, small]
+            async with asyncio.timeout(90):
+                assert await small == "small"
+            async with asyncio.timeout(120):
+                digest = await big
+        assert digest == {"size": len(upload), "sha256": hashlib.sha256(upload).hexdigest()}
+        assert await client.call("worker", 5000, "echo", "after", timeout=30) == "after"
 
 
 # ------------------------------------------------------------- checkpoint store
