@@ -90,6 +90,11 @@ class _ConnectionBase:
         self._keepalive_timeout = keepalive_timeout
         self._last_recv = self.loop.time()
         self._ping_sent_at: float | None = None
+        # When our last write into the stream completed. While a large message is
+        # still leaving, a ping queued behind it cannot be answered yet; writes
+        # that keep completing show the peer is still taking bytes (a dead peer
+        # stops them once the socket buffers fill), so they extend the ping's wait.
+        self._last_send = self._last_recv
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -170,6 +175,7 @@ class _ConnectionBase:
             while True:
                 if self._handoff is not None:
                     await self._finish_handoff()
+                    self._last_send = self.loop.time()
                     continue
                 if not core.pending_output:
                     if self._drain_waiters:
@@ -181,6 +187,7 @@ class _ConnectionBase:
                     await waiter
                     continue
                 await stream.write(core.data_to_send(_WRITE_CHUNK))
+                self._last_send = self.loop.time()
                 if self._drain_waiters and core.pending_output < _HIGH_WATER // 2:
                     self._wake_drain_waiters()
         except asyncio.CancelledError:
@@ -263,6 +270,8 @@ class _ConnectionBase:
             return
         now = self.loop.time()
         if self._ping_sent_at is not None:
+            if self._last_send > self._ping_sent_at:
+                self._ping_sent_at = self._last_send
             if now - self._ping_sent_at >= self._keepalive_timeout:
                 self._lost(
                     Unavailable(
