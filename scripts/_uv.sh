@@ -5,6 +5,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export UV_PYTHON_DOWNLOADS=never
 export UV_PYTHON="${UV_PYTHON:-python3}"
+# Trust the machine's certificate store too (TLS-intercepting proxies in front
+# of PyPI are common on build machines); older uv reads the first name.
+export UV_NATIVE_TLS="${UV_NATIVE_TLS:-true}"
+export UV_SYSTEM_CERTS="${UV_SYSTEM_CERTS:-true}"
 if [ -x "$ROOT/.tools/bin/uv" ]; then
   UV="$ROOT/.tools/bin/uv"
 elif command -v uv >/dev/null 2>&1; then
