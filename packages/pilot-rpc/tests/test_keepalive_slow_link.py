@@ -22,9 +22,8 @@ from pilot_rpc.testing import InMemoryTransport, fake_peer
 # the link's rate, _PIECE bytes every _PIECE_DELAY seconds (32 KiB / 12.5 ms, about
 # 2.6 MB/s). Once the buffer is full a 256 KiB driver write completes about every
 # 0.1 s, well inside the ping's timeout; the whole request takes ~1.6 s, well
-# beyond interval + timeout. Both buffers here exceed the driver's 256 KiB write
-# chunk so a write the driver starts outside its writer task does not suspend:
-# suspending there is a separate defect (see _ConnectionBase._finish_handoff).
+# beyond interval + timeout. A send buffer smaller than the driver's 256 KiB write
+# chunk makes a write started outside the writer task suspend (the last test).
 _PIECE = 32 * 1024
 _PIECE_DELAY = 0.0125
 _SEND_BUFFER = 512 * 1024
@@ -40,8 +39,9 @@ class ThrottledStream:
     task (owned here, stopped by ``aclose``) forwards the buffer in pieces.
     """
 
-    def __init__(self, inner: MemoryStream) -> None:
+    def __init__(self, inner: MemoryStream, send_buffer: int = _SEND_BUFFER) -> None:
         self._inner = inner
+        self._send_buffer = send_buffer
         self.peer = inner.peer
         self.local = inner.local
         self.bytes_forwarded = 0
@@ -61,7 +61,7 @@ class ThrottledStream:
                 del self._buffer[:_PIECE]
                 if not self._buffer:
                     self._has_data.clear()
-                if len(self._buffer) <= _SEND_BUFFER:
+                if len(self._buffer) <= self._send_buffer:
                     self._room.set()
                 await self._inner.write(piece)
                 self.bytes_forwarded += len(piece)
@@ -77,7 +77,7 @@ class ThrottledStream:
             raise self._error
         self._buffer += data
         self._has_data.set()
-        while len(self._buffer) > _SEND_BUFFER and self._error is None:
+        while len(self._buffer) > self._send_buffer and self._error is None:
             self._room.clear()
             await self._room.wait()
         if self._error is not None:
@@ -99,13 +99,14 @@ class ThrottledStream:
 class SlowLinkTransport(InMemoryTransport):
     """``InMemoryTransport`` whose client-to-server direction is throttled."""
 
-    def __init__(self, server: RpcServer) -> None:
+    def __init__(self, server: RpcServer, send_buffer: int = _SEND_BUFFER) -> None:
         super().__init__(server, client_name="client", server_name="server")
         self.throttled: list[ThrottledStream] = []
+        self._send_buffer = send_buffer
 
     async def connect(self, peer: str, port: int, *, timeout: float | None = None) -> Any:
         inner = await super().connect(peer, port, timeout=timeout)
-        stream = ThrottledStream(inner)
+        stream = ThrottledStream(inner, self._send_buffer)
         self.throttled.append(stream)
         return stream
 
@@ -181,6 +182,25 @@ async def test_peer_that_stops_reading_is_still_declared_dead() -> None:
         with pytest.raises(Unavailable, match="did not answer a ping"):
             await client.call("server", 1, "size", b"x" * _REQUEST_SIZE, timeout=30)
         assert loop.time() - started < 5
+    finally:
+        await client.aclose()
+        await transport.aclose()
+
+
+async def test_a_write_suspended_under_backpressure_is_finished_by_the_writer_task() -> None:
+    """A lone call's write starts in the caller's task; when the stream makes it
+    wait (a send buffer smaller than one driver write), the writer task must
+    finish it and the connection stays healthy."""
+    server = _size_server()
+    transport = SlowLinkTransport(server, send_buffer=16 * 1024)
+    client = RpcClient(transport, options=ClientOptions(retry=RetryPolicy.disabled()))
+    big = 1024 * 1024
+    try:
+        assert await client.call("server", 1, "size", b"a", timeout=30) == 1
+        assert await client.call("server", 1, "size", b"y" * big, timeout=60) == big
+        assert await client.call("server", 1, "size", b"abc", timeout=30) == 3
+        assert client.connections() == 1
+        assert len(transport.throttled) == 1
     finally:
         await client.aclose()
         await transport.aclose()

@@ -153,15 +153,27 @@ class _ConnectionBase:
         coro, yielded = self._handoff
         try:
             while True:
-                if yielded is None:
-                    await asyncio.sleep(0)
+                if getattr(yielded, "_asyncio_future_blocking", None) is not None:
+                    # What Task.__step does for a future its coroutine yielded: clear the
+                    # future's "blocking" mark (set when it was yielded by hand, and
+                    # awaiting a future so marked fails), then wait for it without taking
+                    # its outcome: the coroutine sees that when it is resumed.
+                    yielded._asyncio_future_blocking = False
+                    if not yielded.done():
+                        await asyncio.wait((yielded,))
                 else:
-                    with contextlib.suppress(Exception):
-                        await yielded  # the coroutine itself sees its outcome when resumed
+                    await asyncio.sleep(0)
                 try:
                     yielded = coro.send(None)
                 except StopIteration:
                     return
+                except asyncio.CancelledError as exc:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise
+                    # The stream cancelled its own write: the connection is unusable,
+                    # which is not the writer task being cancelled.
+                    raise ConnectionResetError("the stream's write was cancelled") from exc
         except BaseException:
             coro.close()
             raise
