@@ -8,18 +8,15 @@ through TLS on loopback; the store is a SQLite file and, when
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.report import ProgressCallbacks
 from pilot_checkpoint_sqlite import PilotCheckpointSaver
-from pilot_checkpoint_sqlite.testing import start_store_worker
+from pilot_checkpoint_sqlite.testing import scratch_postgres_schema, start_store_worker
 from pilot_transport.testing import create_test_peers
-from sqlalchemy.engine import make_url
 
 POSTGRES_ENV = "PILOT_TEST_POSTGRES_URL"
 
@@ -37,20 +34,8 @@ def db_url(db_kind: str, tmp_path: Path) -> Iterator[str]:
     if db_kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
-    import psycopg
-
-    base = make_url(os.environ[POSTGRES_ENV])
-    schema = f"it_{uuid.uuid4().hex[:16]}"
-    dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')  # pyright: ignore[reportArgumentType]
-    try:
-        yield base.render_as_string(hide_password=False) + (
-            ("&" if base.query else "?") + "options=" + quote(f"-csearch_path={schema}")
-        )
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')  # pyright: ignore[reportArgumentType]
+    with scratch_postgres_schema(os.environ[POSTGRES_ENV], prefix="it") as url:
+        yield url
 
 
 async def test_conformance_over_a_real_store_worker(tmp_path: Path, db_url: str) -> None:

@@ -8,10 +8,8 @@ PostgreSQL schema, dropped afterwards.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from pilot_checkpoint_sqlite import (
@@ -22,7 +20,7 @@ from pilot_checkpoint_sqlite import (
     StoreOptions,
     open_store,
 )
-from sqlalchemy.engine import make_url
+from pilot_checkpoint_sqlite.testing import scratch_postgres_schema
 
 POSTGRES_ENV = "PILOT_TEST_POSTGRES_URL"
 
@@ -40,20 +38,8 @@ def db_url(db_kind: str, tmp_path: Path) -> Iterator[str]:
     if db_kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
-    import psycopg
-
-    base = make_url(os.environ[POSTGRES_ENV])
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')  # pyright: ignore[reportArgumentType]
-    try:
-        yield base.render_as_string(hide_password=False) + (
-            ("&" if base.query else "?") + "options=" + quote(f"-csearch_path={schema}")
-        )
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')  # pyright: ignore[reportArgumentType]
+    with scratch_postgres_schema(os.environ[POSTGRES_ENV], prefix="t") as url:
+        yield url
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@
   process on ``tcp://127.0.0.1`` (a free port), for multi-process tests; the
   returned :class:`StoreWorker` stops (SIGTERM) or kills (SIGKILL) exactly the
   process it started.
+* :func:`scratch_postgres_schema`: a throwaway schema on a PostgreSQL server,
+  so tests of the PostgreSQL path never see each other's tables.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncGenerator, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import quote
 
 from pilot_checkpoint_sqlite._backend import LocalStoreBackend
 from pilot_checkpoint_sqlite._options import SaverOptions, StoreOptions
@@ -31,7 +35,38 @@ from pilot_checkpoint_sqlite._service import CheckpointService
 from pilot_checkpoint_sqlite._store import CheckpointStore, open_store
 from pilot_checkpoint_sqlite.errors import StoreTimeoutError, StoreUnavailableError
 
-__all__ = ["StoreWorker", "alocal_saver", "local_saver", "start_store_worker"]
+__all__ = [
+    "StoreWorker",
+    "alocal_saver",
+    "local_saver",
+    "scratch_postgres_schema",
+    "start_store_worker",
+]
+
+
+@contextlib.contextmanager
+def scratch_postgres_schema(base_url: str, *, prefix: str = "t") -> Generator[str]:
+    """A fresh schema on the server of ``base_url``, dropped (with its tables) on exit.
+
+    Yields ``base_url`` with ``search_path`` set to the new schema, ready for
+    :func:`open_store`. Needs the ``postgres`` extra (psycopg).
+    """
+    import psycopg  # the optional extra: imported only when PostgreSQL is under test
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    base = make_url(base_url)
+    schema = f"{prefix}_{uuid.uuid4().hex[:16]}"
+    dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    try:
+        yield base.render_as_string(hide_password=False) + (
+            ("&" if base.query else "?") + "options=" + quote(f"-csearch_path={schema}")
+        )
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
 @contextlib.contextmanager
