@@ -24,7 +24,8 @@ async def test_wait_ended_takes_no_outcome() -> None:
     await started.wait()
     cancelled.cancel()
     await wait_ended(failing, cancelled, None)
-    assert failing.done() and isinstance(failing.exception(), ValueError)
+    assert failing.done()
+    assert isinstance(failing.exception(), ValueError)
     assert cancelled.cancelled()
 
 

@@ -9,12 +9,15 @@ client side starts no task per call; the server side runs one task per call.
 
 When a connection carries a single call, waking the writer only adds an
 event-loop iteration (an ``epoll_wait``) to the call's latency and has nothing
-to coalesce, so :meth:`_ConnectionBase.write_now` starts the write in the
-current task instead. It drives the ``stream.write`` coroutine one step by
-hand: the usual case completes at once (the bytes are in the socket buffer);
-under backpressure the suspended coroutine is handed to the writer task, which
-finishes it before writing anything else. The caller never awaits, so
-cancelling it cannot interrupt a write half-way.
+to coalesce, so the write may start in the current task instead, with public
+asyncio only: a task this driver owns and never cancels mid-write (the
+server's read loop, a server handler's task once its handler returned) awaits
+the write itself (:meth:`_ConnectionBase.write_direct`); any other task (a
+client's caller) hands it to an eagerly started task on Python 3.12+, which
+usually completes at once, or wakes the writer on earlier versions
+(:meth:`_ConnectionBase.write_now`). Such a write in flight is waited for by
+the writer before it writes anything else, so frames never interleave, and a
+caller's cancellation never interrupts a write half-way.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
+
+from pilot_transport.aio import aclose_quietly, cancel_and_wait, wait_ended
 
 from pilot_rpc import _protocol as P
 from pilot_rpc._context import CallContext
@@ -82,9 +87,9 @@ class _ConnectionBase:
         self.close_error: RpcError | None = None
         self.going_away = False
         self._write_waiter: asyncio.Future[None] | None = None
-        # A stream.write coroutine started by write_now and suspended under backpressure,
-        # with what it yielded; the writer task finishes it.
-        self._handoff: tuple[Any, Any] | None = None
+        # A write started outside the writer task (write_now / write_direct) and not
+        # finished yet; the writer waits for it before writing anything else.
+        self._inline: asyncio.Future[None] | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._keepalive_interval = keepalive_interval
         self._keepalive_timeout = keepalive_timeout
@@ -106,6 +111,7 @@ class _ConnectionBase:
         # Servers stop reading while this much output waits; clients always read (a client
         # that stopped too could deadlock with a server sending it a large reply).
         self._read_pause_above = 1 << 62
+        self._reader_writes = False
 
     def start(self) -> None:
         self._reader = self.loop.create_task(self._read_loop())
@@ -127,67 +133,85 @@ class _ConnectionBase:
                 waiter.set_result(None)
 
     def write_now(self) -> None:
-        """Write queued output from the current task if the writer is idle; else wake it."""
-        if self._write_waiter is None or self._handoff is not None:
+        """Write queued output from the current task if the writer is idle; else wake it.
+
+        On Python 3.12+ the write runs in an eagerly started task: it usually
+        completes at once (the bytes fit in the socket buffer) without an
+        event-loop iteration; under backpressure the task finishes it in the
+        background and the writer waits for it before writing anything else.
+        Earlier versions wake the writer task. The caller never awaits, so
+        cancelling it cannot interrupt a write half-way.
+        """
+        if sys.version_info < (3, 12) or self._write_waiter is None or self._inline is not None:
             self.kick()
             return
         data = self.core.data_to_send(_WRITE_CHUNK)
         if not data:
             return
-        coro = self.stream.write(data)
+        task = asyncio.Task(self._write_inline(data), loop=self.loop, eager_start=True)
+        if not task.done():
+            self._inline = task
+            task.add_done_callback(self._inline_done)
+        elif self.core.pending_output:
+            self.kick()
+
+    async def _write_inline(self, data: bytes) -> None:
         try:
-            yielded = coro.send(None)
-        except StopIteration:
-            if self.core.pending_output:
-                self.kick()
-            return
+            await self.stream.write(data)
         except Exception as exc:
             self._lost(map_transport_error(exc, "connection lost while writing"))
             return
-        self._handoff = (coro, yielded)
-        self.kick()
+        self._last_send = self.loop.time()
 
-    async def _finish_handoff(self) -> None:
-        """Drive a write that write_now started to its end (as a Task would)."""
-        assert self._handoff is not None
-        coro, yielded = self._handoff
+    def _inline_done(self, task: asyncio.Future[None]) -> None:
+        if self._inline is task:
+            self._inline = None
+        if task.cancelled():
+            # Cancelled half-way (the loop is shutting down): the stream's framing is unknown.
+            self._lost(Unavailable("connection lost: a write was cancelled"))
+        elif self.core.pending_output or self._drain_waiters:
+            self.kick()
+
+    async def write_direct(self) -> None:
+        """Write queued output from the current task, awaiting the write; else wake the writer.
+
+        Only for tasks this driver owns and never cancels while they write (a
+        server handler's task once its handler returned, the server's read
+        loop): a cancellation that still arrives mid-write ends the connection,
+        since part of a frame may have been sent.
+        """
+        if self._write_waiter is None or self._inline is not None:
+            self.kick()
+            return
+        data = self.core.data_to_send(_WRITE_CHUNK)
+        if not data:
+            return
+        done: asyncio.Future[None] = self.loop.create_future()
+        self._inline = done
         try:
-            while True:
-                if getattr(yielded, "_asyncio_future_blocking", None) is not None:
-                    # What Task.__step does for a future its coroutine yielded: clear the
-                    # future's "blocking" mark (set when it was yielded by hand, and
-                    # awaiting a future so marked fails), then wait for it without taking
-                    # its outcome: the coroutine sees that when it is resumed.
-                    yielded._asyncio_future_blocking = False
-                    if not yielded.done():
-                        await asyncio.wait((yielded,))
-                else:
-                    await asyncio.sleep(0)
-                try:
-                    yielded = coro.send(None)
-                except StopIteration:
-                    return
-                except asyncio.CancelledError as exc:
-                    current = asyncio.current_task()
-                    if current is not None and current.cancelling():
-                        raise
-                    # The stream cancelled its own write: the connection is unusable,
-                    # which is not the writer task being cancelled.
-                    raise ConnectionResetError("the stream's write was cancelled") from exc
-        except BaseException:
-            coro.close()
+            await self.stream.write(data)
+            self._last_send = self.loop.time()
+        except asyncio.CancelledError:
+            self._lost(Unavailable("connection lost: a write was cancelled"))
             raise
+        except Exception as exc:
+            self._lost(map_transport_error(exc, "connection lost while writing"))
         finally:
-            self._handoff = None
+            self._inline = None
+            if not done.done():
+                done.set_result(None)
+            if self.core.pending_output or self._drain_waiters:
+                self.kick()
 
     async def _write_loop(self) -> None:
         core = self.core
         stream = self.stream
         try:
             while True:
-                if self._handoff is not None:
-                    await self._finish_handoff()
-                    self._last_send = self.loop.time()
+                inline = self._inline
+                if inline is not None:
+                    # A write started from another task is still going: frames must not mix.
+                    await asyncio.wait((inline,))
                     continue
                 if not core.pending_output:
                     if self._drain_waiters:
@@ -244,7 +268,12 @@ class _ConnectionBase:
                 if core.pending_output:
                     # Everything the batch produced (replies of handlers that answered at once,
                     # credits, pongs) leaves in one write, from this task when the writer idles.
-                    self.write_now()
+                    # A server's reader awaits that write; a client's must keep reading (a
+                    # client that stopped could deadlock with a server sending it a reply).
+                    if self._reader_writes:
+                        await self.write_direct()
+                    else:
+                        self.write_now()
                     if core.pending_output > self._read_pause_above:
                         # A peer that sends but does not read (refused calls, pings) must
                         # not grow our output without bound: stop reading until it drains.
@@ -327,43 +356,37 @@ class _ConnectionBase:
     async def _shutdown_stream(self, *, abort: bool) -> None:
         current = asyncio.current_task()
         writer = self._writer
-        if writer is not None and writer is not current and not writer.done():
-            if abort:
-                # Let a queued GOAWAY (protocol error) out, briefly.
-                self._closing = True
-                self.kick()
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(writer), 0.5)
-            writer.cancel()
+        if writer is not None and writer is not current and not writer.done() and abort:
+            # Let a queued GOAWAY (protocol error) out, briefly.
+            self._closing = True
+            self.kick()
+            await asyncio.wait((writer,), timeout=0.5)
+        # The stream first: a reader or writer blocked on it returns at once.
         reader = self._reader
-        if reader is not None and reader is not current and not reader.done():
-            reader.cancel()
-        with contextlib.suppress(Exception):
-            await self.stream.aclose()
-        for task in (writer, reader):
+        for task in (writer, reader, self._inline):
             if task is not None and task is not current:
-                with contextlib.suppress(BaseException):
-                    await task
+                task.cancel()
+        await aclose_quietly(self.stream.aclose())
+        await cancel_and_wait(writer, reader, self._inline)
 
     async def aclose(self, *, flush_timeout: float = 1.0) -> None:
-        """Flush queued output (bounded), then close the stream. Idempotent."""
+        """Flush queued output (bounded), then close the stream. Idempotent.
+
+        Cancellation: the caller's cancellation is re-raised (after the
+        connection's tasks ended).
+        """
         if not self.closed.done():
             self._closing = True
             self.kick()
             writer = self._writer
             if writer is not None and not writer.done():
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(writer), flush_timeout)
+                await asyncio.wait((writer,), timeout=flush_timeout)
             self._lost(Unavailable("connection closed"))
         await self.wait_stopped()
 
     async def wait_stopped(self) -> None:
         """Wait until the reader, writer and closing tasks are all over."""
-        current = asyncio.current_task()
-        for task in (self._writer, self._reader, self._shutdown):
-            if task is not None and task is not current and not task.done():
-                with contextlib.suppress(BaseException):
-                    await task
+        await wait_ended(self._writer, self._reader, self._shutdown)
 
 
 def _peer_name(peer: Any) -> str:
@@ -802,6 +825,7 @@ class ServerConnection(_ConnectionBase):
         self.methods = methods
         self.calls: dict[int, ServerCall] = {}
         self._read_pause_above = _READ_PAUSE
+        self._reader_writes = True
         self._on_call_done = on_call_done
         # The server's drain waiters: on_call_done runs only while someone waits.
         self._idle_waiters: list[asyncio.Future[None]] = (
@@ -935,7 +959,9 @@ class ServerConnection(_ConnectionBase):
         elif self.calls:
             self.kick()
         else:
-            self.write_now()  # no other call to coalesce with
+            # No other call to coalesce with: write from this task (ours; the call is done,
+            # so nothing cancels it now).
+            await self.write_direct()
 
     async def _run_streaming(
         self, call: ServerCall, handler: Callable[..., Any], request: Any, ctx: CallContext
@@ -1123,8 +1149,7 @@ def _as_iter(items: Any) -> Iterator[Any]:
 async def _aclose_quietly(items: Any) -> None:
     aclose = getattr(items, "aclose", None)
     if aclose is not None:
-        with contextlib.suppress(BaseException):
-            await aclose()
+        await aclose_quietly(aclose())
 
 
 DRAIN_REASON = _DRAIN

@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+from pilot_transport.aio import aclose_quietly, cancel_and_wait
 from pilot_transport.errors import ListenerClosedError
 
 from pilot_rpc import _protocol as P
@@ -228,9 +229,7 @@ class RpcServer:
             try:
                 await self.drain(timeout=drain_timeout)
             finally:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+                await cancel_and_wait(task)
                 self._accept_tasks.discard(task)
 
     async def drain(self, timeout: float = 10.0) -> int:  # noqa: ASYNC109 (grace period)
@@ -293,5 +292,4 @@ class RpcServer:
 
 
 async def _close_quietly(stream: StreamLike) -> None:
-    with contextlib.suppress(Exception):
-        await stream.aclose()
+    await aclose_quietly(stream.aclose())
