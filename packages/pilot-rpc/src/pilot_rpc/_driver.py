@@ -41,6 +41,7 @@ from pilot_rpc._types import MethodKind, ProgressCallback, StreamLike
 from pilot_rpc.errors import (
     Cancelled,
     DeadlineExceeded,
+    ErrorInfo,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -48,6 +49,7 @@ from pilot_rpc.errors import (
     RpcError,
     StatusCode,
     Unavailable,
+    Unimplemented,
 )
 
 if TYPE_CHECKING:
@@ -112,6 +114,7 @@ class _ConnectionBase:
         # that stopped too could deadlock with a server sending it a large reply).
         self._read_pause_above = 1 << 62
         self._reader_writes = False
+        self._unfinished_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self._reader = self.loop.create_task(self._read_loop())
@@ -256,7 +259,7 @@ class _ConnectionBase:
         try:
             while True:
                 data = await stream.read(_READ_SIZE)
-                self._last_recv = loop.time()
+                self._last_recv = core.now = loop.time()
                 self._ping_sent_at = None
                 events = core.receive_data(data)
                 self.dispatching = True
@@ -278,6 +281,8 @@ class _ConnectionBase:
                         # A peer that sends but does not read (refused calls, pings) must
                         # not grow our output without bound: stop reading until it drains.
                         await self.wait_writable()
+                if core.unfinished_bytes and self._unfinished_timer is None:
+                    self._watch_unfinished()
                 if not data or core.closed:
                     break
         except asyncio.CancelledError:
@@ -287,6 +292,9 @@ class _ConnectionBase:
             return
         if not self.closed.done():
             self._lost(self.close_error or Unavailable("connection closed by the peer"))
+
+    def _watch_unfinished(self) -> None:
+        """Servers: fail unfinished messages that got no piece within the idle deadline."""
 
     def dispatch(self, event: P.Event) -> None:
         """Handle one protocol event (the read loop does the same lookup inline)."""
@@ -299,7 +307,11 @@ class _ConnectionBase:
     def on_connection_closed(self, event: P.ConnectionClosed) -> None:
         if event.protocol_error:
             logger.warning("pilot-rpc connection with %s: %s", _peer_name(self.peer), event.message)
-            self.close_error = Internal(event.message, details={"protocol_error": True})
+            self.close_error = Internal(
+                event.message,
+                details={"protocol_error": True},
+                info=ErrorInfo("PROTOCOL_ERROR"),
+            )
         elif self.close_error is None:  # keep what the peer's GOAWAY said, if anything
             self.close_error = Unavailable(event.message)
 
@@ -342,6 +354,9 @@ class _ConnectionBase:
         self.core.close()
         if self._keepalive_handle is not None:
             self._keepalive_handle.cancel()
+        if self._unfinished_timer is not None:
+            self._unfinished_timer.cancel()
+            self._unfinished_timer = None
         if not self.hello.done():
             self.hello.set_exception(self.close_error)
             self.hello.exception()  # mark retrieved: the dialler may have gone
@@ -596,7 +611,9 @@ class ClientConnection(_ConnectionBase):
     def _on_error(self, event: P.ErrorReceived) -> None:
         call = self.calls.get(event.call_id)
         if call is not None:
-            self._finish(call, RpcError.from_code(event.code, event.message, event.details))
+            self._finish(
+                call, RpcError.from_code(event.code, event.message, event.details, event.info)
+            )
 
     def _on_item(self, event: P.MessageReceived) -> None:
         call = self.calls.get(event.call_id)
@@ -637,7 +654,7 @@ class ClientConnection(_ConnectionBase):
     def fail_all(self, error: RpcError) -> None:
         for call in list(self.calls.values()):
             # One exception object per waiting caller (a shared one would pile up tracebacks).
-            err = RpcError.from_code(error.code, error.message, error.details)
+            err = RpcError.from_code(error.code, error.message, error.details, error.info)
             err.__cause__ = error.__cause__
             self._finish(call, err)
 
@@ -737,6 +754,11 @@ _DEADLINE = "deadline"
 _PEER_CANCEL = "peer"
 _DRAIN = "drain"
 _LOST = "lost"
+_ABORTED = "aborted"
+"""The protocol core failed the call (a budget, an idle unfinished message) and told the peer."""
+
+Authorize = Callable[[str, Any], None]
+"""``authorize(method, peer)``: return to allow the call, raise an RpcError to refuse it."""
 
 
 class ServerCall(_InboundItems):
@@ -814,6 +836,7 @@ class ServerConnection(_ConnectionBase):
         methods: Mapping[str, tuple[MethodKind, Callable[..., Any]]],
         on_call_done: Callable[[], None],
         idle_waiters: list[asyncio.Future[None]] | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         super().__init__(
             stream,
@@ -832,8 +855,11 @@ class ServerConnection(_ConnectionBase):
             idle_waiters if idle_waiters is not None else []
         )
         self._conn_tag = os.urandom(4).hex()
+        self._authorize = authorize
+        core.admit = self._admit
         self._dispatch = {
             P.CallReceived: self._on_call,
+            P.CallAborted: self._on_aborted,
             P.MessageReceived: self._on_item,
             P.StreamEnded: self._on_request_end,
             P.CallCancelled: self._on_cancelled,
@@ -843,6 +869,60 @@ class ServerConnection(_ConnectionBase):
             P.HelloReceived: self.on_hello,
             P.ConnectionClosed: self.on_connection_closed,
         }
+
+    def _admit(self, method: str, kind: MethodKind) -> RpcError | None:
+        """The first-piece check of a CALL: the method exists, has that shape, and is allowed."""
+        entry = self.methods.get(method)
+        if entry is None:
+            return Unimplemented(
+                f"no method named {method!r}",
+                info=ErrorInfo("METHOD_NOT_FOUND", metadata={"method": method}),
+            )
+        if entry[0] is not kind:
+            return Unimplemented(
+                f"method {method!r} is {entry[0].name}, called as {kind.name}",
+                info=ErrorInfo("METHOD_KIND_MISMATCH", metadata={"method": method}),
+            )
+        authorize = self._authorize
+        if authorize is not None:
+            try:
+                authorize(method, self.peer)
+            except RpcError as refusal:
+                return refusal
+            except Exception:
+                logger.exception("the authorize hook failed for %r; refusing the call", method)
+                return Internal(
+                    "the server could not authorize the call",
+                    info=ErrorInfo("AUTHORIZE_FAILED", metadata={"method": method}),
+                )
+        return None
+
+    def _watch_unfinished(self) -> None:
+        oldest = self.core.oldest_unfinished
+        if oldest is None or self.closed.done():
+            return
+        idle = self.options.unfinished_message_timeout
+        when = max(oldest + idle, self.loop.time() + 0.01)
+        self._unfinished_timer = self.loop.call_at(when, self._check_unfinished)
+
+    def _check_unfinished(self) -> None:
+        self._unfinished_timer = None
+        if self.closed.done():
+            return
+        core = self.core
+        for event in core.expire_unfinished(
+            self.loop.time(), self.options.unfinished_message_timeout
+        ):
+            self.dispatch(event)
+        if core.pending_output:
+            self.kick()
+        if core.unfinished_bytes:
+            self._watch_unfinished()
+
+    def _on_aborted(self, event: P.CallAborted) -> None:
+        call = self.calls.get(event.call_id)
+        if call is not None:
+            call.cancel(_ABORTED)
 
     def _on_call(self, event: P.CallReceived) -> None:
         call_id = event.call_id
@@ -1096,11 +1176,14 @@ class ServerConnection(_ConnectionBase):
         details: dict[str, Any] = {"exception_type": type(exc).__name__}
         if self.options.include_tracebacks:
             details["traceback"] = "".join(traceback.format_exception(exc))
-        self._send_status(call, Internal(f"{type(exc).__name__}: {exc}", details=details))
+        info = ErrorInfo("HANDLER_EXCEPTION", metadata={"exception_type": type(exc).__name__})
+        self._send_status(
+            call, Internal(f"{type(exc).__name__}: {exc}", details=details, info=info)
+        )
 
     def _send_status(self, call: ServerCall, error: RpcError) -> None:
         try:
-            self.core.send_error(call.call_id, error.code, error.message, error.details)
+            self.core.send_error(call.call_id, error.code, error.message, error.details, error.info)
         except P.LocalProtocolError:
             return
         self.kick()

@@ -107,10 +107,26 @@ class ServerOptions:
         keepalive_interval: Seconds of silence after which we ping the client
             (``None``: never).
         keepalive_timeout: Seconds to wait for the pong before closing the connection.
+        max_connections_per_peer: Connections one authenticated peer (by name)
+            may hold at once; further ones are closed on accept, so one peer
+            cannot take every slot of ``max_connections``.
+        max_unfinished_bytes_per_connection: Bytes of partly received messages
+            (sent in pieces, not complete yet) one connection may hold; the call
+            whose piece would exceed it fails with ``RESOURCE_EXHAUSTED`` and its
+            pieces are freed. ``None``: ``max_message_size``, so every message
+            the size limit allows can still arrive.
+        max_unfinished_bytes: The same for all connections of the server together.
+        unfinished_message_timeout: Seconds an unfinished message may wait for
+            its next piece; then its call fails with ``DEADLINE_EXCEEDED`` and
+            its pieces are freed.
     """
 
     max_concurrent_calls_per_connection: int = 1024
     max_connections: int = 4096
+    max_connections_per_peer: int = 64
+    max_unfinished_bytes_per_connection: int | None = None
+    max_unfinished_bytes: int = 128 * 1024 * 1024
+    unfinished_message_timeout: float = 30.0
     include_tracebacks: bool = False
     max_frame_size: int = DEFAULT_FRAME_SIZE
     max_message_size: int = DEFAULT_MESSAGE_SIZE
@@ -127,6 +143,16 @@ class ServerOptions:
             1_000_000,
         )
         _check_range("max_connections", self.max_connections, 1, 1_000_000)
+        _check_range("max_connections_per_peer", self.max_connections_per_peer, 1, 1_000_000)
+        if self.max_unfinished_bytes_per_connection is not None:
+            _check_range(
+                "max_unfinished_bytes_per_connection",
+                self.max_unfinished_bytes_per_connection,
+                MIN_FRAME_SIZE,
+                2**40,
+            )
+        _check_range("max_unfinished_bytes", self.max_unfinished_bytes, MIN_FRAME_SIZE, 2**40)
+        _check_positive("unfinished_message_timeout", self.unfinished_message_timeout)
         _check_range("max_frame_size", self.max_frame_size, MIN_FRAME_SIZE, MAX_FRAME_SIZE)
         _check_range("max_message_size", self.max_message_size, MIN_MESSAGE_SIZE, MAX_MESSAGE_SIZE)
         _check_range("initial_window", self.initial_window, MIN_WINDOW, MAX_WINDOW)

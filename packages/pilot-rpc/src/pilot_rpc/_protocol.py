@@ -73,9 +73,10 @@ from pilot_rpc._options import (
     MIN_WINDOW,
 )
 from pilot_rpc._types import MethodKind
-from pilot_rpc.errors import StatusCode
+from pilot_rpc.errors import ErrorInfo, RpcError, StatusCode
 
 __all__ = [
+    "CallAborted",
     "CallCancelled",
     "CallReceived",
     "CallRefused",
@@ -95,6 +96,7 @@ __all__ = [
     "Role",
     "SendUnblocked",
     "StreamEnded",
+    "UnfinishedBudget",
 ]
 
 _Buf = bytes | bytearray
@@ -285,13 +287,21 @@ class StreamEnded(Event):
 class ErrorReceived(Event):
     """CLIENT: the server ended the call with an error status. The call is over."""
 
-    __slots__ = ("call_id", "code", "details", "message")
+    __slots__ = ("call_id", "code", "details", "info", "message")
 
-    def __init__(self, call_id: int, code: int, message: str, details: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        call_id: int,
+        code: int,
+        message: str,
+        details: dict[str, Any],
+        info: ErrorInfo | None = None,
+    ) -> None:
         self.call_id = call_id
         self.code = code
         self.message = message
         self.details = details
+        self.info = info
 
 
 class CallCancelled(Event):
@@ -301,6 +311,18 @@ class CallCancelled(Event):
 
     def __init__(self, call_id: int) -> None:
         self.call_id = call_id
+
+
+class CallAborted(Event):
+    """SERVER: this end failed a call whose handler runs (a budget or an idle deadline for an
+    unfinished message); its ERROR is queued. Stop the handler; send nothing more on it."""
+
+    __slots__ = ("call_id", "code", "message")
+
+    def __init__(self, call_id: int, code: int, message: str) -> None:
+        self.call_id = call_id
+        self.code = code
+        self.message = message
 
 
 class CallRefused(Event):
@@ -360,7 +382,10 @@ class _Call:
         "asm_buf",
         "asm_flow",
         "asm_kind",
+        "asm_touched",
+        "asm_uncredited",
         "deferred",
+        "held",
         "kind",
         "recv_credit",
         "recv_unacked",
@@ -384,8 +409,41 @@ class _Call:
         self.asm_kind = 0
         self.asm_buf: bytearray | None = None
         self.asm_flow = False
+        # When the last piece of it arrived (the driver's clock, see Connection.now).
+        self.asm_touched = 0.0
+        # Flow-controlled bytes of it not credited back yet (see _piece_credit).
+        self.asm_uncredited = 0
+        # Bytes of delivered messages the application has not consumed yet.
+        self.held = 0
         # Outbound pieces waiting for credit: [kind, flags, remaining view, first?].
         self.deferred: deque[list[Any]] | None = None
+
+
+class UnfinishedBudget:
+    """Bytes of unfinished (partly received) messages several connections may hold together.
+
+    Pure bookkeeping, shared by the connections of one server; no I/O, no clock.
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` bytes; False (nothing reserved) if that would exceed the limit."""
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
+Admit = Callable[[str, MethodKind], RpcError | None]
+"""SERVER: decides on a CALL's first piece whether it may proceed (None) or is refused."""
 
 
 def _decode(data: bytes | bytearray | memoryview) -> Any:
@@ -403,6 +461,15 @@ class Connection:
             with RESOURCE_EXHAUSTED). CLIENT: announced as 0.
         initial_window: Credit per call we grant the peer for stream items.
         agent: Free text naming the implementation, for logs.
+        admit: SERVER: called with the method and kind on the first piece of
+            every CALL, before anything of it is buffered; an ``RpcError`` it
+            returns is sent as the call's ERROR and the call's further frames
+            are dropped unread.
+        max_unfinished_bytes: SERVER: bytes of partly received messages this
+            connection may hold at once (``None``: only ``max_message_size``
+            per message); the call whose piece would exceed it fails with
+            RESOURCE_EXHAUSTED and its pieces are freed.
+        shared_budget: SERVER: the same, shared with other connections.
     """
 
     def __init__(
@@ -414,8 +481,21 @@ class Connection:
         max_concurrent_calls: int = 1024,
         initial_window: int = DEFAULT_WINDOW,
         agent: str = "pilot-rpc-python",
+        admit: Admit | None = None,
+        max_unfinished_bytes: int | None = None,
+        shared_budget: UnfinishedBudget | None = None,
     ) -> None:
         self.role = role
+        self.admit = admit
+        """SERVER: the first-piece check of every CALL (settable after construction)."""
+        self.max_unfinished_bytes = max_unfinished_bytes if max_unfinished_bytes else 1 << 62
+        self._shared_budget = shared_budget
+        self.unfinished_bytes = 0
+        """Bytes of partly received messages held right now."""
+        # Calls with a message under assembly, oldest first.
+        self._assembling: dict[int, _Call] = {}
+        self.now = 0.0
+        """The driver's clock, set before receive_data; stamps unfinished messages."""
         self.max_frame_size = max_frame_size
         self.max_message_size = max_message_size
         self.max_concurrent_calls = max_concurrent_calls if role is Role.SERVER else 0
@@ -688,7 +768,7 @@ class Connection:
         A no-op for a call that is already over."""
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only the client cancels calls")
-        if self._calls.pop(call_id, None) is not None and not self.closed:
+        if self._drop(call_id) is not None and not self.closed:
             self._emit(F.CANCEL, 0, call_id, b"")
 
     # -- SERVER operations ------------------------------------------------------------------------
@@ -706,7 +786,7 @@ class Connection:
                 self.pending_output += n + 10
             else:
                 self._emit_message(F.REPLY, 0, call_id, data)
-            del self._calls[call_id]
+            self._drop(call_id)
             return
         self._transition_response(call, F.REPLY)
         self._queue_after_deferred(call_id, call, F.REPLY, 0, data)
@@ -732,6 +812,7 @@ class Connection:
         code: int,
         message: str,
         details: Mapping[str, Any] | None = None,
+        info: ErrorInfo | None = None,
     ) -> None:
         """SERVER: end the call with an error status. Overrides queued pieces of the call.
 
@@ -741,23 +822,39 @@ class Connection:
         if code == StatusCode.OK:
             raise LocalProtocolError("an ERROR frame needs a non-OK code")
         self._transition_response(call, F.ERROR)
-        try:
-            payload = self._packer.pack([int(code), message, dict(details or {})])
-        except (TypeError, ValueError, OverflowError):
-            payload = self._packer.pack(
-                [int(code), message, {"details_repr": repr(dict(details or {}))[:4096]}]
-            )
-        if len(payload) > self.peer_max_frame_size:
-            payload = self._packer.pack([int(code), message[:4096], {"truncated": True}])
         call.deferred = None
-        self._emit(F.ERROR, 0, call_id, payload)
+        self._emit_error(call_id, code, message, details, info)
         self._finish_server_call(call_id, call)
+
+    def _emit_error(
+        self,
+        call_id: int,
+        code: int,
+        message: str,
+        details: Mapping[str, Any] | None,
+        info: ErrorInfo | None,
+    ) -> None:
+        wire_info = info.to_wire() if info is not None else None
+        body: list[Any] = [int(code), message, dict(details or {})]
+        if wire_info is not None:
+            body.append(wire_info)
+        try:
+            payload = self._packer.pack(body)
+        except (TypeError, ValueError, OverflowError):
+            body[2] = {"details_repr": repr(dict(details or {}))[:4096]}
+            payload = self._packer.pack(body)
+        if len(payload) > self.peer_max_frame_size:
+            body = [int(code), message[:4096], {"truncated": True}]
+            if wire_info is not None:
+                body.append([wire_info[0], wire_info[1], {}])
+            payload = self._packer.pack(body)
+        self._emit(F.ERROR, 0, call_id, payload)
 
     def _finish_server_call(self, call_id: int, call: _Call) -> None:
         # The call record stays while pieces still wait for credit (they must go out in order);
         # it is dropped once they did (see _on_credit).
         if not call.deferred:
-            del self._calls[call_id]
+            self._drop(call_id)
 
     # -- both roles -------------------------------------------------------------------------------
 
@@ -798,6 +895,12 @@ class Connection:
         call = self._calls.get(call_id)
         if call is None or self.closed or flow <= 0:
             return
+        held = call.held - flow
+        call.held = held if held > 0 else 0
+        if held <= 0 and call.asm_uncredited:
+            # Everything before the message under assembly is consumed: its pieces are owed.
+            flow += call.asm_uncredited
+            call.asm_uncredited = 0
         unacked = call.recv_unacked + flow
         if unacked >= self.credit_threshold:
             call.recv_unacked = 0
@@ -830,6 +933,7 @@ class Connection:
     def close(self) -> None:
         """Mark the connection over locally (no more input is processed)."""
         self.closed = True
+        self._release_all()
         self._calls.clear()
 
     # -- receiving --------------------------------------------------------------------------------
@@ -841,6 +945,7 @@ class Connection:
             return events
         if not data:
             self.closed = True
+            self._release_all()
             self._calls.clear()
             message = "peer closed the connection"
             if self._inbuf:
@@ -956,6 +1061,7 @@ class Connection:
         )
         self.goaway_sent = True
         self.closed = True
+        self._release_all()
         self._calls.clear()
         self._inbuf = bytearray()
         return ConnectionClosed(StatusCode.INTERNAL, f"protocol error: {message}", True)
@@ -1008,10 +1114,27 @@ class Connection:
                         f"too many concurrent calls on this connection "
                         f"(limit {self.max_concurrent_calls})",
                         {"limit": self.max_concurrent_calls, "retry_safe": True},
+                        [
+                            "CONCURRENCY_LIMIT",
+                            "pilot-rpc",
+                            {"limit": str(self.max_concurrent_calls)},
+                        ],
                     ]
                 ),
             )
             return
+        if len(body) > self.max_message_size:
+            raise _RemoteProtocolError("request message exceeds max_message_size")
+        admit = self.admit
+        if admit is not None:
+            refusal = admit(method, kind)
+            if refusal is not None:
+                # Decided on the first piece: nothing of the call is kept, and its further
+                # frames name a call that is over, so they are dropped unread.
+                self._emit_error(
+                    call_id, refusal.code, refusal.message, refusal.details, refusal.info
+                )
+                return
         call = _Call(kind, self.peer_initial_window, self.initial_window)
         call.request = Half.OPEN if streaming_request else Half.CLOSED
         self._calls[call_id] = call
@@ -1019,13 +1142,11 @@ class Connection:
         if not body:
             events.append(event)
             return
-        if len(body) > self.max_message_size:
-            raise _RemoteProtocolError("request message exceeds max_message_size")
         if flags & F.FLAG_MORE:
             call.asm_kind = F.CALL
-            call.asm_buf = bytearray(body)
             call.asm_flow = False
             self._pending_calls[call_id] = event
+            self._start_assembly(call_id, call, body, events)
             return
         event.message = self._decode_message(body)
         events.append(event)
@@ -1135,10 +1256,12 @@ class Connection:
             if self.role is Role.CLIENT:
                 if call.response is Half.OPEN and call.stream_response:
                     call.recv_credit -= n
+                    call.held += n
                     events.append(MessageReceived(call_id, self._decode_message(payload), n))
                     return
             elif call.request is Half.OPEN and call.stream_request:
                 call.recv_credit -= n
+                call.held += n
                 events.append(MessageReceived(call_id, self._decode_message(payload), n))
                 return
         self._on_message(F.ITEM, flags, call_id, payload, events)
@@ -1169,10 +1292,9 @@ class Connection:
             self._charge(call_id, call, n)
         if flags & F.FLAG_MORE:
             call.asm_kind = kind
-            call.asm_buf = bytearray(payload)
             call.asm_flow = flow
-            if flow:
-                self.consumed(call_id, n)
+            if self._start_assembly(call_id, call, payload, events) and flow:
+                self._piece_credit(call_id, call, n)
             return
         self._deliver(call_id, call, kind, self._decode_message(payload), n, events)
 
@@ -1192,22 +1314,171 @@ class Connection:
             )
         if call.asm_flow:
             self._charge(call_id, call, n)
-        buf += payload
         if flags & F.FLAG_MORE:
+            if not self._reserve(call_id, call, n, events):
+                return
+            buf += payload
+            call.asm_touched = self.now
             if call.asm_flow:
-                self.consumed(call_id, n)
+                self._piece_credit(call_id, call, n)
             return
         kind = call.asm_kind
-        call.asm_buf = None
+        self._end_assembly(call_id, call)  # releases the reserved pieces (not this last one)
+        buf += payload
         message = self._decode_message(buf)
         if kind == F.CALL:
             event = self._pending_calls.pop(call_id)
             event.message = message
             events.append(event)
         else:
-            # Credit for the earlier pieces was returned as they came; the last one's flow is
-            # returned when the application consumes the message.
-            self._deliver(call_id, call, kind, message, n, events)
+            # Pieces credited while they arrived are not owed again; the rest (with the last
+            # piece) is returned when the application consumes the message.
+            flow = call.asm_uncredited + n
+            call.asm_uncredited = 0
+            self._deliver(call_id, call, kind, message, flow, events)
+
+    # -- unfinished messages: budgets, idle deadline, credit of their pieces ---------------------
+
+    def _start_assembly(self, call_id: int, call: _Call, piece: _Buf, events: list[Event]) -> bool:
+        """Keep the first piece of a message; False if the call failed over a budget."""
+        n = len(piece)
+        call.asm_buf = bytearray()
+        self._assembling[call_id] = call
+        if not self._reserve(call_id, call, n, events):
+            return False
+        call.asm_buf += piece
+        call.asm_touched = self.now
+        return True
+
+    def _reserve(self, call_id: int, call: _Call, n: int, events: list[Event]) -> bool:
+        """Count ``n`` more unfinished bytes against the budgets, or fail the call."""
+        if self.role is Role.SERVER:
+            shared = self._shared_budget
+            if self.unfinished_bytes + n > self.max_unfinished_bytes:
+                self._abort_assembly(
+                    call_id,
+                    call,
+                    "UNFINISHED_BYTES_PER_CONNECTION",
+                    f"partly received messages on this connection would exceed "
+                    f"{self.max_unfinished_bytes} bytes",
+                    self.max_unfinished_bytes,
+                    events,
+                )
+                return False
+            if shared is not None and not shared.take(n):
+                self._abort_assembly(
+                    call_id,
+                    call,
+                    "UNFINISHED_BYTES_PER_SERVER",
+                    f"partly received messages on this server would exceed {shared.limit} bytes",
+                    shared.limit,
+                    events,
+                )
+                return False
+        self.unfinished_bytes += n
+        return True
+
+    def _end_assembly(self, call_id: int, call: _Call) -> None:
+        """The message is complete (or dropped): release what its pieces held."""
+        buf = call.asm_buf
+        if buf is None:
+            return
+        call.asm_buf = None
+        self._assembling.pop(call_id, None)
+        n = len(buf)
+        self.unfinished_bytes -= n
+        if self._shared_budget is not None and self.role is Role.SERVER:
+            self._shared_budget.release(n)
+
+    def _drop(self, call_id: int) -> _Call | None:
+        """Forget a call, freeing its unfinished message if it had one."""
+        call = self._calls.pop(call_id, None)
+        if call is not None and call.asm_buf is not None:
+            self._end_assembly(call_id, call)
+        return call
+
+    def _release_all(self) -> None:
+        """The connection is over: every unfinished message is freed."""
+        for call_id, call in list(self._assembling.items()):
+            self._end_assembly(call_id, call)
+        self._assembling.clear()
+        self._pending_calls.clear()
+
+    def _abort_assembly(
+        self,
+        call_id: int,
+        call: _Call,
+        reason: str,
+        message: str,
+        limit: float,
+        events: list[Event],
+        code: int = StatusCode.RESOURCE_EXHAUSTED,
+    ) -> None:
+        """SERVER: fail a call whose request message cannot be finished; free its pieces."""
+        started = call_id not in self._pending_calls
+        self._end_assembly(call_id, call)
+        self._pending_calls.pop(call_id, None)
+        self._calls.pop(call_id, None)
+        self._emit_error(
+            call_id,
+            code,
+            message,
+            {"limit": limit},
+            ErrorInfo(reason, "pilot-rpc", {"limit": f"{limit:g}"}),
+        )
+        if started:  # its handler runs (a request stream item was arriving): stop it
+            events.append(CallAborted(call_id, int(code), message))
+
+    @property
+    def oldest_unfinished(self) -> float | None:
+        """When the least recently extended unfinished message last got a piece, if any."""
+        if not self._assembling:
+            return None
+        return min(call.asm_touched for call in self._assembling.values())
+
+    def expire_unfinished(self, now: float, idle: float) -> list[Event]:
+        """SERVER: fail calls whose unfinished message got no piece for ``idle`` seconds.
+
+        Each such call is answered DEADLINE_EXCEEDED and its pieces are freed.
+        ``now`` is the driver's clock (the one it stores in :attr:`now`).
+        """
+        events: list[Event] = []
+        if self.role is not Role.SERVER or self.closed:
+            return events
+        for call_id, call in list(self._assembling.items()):
+            if now - call.asm_touched >= idle:
+                self._abort_assembly(
+                    call_id,
+                    call,
+                    "UNFINISHED_MESSAGE_IDLE",
+                    f"no piece of the unfinished message arrived for {idle:g} s",
+                    idle,
+                    events,
+                    code=StatusCode.DEADLINE_EXCEEDED,
+                )
+        return events
+
+    def _piece_credit(self, call_id: int, call: _Call, n: int) -> None:
+        """Credit for a piece of an unfinished flow-controlled message.
+
+        Returned at once only while every earlier message of the call has been
+        consumed (the application waits for this one, and a message larger than
+        the window must not deadlock); otherwise owed until those are consumed.
+        So what a call holds stays within one window plus one message.
+        """
+        if call.held:
+            call.asm_uncredited += n
+        else:
+            self._grant(call_id, call, n)
+
+    def _grant(self, call_id: int, call: _Call, n: int) -> None:
+        unacked = call.recv_unacked + n
+        if unacked >= self.credit_threshold:
+            call.recv_unacked = 0
+            call.recv_credit += unacked
+            self._emit(F.CREDIT, 0, call_id, _pack_u32(unacked))
+        else:
+            call.recv_unacked = unacked
 
     def _charge(self, call_id: int, call: _Call, n: int) -> None:
         if n > call.recv_credit:
@@ -1220,8 +1491,10 @@ class Connection:
         self, call_id: int, call: _Call, kind: int, message: Any, flow: int, events: list[Event]
     ) -> None:
         if kind == F.ITEM:
+            call.held += flow
             events.append(MessageReceived(call_id, message, flow))
         elif kind == F.PROGRESS:
+            call.held += flow
             events.append(ProgressReceived(call_id, message, flow))
         else:  # REPLY
             del self._calls[call_id]
@@ -1259,9 +1532,15 @@ class Connection:
         ):
             raise _RemoteProtocolError("ERROR is not [code != 0, message, details]")
         code, message, details = body[0], body[1], body[2]
+        info = None
+        if len(body) > 3 and body[3] is not None:
+            try:
+                info = ErrorInfo.from_wire(body[3])
+            except ValueError as exc:
+                raise _RemoteProtocolError(f"malformed ERROR info: {exc}") from None
         self._check_transition(call, F.ERROR, receiving=True)
-        del self._calls[call_id]
-        events.append(ErrorReceived(call_id, code, message, details))
+        self._drop(call_id)
+        events.append(ErrorReceived(call_id, code, message, details, info))
 
     def _on_cancel(self, flags: int, call_id: int, payload: _Buf, events: list[Event]) -> None:
         if self.role is not Role.SERVER:
@@ -1270,7 +1549,9 @@ class Connection:
         if call is None:
             return
         del self._calls[call_id]
-        if call.asm_kind == F.CALL and call.asm_buf is not None:
+        unstarted = call_id in self._pending_calls
+        self._end_assembly(call_id, call)
+        if unstarted:
             del self._pending_calls[call_id]
             return  # the request never completed: no handler was started
         events.append(CallCancelled(call_id))
@@ -1290,7 +1571,7 @@ class Connection:
             self._flush_deferred(call_id, call)
             if not call.deferred:
                 if self.role is Role.SERVER and call.response is Half.CLOSED:
-                    del self._calls[call_id]
+                    self._drop(call_id)
                 else:
                     events.append(SendUnblocked(call_id))
 
@@ -1324,7 +1605,7 @@ class Connection:
         events.append(GoAwayReceived(last, code, message))
         if self.role is Role.CLIENT:
             for refused in [cid for cid in self._calls if cid > last]:
-                del self._calls[refused]
+                self._drop(refused)
                 events.append(CallRefused(refused, message or "the server is going away"))
 
     def _on_late_hello(self, flags: int, call_id: int, payload: _Buf, events: list[Event]) -> None:

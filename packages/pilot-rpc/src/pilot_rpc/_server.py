@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import inspect
 import logging
+import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -14,7 +16,7 @@ from pilot_transport.aio import aclose_quietly, cancel_and_wait
 from pilot_transport.errors import ListenerClosedError
 
 from pilot_rpc import _protocol as P
-from pilot_rpc._driver import DRAIN_REASON, ServerConnection
+from pilot_rpc._driver import DRAIN_REASON, Authorize, ServerConnection
 from pilot_rpc._options import ServerOptions
 from pilot_rpc._types import AnyHandler, ListenerLike, MethodKind, StreamLike
 
@@ -23,6 +25,42 @@ __all__ = ["RpcServer"]
 logger = logging.getLogger("pilot_rpc.server")
 
 F = TypeVar("F", bound=AnyHandler)
+
+_FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_BACKOFF_MIN = 0.01
+_ACCEPT_BACKOFF_MAX = 1.0
+_LOG_EVERY = 10.0
+"""Seconds between two log lines about the same kind of refused or failed accept."""
+
+
+class _RateLimitedLog:
+    """One log line per ``_LOG_EVERY`` seconds per key, counting what it did not print."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def __call__(self, key: str, level: int, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < _LOG_EVERY:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return
+        skipped = self._skipped.pop(key, 0)
+        self._last[key] = now
+        if skipped:
+            message += " (%d more like this in the last %.0f s)"
+            args = (*args, skipped, now - last if last is not None else 0.0)
+        logger.log(level, message, *args)
+
+
+def _peer_key(peer: Any) -> str:
+    """The authenticated peer's identity, for per-peer limits."""
+    for name in ("node_id", "name"):
+        value = getattr(peer, name, None)
+        if value:
+            return str(value)
+    return repr(peer)
 
 
 class RpcServer:
@@ -36,12 +74,30 @@ class RpcServer:
     any other exception reaches the caller as ``Internal`` with its type and
     message (and the traceback only when ``include_tracebacks`` is set).
 
+    Before anything of a call is buffered (on the first piece of its CALL
+    frame), the server checks that the method exists with that shape and asks
+    ``authorize``; a refused call's further pieces are dropped unread.
+
     Args:
         options: Limits and behaviour; the defaults are safe.
+        authorize: ``authorize(method: str, peer: PeerInfo) -> None``, called on
+            the event loop for every call before its request is buffered or its
+            handler started. Return to allow; raise an :class:`~pilot_rpc.RpcError`
+            (typically :class:`~pilot_rpc.PermissionDenied`, with an
+            :class:`~pilot_rpc.ErrorInfo`) to refuse: the caller gets exactly that
+            error. It must not block; any other exception refuses the call with
+            ``Internal`` (fail closed) and is logged. ``None``: every
+            authenticated peer may call every method.
     """
 
-    def __init__(self, *, options: ServerOptions | None = None) -> None:
+    def __init__(
+        self, *, options: ServerOptions | None = None, authorize: Authorize | None = None
+    ) -> None:
         self.options = options or ServerOptions()
+        self.authorize = authorize
+        self._budget = P.UnfinishedBudget(self.options.max_unfinished_bytes)
+        self._per_peer: dict[str, int] = {}
+        self._log = _RateLimitedLog()
         self._methods: dict[str, tuple[MethodKind, AnyHandler]] = {}
         self._connections: set[ServerConnection] = set()
         self._connection_tasks: set[asyncio.Task[None]] = set()
@@ -126,6 +182,7 @@ class RpcServer:
         are cancelled); use :meth:`drain` first for a graceful stop. The
         listener itself is left to its owner.
         """
+        backoff = _ACCEPT_BACKOFF_MIN
         try:
             while not self._draining:
                 try:
@@ -134,17 +191,48 @@ class RpcServer:
                     raise
                 except ListenerClosedError:
                     return  # the listener's owner closed it: serving it is over
+                except OSError as exc:
+                    if exc.errno not in _FD_EXHAUSTED or self._draining:
+                        if not self._draining:
+                            logger.exception("accepting a connection failed; no longer serving")
+                        return
+                    # Out of file descriptors (or kernel memory): back off and try again,
+                    # with one log line now and then instead of one per attempt.
+                    self._log(
+                        "fd",
+                        logging.WARNING,
+                        "accepting a connection failed (%s); retrying in %.2f s",
+                        errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                        backoff,
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _ACCEPT_BACKOFF_MAX)
+                    continue
                 except Exception:
                     if not self._draining:
                         logger.exception("accepting a connection failed; no longer serving")
                     return
+                backoff = _ACCEPT_BACKOFF_MIN
                 if self._draining:
                     await _close_quietly(stream)
                     return
                 if len(self._connections) >= self.options.max_connections:
-                    logger.warning(
+                    self._log(
+                        "max_connections",
+                        logging.WARNING,
                         "refusing a connection: max_connections=%d reached",
                         self.options.max_connections,
+                    )
+                    await _close_quietly(stream)
+                    continue
+                key = _peer_key(stream.peer)
+                if self._per_peer.get(key, 0) >= self.options.max_connections_per_peer:
+                    self._log(
+                        f"per_peer:{key}",
+                        logging.WARNING,
+                        "refusing a connection from %s: max_connections_per_peer=%d reached",
+                        key,
+                        self.options.max_connections_per_peer,
                     )
                     await _close_quietly(stream)
                     continue
@@ -161,6 +249,10 @@ class RpcServer:
             max_message_size=options.max_message_size,
             max_concurrent_calls=options.max_concurrent_calls_per_connection,
             initial_window=options.initial_window,
+            max_unfinished_bytes=(
+                options.max_unfinished_bytes_per_connection or options.max_message_size
+            ),
+            shared_budget=self._budget,
         )
         conn = ServerConnection(
             stream,
@@ -169,8 +261,11 @@ class RpcServer:
             methods=self._methods,
             on_call_done=self._call_done,
             idle_waiters=self._idle_waiters,
+            authorize=self._authorize_call,
         )
         self._connections.add(conn)
+        key = _peer_key(stream.peer)
+        self._per_peer[key] = self._per_peer.get(key, 0) + 1
         task = asyncio.get_running_loop().create_task(self._run_connection(conn))
         self._connection_tasks.add(task)
         task.add_done_callback(self._connection_tasks.discard)
@@ -193,7 +288,22 @@ class RpcServer:
             # Handlers still running when the connection ended were cancelled by the driver;
             # wait for them to unwind so nothing outlives the connection.
             await conn.wait_calls(1.0)
+            self._forget(conn)
+
+    def _forget(self, conn: ServerConnection) -> None:
+        if conn in self._connections:
             self._connections.discard(conn)
+            key = _peer_key(conn.peer)
+            left = self._per_peer.get(key, 0) - 1
+            if left > 0:
+                self._per_peer[key] = left
+            else:
+                self._per_peer.pop(key, None)
+
+    def _authorize_call(self, method: str, peer: Any) -> None:
+        authorize = self.authorize  # read per call: it may be replaced while serving
+        if authorize is not None:
+            authorize(method, peer)
 
     def _call_done(self) -> None:
         if self._idle_waiters and self.inflight == 0:
@@ -286,6 +396,7 @@ class RpcServer:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._connections.clear()
+        self._per_peer.clear()
 
     def _describe(self) -> dict[str, Any]:
         return {name: kind.name for name, (kind, _) in self._methods.items()}

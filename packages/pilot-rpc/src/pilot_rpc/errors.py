@@ -30,6 +30,13 @@ and chained with ``from``: a caller never sees a transport, ``ssl`` or
     ├── DataLoss                    DATA_LOSS (15)
     └── Unauthenticated             UNAUTHENTICATED (16): TLS identity not trusted
 
+Every ``RpcError`` also carries one structured, machine-readable detail,
+:class:`ErrorInfo` (``reason``, ``domain``, ``metadata``; in the spirit of
+``google.rpc.ErrorInfo``), which travels on the wire with the status. Match
+on ``error.info.reason`` (and ``domain``) rather than on message text or on
+ad-hoc ``details`` keys; ``details`` stays for compatibility and free-form
+facts.
+
 ``Unavailable.retry_safe`` is true when the call is known not to have reached
 a handler (never sent, or refused by a server that was going away); the client
 retries those on its own when a :class:`~pilot_rpc.RetryPolicy` allows.
@@ -38,6 +45,7 @@ retries those on its own when a :class:`~pilot_rpc.RetryPolicy` allows.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar
 
@@ -47,6 +55,7 @@ __all__ = [
     "Cancelled",
     "DataLoss",
     "DeadlineExceeded",
+    "ErrorInfo",
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",
@@ -85,13 +94,68 @@ class StatusCode(IntEnum):
     UNAUTHENTICATED = 16
 
 
+_DOMAIN = "pilot-rpc"
+"""The ``ErrorInfo.domain`` of errors pilot-rpc itself produces."""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """Why a call failed, in a form a program can match on.
+
+    Attributes:
+        reason: A short UPPER_SNAKE_CASE constant naming the cause
+            (``"CONCURRENCY_LIMIT"``, ``"HANDLER_EXCEPTION"``,
+            ``"PERMISSION_DENIED"``...), unique within ``domain``.
+        domain: Who defines ``reason``: ``"pilot-rpc"`` for this package's own
+            errors, a package or service name for the layers above.
+        metadata: String facts about this occurrence (``{"limit": "1024"}``).
+
+    Raises:
+        ValueError: ``reason`` or ``domain`` is not a non-empty string of at
+            most 256 characters, or ``metadata`` does not map str to str.
+    """
+
+    reason: str
+    domain: str = _DOMAIN
+    metadata: Mapping[str, str] = field(default_factory=dict[str, str])
+
+    def __post_init__(self) -> None:
+        for name in ("reason", "domain"):
+            value: object = getattr(self, name)
+            if not isinstance(value, str) or not 0 < len(value) <= 256:
+                raise ValueError(f"ErrorInfo.{name} must be a string of 1-256 chars: {value!r}")
+        metadata: Any = self.metadata
+        if not isinstance(metadata, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str)
+            for k, v in metadata.items()  # pyright: ignore[reportUnknownVariableType]
+        ):
+            raise ValueError(f"ErrorInfo.metadata must map str to str: {metadata!r}")
+        object.__setattr__(self, "metadata", dict(metadata))  # pyright: ignore[reportUnknownArgumentType]
+
+    def to_wire(self) -> list[Any]:
+        """The wire form: ``[reason, domain, metadata]`` (PROTOCOL.md, "Errors")."""
+        return [self.reason, self.domain, dict(self.metadata)]
+
+    @staticmethod
+    def from_wire(value: Any) -> ErrorInfo:
+        """Parse the wire form. Raises ValueError if it is malformed."""
+        if not isinstance(value, list) or len(value) < 3:  # pyright: ignore[reportUnknownArgumentType]
+            raise ValueError("ErrorInfo is not [reason, domain, metadata]")
+        reason: Any = value[0]
+        domain: Any = value[1]
+        metadata: Any = value[2]
+        return ErrorInfo(reason, domain, metadata)
+
+
 class RpcError(Exception):
     """Root of every error raised by pilot-rpc.
 
     Args:
         message: Human-readable description; sent to the caller as is.
-        details: A msgpack-able dict of structured facts (sent to the caller).
+        details: A msgpack-able dict of free-form facts (sent to the caller).
         code: Only for the root class itself; subclasses fix their own code.
+        info: The structured reason (sent to the caller). Default: the
+            status code's name as ``reason`` in the ``"pilot-rpc"`` domain.
 
     Handlers raise a subclass (``raise NotFound("no such key", details={"key": k})``)
     to send that code, message and details to the caller.
@@ -106,6 +170,7 @@ class RpcError(Exception):
         *,
         details: Mapping[str, Any] | None = None,
         code: StatusCode | None = None,
+        info: ErrorInfo | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -115,6 +180,9 @@ class RpcError(Exception):
                 raise TypeError(f"{type(self).__name__} has the fixed code {type(self).code.name}")
             # The root class may carry any code; the instance attribute shadows the ClassVar.
             self.code = StatusCode(code)  # pyright: ignore[reportAttributeAccessIssue]
+        if info is not None and not isinstance(info, ErrorInfo):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"info must be an ErrorInfo, got {info!r}")
+        self.info: ErrorInfo = info if info is not None else ErrorInfo(self.code.name)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -123,6 +191,8 @@ class RpcError(Exception):
 
     def __repr__(self) -> str:
         extra = f", details={self.details!r}" if self.details else ""
+        if self.info.reason != self.code.name or self.info.domain != _DOMAIN or self.info.metadata:
+            extra += f", info={self.info!r}"
         return f"{type(self).__name__}({self.message!r}{extra})"
 
     def __str__(self) -> str:
@@ -130,13 +200,16 @@ class RpcError(Exception):
 
     @staticmethod
     def from_code(
-        code: int, message: str = "", details: Mapping[str, Any] | None = None
+        code: int,
+        message: str = "",
+        details: Mapping[str, Any] | None = None,
+        info: ErrorInfo | None = None,
     ) -> RpcError:
         """Build the subclass for ``code`` (``Unknown`` for numbers outside the table)."""
         cls = RpcError._by_code.get(code)
         if cls is None:
-            return Unknown(message, details={**(details or {}), "code": code})
-        return cls(message, details=details)
+            return Unknown(message, details={**(details or {}), "code": code}, info=info)
+        return cls(message, details=details, info=info)
 
 
 class Cancelled(RpcError):
@@ -231,9 +304,10 @@ class Unavailable(RpcError, ConnectionError):
         *,
         details: Mapping[str, Any] | None = None,
         code: StatusCode | None = None,
+        info: ErrorInfo | None = None,
         retry_safe: bool = False,
     ) -> None:
-        super().__init__(message, details=details, code=code)
+        super().__init__(message, details=details, code=code, info=info)
         self.retry_safe = retry_safe
 
 
