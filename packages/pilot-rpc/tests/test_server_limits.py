@@ -1,0 +1,285 @@
+"""RpcServer's peer-facing limits through the asyncio driver (in memory).
+
+The authorize hook, ErrorInfo end to end, the per-peer connection cap, accept
+back-off when file descriptors run out, and the idle deadline of unfinished
+messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import struct
+from typing import Any
+
+import msgpack
+import pytest
+from pilot_transport.errors import StreamResetError
+from pilot_rpc import (
+    CallContext,
+    ClientOptions,
+    ErrorInfo,
+    Internal,
+    NotFound,
+    PermissionDenied,
+    RetryPolicy,
+    RpcClient,
+    RpcServer,
+    ServerOptions,
+    Unimplemented,
+)
+from pilot_rpc import _frames as F
+from pilot_rpc import _protocol as P
+from pilot_rpc._memory import MemoryStream, memory_stream_pair
+from pilot_rpc.testing import connect_in_memory, fake_peer
+
+TIMEOUT = 10.0
+
+
+def build(options: ServerOptions | None = None, **kw: Any) -> tuple[RpcServer, list[str]]:
+    ran: list[str] = []
+    server = RpcServer(options=options, **kw)
+
+    @server.unary("echo")
+    async def echo(request: Any, ctx: CallContext) -> Any:
+        ran.append(ctx.peer.name)
+        return request
+
+    @server.unary("lookup")
+    async def lookup(request: Any, ctx: CallContext) -> Any:
+        raise NotFound("no such key", info=ErrorInfo("KEY_MISSING", "kv", {"key": str(request)}))
+
+    @server.unary("crash")
+    async def crash(request: Any, ctx: CallContext) -> Any:
+        raise KeyError(request)
+
+    return server, ran
+
+
+# -- authorize hook -------------------------------------------------------------------------------
+
+
+async def test_authorize_refuses_before_the_handler_runs() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def authorize(method: str, peer: Any) -> None:
+        seen.append((method, peer.name))
+        if peer.name == "mallory":
+            raise PermissionDenied(
+                f"{peer.name} may not call {method}",
+                info=ErrorInfo("ACL_DENIED", "test", {"method": method}),
+            )
+
+    server, ran = build(authorize=authorize)
+    async with connect_in_memory(server, client_name="mallory") as pair:
+        with pytest.raises(PermissionDenied) as caught:
+            await pair.call("echo", b"x" * 2_000_000, timeout=TIMEOUT)  # sent in pieces
+        assert caught.value.info == ErrorInfo("ACL_DENIED", "test", {"method": "echo"})
+        # The connection survives a refusal.
+        with pytest.raises(PermissionDenied):
+            await pair.call("echo", 1, timeout=TIMEOUT)
+    async with connect_in_memory(server, client_name="alice") as pair:
+        assert await pair.call("echo", 2, timeout=TIMEOUT) == 2
+    assert ran == ["alice"]
+    assert seen == [("echo", "mallory"), ("echo", "mallory"), ("echo", "alice")]
+
+
+async def test_unknown_methods_are_refused_before_authorize_is_asked() -> None:
+    asked: list[str] = []
+    server, _ = build(authorize=lambda method, peer: asked.append(method))
+    async with connect_in_memory(server) as pair:
+        with pytest.raises(Unimplemented) as caught:
+            await pair.call("nope", 1, timeout=TIMEOUT)
+    assert caught.value.info.reason == "METHOD_NOT_FOUND"
+    assert asked == []
+
+
+async def test_a_failing_authorize_hook_fails_closed(caplog: pytest.LogCaptureFixture) -> None:
+    def authorize(method: str, peer: Any) -> None:
+        raise RuntimeError("acl store unreadable")
+
+    server, ran = build(authorize=authorize)
+    async with connect_in_memory(server) as pair:
+        with pytest.raises(Internal) as caught:
+            await pair.call("echo", 1, timeout=TIMEOUT)
+    assert caught.value.info.reason == "AUTHORIZE_FAILED"
+    assert ran == []
+    assert "authorize hook failed" in caplog.text
+
+
+async def test_authorize_may_be_replaced_while_serving() -> None:
+    server, _ = build()
+    async with connect_in_memory(server) as pair:
+        assert await pair.call("echo", 1, timeout=TIMEOUT) == 1
+
+        def deny(method: str, peer: Any) -> None:
+            raise PermissionDenied("revoked")
+
+        server.authorize = deny
+        with pytest.raises(PermissionDenied):
+            await pair.call("echo", 1, timeout=TIMEOUT)
+
+
+# -- ErrorInfo end to end -------------------------------------------------------------------------
+
+
+async def test_error_info_reaches_the_caller() -> None:
+    server, _ = build()
+    async with connect_in_memory(server) as pair:
+        with pytest.raises(NotFound) as caught:
+            await pair.call("lookup", 7, timeout=TIMEOUT)
+        assert caught.value.info == ErrorInfo("KEY_MISSING", "kv", {"key": "7"})
+        with pytest.raises(Internal) as crashed:
+            await pair.call("crash", 1, timeout=TIMEOUT)
+        assert crashed.value.info == ErrorInfo(
+            "HANDLER_EXCEPTION", "pilot-rpc", {"exception_type": "KeyError"}
+        )
+        # details stay readable for code that has not moved to info yet.
+        assert crashed.value.details["exception_type"] == "KeyError"
+
+
+# -- connection caps and accept back-off ----------------------------------------------------------
+
+
+class QueueListener:
+    """A ListenerLike fed by the test: streams or exceptions, in order."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[MemoryStream | BaseException] = asyncio.Queue()
+
+    async def accept(self) -> MemoryStream:
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class ListenerTransport:
+    """Connects by handing the server end to a QueueListener."""
+
+    url = "memory-rpc://"
+
+    def __init__(self, listener: QueueListener, name: str) -> None:
+        self.listener = listener
+        self.name = name
+
+    async def connect(self, peer: str, port: int, *, timeout: float | None = None) -> MemoryStream:
+        client_end, server_end = memory_stream_pair(fake_peer(self.name), fake_peer(peer))
+        self.listener.queue.put_nowait(server_end)
+        return client_end
+
+
+async def read_until_eof(stream: MemoryStream) -> bytes:
+    data = b""
+    try:
+        while more := await stream.read(65536):
+            data += more
+    except StreamResetError:
+        return data  # a reset counts as closed too
+    return data
+
+
+async def test_one_peer_cannot_take_every_connection_slot(caplog: pytest.LogCaptureFixture) -> None:
+    server, ran = build(ServerOptions(max_connections_per_peer=3))
+    listener = QueueListener()
+    greedy: list[MemoryStream] = []
+    async with server.serve_in_background(listener):
+        for _ in range(10):
+            client_end, server_end = memory_stream_pair(fake_peer("greedy"), fake_peer("server"))
+            greedy.append(client_end)
+            listener.queue.put_nowait(server_end)
+        async with asyncio.timeout(TIMEOUT):
+            # The 7 over the cap are closed without a HELLO; the first 3 get one.
+            refused = [await read_until_eof(s) for s in greedy[3:]]
+        assert refused == [b""] * 7
+        client = RpcClient(
+            ListenerTransport(listener, "alice"),
+            options=ClientOptions(retry=RetryPolicy.disabled()),
+        )
+        async with client:
+            assert await client.call("server", 1, "echo", "hi", timeout=TIMEOUT) == "hi"
+        # A greedy connection that ends frees its slot.
+        await greedy[0].aclose()
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                client_end, server_end = memory_stream_pair(
+                    fake_peer("greedy"), fake_peer("server")
+                )
+                listener.queue.put_nowait(server_end)
+                first = await client_end.read(10)
+                if first:
+                    break
+                await client_end.aclose()
+        await client_end.aclose()
+        for stream in greedy:
+            await stream.aclose()
+    assert ran == ["alice"]
+    warnings = [r for r in caplog.records if "max_connections_per_peer" in r.getMessage()]
+    assert len(warnings) == 1  # rate-limited: one line for the burst
+
+
+async def test_accept_backs_off_on_fd_exhaustion_with_few_log_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pilot_rpc.server")
+    server, _ = build()
+    listener = QueueListener()
+    for _ in range(6):
+        listener.queue.put_nowait(OSError(errno.EMFILE, "Too many open files"))
+    async with server.serve_in_background(listener):
+        client = RpcClient(
+            ListenerTransport(listener, "alice"),
+            options=ClientOptions(retry=RetryPolicy.disabled()),
+        )
+        async with client:
+            assert await client.call("server", 1, "echo", 5, timeout=TIMEOUT) == 5
+    lines = [r for r in caplog.records if "EMFILE" in r.getMessage()]
+    assert len(lines) == 1
+    assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_other_accept_errors_still_stop_serving(caplog: pytest.LogCaptureFixture) -> None:
+    server, _ = build()
+    listener = QueueListener()
+    listener.queue.put_nowait(OSError(errno.EBADF, "bad fd"))
+    async with asyncio.timeout(TIMEOUT):
+        await server.serve(listener)
+    assert "no longer serving" in caplog.text
+
+
+# -- unfinished messages through the driver -------------------------------------------------------
+
+
+async def test_an_unfinished_call_times_out_and_frees_its_pieces() -> None:
+    options = ServerOptions(unfinished_message_timeout=0.05)
+    server, ran = build(options)
+    listener = QueueListener()
+    async with server.serve_in_background(listener):
+        client_end, server_end = memory_stream_pair(fake_peer("slow"), fake_peer("server"))
+        listener.queue.put_nowait(server_end)
+        core = P.Connection(P.Role.CLIENT)
+        await client_end.write(core.data_to_send())
+        header = msgpack.packb(["echo", 1, None, None])
+        body = struct.pack(">H", len(header)) + header + b"\xc6\x00\x10\x00\x00" + b"a" * 1000
+        await client_end.write(
+            struct.pack(">IBBI", len(body), F.CALL, F.FLAG_END_STREAM | F.FLAG_MORE, 1) + body
+        )
+        buffer = b""
+        error: list[Any] | None = None
+        async with asyncio.timeout(TIMEOUT):
+            while error is None:
+                buffer += await client_end.read(65536)
+                pos = 0
+                while len(buffer) - pos >= 10:
+                    length, kind, _, call_id = struct.unpack_from(">IBBI", buffer, pos)
+                    if len(buffer) - pos - 10 < length:
+                        break
+                    if kind == F.ERROR and call_id == 1:
+                        error = msgpack.unpackb(buffer[pos + 10 : pos + 10 + length])
+                    pos += 10 + length
+        assert error[0] == 4  # DEADLINE_EXCEEDED
+        assert error[3][0] == "UNFINISHED_MESSAGE_IDLE"
+        assert server._budget.used == 0  # pyright: ignore[reportPrivateUsage]
+        await client_end.aclose()
+    assert ran == []
