@@ -15,7 +15,6 @@ from typing import Any
 
 import msgpack
 import pytest
-from pilot_transport.errors import StreamResetError
 from pilot_rpc import (
     CallContext,
     ClientOptions,
@@ -33,6 +32,7 @@ from pilot_rpc import _frames as F
 from pilot_rpc import _protocol as P
 from pilot_rpc._memory import MemoryStream, memory_stream_pair
 from pilot_rpc.testing import connect_in_memory, fake_peer
+from pilot_transport.errors import StreamResetError
 
 TIMEOUT = 10.0
 
