@@ -4,12 +4,19 @@ The client's output is one FIFO buffer, so a ping queued while a large request i
 still leaving can only be answered once the whole request has been sent. Writes
 that keep completing show the peer is still taking bytes; a peer that stops
 reading stops them, and must still be detected.
+
+Time here is virtual: each test runs on an event loop whose clock advances only
+when every task is waiting (it jumps to the next timer), so the link's rate and
+the keepalive's timeouts relate exactly as written, however loaded the machine
+is. The streams are in memory, so no real I/O is waited for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import selectors
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import pytest
@@ -30,6 +37,54 @@ _SEND_BUFFER = 512 * 1024
 _REQUEST_SIZE = 4 * 1024 * 1024
 _INTERVAL = 0.2
 _TIMEOUT = 0.4
+
+
+class _AutojumpSelector(selectors.BaseSelector):
+    """Never sleeps: when nothing is ready, moves the virtual clock to the next timer."""
+
+    def __init__(self) -> None:
+        self._inner = selectors.DefaultSelector()
+        self.now = 0.0
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._inner.register(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._inner.unregister(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._inner.modify(fileobj, events, data)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = self._inner.select(0)
+        if not ready and timeout is not None and timeout > 0:
+            self.now += timeout
+        elif not ready and timeout is None:
+            raise RuntimeError("every task waits and no timer is set: the test would hang")
+        return ready
+
+    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
+        return self._inner.get_map()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _VirtualTimeLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        self._autojump = _AutojumpSelector()
+        super().__init__(self._autojump)
+
+    def time(self) -> float:
+        return self._autojump.now
+
+
+def _run_in_virtual_time(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    loop = _VirtualTimeLoop()
+    try:
+        loop.run_until_complete(test())
+    finally:
+        loop.close()
 
 
 class ThrottledStream:
@@ -127,7 +182,11 @@ def _options() -> ClientOptions:
     )
 
 
-async def test_large_request_on_slow_link_survives_keepalive() -> None:
+def test_large_request_on_slow_link_survives_keepalive() -> None:
+    _run_in_virtual_time(_large_request_on_slow_link_survives_keepalive)
+
+
+async def _large_request_on_slow_link_survives_keepalive() -> None:
     server = _size_server()
     transport = SlowLinkTransport(server)
     client = RpcClient(transport, options=_options())
@@ -173,7 +232,11 @@ class _StalledPeerTransport:
             await end.aclose()
 
 
-async def test_peer_that_stops_reading_is_still_declared_dead() -> None:
+def test_peer_that_stops_reading_is_still_declared_dead() -> None:
+    _run_in_virtual_time(_peer_that_stops_reading_is_still_declared_dead)
+
+
+async def _peer_that_stops_reading_is_still_declared_dead() -> None:
     transport = _StalledPeerTransport()
     client = RpcClient(transport, options=_options())
     loop = asyncio.get_running_loop()
@@ -187,7 +250,11 @@ async def test_peer_that_stops_reading_is_still_declared_dead() -> None:
         await transport.aclose()
 
 
-async def test_a_write_suspended_under_backpressure_is_finished_by_the_writer_task() -> None:
+def test_a_write_suspended_under_backpressure_is_finished_by_the_writer_task() -> None:
+    _run_in_virtual_time(_a_write_suspended_under_backpressure_is_finished_by_the_writer_task)
+
+
+async def _a_write_suspended_under_backpressure_is_finished_by_the_writer_task() -> None:
     """A lone call's write starts in the caller's task; when the stream makes it
     wait (a send buffer smaller than one driver write), the writer task must
     finish it and the connection stays healthy."""
