@@ -14,14 +14,41 @@ import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pilot_rpc import CallContext, RpcServer, ServerOptions
+from pilot_rpc import CallContext, PermissionDenied, RpcServer, ServerOptions
 from pilot_transport import open_transport
 
 PORT = 5000
 
 
-def build(stats: dict[str, int]) -> RpcServer:
-    server = RpcServer(options=ServerOptions(max_concurrent_calls_per_connection=20_000))
+def build(
+    stats: dict[str, int],
+    *,
+    options: ServerOptions | None = None,
+    deny_peer: str | None = None,
+) -> RpcServer:
+    def authorize(method: str, peer: Any) -> None:
+        if peer.name == deny_peer and method != "stats":
+            raise PermissionDenied(f"{peer.name} may not call {method}")
+
+    server = RpcServer(
+        options=options or ServerOptions(max_concurrent_calls_per_connection=20_000),
+        authorize=authorize if deny_peer else None,
+    )
+    gate = asyncio.Event()
+
+    @server.client_streaming("slow_count")
+    async def slow_count(requests: AsyncIterator[Any], ctx: CallContext) -> int:
+        # Takes one item, then waits for "release" before reading the rest.
+        count = 0
+        async for _ in requests:
+            count += 1
+            stats["slow_items"] = count
+            await gate.wait()
+        return count
+
+    @server.unary("release")
+    async def release(request: Any, ctx: CallContext) -> None:
+        gate.set()
 
     @server.unary("echo")
     async def echo(request: Any, ctx: CallContext) -> Any:
@@ -69,6 +96,9 @@ async def main() -> None:
     parser.add_argument("--trust", required=True)
     parser.add_argument("--url", default="tcp://127.0.0.1:0")
     parser.add_argument("--drain-timeout", type=float, default=10.0)
+    parser.add_argument("--deny-peer", default=None, help="refuse every call of this peer")
+    parser.add_argument("--max-connections-per-peer", type=int, default=64)
+    parser.add_argument("--unfinished-timeout", type=float, default=30.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     stats: dict[str, int] = {
@@ -78,8 +108,14 @@ async def main() -> None:
         "sleep_started": 0,
         "firehose_produced": 0,
         "firehose_closed": 0,
+        "slow_items": 0,
     }
-    server = build(stats)
+    options = ServerOptions(
+        max_concurrent_calls_per_connection=20_000,
+        max_connections_per_peer=args.max_connections_per_peer,
+        unfinished_message_timeout=args.unfinished_timeout,
+    )
+    server = build(stats, options=options, deny_peer=args.deny_peer)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -1,5 +1,7 @@
 """pilot-rpc between real processes over tcp:// with mutual TLS: cancellation, deadlines,
-flow control, drain, malformed input, a killed server, a 50 MB message."""
+flow control, drain, malformed input, a killed server, a 50 MB message, and what one
+trusted peer cannot do to the server (pin memory with unfinished calls, bypass the
+flow-control window, take every connection slot)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import psutil
 import pytest
 from pilot_rpc import (
@@ -42,7 +45,13 @@ class ServerProcess:
 
     @classmethod
     async def start(
-        cls, peers: TestPeers, log: Path, *, url: str = "tcp://127.0.0.1:0", drain: float = 10.0
+        cls,
+        peers: TestPeers,
+        log: Path,
+        *,
+        url: str = "tcp://127.0.0.1:0",
+        drain: float = 10.0,
+        extra: tuple[str, ...] = (),
     ) -> ServerProcess:
         server = peers["server"]
         with open(log, "ab") as stderr:
@@ -57,6 +66,7 @@ class ServerProcess:
                 url,
                 "--drain-timeout",
                 str(drain),
+                *extra,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=stderr,
             )
@@ -79,7 +89,7 @@ class ServerProcess:
 
 @pytest.fixture
 def peers(tmp_path: Path) -> TestPeers:
-    return create_test_peers(tmp_path, ["client", "server"])
+    return create_test_peers(tmp_path, ["client", "server", "attacker"])
 
 
 @pytest.fixture
@@ -284,3 +294,262 @@ async def test_fifty_megabyte_message(
     payload = os.urandom(50 * 1024 * 1024)
     async with RpcClient(client_transport) as client:
         assert await client.call("server", PORT, "echo", payload, timeout=120) == payload
+
+
+# =================================================================================================
+# What a trusted peer cannot do to the server
+# =================================================================================================
+
+_FRAME = struct.Struct(">IBBI")
+_SERVER_FRAME = 256 * 1024  # the server's default max_frame_size
+_WINDOW = 256 * 1024  # the server's default initial_window
+MiB = 1024 * 1024
+
+
+class RawPeer:
+    """One connection speaking literal frames (the attacker), with the client core for HELLO."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.buffer = b""
+        self.frames: list[tuple[int, int, int, bytes]] = []
+
+    @classmethod
+    async def open(cls, transport: Transport) -> RawPeer:
+        stream = await transport.connect("server", PORT, timeout=10)
+        peer = cls(stream)
+        await stream.write(P.Connection(P.Role.CLIENT).data_to_send())
+        async with asyncio.timeout(TIMEOUT):
+            while not peer.frames:  # the server's HELLO
+                await peer.read_some()
+        assert peer.frames[0][0] == 0x01
+        peer.frames.clear()
+        return peer
+
+    async def read_some(self) -> None:
+        data = await self.stream.read(1 << 20)
+        if not data:
+            raise EOFError("the server closed the connection")
+        self.buffer += data
+        pos = 0
+        while len(self.buffer) - pos >= 10:
+            length, kind, flags, call_id = _FRAME.unpack_from(self.buffer, pos)
+            if len(self.buffer) - pos - 10 < length:
+                break
+            self.frames.append((kind, flags, call_id, self.buffer[pos + 10 : pos + 10 + length]))
+            pos += 10 + length
+        self.buffer = self.buffer[pos:]
+
+    async def send(self, kind: int, call_id: int, payload: bytes = b"", flags: int = 0) -> None:
+        await self.stream.write(_FRAME.pack(len(payload), kind, flags, call_id) + payload)
+
+    async def start_split_call(self, call_id: int, method: str, size: int) -> None:
+        """The first piece of a unary CALL whose ``size``-byte request never finishes."""
+        header = msgpack.packb([method, 1, None, None])
+        prefix = struct.pack(">H", len(header)) + header + b"\xc6" + struct.pack(">I", size)
+        body = prefix + b"a" * (_SERVER_FRAME - len(prefix))
+        await self.send(0x02, call_id, body, 0x02 | 0x01)  # CALL, END_STREAM | MORE
+
+    async def ping_pong(self) -> None:
+        """A round trip: every frame the server sends for what we sent so far is in."""
+        payload = os.urandom(8)
+        await self.send(0x0A, 0, payload)
+        async with asyncio.timeout(TIMEOUT):
+            while not any(k == 0x0B and p == payload for k, _, _, p in self.frames):
+                await self.read_some()
+
+    def errors(self) -> dict[int, list[Any]]:
+        return {c: msgpack.unpackb(p) for k, _, c, p in self.frames if k == 0x07}
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.stream.aclose()
+
+
+@pytest.fixture
+async def attacker_transport(peers: TestPeers) -> AsyncIterator[Transport]:
+    attacker = peers["attacker"]
+    async with open_transport(
+        "tcp://127.0.0.1:0", identity=attacker.identity, trust=attacker.trust
+    ) as transport:
+        yield transport
+
+
+async def test_unfinished_calls_cannot_pin_server_memory(
+    peers: TestPeers,
+    tmp_path: Path,
+    servers: list[ServerProcess],
+    client_transport: Transport,
+    attacker_transport: Transport,
+) -> None:
+    """Issue 11 finding 3: 8 connections x 8 split 64 MiB calls, never finished (4 GiB
+    announced, 256 MiB actually sent). The server holds at most its 128 MiB budget of
+    pieces (default ``max_unfinished_bytes``), refuses the rest with RESOURCE_EXHAUSTED,
+    and fails the held calls after ``unfinished_message_timeout`` (3 s here; on a loaded
+    machine some may expire while the attack is still being sent)."""
+    server = await start(peers, tmp_path, servers, extra=("--unfinished-timeout", "3"))
+    process = psutil.Process(server.process.pid)
+    rss_before = process.memory_info().rss
+    attackers = [await RawPeer.open(attacker_transport) for _ in range(8)]
+    try:
+        piece = b"b" * _SERVER_FRAME
+        for raw in attackers:
+            for n in range(8):
+                call_id = 2 * n + 1
+                await raw.start_split_call(call_id, "echo", 64 * MiB)
+                for _ in range(15):  # 4 MiB per call in all
+                    await raw.send(0x0D, call_id, piece, 0x01)
+        for raw in attackers:
+            await raw.ping_pong()
+        rss_attacked = process.memory_info().rss
+        failed = [e for raw in attackers for e in raw.errors().values()]
+        refused = [e for e in failed if e[0] == 8]  # RESOURCE_EXHAUSTED
+        assert refused, "no call was refused: the budget did not hold"
+        assert {e[3][0] for e in refused} <= {
+            "UNFINISHED_BYTES_PER_SERVER",
+            "UNFINISHED_BYTES_PER_CONNECTION",
+        }
+        assert all(e[0] in (4, 8) for e in failed)
+        # The documented bound: the 128 MiB budget plus allocator slack.
+        growth = rss_attacked - rss_before
+        assert growth < 200 * MiB, f"server RSS grew by {growth / MiB:.0f} MiB"
+        # Legitimate calls keep working meanwhile, small ones and (budget permitting) large.
+        async with RpcClient(client_transport) as client:
+            assert await client.call("server", PORT, "echo", "still here", timeout=10) == (
+                "still here"
+            )
+            # The idle deadline fails the held calls and frees their pieces.
+            async with asyncio.timeout(TIMEOUT):
+                for raw in attackers:
+                    while len(raw.errors()) < 8:
+                        await raw.read_some()
+            idle = [e for raw in attackers for e in raw.errors().values() if e[0] == 4]
+            assert idle
+            assert {e[3][0] for e in idle} == {"UNFINISHED_MESSAGE_IDLE"}
+            payload = os.urandom(100 * MiB // 2)
+            assert await client.call("server", PORT, "echo", payload, timeout=120) == payload
+    finally:
+        for raw in attackers:
+            await raw.aclose()
+
+
+async def test_refused_calls_are_dropped_unbuffered(
+    peers: TestPeers,
+    tmp_path: Path,
+    servers: list[ServerProcess],
+    client_transport: Transport,
+    attacker_transport: Transport,
+) -> None:
+    """A peer refused by the authorize hook gets PERMISSION_DENIED on its first piece,
+    and the 256 MiB it keeps sending for those calls is never held."""
+    server = await start(peers, tmp_path, servers, extra=("--deny-peer", "attacker"))
+    process = psutil.Process(server.process.pid)
+    rss_before = process.memory_info().rss
+    raw = await RawPeer.open(attacker_transport)
+    try:
+        piece = b"c" * _SERVER_FRAME
+        for n in range(8):
+            call_id = 2 * n + 1
+            await raw.start_split_call(call_id, "echo", 64 * MiB)
+            for _ in range(127):  # 32 MiB per call
+                await raw.send(0x0D, call_id, piece, 0x01)
+        await raw.ping_pong()
+        errors = raw.errors()
+        assert sorted(errors) == [1, 3, 5, 7, 9, 11, 13, 15]
+        assert {e[0] for e in errors.values()} == {7}  # PERMISSION_DENIED
+        growth = process.memory_info().rss - rss_before
+        assert growth < 32 * MiB, f"server RSS grew by {growth / MiB:.0f} MiB"
+        async with RpcClient(client_transport) as client:
+            assert await client.call("server", PORT, "echo", 1, timeout=10) == 1
+    finally:
+        await raw.aclose()
+
+
+async def test_one_byte_last_pieces_cannot_bypass_the_window(
+    peers: TestPeers,
+    tmp_path: Path,
+    servers: list[ServerProcess],
+    client_transport: Transport,
+    attacker_transport: Transport,
+) -> None:
+    """Issue 11 finding 6: a sender ending each item with a 1-byte piece, into a
+    client-streaming handler that reads one item and waits. It may send one window
+    plus one message, then gets no more credit; server memory stays flat."""
+    server = await start(peers, tmp_path, servers)
+    process = psutil.Process(server.process.pid)
+    raw = await RawPeer.open(attacker_transport)
+    try:
+        header = msgpack.packb(["slow_count", 3, None, None])
+        await raw.send(0x02, 1, struct.pack(">H", len(header)) + header)  # CALL, a request stream
+        item = msgpack.packb(b"i" * (_SERVER_FRAME - 10))
+        credit = _WINDOW
+        sent = 0
+        rss_before = process.memory_info().rss
+        for _ in range(4096):  # up to 1 GiB if credit kept coming
+            if credit < len(item):
+                await raw.ping_pong()  # every CREDIT the server gives for what we sent is in
+                credit += sum(
+                    struct.unpack(">I", p)[0] for k, _, c, p in raw.frames if k == 0x09 and c == 1
+                )
+                raw.frames = [f for f in raw.frames if f[0] != 0x09]
+                if credit < len(item):
+                    break
+            await raw.send(0x04, 1, item[:-1], 0x01)  # ITEM, MORE
+            await raw.send(0x0D, 1, item[-1:])  # CONTINUATION: the last byte
+            credit -= len(item)
+            sent += len(item)
+        growth = process.memory_info().rss - rss_before
+        # The handler took the first item; what waits in the server is one window plus
+        # one message (with the old piece credit, the 4096 items all went through).
+        held = sent - len(item)
+        assert held <= _WINDOW + len(item), f"{held / MiB:.1f} MiB sent into a stalled reader"
+        assert growth < 16 * MiB, f"server RSS grew by {growth / MiB:.0f} MiB"
+        async with RpcClient(client_transport) as client:
+            stats = await client.call("server", PORT, "stats", timeout=10)
+            assert stats["slow_items"] == 1
+            await client.call("server", PORT, "release", timeout=10)
+        # Released, the handler reads everything: credit returns and the call completes.
+        await raw.send(0x06, 1)  # END
+        async with asyncio.timeout(TIMEOUT):
+            while not any(k == 0x03 and c == 1 for k, _, c, _ in raw.frames):
+                await raw.read_some()
+        (reply,) = [p for k, _, c, p in raw.frames if k == 0x03 and c == 1]
+        assert msgpack.unpackb(reply) == sent // len(item)
+    finally:
+        await raw.aclose()
+
+
+async def test_one_peer_cannot_take_every_connection_slot(
+    peers: TestPeers,
+    tmp_path: Path,
+    servers: list[ServerProcess],
+    client_transport: Transport,
+    attacker_transport: Transport,
+) -> None:
+    """Issue 11 finding 5: one peer opening 40 connections gets 8 (the cap set here);
+    the rest are closed at once, another peer is still served, and the server logs
+    one line about it rather than one per connection."""
+    server = await start(peers, tmp_path, servers, extra=("--max-connections-per-peer", "8"))
+    streams: list[Any] = []
+    try:
+        for _ in range(40):
+            streams.append(await attacker_transport.connect("server", PORT, timeout=10))
+        closed = 0
+        async with asyncio.timeout(TIMEOUT):
+            for stream in streams:
+                await stream.write(P.Connection(P.Role.CLIENT).data_to_send())
+                try:
+                    first = await stream.read(65536)
+                except StreamResetError:
+                    first = b""
+                closed += not first
+        assert closed == 32
+        async with RpcClient(client_transport) as client:
+            assert await client.call("server", PORT, "echo", "served", timeout=10) == "served"
+    finally:
+        for stream in streams:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+    await server.stop()
+    log = server.log.read_text()
+    assert log.count("max_connections_per_peer") <= 2
