@@ -271,3 +271,31 @@ async def _a_write_suspended_under_backpressure_is_finished_by_the_writer_task()
     finally:
         await client.aclose()
         await transport.aclose()
+
+
+def test_a_small_call_does_not_wait_behind_a_large_upload() -> None:
+    _run_in_virtual_time(_a_small_call_does_not_wait_behind_a_large_upload)
+
+
+async def _a_small_call_does_not_wait_behind_a_large_upload() -> None:
+    """Pieces of a large request leave after control frames and small calls, so a
+    call started while a 4 MiB upload crawls over the slow link is answered first."""
+    server = _size_server()
+    transport = SlowLinkTransport(server)
+    client = RpcClient(transport, options=_options())
+    try:
+        assert await client.call("server", 1, "size", b"", timeout=10) == 0  # connected
+        upload = asyncio.create_task(
+            client.call("server", 1, "size", b"x" * _REQUEST_SIZE, timeout=60)
+        )
+        # Wait until the upload is really under way on the link.
+        while transport.throttled[0].bytes_forwarded < _REQUEST_SIZE // 8:
+            await asyncio.sleep(_PIECE_DELAY)
+        assert await client.call("server", 1, "size", b"abc", timeout=60) == 3
+        assert not upload.done()
+        assert transport.throttled[0].bytes_forwarded < _REQUEST_SIZE // 2
+        assert await upload == _REQUEST_SIZE
+        assert len(transport.throttled) == 1
+    finally:
+        await client.aclose()
+        await transport.aclose()

@@ -400,3 +400,76 @@ def test_error_info_validates() -> None:
     with pytest.raises(TypeError, match="ErrorInfo"):
         RpcError("x", info="R")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
     assert PermissionDenied("no").info == ErrorInfo("PERMISSION_DENIED")
+
+
+# -- large messages do not hold back control frames and small calls --------------------------------
+
+
+def client() -> Connection:
+    conn = Connection(Role.CLIENT, **LIMITS)
+    conn.data_to_send()
+    conn.receive_data(server_hello())
+    return conn
+
+
+def test_control_frames_and_small_calls_overtake_a_large_messages_pieces() -> None:
+    conn = client()
+    big = conn.start_call("upload", MethodKind.UNARY, b"u" * (512 * 1024))
+    first = frames_of(conn.data_to_send(2 * FRAME))  # the CALL's first piece and one more
+    assert [(k, c) for k, _, c, _ in first] == [(F.CALL, big), (F.CONTINUATION, big)]
+    conn.ping(b"12345678")
+    small = conn.start_call("echo", MethodKind.UNARY, "hi")
+    nxt = frames_of(conn.data_to_send(FRAME))
+    # The ping and the small call leave before the next piece of the large request.
+    assert [(k, c) for k, _, c, _ in nxt][:2] == [(F.PING, 0), (F.CALL, small)]
+    assert all(k == F.CONTINUATION for k, _, _, _ in nxt[2:])
+    # A server reading it all sees a valid stream: the small call is complete first.
+    srv = server()
+    events = srv.receive_data(b"".join(frame(k, c, p, f) for k, f, c, p in first + nxt))
+    assert [e.call_id for e in events if isinstance(e, CallReceived)] == [small]
+    rest = srv.receive_data(conn.data_to_send())
+    (done,) = [e for e in rest if isinstance(e, CallReceived)]
+    assert done.call_id == big
+    assert done.message == b"u" * (512 * 1024)
+
+
+def test_pieces_of_two_large_replies_alternate() -> None:
+    srv = server()
+    for call_id in (1, 3):
+        whole = call_header("get", MethodKind.UNARY) + msgpack.packb(call_id)
+        srv.receive_data(frame(F.CALL, call_id, whole, F.FLAG_END_STREAM))
+    srv.send_reply(1, b"1" * (200 * 1024))
+    srv.send_reply(3, b"3" * (200 * 1024))
+    out = frames_of(srv.data_to_send())
+    order = [c for k, _, c, _ in out]
+    assert [k for k, _, _, _ in out[:2]] == [F.REPLY, F.REPLY]
+    # After both first pieces, the continuations alternate between the calls.
+    assert order[2:8] == [1, 3, 1, 3, 1, 3]
+    cl = client()
+    cl.start_call("get", MethodKind.UNARY, 1)
+    cl.start_call("get", MethodKind.UNARY, 3)
+    cl.data_to_send()
+    # (the client's own ids are 1 and 2; renumber the server's frames to match)
+    renumber = {1: 1, 3: 2}
+    events = cl.receive_data(b"".join(frame(k, renumber[c], p, f) for k, f, c, p in out))
+    replies = {e.call_id: e.message for e in events if hasattr(e, "message")}
+    assert replies == {1: b"1" * (200 * 1024), 2: b"3" * (200 * 1024)}
+
+
+def test_cancelling_a_large_call_drops_its_queued_pieces() -> None:
+    conn = client()
+    big = conn.start_call("upload", MethodKind.UNARY, b"u" * (512 * 1024))
+    conn.data_to_send(2 * FRAME)
+    conn.cancel_call(big)
+    assert conn.pending_output == 10  # only the CANCEL frame is left
+    assert frames_of(conn.data_to_send()) == [(F.CANCEL, 0, big, b"")]
+
+
+def test_a_refusal_drops_the_rest_of_our_request() -> None:
+    conn = client()
+    big = conn.start_call("upload", MethodKind.UNARY, b"u" * (512 * 1024))
+    conn.data_to_send(2 * FRAME)
+    payload = msgpack.packb([7, "no", {}, ["ACL_DENIED", "app", {}]])
+    (event,) = conn.receive_data(frame(F.ERROR, big, payload))
+    assert isinstance(event, ErrorReceived)
+    assert conn.pending_output == 0

@@ -514,6 +514,10 @@ class Connection:
         self._pending_calls: dict[int, CallReceived] = {}
         self._highest_call_id = 0
         self._out: list[bytes | bytearray | memoryview] = []
+        # CONTINUATION pieces of large CALL/REPLY messages, per call, in order. They leave
+        # after everything in _out and round-robin between calls, so control frames and
+        # small calls never wait behind a large message (see data_to_send).
+        self._bulk: dict[int, deque[tuple[bytes, memoryview]]] = {}
         self.pending_output = 0
         """Bytes queued for :meth:`data_to_send` (a plain attribute: read on every call)."""
         self._inbuf = bytearray()
@@ -575,7 +579,16 @@ class Connection:
         return call is not None and bool(call.deferred)
 
     def data_to_send(self, max_bytes: int | None = None) -> bytes:
-        """Take the queued output (at least one frame's worth, about ``max_bytes`` at most)."""
+        """Take the queued output (at least one frame's worth, about ``max_bytes`` at most).
+
+        Frames leave in the order they were queued, except the CONTINUATION pieces
+        of large CALL and REPLY messages: those follow everything else queued and
+        alternate between calls, one piece each. So a PING, PONG, CREDIT, a small
+        call or reply queued while a large message leaves waits for at most one
+        ``max_bytes`` write, not for the whole message.
+        """
+        if self._bulk:
+            return self._data_with_bulk(max_bytes)
         out = self._out
         if not out:
             return b""
@@ -595,6 +608,47 @@ class Connection:
         del out[:n]
         self.pending_output -= taken
         return data
+
+    def _data_with_bulk(self, max_bytes: int | None) -> bytes:
+        out = self._out
+        taken = 0
+        n = 0
+        for chunk in out:
+            taken += len(chunk)
+            n += 1
+            if max_bytes is not None and taken >= max_bytes:
+                break
+        parts: list[bytes | bytearray | memoryview] = out[:n]
+        del out[:n]
+        bulk = self._bulk
+        while bulk and (max_bytes is None or taken < max_bytes):
+            for call_id in list(bulk):
+                queue = bulk[call_id]
+                header, piece = queue.popleft()
+                parts.append(header)
+                parts.append(piece)
+                taken += len(header) + len(piece)
+                if not queue:
+                    del bulk[call_id]
+                if max_bytes is not None and taken >= max_bytes:
+                    break
+        self.pending_output -= taken
+        return b"".join(parts)
+
+    def _emit_piece(self, call_id: int, flags: int, piece: memoryview) -> None:
+        """Queue a CONTINUATION piece of a large CALL/REPLY (see data_to_send)."""
+        queue = self._bulk.get(call_id)
+        if queue is None:
+            queue = self._bulk[call_id] = deque()
+        n = len(piece)
+        queue.append((_pack_header(n, F.CONTINUATION, flags, call_id), piece))
+        self.pending_output += n + F.HEADER_SIZE
+
+    def _drop_pieces(self, call_id: int) -> None:
+        """Forget the queued pieces of a call that is over (they would be ignored)."""
+        queue = self._bulk.pop(call_id, None)
+        if queue:
+            self.pending_output -= sum(len(h) + len(p) for h, p in queue)
 
     # -- encoding ---------------------------------------------------------------------------------
 
@@ -631,7 +685,7 @@ class Connection:
         end = len(data)
         while pos < end:
             nxt = min(pos + limit, end)
-            self._emit(F.CONTINUATION, F.FLAG_MORE if nxt < end else 0, call_id, view[pos:nxt])
+            self._emit_piece(call_id, F.FLAG_MORE if nxt < end else 0, view[pos:nxt])
             pos = nxt
 
     def _send_flow(self, call_id: int, call: _Call, kind: int, data: bytes) -> bool:
@@ -752,8 +806,7 @@ class Connection:
             limit = self.peer_max_frame_size
             while pos < end:
                 nxt = min(pos + limit, end)
-                more = F.FLAG_MORE if nxt < end else 0
-                self._emit(F.CONTINUATION, more, call_id, view[pos:nxt])
+                self._emit_piece(call_id, F.FLAG_MORE if nxt < end else 0, view[pos:nxt])
                 pos = nxt
         return call_id
 
@@ -769,6 +822,7 @@ class Connection:
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only the client cancels calls")
         if self._drop(call_id) is not None and not self.closed:
+            self._drop_pieces(call_id)
             self._emit(F.CANCEL, 0, call_id, b"")
 
     # -- SERVER operations ------------------------------------------------------------------------
@@ -823,6 +877,7 @@ class Connection:
             raise LocalProtocolError("an ERROR frame needs a non-OK code")
         self._transition_response(call, F.ERROR)
         call.deferred = None
+        self._drop_pieces(call_id)
         self._emit_error(call_id, code, message, details, info)
         self._finish_server_call(call_id, call)
 
@@ -1061,6 +1116,8 @@ class Connection:
         )
         self.goaway_sent = True
         self.closed = True
+        for call_id in list(self._bulk):
+            self._drop_pieces(call_id)  # the GOAWAY leaves alone
         self._release_all()
         self._calls.clear()
         self._inbuf = bytearray()
@@ -1540,6 +1597,7 @@ class Connection:
                 raise _RemoteProtocolError(f"malformed ERROR info: {exc}") from None
         self._check_transition(call, F.ERROR, receiving=True)
         self._drop(call_id)
+        self._drop_pieces(call_id)  # the rest of our request would be ignored
         events.append(ErrorReceived(call_id, code, message, details, info))
 
     def _on_cancel(self, flags: int, call_id: int, payload: _Buf, events: list[Event]) -> None:
@@ -1606,6 +1664,7 @@ class Connection:
         if self.role is Role.CLIENT:
             for refused in [cid for cid in self._calls if cid > last]:
                 self._drop(refused)
+                self._drop_pieces(refused)
                 events.append(CallRefused(refused, message or "the server is going away"))
 
     def _on_late_hello(self, flags: int, call_id: int, payload: _Buf, events: list[Event]) -> None:
