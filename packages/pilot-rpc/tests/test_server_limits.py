@@ -283,3 +283,33 @@ async def test_an_unfinished_call_times_out_and_frees_its_pieces() -> None:
         assert server._budget.used == 0  # pyright: ignore[reportPrivateUsage]
         await client_end.aclose()
     assert ran == []
+
+
+# -- cancellation is never swallowed --------------------------------------------------------------
+
+
+async def test_closing_a_connection_does_not_swallow_the_callers_cancellation() -> None:
+    from pilot_rpc._driver import ClientConnection
+    from pilot_rpc._types import MethodKind
+
+    client_end, server_end = memory_stream_pair(
+        fake_peer("client"), fake_peer("server"), max_buffer=64 * 1024
+    )
+    await server_end.write(P.Connection(P.Role.SERVER).data_to_send())  # hello, then silence
+    conn = ClientConnection(
+        client_end, P.Connection(P.Role.CLIENT), keepalive_interval=None,
+        keepalive_timeout=5.0, max_calls=8,
+    )  # fmt: skip
+    conn.start()
+    await conn.hello
+    # A request larger than the pipe: the writer blocks, so closing waits to flush it.
+    conn.start_call("m", MethodKind.UNARY, b"x" * (1 << 20), None, None)
+    closing = asyncio.create_task(conn.aclose(flush_timeout=60))
+    while not conn._closing:  # pyright: ignore[reportPrivateUsage]
+        await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert closing.cancelled()
+    await conn.aclose(flush_timeout=0.01)
+    await server_end.aclose()

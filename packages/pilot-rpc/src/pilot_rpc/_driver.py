@@ -196,7 +196,10 @@ class _ConnectionBase:
             self._last_send = self.loop.time()
         except asyncio.CancelledError:
             self._lost(Unavailable("connection lost: a write was cancelled"))
-            raise
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # our own cancellation: never swallowed
+            # Otherwise the stream cancelled its own write: the connection is lost, not us.
         except Exception as exc:
             self._lost(map_transport_error(exc, "connection lost while writing"))
         finally:
