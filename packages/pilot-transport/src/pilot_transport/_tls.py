@@ -530,6 +530,7 @@ class SecureStream:
     """
 
     __slots__ = (
+        "__weakref__",
         "_carrier",
         "_closed",
         "_eof_received",
@@ -804,9 +805,21 @@ class SecureStream:
                 await self._carrier.aclose()
 
     def _fail(self, error: TransportError) -> TransportError:
+        """Record the stream's failure; the first one recorded is the one reported."""
         if self._failure is None:
             self._failure = error
-        return error
+        return self._failure
+
+    async def _revoke(self, error: TransportError) -> None:
+        """Fail the stream with ``error`` and drop its connection (no TLS close).
+
+        Pending and later reads and writes raise ``error``; ``aclose`` still works.
+        """
+        if self._closed:
+            return
+        self._fail(error)
+        with contextlib.suppress(TransportError):
+            await self._carrier.aclose()
 
     async def __aenter__(self) -> Self:
         return self
