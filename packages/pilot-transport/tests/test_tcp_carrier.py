@@ -107,7 +107,7 @@ async def test_beyond_the_global_cap_the_busiest_source_loses_its_oldest() -> No
 
 
 async def test_one_source_waits_beyond_its_limit_and_others_do_not() -> None:
-    carrier = TcpCarrier(max_per_source=2)
+    carrier = TcpCarrier(max_active_per_source=2)
     listener = await carrier.bind(1)
     idle = [await _raw_from(carrier, "127.0.0.2") for _ in range(2)]
     _, queued = await _raw_from(carrier, "127.0.0.2")
@@ -125,6 +125,24 @@ async def test_one_source_waits_beyond_its_limit_and_others_do_not() -> None:
     for stream in (first, second):
         await stream.aclose()
     for writer in (idle[1][1], queued, other):
+        writer.close()
+    await carrier.aclose()
+
+
+async def test_one_source_beyond_its_total_is_refused_and_others_are_not() -> None:
+    carrier = TcpCarrier(max_active_per_source=1, max_per_source=2)
+    listener = await carrier.bind(1)
+    held = [await _raw_from(carrier, "127.0.0.2") for _ in range(2)]
+    await _until(lambda: carrier.unauthenticated == 2)
+    refused_reader, refused = await _raw_from(carrier, "127.0.0.2")
+    assert await _closed_by_peer(refused_reader)
+    assert (await carrier.info())["preauth"]["source_full"] == 1
+    _, other = await _raw_from(carrier, "127.0.0.1")
+    other.write(b"PLTP\x01\x00\x01")
+    stream = await asyncio.wait_for(listener.accept(), 10)
+    assert stream.remote_hint.startswith("127.0.0.1:")
+    await stream.aclose()
+    for writer in (*(w for _, w in held), refused, other):
         writer.close()
     await carrier.aclose()
 

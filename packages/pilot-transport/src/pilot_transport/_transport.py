@@ -70,9 +70,12 @@ class TransportOptions:
             port header and any wait for admission). Default 5.
         header_timeout: ``tcp://`` only: seconds an admitted inbound connection
             has to send its 7-byte port header. Default 3.
-        max_unauthenticated_per_source: ``tcp://`` only: unauthenticated inbound
+        max_handshakes_per_source: ``tcp://`` only: unauthenticated inbound
             connections of one source IP address served at once; more from that
             address wait unread, in arrival order. Default 8.
+        max_unauthenticated_per_source: ``tcp://`` only: unauthenticated inbound
+            connections of one source IP address, served or waiting; a new one
+            beyond it is refused at once. Default 64.
         max_unauthenticated: ``tcp://`` only: unauthenticated inbound connections
             in all (served or waiting); a new one beyond it drops the oldest
             connection of the source holding the most. Default 256.
@@ -92,7 +95,8 @@ class TransportOptions:
     connect_timeout: float = 10.0
     handshake_timeout: float = 5.0
     header_timeout: float = 3.0
-    max_unauthenticated_per_source: int = 8
+    max_handshakes_per_source: int = 8
+    max_unauthenticated_per_source: int = 64
     max_unauthenticated: int = 256
     accept_backlog: int = 128
     max_pending_handshakes: int = 256
@@ -111,6 +115,7 @@ class TransportOptions:
         for name in (
             "accept_backlog",
             "max_pending_handshakes",
+            "max_handshakes_per_source",
             "max_unauthenticated_per_source",
             "max_unauthenticated",
         ):
@@ -696,6 +701,7 @@ def _make_carrier(url: str, identity: Identity, options: TransportOptions) -> Ca
             port,
             header_timeout=options.header_timeout,
             preauth_timeout=options.handshake_timeout,
+            max_active_per_source=options.max_handshakes_per_source,
             max_per_source=options.max_unauthenticated_per_source,
             max_unauthenticated=options.max_unauthenticated,
         )

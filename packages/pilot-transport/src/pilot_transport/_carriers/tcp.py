@@ -29,9 +29,12 @@ locking others out:
 - ``preauth_timeout``: the whole way from accept to an authenticated stream
   (waiting for admission, header, TLS handshake); ``None`` ends the
   unauthenticated phase with the header (a carrier used on its own);
-- ``max_per_source``: connections of one source IP address that are admitted
-  (reading) at once; more from the same address wait, unread, in arrival
-  order, and are admitted as earlier ones authenticate or go away;
+- ``max_active_per_source``: connections of one source IP address that are
+  admitted (reading) at once; more from the same address wait, unread, in
+  arrival order, and are admitted as earlier ones authenticate or go away;
+- ``max_per_source``: connections of one source address admitted or waiting;
+  a new one beyond it is refused at once (reset), so one address cannot fill
+  the global cap below;
 - ``max_unauthenticated``: all unauthenticated connections, admitted or
   waiting. A new connection beyond it sheds the oldest connection of the
   source that holds the most, so a source with few connections (a legitimate
@@ -90,7 +93,8 @@ _LISTEN_BACKLOG = 1024
 
 DEFAULT_HEADER_TIMEOUT = 3.0
 DEFAULT_PREAUTH_TIMEOUT = 5.0
-DEFAULT_MAX_PER_SOURCE = 8
+DEFAULT_MAX_ACTIVE_PER_SOURCE = 8
+DEFAULT_MAX_PER_SOURCE = 64
 DEFAULT_MAX_UNAUTHENTICATED = 256
 
 logger = logging.getLogger("pilot_transport.tcp")
@@ -440,17 +444,20 @@ class _Gate:
         *,
         header_timeout: float,
         preauth_timeout: float | None,
+        max_active_per_source: int,
         max_per_source: int,
         max_unauthenticated: int,
     ) -> None:
         self.header_timeout = header_timeout
         self.preauth_timeout = preauth_timeout
+        self.max_active_per_source = max_active_per_source
         self.max_per_source = max_per_source
         self.max_unauthenticated = max_unauthenticated
         self.sources: dict[str, _Source] = {}
         self.total = 0
         self.counters: dict[str, int] = {
             "shed": 0,
+            "source_full": 0,
             "header_timeouts": 0,
             "preauth_timeouts": 0,
         }
@@ -459,10 +466,15 @@ class _Gate:
         self.counters[name] += 1
 
     def arrive(self, stream: _TcpStream) -> None:
-        if self.total >= self.max_unauthenticated:
-            self._shed_one()
         host = stream.source_host
         source = self.sources.get(host)
+        if source is not None and len(source.streams) >= self.max_per_source:
+            self.count("source_full")
+            stream._reset("refused: too many unauthenticated connections from its address")
+            return
+        if self.total >= self.max_unauthenticated:
+            self._shed_one()
+            source = self.sources.get(host)
         if source is None:
             source = self.sources[host] = _Source(host)
         source.streams[stream] = None
@@ -472,7 +484,7 @@ class _Gate:
             stream._preauth_timer = asyncio.get_running_loop().call_later(
                 self.preauth_timeout, stream._preauth_timed_out
             )
-        if source.active < self.max_per_source:
+        if source.active < self.max_active_per_source:
             source.active += 1
             stream._admit(self.header_timeout)
         else:
@@ -500,7 +512,7 @@ class _Gate:
         self.total -= 1
         if stream._admitted:
             source.active -= 1
-            while source.waiting and source.active < self.max_per_source:
+            while source.waiting and source.active < self.max_active_per_source:
                 following = source.waiting.popleft()
                 source.active += 1
                 following._admit(self.header_timeout)
@@ -537,8 +549,10 @@ class TcpCarrier(Carrier):
         preauth_timeout: seconds from accept until the layer above calls
             ``mark_authenticated`` on the stream; ``None`` (a carrier used on
             its own) ends the unauthenticated phase with the header.
-        max_per_source: unauthenticated connections of one source address
-            admitted at once (more wait, unread).
+        max_active_per_source: unauthenticated connections of one source
+            address admitted at once (more wait, unread).
+        max_per_source: unauthenticated connections of one source address,
+            admitted or waiting; more are refused.
         max_unauthenticated: unauthenticated connections in all; beyond it the
             oldest connection of the source holding the most is dropped.
     """
@@ -552,6 +566,7 @@ class TcpCarrier(Carrier):
         *,
         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
         preauth_timeout: float | None = None,
+        max_active_per_source: int = DEFAULT_MAX_ACTIVE_PER_SOURCE,
         max_per_source: int = DEFAULT_MAX_PER_SOURCE,
         max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED,
     ) -> None:
@@ -561,6 +576,7 @@ class TcpCarrier(Carrier):
         self._gate = _Gate(
             header_timeout=header_timeout,
             preauth_timeout=preauth_timeout,
+            max_active_per_source=max_active_per_source,
             max_per_source=max_per_source,
             max_unauthenticated=max_unauthenticated,
         )
