@@ -490,13 +490,14 @@ class Transport:
             return False
         self._streams.add(stream)
         if self._trust_watcher is None and not self._closed:
+            # The version is read now, not when the task first runs: a removal in
+            # between must still count as a change.
             self._trust_watcher = asyncio.get_running_loop().create_task(
-                self._watch_trust(), name="pilot-transport trust watcher"
+                self._watch_trust(self.trust.version), name="pilot-transport trust watcher"
             )
         return True
 
-    async def _watch_trust(self) -> None:
-        version = self.trust.version
+    async def _watch_trust(self, version: int) -> None:
         while True:
             await asyncio.sleep(self.options.trust_check_interval)
             try:

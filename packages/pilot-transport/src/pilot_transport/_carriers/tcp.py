@@ -88,6 +88,8 @@ _READ_LOW = 256 * 1024
 _WRITE_HIGH = 256 * 1024
 _BACKLOG = 128
 """Streams waiting for ``accept`` per virtual port."""
+_MAX_HELD = 64 * 1024
+"""Bytes kept from a connection that is waiting for admission before it is dropped."""
 _LISTEN_BACKLOG = 1024
 """The kernel's queue of completed TCP connections not yet accepted."""
 
@@ -147,6 +149,7 @@ class _TcpStream(CarrierStream, asyncio.Protocol):
         self._preauth_timer: asyncio.TimerHandle | None = None
         self._source: _Source | None = None  # set while unauthenticated
         self._admitted = False
+        self._held = bytearray()  # bytes that arrived before admission
         self.source_host = ""
         self.remote_hint = ""
 
@@ -169,6 +172,14 @@ class _TcpStream(CarrierStream, asyncio.Protocol):
             self._carrier._gate.arrive(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._held or (self._source is not None and not self._admitted):
+            # Not admitted yet (see _hold for why bytes arrive at all), or admitted
+            # with held bytes still to replay: keep them, in order, for later.
+            self._held += data
+            if not self._admitted and len(self._held) > _MAX_HELD:
+                self._carrier._gate.leave(self)
+                self._abort_quietly()
+            return
         if self._handshaking:
             data = self._receive_header(data) if self._inbound else self._receive_status(data)
             if not data:
@@ -277,18 +288,40 @@ class _TcpStream(CarrierStream, asyncio.Protocol):
         self._admitted = True
         if self._closed or self._lost or self._transport is None:
             return
-        self._header_timer = asyncio.get_running_loop().call_later(
-            header_timeout, self._header_timed_out
-        )
+        loop = asyncio.get_running_loop()
+        self._header_timer = loop.call_later(header_timeout, self._header_timed_out)
         if self._read_paused:
             self._read_paused = False
             self._transport.resume_reading()
+        if self._held:
+            # Replayed from the loop, never from inside the gate's bookkeeping.
+            loop.call_soon(self._replay_held)
+
+    def _replay_held(self) -> None:
+        held, self._held = bytes(self._held), bytearray()
+        if held and not self._closed and not self._lost:
+            self.data_received(held)
 
     def _hold(self) -> None:
         """Leave the bytes in the kernel until this connection is admitted."""
-        if self._transport is not None and not self._read_paused:
-            self._read_paused = True
-            self._transport.pause_reading()
+        transport = self._transport
+        if transport is None or self._read_paused:
+            return
+        self._read_paused = True
+        transport.pause_reading()
+        # On some Python versions (3.11.2 among them) a pause requested inside
+        # connection_made is undone when the transport then starts reading; pause
+        # again once it has. Bytes that arrive in between are kept in _held.
+        asyncio.get_running_loop().call_soon(self._pause_again)
+
+    def _pause_again(self) -> None:
+        transport = self._transport
+        if transport is None or not self._read_paused or self._closed or self._lost:
+            return
+        if transport.is_closing():
+            return
+        transport.resume_reading()
+        transport.pause_reading()
 
     def mark_authenticated(self) -> None:
         """The layer above authenticated the peer: lift the pre-authentication limits.
