@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: lint, types, each package's tests in an
-# environment holding only that package's declared dependencies, then the
-# multi-process integration tests and benchmarks.
+# environment holding only that package's declared dependencies (on the default
+# python3, then again on the machine's system interpreter when that differs),
+# then the multi-process integration tests and benchmarks.
 source "$(dirname "${BASH_SOURCE[0]}")/_uv.sh"
 cd "$ROOT"
 PACKAGES=(pilot-transport pilot-rpc pilot-worker pilot-checkpoint-sqlite pilot-channels langgraph-pilot)
@@ -34,6 +35,20 @@ for pkg in "${PACKAGES[@]}"; do
   UV_PROJECT_ENVIRONMENT="$env_dir" timeout --kill-after=30 900 "$UV" run --frozen --no-sync --package "$pkg" \
     pytest "packages/$pkg/tests" -p no:cacheprovider --durations=5
 done
+
+# The machine's own interpreter too (Debian's /usr/bin/python3 is an older patch
+# release with different OpenSSL defaults), when it is not the default python3.
+SYSTEM_PYTHON=/usr/bin/python3
+interpreter() { "$1" -c 'import sys; print(sys.base_prefix, sys.version.split()[0])'; }
+if [ -x "$SYSTEM_PYTHON" ] && [ "$(interpreter "$SYSTEM_PYTHON")" != "$(interpreter python3)" ]; then
+  for pkg in "${PACKAGES[@]}"; do
+    step "$pkg: tests on the system interpreter $SYSTEM_PYTHON ($(interpreter "$SYSTEM_PYTHON"))"
+    env_dir="$ROOT/.venvs/system-python/$pkg"
+    UV_PROJECT_ENVIRONMENT="$env_dir" "$UV" sync --frozen --package "$pkg" --quiet --python "$SYSTEM_PYTHON"
+    UV_PROJECT_ENVIRONMENT="$env_dir" timeout --kill-after=30 900 "$UV" run --frozen --no-sync --package "$pkg" \
+      pytest "packages/$pkg/tests" -p no:cacheprovider -q
+  done
+fi
 
 step "integration-tests (real processes, faults, benchmarks)"
 timeout --kill-after=30 2700 "$UV" run --frozen --no-sync \

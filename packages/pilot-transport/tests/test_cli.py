@@ -64,7 +64,7 @@ def test_trust_add_set_list_remove(tmp_path: Path, capsys: pytest.CaptureFixture
     code, _, err = run(
         capsys, *base, "trust", "add", "worker-a", Identity.generate().public_key_text
     )
-    assert code == 1
+    assert code == 2
     assert "already named" in err
     code, _, _ = run(capsys, *base, "trust", "set", "worker-a", "--address", "0:0000.0000.0007")
     assert code == 0
@@ -78,7 +78,7 @@ def test_trust_add_set_list_remove(tmp_path: Path, capsys: pytest.CaptureFixture
     assert TrustStore.open(tmp_path / "trust.json").get("worker-a").endpoint is None  # type: ignore[union-attr]
     assert run(capsys, *base, "trust", "remove", "worker-a")[0] == 0
     code, _, err = run(capsys, *base, "trust", "remove", "worker-a")
-    assert code == 1
+    assert code == 2
     assert "no trusted peer" in err
     code, out, _ = run(capsys, *base, "trust", "list")
     assert "no trusted peers" in out
@@ -87,22 +87,45 @@ def test_trust_add_set_list_remove(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["--trust", str(tmp_path / "trust.json")]
     code, _, err = run(capsys, *base, "trust", "add", "x", "not-a-key")
-    assert code == 1
+    assert code == 2
     assert "bad public key" in err
     code, _, err = run(
         capsys, *base, "trust", "add", "x", Identity.generate().public_key_text, "--endpoint", "x"
     )
-    assert code == 1
+    assert code == 2
     assert "host:port" in err
     key_file = tmp_path / "open.key"
     Identity.generate().save(key_file)
     os.chmod(key_file, 0o644)
     code, _, err = run(capsys, "--identity", str(key_file), "identity", "show")
-    assert code == 1
+    assert code == 2
     assert "chmod 600" in err
+    assert str(key_file) in err
     with pytest.raises(SystemExit) as usage:
         main(["trust"])
     assert usage.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["info", "--transport", "bogus"], "bogus"),
+        (["info", "--transport", "tcp://127.0.0.1:99999"], "tcp://127.0.0.1:99999"),
+        (["info", "--transport", "udp://x:1"], "udp"),
+        (["--identity", "{tmp}/missing.key", "identity", "show"], "{tmp}/missing.key"),
+        (["--trust", "{tmp}", "trust", "list"], "{tmp}"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], named: str
+) -> None:
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    code, out, err = run(capsys, "--config-dir", str(tmp_path), *argv)
+    assert code == 2
+    assert not out
+    assert err.startswith("error: ")
+    assert err.count("\n") == 1
+    assert named.replace("{tmp}", str(tmp_path)) in err
 
 
 def test_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from typing import Any
 
 import pytest
 from pilot_transport import Identity, SecureStream, TrustedPeer, TrustStore
 from pilot_transport._carriers.memory import memory_stream_pair
-from pilot_transport._tls import TLSConfig, client_handshake, server_handshake
+from pilot_transport._tls import TLSConfig, _is_truncation, client_handshake, server_handshake
 from pilot_transport.errors import (
     HandshakeError,
     PeerIdentityMismatchError,
@@ -155,7 +157,39 @@ async def test_peer_closing_during_handshake() -> None:
         await server_handshake(b, TLSConfig(BOB, _store(("alice", ALICE))))
 
 
-async def test_truncated_stream_is_a_reset_not_an_eof() -> None:
+@pytest.fixture(params=["interpreter-defaults", "ignore-unexpected-eof-on"])
+def context_defaults(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with this interpreter's SSL defaults, and with Debian's."""
+    if request.param == "ignore-unexpected-eof-on":
+        original = ssl.SSLContext.__new__
+
+        def new(cls: type[ssl.SSLContext], *args: Any, **kwargs: Any) -> ssl.SSLContext:
+            context = original(cls, *args, **kwargs)
+            context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+            return context
+
+        monkeypatch.setattr(ssl.SSLContext, "__new__", new)
+    return str(request.param)
+
+
+def test_every_context_clears_ignore_unexpected_eof(context_defaults: str) -> None:
+    client_context, server_context = TLSConfig(ALICE, _store(("bob", BOB))).contexts()
+    for context in (client_context, server_context):
+        assert not context.options & ssl.OP_IGNORE_UNEXPECTED_EOF
+
+
+def test_both_truncation_forms_are_recognised() -> None:
+    eof = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    plain = ssl.SSLError(1, "[SSL: UNEXPECTED_EOF_WHILE_READING] unexpected eof while reading")
+    plain.reason = "UNEXPECTED_EOF_WHILE_READING"
+    other = ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad record mac")
+    other.reason = "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
+    assert _is_truncation(eof)
+    assert _is_truncation(plain)
+    assert not _is_truncation(other)
+
+
+async def test_truncated_stream_is_a_reset_not_an_eof(context_defaults: str) -> None:
     client, server = await _shake(
         TLSConfig(ALICE, _store(("bob", BOB))), TLSConfig(BOB, _store(("alice", ALICE)))
     )

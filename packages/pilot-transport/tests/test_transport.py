@@ -17,6 +17,7 @@ from pilot_transport.errors import (
     ConnectTimeoutError,
     ListenerClosedError,
     PeerIdentityMismatchError,
+    PeerRevokedError,
     PeerUnreachableError,
     PortInUseError,
     PortNotListeningError,
@@ -439,3 +440,94 @@ async def test_connect_by_pilot_address_of_a_trusted_peer(peers: TestPeers, hub:
         assert client.resolve("0:0000.0000.0005").name == "server"
         with pytest.raises(PeerUnreachableError, match="node id"):
             await client.connect("0:0000.0000.0009", 1)  # unknown address: memory cannot route it
+
+
+async def test_idle_handshakes_never_block_acceptance(peers: TestPeers) -> None:
+    """Stalled handshakes beyond the limit are shed; a real client still gets in."""
+    # Long deadlines, so only shedding (not a timeout) can let the client in.
+    options = TransportOptions(handshake_timeout=60, max_pending_handshakes=4)
+    async with (
+        open_transport(
+            "tcp://127.0.0.1:0",
+            identity=peers["server"].identity,
+            trust=peers["server"].trust,
+            options=options,
+        ) as server,
+        open_transport(
+            "tcp://127.0.0.1:0", identity=peers["client"].identity, trust=peers["client"].trust
+        ) as client,
+    ):
+        listener = await server.listen(1)
+        endpoint = await _endpoint(server)
+        peers.set_endpoint("server", endpoint)
+        host, port = endpoint.rsplit(":", 1)
+        stalled: list[asyncio.StreamWriter] = []
+        for index in range(12):
+            _reader, writer = await asyncio.open_connection(
+                host, int(port), local_addr=(f"127.0.0.{2 + index % 3}", 0)
+            )
+            writer.write(b"PLTP\x01\x00\x01")  # names the port, then never speaks TLS
+            stalled.append(writer)
+        stream, accepted = await asyncio.gather(
+            client.connect("server", 1, timeout=30), listener.accept()
+        )
+        assert accepted.peer.name == "client"
+        details = (await server.info()).details
+        assert details["refused_before_auth"]["shed"] >= 1
+        await stream.aclose()
+        await accepted.aclose()
+        for writer in stalled:
+            writer.close()
+
+
+async def _pair_on_tcp(
+    client: Transport, server: Transport, peers: TestPeers
+) -> tuple[SecureStream, SecureStream]:
+    listener = await server.listen(1)
+    peers.set_endpoint("server", await _endpoint(server))
+    dialled, accepted = await asyncio.gather(client.connect("server", 1), listener.accept())
+    await dialled.write(b"ping")
+    assert await accepted.read() == b"ping"
+    return dialled, accepted
+
+
+async def _read_until_error(stream: SecureStream) -> BaseException:
+    async with asyncio.timeout(10):  # a failure bound: revocation is checked every 0.25 s
+        while True:
+            try:
+                await stream.read()
+            except StreamResetError as exc:
+                return exc
+
+
+async def test_removing_a_peer_closes_its_accepted_streams(
+    tcp_pair: tuple[Transport, Transport], peers: TestPeers
+) -> None:
+    client, server = tcp_pair
+    dialled, accepted = await _pair_on_tcp(client, server, peers)
+    pending_read = asyncio.ensure_future(accepted.read())
+    peers["server"].trust.remove("client")
+    with pytest.raises(PeerRevokedError, match="removed from the trust store"):
+        async with asyncio.timeout(10):
+            await pending_read
+    with pytest.raises(PeerRevokedError):
+        await accepted.write(b"more")
+    # The dialler sees its connection cut (no TLS close), not a clean end.
+    assert not isinstance(await _read_until_error(dialled), PeerRevokedError)
+    with pytest.raises(RejectedByPeerError):
+        await client.connect("server", 1)
+    assert (await server.info()).details["revoked_streams"] == 1
+    await dialled.aclose()
+    await accepted.aclose()
+
+
+async def test_removing_a_peer_closes_its_dialled_streams(
+    tcp_pair: tuple[Transport, Transport], peers: TestPeers
+) -> None:
+    client, server = tcp_pair
+    dialled, accepted = await _pair_on_tcp(client, server, peers)
+    peers["client"].trust.remove("server")
+    assert isinstance(await _read_until_error(dialled), PeerRevokedError)
+    assert isinstance(await _read_until_error(accepted), StreamResetError)
+    await dialled.aclose()
+    await accepted.aclose()

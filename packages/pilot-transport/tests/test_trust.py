@@ -101,6 +101,33 @@ def test_hand_edited_file_is_picked_up_and_bad_edits_keep_the_last_good(
         TrustStore.open(path)
 
 
+def test_deeply_nested_file_is_a_clear_error_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "trust.json"
+    path.write_text('{"peers": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    os.chmod(path, 0o600)
+    with pytest.raises(TrustStoreError, match="nested too deeply"):
+        TrustStore.open(path)
+
+
+def test_deeply_nested_edit_keeps_the_last_good_content(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "trust.json"
+    store = TrustStore.open(path)
+    store.add(TrustedPeer("a", KEY_A))
+    version = store.version
+    with open(path, "w") as handle:  # in place: same inode, new size
+        handle.write("[" * 200_000)
+    assert store.is_trusted(KEY_A)
+    assert store.get("a") is not None
+    assert store.version == version
+    assert "keeping the previous trust store content" in caplog.text
+    assert "nested too deeply" in caplog.text
+    with pytest.raises(TrustStoreError, match="nested too deeply"):
+        store.reload()
+    assert store.is_trusted(KEY_A)
+
+
 def test_refuses_group_writable_file(tmp_path: Path) -> None:
     path = tmp_path / "trust.json"
     TrustStore.open(path).add(TrustedPeer("a", KEY_A))

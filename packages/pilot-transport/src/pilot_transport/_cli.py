@@ -1,6 +1,9 @@
 """The ``pilot-transport`` command: identities, trust (the address book) and ``info``.
 
-Exit status: 0 on success, 1 when the operation failed, 2 on bad usage.
+Exit status: 0 on success; 1 when the operation failed (the network, the
+daemon or the file system); 2 on bad usage or bad input (a malformed URL or
+key, a key file readable by others, a missing or malformed file). Errors are
+one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from pilot_transport._env import (
     TRUST_ENV,
 )
 from pilot_transport._identity import Identity
+from pilot_transport._transport import check_url
 from pilot_transport._trust import TrustedPeer, TrustStore
-from pilot_transport.errors import TransportError, TransportURLError
+from pilot_transport.errors import TransportError, TransportURLError, TransportUsageError
 
 __all__ = ["main"]
 
@@ -147,6 +151,7 @@ def _trust_list(args: argparse.Namespace, out: TextIO) -> int:
 
 def _info(args: argparse.Namespace, out: TextIO) -> int:
     url = args.transport or os.environ.get(TRANSPORT_ENV) or DEFAULT_TRANSPORT_URL
+    check_url(url)
     facts: dict[str, Any] = {"transport": url}
     identity_path = _identity_path(args)
     trust_path = _trust_path(args)
@@ -268,9 +273,22 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args, out or sys.stdout))
+    except TransportUsageError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     except TransportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

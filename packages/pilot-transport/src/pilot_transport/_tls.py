@@ -91,6 +91,20 @@ _WRITE_CHUNK = 256 * 1024
 _MAX_READ = 1024 * 1024
 """Largest single read: ``SSLObject.read(n)`` allocates ``n`` bytes up front."""
 _CLOSE_NOTIFY_TIMEOUT = 1.0
+_IGNORE_UNEXPECTED_EOF: int = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+_TRUNCATION_REASONS = frozenset(
+    {"UNEXPECTED_EOF_WHILE_READING", "EOF_OCCURRED_IN_VIOLATION_OF_PROTOCOL"}
+)
+
+
+def _is_truncation(exc: ssl.SSLError) -> bool:
+    """Whether ``exc`` says the carrier ended without a TLS close.
+
+    OpenSSL reports it as :class:`ssl.SSLEOFError` or, on some builds, as a
+    plain :class:`ssl.SSLError` whose reason is ``UNEXPECTED_EOF_WHILE_READING``.
+    """
+    return isinstance(exc, ssl.SSLEOFError) or exc.reason in _TRUNCATION_REASONS
+
 
 _REJECTED_REASONS = frozenset(
     {
@@ -228,6 +242,9 @@ class TLSConfig:
         context.maximum_version = ssl.TLSVersion.TLSv1_3
         context.check_hostname = False
         context.verify_mode = ssl.CERT_REQUIRED
+        # Some builds (Debian's Python) turn this on by default: it makes a peer that
+        # vanished mid-stream read as a clean end of data. Truncation must be an error.
+        context.options &= ~_IGNORE_UNEXPECTED_EOF
         if protocol == ssl.PROTOCOL_TLS_SERVER:
             context.num_tickets = 0  # no session resumption: nothing to gain, bytes to save
         if cadata:
@@ -513,6 +530,7 @@ class SecureStream:
     """
 
     __slots__ = (
+        "__weakref__",
         "_carrier",
         "_closed",
         "_eof_received",
@@ -604,14 +622,9 @@ class SecureStream:
             except ssl.SSLZeroReturnError:
                 self._eof_received = True
                 return b""
-            except ssl.SSLEOFError as exc:
-                raise self._fail(
-                    StreamResetError(
-                        f"the connection to {self.peer.name or self.peer.node_id} ended "
-                        "without a TLS close (the peer may have crashed)"
-                    )
-                ) from exc
             except ssl.SSLError as exc:
+                if _is_truncation(exc):
+                    raise self._fail(self._truncated()) from exc
                 raise self._fail(StreamResetError(f"TLS error on the stream: {exc}")) from exc
             if not data:
                 self._eof_received = True
@@ -619,6 +632,12 @@ class SecureStream:
             if len(data) < max_bytes and incoming.pending:
                 data = self._gather(data, max_bytes)
             return data
+
+    def _truncated(self) -> StreamResetError:
+        return StreamResetError(
+            f"the connection to {self.peer.name or self.peer.node_id} ended "
+            "without a TLS close (the peer may have crashed)"
+        )
 
     async def _receive(self) -> None:
         if self._outgoing.pending and not self._write_lock.locked():
@@ -648,7 +667,11 @@ class SecureStream:
                 self._eof_received = True  # return what we have; then b""
                 break
             except ssl.SSLError as exc:
-                self._fail(StreamResetError(f"TLS error on the stream: {exc}"))
+                self._fail(
+                    self._truncated()
+                    if _is_truncation(exc)
+                    else StreamResetError(f"TLS error on the stream: {exc}")
+                )
                 break  # return what we have; the next read raises
             if not more:
                 break
@@ -782,9 +805,21 @@ class SecureStream:
                 await self._carrier.aclose()
 
     def _fail(self, error: TransportError) -> TransportError:
+        """Record the stream's failure; the first one recorded is the one reported."""
         if self._failure is None:
             self._failure = error
-        return error
+        return self._failure
+
+    async def _revoke(self, error: TransportError) -> None:
+        """Fail the stream with ``error`` and drop its connection (no TLS close).
+
+        Pending and later reads and writes raise ``error``; ``aclose`` still works.
+        """
+        if self._closed:
+            return
+        self._fail(error)
+        with contextlib.suppress(TransportError):
+            await self._carrier.aclose()
 
     async def __aenter__(self) -> Self:
         return self

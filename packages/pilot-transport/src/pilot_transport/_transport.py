@@ -7,7 +7,8 @@ import contextlib
 import importlib
 import logging
 import os
-from collections.abc import AsyncIterator, Generator, Mapping
+import weakref
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -26,6 +27,8 @@ from pilot_transport.errors import (
     ConnectTimeoutError,
     HandshakeError,
     ListenerClosedError,
+    PeerNotTrustedError,
+    PeerRevokedError,
     StreamClosedError,
     TransportError,
     TransportURLError,
@@ -44,6 +47,15 @@ __all__ = [
 logger = logging.getLogger("pilot_transport")
 
 _MAX_PORT = 0xFFFF
+_LOG_WINDOW_SECS = 10.0
+_LOGS_PER_WINDOW = 10
+"""Refused inbound connections logged one by one per window; the rest are summed up."""
+
+
+def _source_of(remote_hint: str) -> str:
+    """The host part of a carrier's ``host:port`` hint (the whole hint otherwise)."""
+    host, sep, port = remote_hint.rpartition(":")
+    return host if sep and port.isdigit() else remote_hint
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -53,26 +65,60 @@ class TransportOptions:
     Attributes:
         connect_timeout: seconds ``connect`` may take (carrier dial + TLS), unless
             the call passes its own ``timeout``.
-        handshake_timeout: seconds an inbound peer has to complete its handshake.
+        handshake_timeout: seconds an inbound peer has from its connection's
+            accept to an authenticated stream (on ``tcp://`` this includes the
+            port header and any wait for admission). Default 5.
+        header_timeout: ``tcp://`` only: seconds an admitted inbound connection
+            has to send its 7-byte port header. Default 3.
+        max_handshakes_per_source: ``tcp://`` only: unauthenticated inbound
+            connections of one source IP address served at once; more from that
+            address wait unread, in arrival order. Default 8.
+        max_unauthenticated_per_source: ``tcp://`` only: unauthenticated inbound
+            connections of one source IP address, served or waiting; a new one
+            beyond it is refused at once. Default 64.
+        max_unauthenticated: ``tcp://`` only: unauthenticated inbound connections
+            in all (served or waiting); a new one beyond it drops the oldest
+            connection of the source holding the most. Default 256.
         accept_backlog: authenticated streams waiting for ``accept`` per listener;
             beyond it new ones are closed (and logged).
-        max_pending_handshakes: inbound handshakes run at once per listener.
+        max_pending_handshakes: inbound handshakes in progress per listener; a
+            new one beyond it cancels the oldest handshake of the source holding
+            the most (acceptance never waits). Default 256.
+        trust_check_interval: seconds between checks of the trust store for
+            removed peers; streams of a peer no longer trusted are closed with
+            :class:`PeerRevokedError`. Default 0.25.
 
     Raises:
         ValueError: a value is not positive.
     """
 
     connect_timeout: float = 10.0
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 5.0
+    header_timeout: float = 3.0
+    max_handshakes_per_source: int = 8
+    max_unauthenticated_per_source: int = 64
+    max_unauthenticated: int = 256
     accept_backlog: int = 128
-    max_pending_handshakes: int = 64
+    max_pending_handshakes: int = 256
+    trust_check_interval: float = 0.25
 
     def __post_init__(self) -> None:
-        for name in ("connect_timeout", "handshake_timeout"):
+        for name in (
+            "connect_timeout",
+            "handshake_timeout",
+            "header_timeout",
+            "trust_check_interval",
+        ):
             value = getattr(self, name)
-            if not value > 0:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        for name in ("accept_backlog", "max_pending_handshakes"):
+        for name in (
+            "accept_backlog",
+            "max_pending_handshakes",
+            "max_handshakes_per_source",
+            "max_unauthenticated_per_source",
+            "max_unauthenticated",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -114,9 +160,10 @@ def _check_port(port: int) -> int:
 class Listener:
     """Authenticated inbound streams on one virtual port.
 
-    Handshakes run in the background as soon as the listener exists (bounded
-    by ``max_pending_handshakes``); ``accept`` hands out the streams whose
-    peer we trust. Failed handshakes are logged (with the peer's fingerprint)
+    Handshakes run in the background as soon as the listener exists;
+    acceptance never waits for one (beyond ``max_pending_handshakes`` the
+    oldest handshake of the busiest source is cancelled); ``accept`` hands out
+    the streams whose peer we trust. Failed handshakes are logged (with the peer's fingerprint)
     and never raised from ``accept``.
 
     ``async for stream in listener`` yields streams until the listener closes.
@@ -131,8 +178,8 @@ class Listener:
         self._queue: AcceptQueue[SecureStream] = AcceptQueue(
             options.accept_backlog, f"listener on port {port}"
         )
-        self._slots = asyncio.Semaphore(options.max_pending_handshakes)
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._handshakes: dict[asyncio.Task[None], str] = {}  # task -> source, oldest first
+        self._cancelled: set[asyncio.Task[None]] = set()  # shed, still finishing
         self._closed = False
         self._task = asyncio.get_running_loop().create_task(
             self._accept_loop(), name=f"pilot-transport accept port {port}"
@@ -174,45 +221,72 @@ class Listener:
                 except TransportError as exc:
                     logger.error("listener on port %d stopped: %s", self.port, exc)
                     break
-                await self._slots.acquire()
+                if len(self._handshakes) >= self.transport.options.max_pending_handshakes:
+                    self._shed_handshake()
                 task = asyncio.get_running_loop().create_task(self._handshake(carrier_stream))
-                self._handshakes.add(task)
-                task.add_done_callback(self._handshakes.discard)
+                self._handshakes[task] = _source_of(carrier_stream.remote_hint)
+                task.add_done_callback(self._handshake_done)
         finally:
             # However the loop ends, accept() must not wait for streams that cannot come.
             for stream in self._queue.close():
                 await stream.aclose()
 
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        self._handshakes.pop(task, None)
+        self._cancelled.discard(task)
+
+    def _shed_handshake(self) -> None:
+        # Never wait for a slot: cancel the oldest handshake of the source that
+        # has the most in progress, so one slow or hostile source cannot make
+        # everyone else wait behind it.
+        counts: dict[str, int] = {}
+        for source in self._handshakes.values():
+            counts[source] = counts.get(source, 0) + 1
+        heaviest = max(counts, key=lambda source: counts[source])
+        for task, source in self._handshakes.items():
+            if source == heaviest:
+                del self._handshakes[task]
+                self._cancelled.add(task)
+                task.cancel()
+                self.transport._note_refused("shed")
+                return
+
     async def _handshake(self, carrier_stream: CarrierStream) -> None:
         hint = carrier_stream.remote_hint or "unknown"
         try:
-            try:
-                async with asyncio.timeout(self.transport.options.handshake_timeout):
-                    stream = await server_handshake(carrier_stream, self.transport._tls)
-            except TimeoutError:
-                with contextlib.suppress(TransportError):
-                    await carrier_stream.aclose()
-                logger.warning(
-                    "refused inbound connection on port %d from %s: handshake timed out",
-                    self.port,
-                    hint,
-                )
-                return
-            except HandshakeError as exc:
-                logger.warning("refused inbound connection on port %d: %s", self.port, exc)
-                return
-            except TransportError as exc:
-                logger.info(
-                    "inbound connection on port %d from %s failed: %s", self.port, hint, exc
-                )
-                return
-            except Exception:
-                logger.exception("inbound handshake on port %d from %s crashed", self.port, hint)
-                with contextlib.suppress(Exception):
-                    await carrier_stream.aclose()
-                return
-        finally:
-            self._slots.release()
+            async with asyncio.timeout(self.transport.options.handshake_timeout):
+                stream = await server_handshake(carrier_stream, self.transport._tls)
+        except TimeoutError:
+            with contextlib.suppress(TransportError):
+                await carrier_stream.aclose()
+            self.transport._note_refused(
+                "timeout",
+                f"inbound connection on port {self.port} from {hint}: handshake timed out",
+            )
+            return
+        except HandshakeError as exc:
+            self.transport._note_refused(
+                "handshake", f"refused inbound connection on port {self.port}: {exc}"
+            )
+            return
+        except TransportError as exc:
+            self.transport._note_refused(
+                "broken", f"inbound connection on port {self.port} from {hint} failed: {exc}"
+            )
+            return
+        except Exception:
+            logger.exception("inbound handshake on port %d from %s crashed", self.port, hint)
+            with contextlib.suppress(Exception):
+                await carrier_stream.aclose()
+            return
+        mark_authenticated: Callable[[], None] | None = getattr(
+            carrier_stream, "mark_authenticated", None
+        )
+        if mark_authenticated is not None:
+            mark_authenticated()
+        if not self.transport._adopt(stream):
+            await stream.aclose()
+            return
         if not self._queue.put_nowait(stream):
             logger.warning(
                 "dropped authenticated connection from %s on port %d: accept backlog full",
@@ -237,9 +311,9 @@ class Listener:
         self._task.cancel()
         for task in list(self._handshakes):
             task.cancel()
+        tasks = [self._task, *self._handshakes, *self._cancelled]
         with contextlib.suppress(TransportError):
             await self._carrier_listener.aclose()
-        tasks = [self._task, *self._handshakes]
         await asyncio.gather(*tasks, return_exceptions=True)
         for stream in self._queue.close():
             await stream.aclose()
@@ -285,6 +359,13 @@ class Transport:
         self._tls.contexts()  # build now, so the first connect pays only for its handshake
         self._listeners: dict[int, Listener] = {}
         self._closed = False
+        self._streams: weakref.WeakSet[SecureStream] = weakref.WeakSet()
+        self._trust_watcher: asyncio.Task[None] | None = None
+        self._refused: dict[str, int] = {"timeout": 0, "handshake": 0, "broken": 0, "shed": 0}
+        self._revoked = 0
+        self._log_window = 0.0
+        self._logged_in_window = 0
+        self._quiet_in_window = 0
 
     @property
     def carrier(self) -> str:
@@ -355,7 +436,7 @@ class Transport:
         try:
             async with asyncio.timeout(limit):
                 carrier_stream = await self._carrier.dial(target, port)
-                return await client_handshake(
+                stream = await client_handshake(
                     carrier_stream,
                     self._tls,
                     expected_key=expected_key,
@@ -368,6 +449,91 @@ class Transport:
             raise ConnectTimeoutError(
                 f"connecting to {label} port {port} took longer than {limit:g}s"
             ) from exc
+        if not self._adopt(stream):
+            await stream.aclose()
+            raise PeerNotTrustedError(
+                f"{label} was removed from the trust store while connecting",
+                fingerprint=stream.peer.fingerprint,
+            )
+        return stream
+
+    # -- pre-authentication accounting and trust revocation ----------------------
+
+    def _note_refused(self, kind: str, message: str | None = None) -> None:
+        """Count a refused or failed inbound connection; log it, at most so often."""
+        self._refused[kind] = self._refused.get(kind, 0) + 1
+        now = asyncio.get_running_loop().time()
+        if now - self._log_window >= _LOG_WINDOW_SECS:
+            if self._quiet_in_window:
+                logger.warning(
+                    "%d more inbound connections were refused or dropped before "
+                    "authentication in the last %.0fs (totals: %s)",
+                    self._quiet_in_window,
+                    now - self._log_window,
+                    ", ".join(f"{name} {count}" for name, count in self._refused.items()),
+                )
+            self._log_window = now
+            self._logged_in_window = 0
+            self._quiet_in_window = 0
+        if message is not None and self._logged_in_window < _LOGS_PER_WINDOW:
+            self._logged_in_window += 1
+            logger.warning("%s", message)
+        else:
+            self._quiet_in_window += 1
+
+    def _adopt(self, stream: SecureStream) -> bool:
+        """Track an authenticated stream so trust revocation reaches it.
+
+        Returns ``False`` if its peer was removed from the trust store meanwhile.
+        """
+        if not self.trust.is_trusted(stream.peer.public_key):
+            return False
+        self._streams.add(stream)
+        if self._trust_watcher is None and not self._closed:
+            # The version is read now, not when the task first runs: a removal in
+            # between must still count as a change.
+            self._trust_watcher = asyncio.get_running_loop().create_task(
+                self._watch_trust(self.trust.version), name="pilot-transport trust watcher"
+            )
+        return True
+
+    async def _watch_trust(self, version: int) -> None:
+        while True:
+            await asyncio.sleep(self.options.trust_check_interval)
+            try:
+                current = self.trust.version
+            except TransportError as exc:  # pragma: no cover - the store keeps its last content
+                logger.warning("cannot check the trust store: %s", exc)
+                continue
+            if current == version:
+                continue
+            version = current
+            await self._revoke_untrusted()
+
+    async def _revoke_untrusted(self) -> int:
+        """Close every open stream whose peer's key is no longer trusted; returns how many."""
+        keys = self.trust.public_keys()
+        revoked = [
+            stream
+            for stream in list(self._streams)
+            if not stream.closed and stream.peer.public_key not in keys
+        ]
+        for stream in revoked:
+            self._streams.discard(stream)
+            peer = stream.peer
+            await stream._revoke(
+                PeerRevokedError(
+                    f"peer {peer.name!r} ({peer.fingerprint}) was removed from the trust "
+                    "store; its connection was closed"
+                )
+            )
+            logger.warning(
+                "closed a connection of %s (%s): no longer in the trust store",
+                peer.name,
+                peer.fingerprint,
+            )
+        self._revoked += len(revoked)
+        return len(revoked)
 
     def resolve(self, peer: str) -> PeerInfo:
         """What the trust store knows about ``peer`` (name, node id or Pilot address).
@@ -437,6 +603,8 @@ class Transport:
             DaemonError: the pilot carrier could not query its daemon.
         """
         details = dict(await self._carrier.info())
+        details["refused_before_auth"] = dict(self._refused)
+        details["revoked_streams"] = self._revoked
         endpoint = details.get("endpoint")
         address = details.get("address")
         return TransportInfo(
@@ -459,6 +627,11 @@ class Transport:
         if self._closed:
             return
         self._closed = True
+        watcher = self._trust_watcher
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         for listener in list(self._listeners.values()):
             with contextlib.suppress(Exception):
                 await listener.aclose()
@@ -481,44 +654,34 @@ def _parse_address(text: str) -> str | None:
         return None
 
 
-def _make_carrier(url: str, identity: Identity) -> Carrier:
+def check_url(url: str) -> tuple[str, str, int]:
+    """Validate a transport URL without opening anything.
+
+    Returns ``(scheme, host_or_hub_or_path, port)`` (port is 0 unless tcp).
+
+    Raises:
+        TransportURLError: the URL is malformed or names an unknown scheme.
+    """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "tcp":
-        from pilot_transport._carriers.tcp import TcpCarrier
-
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise TransportURLError(f"{url!r}: a tcp URL is tcp://HOST:PORT")
         try:
             port = parts.port or 0
         except ValueError as exc:
             raise TransportURLError(f"{url!r}: bad port: {exc}") from exc
-        host = parts.hostname or "127.0.0.1"
-        return TcpCarrier(host, port)
+        return scheme, parts.hostname or "127.0.0.1", port
     if scheme == "memory":
-        from pilot_transport._carriers.memory import MemoryCarrier
-
         hub = parts.netloc or parts.path.strip("/")
         if not hub:
             raise TransportURLError(f"{url!r}: a memory URL names a hub: memory://NAME")
-        return MemoryCarrier(hub, identity.node_id)
+        return scheme, hub, 0
     if scheme == "pilot":
         path = unquote(parts.path)
         if parts.netloc or not path:
             raise TransportURLError(f"{url!r}: a pilot URL is pilot:///absolute/path/to/pilot.sock")
-        try:
-            module = importlib.import_module("pilot_transport._carriers.pilot")
-        except ModuleNotFoundError as exc:
-            if exc.name != "pilot_transport._carriers.pilot":
-                raise
-            raise TransportURLError(
-                "the pilot:// carrier is not available in this installation"
-            ) from exc
-        carrier_class = getattr(module, "PilotCarrier", None)
-        if carrier_class is None:
-            raise TransportURLError("the pilot:// carrier is not available in this installation")
-        carrier: Carrier = carrier_class(socket_path=path)
-        return carrier
+        return scheme, path, 0
     if not scheme:
         raise TransportURLError(
             f"transport URL {url!r} has no scheme; use tcp://HOST:PORT, memory://HUB or "
@@ -527,6 +690,39 @@ def _make_carrier(url: str, identity: Identity) -> Carrier:
     raise TransportURLError(
         f"unknown transport scheme {scheme!r} in {url!r}; use tcp://, memory:// or pilot://"
     )
+
+
+def _make_carrier(url: str, identity: Identity, options: TransportOptions) -> Carrier:
+    scheme, where, port = check_url(url)
+    if scheme == "tcp":
+        from pilot_transport._carriers.tcp import TcpCarrier
+
+        return TcpCarrier(
+            where,
+            port,
+            header_timeout=options.header_timeout,
+            preauth_timeout=options.handshake_timeout,
+            max_active_per_source=options.max_handshakes_per_source,
+            max_per_source=options.max_unauthenticated_per_source,
+            max_unauthenticated=options.max_unauthenticated,
+        )
+    if scheme == "memory":
+        from pilot_transport._carriers.memory import MemoryCarrier
+
+        return MemoryCarrier(where, identity.node_id)
+    try:
+        module = importlib.import_module("pilot_transport._carriers.pilot")
+    except ModuleNotFoundError as exc:
+        if exc.name != "pilot_transport._carriers.pilot":
+            raise
+        raise TransportURLError(
+            "the pilot:// carrier is not available in this installation"
+        ) from exc
+    carrier_class = getattr(module, "PilotCarrier", None)
+    if carrier_class is None:
+        raise TransportURLError("the pilot:// carrier is not available in this installation")
+    carrier: Carrier = carrier_class(socket_path=where)
+    return carrier
 
 
 async def _open(
@@ -540,14 +736,15 @@ async def _open(
         identity = Identity.load(identity)
     if not isinstance(trust, TrustStore):
         trust = TrustStore.open(trust)
-    carrier = _make_carrier(resolved, identity)
+    options = options or TransportOptions()
+    carrier = _make_carrier(resolved, identity, options)
     try:
         return Transport(
             carrier,
             url=resolved,
             identity=identity,
             trust=trust,
-            options=options or TransportOptions(),
+            options=options,
         )
     except BaseException:
         await carrier.aclose()

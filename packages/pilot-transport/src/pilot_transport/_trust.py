@@ -429,6 +429,12 @@ def _read_file(path: Path) -> tuple[_Snapshot, _Signature]:
         document = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise TrustStoreError(f"trust file {str(path)!r} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        # json.loads recurses once per nesting level; a hostile or corrupted file
+        # must be a clear error, not a crash of whoever reads it.
+        raise TrustStoreError(
+            f"trust file {str(path)!r} is nested too deeply to be a trust file"
+        ) from None
     if not isinstance(document, dict) or not isinstance(document.get("peers"), list):
         raise TrustStoreError(f"trust file {str(path)!r} must be an object with a 'peers' list")
     version = document.get("version", _FORMAT_VERSION)

@@ -29,6 +29,7 @@ configured something wrong; retrying will not help) and *network/peer* errors
         ├── StreamError                        an established stream failed
         │   ├── StreamClosedError              used after aclose() / write after EOF
         │   └── StreamResetError               the connection broke under us
+        │       └── PeerRevokedError           the peer's key left our trust store: closed
         ├── ListenerClosedError                accept() on a closed listener
         └── DaemonError                        the Pilot daemon refused or vanished
             └── DaemonUnavailableError         cannot reach the daemon's socket
@@ -48,6 +49,7 @@ __all__ = [
     "ListenerClosedError",
     "PeerIdentityMismatchError",
     "PeerNotTrustedError",
+    "PeerRevokedError",
     "PeerUnreachableError",
     "PortInUseError",
     "PortNotListeningError",
@@ -151,6 +153,15 @@ class StreamClosedError(StreamError):
 
 class StreamResetError(StreamError):
     """The connection under the stream broke (reset, daemon restart, peer died)."""
+
+
+class PeerRevokedError(StreamResetError):
+    """The peer's key was removed from our trust store, so its open streams were closed.
+
+    Raised by reads and writes of every stream authenticated as that key (on
+    both the accepting and the dialling side) once the transport notices the
+    trust store changed (within ``TransportOptions.trust_check_interval``).
+    """
 
 
 class ListenerClosedError(TransportNetworkError):

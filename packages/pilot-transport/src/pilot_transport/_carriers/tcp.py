@@ -13,9 +13,36 @@ virtual ports are multiplexed over it by a tiny cleartext header::
 Neither side waits for the other: the dialer's header leaves with its first
 write and the acceptor's status with its first write (or its close), so a
 stream costs no round trip beyond TCP's own. The dialer's first ``read``
-checks the status and raises ``PortNotListeningError`` when refused. An
-inbound connection that does not send its header within ``header_timeout``
-is dropped.
+checks the status and raises ``PortNotListeningError`` when refused.
+
+Before authentication
+---------------------
+
+Anyone who can reach the port can open connections, so an inbound connection
+is *unauthenticated* from its accept until the transport above has finished
+the TLS handshake (it calls :meth:`_TcpStream.mark_authenticated`), and
+unauthenticated connections are held to limits that keep one source from
+locking others out:
+
+- ``header_timeout``: the 7-byte header must arrive this soon after the
+  connection is admitted, else it is dropped;
+- ``preauth_timeout``: the whole way from accept to an authenticated stream
+  (waiting for admission, header, TLS handshake); ``None`` ends the
+  unauthenticated phase with the header (a carrier used on its own);
+- ``max_active_per_source``: connections of one source IP address that are
+  admitted (reading) at once; more from the same address wait, unread, in
+  arrival order, and are admitted as earlier ones authenticate or go away;
+- ``max_per_source``: connections of one source address admitted or waiting;
+  a new one beyond it is refused at once (reset), so one address cannot fill
+  the global cap below;
+- ``max_unauthenticated``: all unauthenticated connections, admitted or
+  waiting. A new connection beyond it sheds the oldest connection of the
+  source that holds the most, so a source with few connections (a legitimate
+  client) is the last to lose one.
+
+Acceptance itself never waits for a slow peer: each connection costs the
+listener one callback, and everything after that is driven by its own bytes
+and timers.
 
 Each stream is an :class:`asyncio.Protocol` with its own buffer: reading
 pauses the socket above ``_READ_HIGH`` buffered bytes, writing waits (like
@@ -28,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import socket
 import struct
 from collections import deque
@@ -59,8 +87,19 @@ _READ_HIGH = 1024 * 1024
 _READ_LOW = 256 * 1024
 _WRITE_HIGH = 256 * 1024
 _BACKLOG = 128
-_MAX_UNIDENTIFIED = 256
-"""Inbound connections allowed at once before they name their virtual port."""
+"""Streams waiting for ``accept`` per virtual port."""
+_MAX_HELD = 64 * 1024
+"""Bytes kept from a connection that is waiting for admission before it is dropped."""
+_LISTEN_BACKLOG = 1024
+"""The kernel's queue of completed TCP connections not yet accepted."""
+
+DEFAULT_HEADER_TIMEOUT = 3.0
+DEFAULT_PREAUTH_TIMEOUT = 5.0
+DEFAULT_MAX_ACTIVE_PER_SOURCE = 8
+DEFAULT_MAX_PER_SOURCE = 64
+DEFAULT_MAX_UNAUTHENTICATED = 256
+
+logger = logging.getLogger("pilot_transport.tcp")
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -107,6 +146,11 @@ class _TcpStream(CarrierStream, asyncio.Protocol):
         self._header = bytearray()
         self._prefix = b""
         self._header_timer: asyncio.TimerHandle | None = None
+        self._preauth_timer: asyncio.TimerHandle | None = None
+        self._source: _Source | None = None  # set while unauthenticated
+        self._admitted = False
+        self._held = bytearray()  # bytes that arrived before admission
+        self.source_host = ""
         self.remote_hint = ""
 
     # -- protocol callbacks -----------------------------------------------------
@@ -121,21 +165,21 @@ class _TcpStream(CarrierStream, asyncio.Protocol):
         transport.set_write_buffer_limits(high=_WRITE_HIGH)
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
-            self.remote_hint = _format_endpoint(str(peername[0]), int(peername[1]))
+            self.source_host = str(peername[0])
+            self.remote_hint = _format_endpoint(self.source_host, int(peername[1]))
         self._carrier._streams.add(self)
         if self._inbound:
-            if self._carrier._unidentified >= _MAX_UNIDENTIFIED:
-                # Too many connections that have not named a port yet: shed load
-                # rather than hold sockets for whoever opens the most.
-                self._abort_quietly()
-                return
-            self._carrier._unidentified += 1
-            loop = asyncio.get_running_loop()
-            self._header_timer = loop.call_later(
-                self._carrier.header_timeout, self._header_timed_out
-            )
+            self._carrier._gate.arrive(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._held or (self._source is not None and not self._admitted):
+            # Not admitted yet (see _hold for why bytes arrive at all), or admitted
+            # with held bytes still to replay: keep them, in order, for later.
+            self._held += data
+            if not self._admitted and len(self._held) > _MAX_HELD:
+                self._carrier._gate.leave(self)
+                self._abort_quietly()
+            return
         if self._handshaking:
             data = self._receive_header(data) if self._inbound else self._receive_status(data)
             if not data:
@@ -161,8 +205,9 @@ class _TcpStream(CarrierStream, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        if self._inbound and self._handshaking:
+        if self._inbound:
             self._end_header_phase()
+            self._carrier._gate.leave(self)
         if exc is not None and self._error is None and not self._closed:
             self._error = StreamResetError(f"connection to {self.remote_hint} broke: {exc}")
         self._carrier._streams.discard(self)
@@ -222,12 +267,68 @@ class _TcpStream(CarrierStream, asyncio.Protocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
-            self._carrier._unidentified -= 1
+        if self._carrier._gate.preauth_timeout is None:
+            self._carrier._gate.leave(self)
 
     def _header_timed_out(self) -> None:
-        if self._handshaking:
+        self._header_timer = None
+        if self._handshaking and not self._closed:
+            self._carrier._gate.count("header_timeouts")
             self._end_header_phase()
             self._abort_quietly()
+
+    def _preauth_timed_out(self) -> None:
+        self._preauth_timer = None
+        if self._source is not None and not self._closed:
+            self._carrier._gate.count("preauth_timeouts")
+            self._carrier._gate.leave(self)
+            self._reset("did not authenticate in time")
+
+    def _admit(self, header_timeout: float) -> None:
+        self._admitted = True
+        if self._closed or self._lost or self._transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._header_timer = loop.call_later(header_timeout, self._header_timed_out)
+        if self._read_paused:
+            self._read_paused = False
+            self._transport.resume_reading()
+        if self._held:
+            # Replayed from the loop, never from inside the gate's bookkeeping.
+            loop.call_soon(self._replay_held)
+
+    def _replay_held(self) -> None:
+        held, self._held = bytes(self._held), bytearray()
+        if held and not self._closed and not self._lost:
+            self.data_received(held)
+
+    def _hold(self) -> None:
+        """Leave the bytes in the kernel until this connection is admitted."""
+        transport = self._transport
+        if transport is None or self._read_paused:
+            return
+        self._read_paused = True
+        transport.pause_reading()
+        # On some Python versions (3.11.2 among them) a pause requested inside
+        # connection_made is undone when the transport then starts reading; pause
+        # again once it has. Bytes that arrive in between are kept in _held.
+        asyncio.get_running_loop().call_soon(self._pause_again)
+
+    def _pause_again(self) -> None:
+        transport = self._transport
+        if transport is None or not self._read_paused or self._closed or self._lost:
+            return
+        if transport.is_closing():
+            return
+        transport.resume_reading()
+        transport.pause_reading()
+
+    def mark_authenticated(self) -> None:
+        """The layer above authenticated the peer: lift the pre-authentication limits.
+
+        Safe to repeat; a no-op on outbound streams.
+        """
+        self._carrier._gate.leave(self)
 
     def _abort_quietly(self) -> None:
         self._closed = True
@@ -356,6 +457,105 @@ class _TcpStream(CarrierStream, asyncio.Protocol):
             waiter.set_result(None)
 
 
+class _Source:
+    """The unauthenticated connections of one source address, oldest first."""
+
+    __slots__ = ("active", "host", "streams", "waiting")
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.streams: dict[_TcpStream, None] = {}
+        self.waiting: deque[_TcpStream] = deque()
+        self.active = 0
+
+
+class _Gate:
+    """Admission of inbound connections before they are authenticated (see module doc)."""
+
+    def __init__(
+        self,
+        *,
+        header_timeout: float,
+        preauth_timeout: float | None,
+        max_active_per_source: int,
+        max_per_source: int,
+        max_unauthenticated: int,
+    ) -> None:
+        self.header_timeout = header_timeout
+        self.preauth_timeout = preauth_timeout
+        self.max_active_per_source = max_active_per_source
+        self.max_per_source = max_per_source
+        self.max_unauthenticated = max_unauthenticated
+        self.sources: dict[str, _Source] = {}
+        self.total = 0
+        self.counters: dict[str, int] = {
+            "shed": 0,
+            "source_full": 0,
+            "header_timeouts": 0,
+            "preauth_timeouts": 0,
+        }
+
+    def count(self, name: str) -> None:
+        self.counters[name] += 1
+
+    def arrive(self, stream: _TcpStream) -> None:
+        host = stream.source_host
+        source = self.sources.get(host)
+        if source is not None and len(source.streams) >= self.max_per_source:
+            self.count("source_full")
+            stream._reset("refused: too many unauthenticated connections from its address")
+            return
+        if self.total >= self.max_unauthenticated:
+            self._shed_one()
+            source = self.sources.get(host)
+        if source is None:
+            source = self.sources[host] = _Source(host)
+        source.streams[stream] = None
+        stream._source = source
+        self.total += 1
+        if self.preauth_timeout is not None:
+            stream._preauth_timer = asyncio.get_running_loop().call_later(
+                self.preauth_timeout, stream._preauth_timed_out
+            )
+        if source.active < self.max_active_per_source:
+            source.active += 1
+            stream._admit(self.header_timeout)
+        else:
+            stream._hold()
+            source.waiting.append(stream)
+
+    def _shed_one(self) -> None:
+        # The oldest connection of the source holding the most: whoever opens
+        # many connections loses them first, a client with one keeps it.
+        heaviest = max(self.sources.values(), key=lambda source: len(source.streams))
+        victim = next(iter(heaviest.streams))
+        self.count("shed")
+        self.leave(victim)
+        victim._reset("shed: too many unauthenticated connections")
+
+    def leave(self, stream: _TcpStream) -> None:
+        source = stream._source
+        if source is None:
+            return
+        stream._source = None
+        if stream._preauth_timer is not None:
+            stream._preauth_timer.cancel()
+            stream._preauth_timer = None
+        del source.streams[stream]
+        self.total -= 1
+        if stream._admitted:
+            source.active -= 1
+            while source.waiting and source.active < self.max_active_per_source:
+                following = source.waiting.popleft()
+                source.active += 1
+                following._admit(self.header_timeout)
+        else:
+            with contextlib.suppress(ValueError):
+                source.waiting.remove(stream)
+        if not source.streams:
+            del self.sources[source.host]
+
+
 class _TcpListener(CarrierListener):
     def __init__(self, carrier: TcpCarrier, port: int) -> None:
         self.port = port
@@ -378,20 +578,45 @@ class TcpCarrier(Carrier):
     Args:
         host: address to listen on; ``127.0.0.1`` unless configured otherwise.
         port: TCP port to listen on; 0 picks a free one (see ``info()``).
-        header_timeout: seconds an inbound connection has to name its port.
+        header_timeout: seconds an admitted inbound connection has to name its port.
+        preauth_timeout: seconds from accept until the layer above calls
+            ``mark_authenticated`` on the stream; ``None`` (a carrier used on
+            its own) ends the unauthenticated phase with the header.
+        max_active_per_source: unauthenticated connections of one source
+            address admitted at once (more wait, unread).
+        max_per_source: unauthenticated connections of one source address,
+            admitted or waiting; more are refused.
+        max_unauthenticated: unauthenticated connections in all; beyond it the
+            oldest connection of the source holding the most is dropped.
     """
 
     scheme = "tcp"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, header_timeout: float = 10.0):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        preauth_timeout: float | None = None,
+        max_active_per_source: int = DEFAULT_MAX_ACTIVE_PER_SOURCE,
+        max_per_source: int = DEFAULT_MAX_PER_SOURCE,
+        max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED,
+    ) -> None:
         self.host = host
         self.port = port
         self.header_timeout = header_timeout
+        self._gate = _Gate(
+            header_timeout=header_timeout,
+            preauth_timeout=preauth_timeout,
+            max_active_per_source=max_active_per_source,
+            max_per_source=max_per_source,
+            max_unauthenticated=max_unauthenticated,
+        )
         self._server: asyncio.Server | None = None
         self._server_lock = asyncio.Lock()
         self._listeners: dict[int, _TcpListener] = {}
         self._streams: set[_TcpStream] = set()
-        self._unidentified = 0
         self._closed = False
 
     @property
@@ -412,7 +637,7 @@ class TcpCarrier(Carrier):
                     lambda: _TcpStream(self, inbound=True),
                     self.host,
                     self.port,
-                    backlog=_BACKLOG,
+                    backlog=_LISTEN_BACKLOG,
                     reuse_address=True,
                 )
             except OSError as exc:
@@ -469,11 +694,19 @@ class TcpCarrier(Carrier):
             raise
         return listener
 
+    @property
+    def unauthenticated(self) -> int:
+        """Inbound connections not yet authenticated (admitted or waiting)."""
+        return self._gate.total
+
     async def info(self) -> dict[str, Any]:
         return {
             "endpoint": self.endpoint,
             "listening": self._server is not None,
             "bind_host": self.host,
+            "unauthenticated": self._gate.total,
+            "unauthenticated_sources": len(self._gate.sources),
+            "preauth": dict(self._gate.counters),
         }
 
     async def aclose(self) -> None:
