@@ -209,14 +209,16 @@ class Statements:
         )
 
     def namespaces_written_since(self) -> Compiled:
-        """Namespaces with a checkpoint created at or after ``since`` (age index range)."""
+        """Namespaces of checkpoints created at or after ``since`` (age index range).
+
+        One row per checkpoint (the caller folds duplicates): with ``DISTINCT``
+        SQLite may prefer walking the whole primary key in order.
+        """
         return self.get(
             "namespaces_written_since",
-            lambda: (
-                select(checkpoints.c.scope, checkpoints.c.thread_id, checkpoints.c.checkpoint_ns)
-                .where(checkpoints.c.created_at >= _p("since"))
-                .distinct()
-            ),
+            lambda: select(
+                checkpoints.c.scope, checkpoints.c.thread_id, checkpoints.c.checkpoint_ns
+            ).where(checkpoints.c.created_at >= _p("since")),
         )
 
     def namespaces_over(self) -> Compiled:

@@ -544,6 +544,9 @@ class CheckpointStore:
         self._closed = False
         self._retention_since: float | None = None
         self._retention_keep: int | None = None
+        self.clock: Callable[[], float] | None = None
+        """Lease clock override (epoch seconds); ``None``: the database's clock
+        on PostgreSQL, this process's on SQLite. Tests set a fake clock here."""
 
     # -------------------------------------------------------- lifecycle
 
@@ -843,7 +846,7 @@ class CheckpointStore:
                     namespaces = db.run(self._sql.namespaces_over(), {"keep": keep})
                 else:
                     namespaces = db.run(self._sql.namespaces_written_since(), {"since": since})
-                for scope, thread_id, ns in namespaces:
+                for scope, thread_id, ns in dict.fromkeys(tuple(n) for n in namespaces):
                     for (cid,) in db.run(
                         self._sql.beyond_newest(),
                         {"scope": scope, "thread_id": thread_id, "checkpoint_ns": ns, "keep": keep},
@@ -869,6 +872,8 @@ class CheckpointStore:
     def _clock(self, db: _Db) -> float:
         # One clock for every store process on a database: PostgreSQL's;
         # a SQLite file is served from one machine, whose clock it is.
+        if self.clock is not None:
+            return self.clock()
         sql = self._sql.db_now()
         if sql is None:
             return time.time()
