@@ -127,7 +127,8 @@ def test_reject_keeps_every_accepted_run_and_refuses_the_rest_clearly(
     accepted = a["accepted"] + b["accepted"]
     rejected = a["rejected"] + b["rejected"]
     assert len(accepted) + len(rejected) == 20
-    assert "p1-0" in accepted and len(b["rejected"]) >= 1
+    assert "p1-0" in accepted
+    assert len(b["rejected"]) >= 1
     for refusal in rejected:
         assert refusal["kind"] == "ThreadBusyError"
         assert "thread 't' is busy" in refusal["message"]
@@ -164,7 +165,8 @@ def test_enqueue_keeps_all_twenty_runs(
         str(waiting),
     )
     a, b = _result(first), _result(second)
-    assert a["rejected"] == [] and b["rejected"] == []
+    assert a["rejected"] == []
+    assert b["rejected"] == []
     assert len(a["accepted"]) == len(b["accepted"]) == 10
     log = _log(peers, store, "q")
     assert sorted(log) == sorted(a["accepted"] + b["accepted"])
@@ -215,5 +217,6 @@ def test_a_killed_holders_lease_expires_and_the_next_run_proceeds(
         "120",
     )
     result = _result(follower)
-    assert result["accepted"] == ["p2-0"] and result["rejected"] == []
+    assert result["accepted"] == ["p2-0"]
+    assert result["rejected"] == []
     assert _log(peers, store, "k") == ["p2-0"]

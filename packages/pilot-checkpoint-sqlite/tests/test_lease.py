@@ -48,14 +48,17 @@ async def test_one_holder_at_a_time_until_release(
     saver: PilotCheckpointSaver, clock: FakeClock
 ) -> None:
     first = await saver.aacquire_thread_lease("t", "run-a", 30)
-    assert first.granted and first.holder == "run-a" and first.expires_in == 30
+    assert first.granted
+    assert first.holder == "run-a"
+    assert first.expires_in == 30
     other = await saver.aacquire_thread_lease("t", "run-b", 30)
     assert not other.granted
     assert other.holder == "run-a"
     # Repeating an acquire is safe: the holder keeps (and extends) its lease.
     clock.now += 10
     again = await saver.aacquire_thread_lease("t", "run-a", 30)
-    assert again.granted and again.expires_in == 30
+    assert again.granted
+    assert again.expires_in == 30
     # Other threads are independent.
     assert (await saver.aacquire_thread_lease("u", "run-b", 30)).granted
     # Releasing someone else's lease is a no-op.
@@ -73,12 +76,14 @@ async def test_an_expired_lease_is_taken_over_and_its_holder_learns_it(
     clock.now += 4.9
     assert not (await saver.aacquire_thread_lease("t", "next", 5)).granted
     renewed = await saver.arenew_thread_lease("t", "dead", 5)
-    assert renewed.granted and renewed.expires_in == 5
+    assert renewed.granted
+    assert renewed.expires_in == 5
     clock.now += 5.1  # the holder stopped renewing: it died
     taken = await saver.aacquire_thread_lease("t", "next", 5)
     assert taken.granted
     late = await saver.arenew_thread_lease("t", "dead", 5)
-    assert not late.granted and late.holder == "next"
+    assert not late.granted
+    assert late.holder == "next"
 
 
 async def test_leases_are_scoped_like_threads(store: CheckpointStore, clock: FakeClock) -> None:
@@ -152,7 +157,8 @@ async def test_reject_refuses_a_second_concurrent_run_clearly(saver: PilotCheckp
     with pytest.raises(ThreadBusyError) as caught:
         await app.ainvoke("two", _config())
     assert caught.value.thread_id == "t"
-    assert "busy" in str(caught.value) and "reject" in str(caught.value)
+    assert "busy" in str(caught.value)
+    assert "reject" in str(caught.value)
     assert caught.value.holder  # names the run holding the thread
     with pytest.raises(ThreadBusyError):
         await asyncio.to_thread(app.invoke, "three", _config())

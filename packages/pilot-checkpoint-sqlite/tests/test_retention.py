@@ -217,7 +217,8 @@ async def test_an_existing_database_is_migrated_to_the_index(db_url: str) -> Non
         assert "pilot_checkpoints_created_at" not in indexes
         again = PilotCheckpointSaver(backend=LocalStoreBackend(CheckpointService(reopened)))
         got = await again.aget_tuple(config)
-        assert got is not None and got.checkpoint["channel_values"] == {"v": 1}
+        assert got is not None
+        assert got.checkpoint["channel_values"] == {"v": 1}
         await again.aclose()
     finally:
         await reopened.aclose()

@@ -7,8 +7,8 @@ import datetime
 import enum
 import sqlite3
 import uuid
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import ormsgpack
@@ -245,7 +245,8 @@ def test_with_allowlist_keeps_refusing_loudly(tmp_path: Path) -> None:
         clone = saver.with_allowlist([(Visit.__module__, "Visit")])
         assert isinstance(clone.serde, AllowlistSerializer)
         got = clone.get_tuple(config)
-        assert got is not None and got.checkpoint["channel_values"]["v"] == Visit(at="y")
+        assert got is not None
+        assert got.checkpoint["channel_values"]["v"] == Visit(at="y")
         config2 = saver.put(_config("u"), _checkpoint({"c": Color.RED}), {}, {"c": "1"})
         with pytest.raises(CheckpointTypeRefusedError, match="Color"):
             clone.get_tuple(config2)
@@ -260,7 +261,8 @@ def test_allowed_types_with_a_custom_serializer(backend: LocalStoreBackend) -> N
     )
     config = saver.put(_config("t"), _checkpoint({"v": Visit(at="y")}), {}, {"v": "1"})
     got = custom.get_tuple(config)
-    assert got is not None and got.checkpoint["channel_values"]["v"] == Visit(at="y")
+    assert got is not None
+    assert got.checkpoint["channel_values"]["v"] == Visit(at="y")
 
     class Plain:
         def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
@@ -273,3 +275,17 @@ def test_allowed_types_with_a_custom_serializer(backend: LocalStoreBackend) -> N
         PilotCheckpointSaver(backend=backend, serde=Plain(), allowed_types=[Visit])
     with pytest.raises(CheckpointConfigError, match="allowed_types"):
         PilotCheckpointSaver(backend=backend, allowed_types=["os.system"])  # pyright: ignore[reportArgumentType]
+
+
+def test_a_registered_type_registers_what_its_annotations_reach() -> None:
+    from pilot_checkpoint_sqlite._serde import expand_allowed_types
+
+    mod = __name__
+    assert expand_allowed_types([Person]) >= {
+        (mod, "Person"),
+        (mod, "Address"),
+        (mod, "Visit"),
+        (mod, "Color"),
+    }
+    assert (mod, "Unregistered") not in expand_allowed_types([Person])
+    assert expand_allowed_types([("a.b", "C")]) == {("a.b", "C")}

@@ -112,10 +112,12 @@ def _hints(cls: type[Any]) -> dict[str, Any]:
         return dict(getattr(cls, "__annotations__", {}))
 
 
-def _walk(tp: Any, out: set[tuple[str, str]], seen: set[int]) -> None:
+def _walk(tp: Any, out: set[tuple[str, str]], seen: dict[int, Any]) -> None:
+    # ``seen`` keeps each visited object alive: an id is unique only while
+    # its object lives, and generic aliases are built afresh by every lookup.
     if id(tp) in seen:
         return
-    seen.add(id(tp))
+    seen[id(tp)] = tp
     origin = typing.get_origin(tp)
     if origin is not None:
         for arg in typing.get_args(tp):
@@ -149,7 +151,7 @@ def expand_allowed_types(allowed: Iterable[AllowedType]) -> frozenset[tuple[str,
     if isinstance(allowed, str | bytes) or not isinstance(allowed, Iterable):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise CheckpointConfigError("allowed_types must be an iterable of classes or pairs")
     out: set[tuple[str, str]] = set()
-    seen: set[int] = set()
+    seen: dict[int, Any] = {}
     for item in allowed:
         if isinstance(item, type):
             out.add(_pair(item))
