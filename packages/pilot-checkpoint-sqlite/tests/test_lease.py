@@ -18,6 +18,7 @@ from pilot_checkpoint_sqlite.errors import (
     CheckpointConfigError,
     CheckpointProtocolError,
     CheckpointUsageError,
+    RunLeaseLostError,
     ThreadBusyError,
     ThreadBusyTimeout,
 )
@@ -240,3 +241,36 @@ async def test_bad_arguments_are_usage_errors(saver: PilotCheckpointSaver) -> No
     with pytest.raises(CheckpointUsageError, match="thread_id"):
         await exclusive_runs(graph, saver).ainvoke("x", {"configurable": {}})
     assert graph.runs == []
+
+
+class WatchedSaver(PilotCheckpointSaver):
+    """Tells the test when a renewal found the lease taken."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lost_seen = asyncio.Event()
+
+    async def arenew_thread_lease(self, thread_id: str, holder: str, ttl: float) -> Any:
+        lease = await super().arenew_thread_lease(thread_id, holder, ttl)
+        if not lease.granted:
+            self.lost_seen.set()
+        return lease
+
+
+async def test_a_run_whose_lease_was_taken_over_is_told(
+    store: CheckpointStore, clock: FakeClock
+) -> None:
+    saver = WatchedSaver(backend=LocalStoreBackend(CheckpointService(store)))
+    graph = FakeGraph()
+    app = exclusive_runs(graph, saver, lease_ttl=0.3)
+    run = asyncio.create_task(app.ainvoke("slow", _config()))
+    await asyncio.wait_for(graph.started.wait(), WAIT)
+    clock.now += 10  # the run stalled past its TTL...
+    assert (await saver.aacquire_thread_lease("t", "newcomer", 30)).granted  # ...and lost it
+    await asyncio.wait_for(saver.lost_seen.wait(), WAIT)
+    graph.finish.set()
+    with pytest.raises(RunLeaseLostError, match="lost its lease"):
+        await asyncio.wait_for(run, WAIT)
+    # The newcomer's lease is untouched by the loser's release.
+    assert not (await saver.aacquire_thread_lease("t", "third", 30)).granted
+    await saver.aclose()
