@@ -1,6 +1,7 @@
 """Per-thread run exclusion across real processes (``exclusive_runs``, leases in the store).
 
-A shared store worker (``--checkpoint-shared true``) and two graph processes
+A shared store worker (``--checkpoint-shared true``; SQLite, and PostgreSQL
+when ``PILOT_TEST_POSTGRES_URL`` is set) and two graph processes
 with separate identities, each doing 10 runs on one thread over ``tcp://``.
 Without exclusion concurrent runs read the same checkpoint and some updates
 are lost; with ``reject`` every accepted run's update is kept and the others
@@ -11,6 +12,7 @@ SIGKILL leaves a lease that expires, and the next run then proceeds.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,11 +22,33 @@ from typing import Any
 
 import pytest
 from pilot_checkpoint_sqlite import PilotCheckpointSaver
-from pilot_checkpoint_sqlite.testing import StoreWorker, start_store_worker
+from pilot_checkpoint_sqlite.testing import (
+    StoreWorker,
+    scratch_postgres_schema,
+    start_store_worker,
+)
 from pilot_transport.testing import TestPeers, create_test_peers
 
 APP = Path(__file__).with_name("_checkpoint_exclusive_app.py")
 WAIT = 180.0
+POSTGRES_ENV = "PILOT_TEST_POSTGRES_URL"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "db_kind" in metafunc.fixturenames:
+        params = [pytest.param("sqlite", id="sqlite")]
+        if os.environ.get(POSTGRES_ENV):
+            params.append(pytest.param("postgres", id="postgres", marks=pytest.mark.postgres))
+        metafunc.parametrize("db_kind", params)
+
+
+@pytest.fixture
+def db_url(db_kind: str, tmp_path: Path) -> Iterator[str]:
+    if db_kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    with scratch_postgres_schema(os.environ[POSTGRES_ENV], prefix="ex") as url:
+        yield url
 
 
 @pytest.fixture
@@ -33,11 +57,11 @@ def peers(tmp_path: Path) -> TestPeers:
 
 
 @pytest.fixture
-def store(peers: TestPeers, tmp_path: Path) -> Iterator[StoreWorker]:
+def store(peers: TestPeers, tmp_path: Path, db_url: str) -> Iterator[StoreWorker]:
     worker = start_store_worker(
         identity=peers["store"].identity_path,
         trust=peers["store"].trust_path,
-        db_url=f"sqlite:///{tmp_path / 'state.db'}",
+        db_url=db_url,
         extra_args=["--checkpoint-shared", "true"],
         log_dir=tmp_path,
     )
