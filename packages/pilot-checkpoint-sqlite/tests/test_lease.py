@@ -274,3 +274,20 @@ async def test_a_run_whose_lease_was_taken_over_is_told(
     # The newcomer's lease is untouched by the loser's release.
     assert not (await saver.aacquire_thread_lease("t", "third", 30)).granted
     await saver.aclose()
+
+
+async def test_astream_events_holds_the_lease_until_closed(saver: PilotCheckpointSaver) -> None:
+    class Events(FakeGraph):
+        async def astream_events(
+            self, input: Any, config: Any, **kwargs: Any
+        ) -> AsyncIterator[Any]:
+            for i in range(3):
+                yield {"event": i, **kwargs}
+
+    app = exclusive_runs(Events(), saver)
+    events = app.astream_events("x", _config(), version="v2")
+    assert await anext(events) == {"event": 0, "version": "v2"}
+    with pytest.raises(ThreadBusyError):
+        await app.ainvoke("y", _config())
+    await events.aclose()
+    assert (await saver.aacquire_thread_lease("t", "probe", 30)).granted

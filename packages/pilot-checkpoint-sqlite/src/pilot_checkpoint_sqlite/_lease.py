@@ -41,7 +41,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -204,10 +204,11 @@ async def _async_heartbeat(
 class ExclusiveRuns:
     """A compiled graph whose runs hold their thread's lease (see :func:`exclusive_runs`).
 
-    ``invoke``, ``ainvoke``, ``stream`` and ``astream`` take the same
-    arguments as the graph's, plus an optional ``multitask_strategy=`` that
-    overrides the default for one call. Every other attribute (``get_state``,
-    ``update_state``, ``get_state_history``...) is the graph's own.
+    ``invoke``, ``ainvoke``, ``stream``, ``astream`` and ``astream_events``
+    take the same arguments as the graph's, plus an optional
+    ``multitask_strategy=`` that overrides the default for one call. Every
+    other attribute (``get_state``, ``update_state``, ``get_state_history``...)
+    is the graph's own; ``batch``/``abatch`` pass through without a lease.
     """
 
     def __init__(
@@ -360,29 +361,53 @@ class ExclusiveRuns:
         if beat.lost:
             raise _lost(thread_id, holder)
 
-    async def astream(
+    def astream(
         self,
         input: Any,
         config: Any = None,
         *,
         multitask_strategy: MultitaskStrategy | None = None,
         **kwargs: Any,
-    ) -> AsyncIterator[Any]:
-        """Async twin of :meth:`stream`."""
-        thread_id = _thread_of(config)
-        holder = await self._aacquire(thread_id, multitask_strategy)
+    ) -> AsyncGenerator[Any]:
+        """Async twin of :meth:`stream` (``aclose()`` ends the run and frees the thread)."""
+        return self._alocked(
+            _thread_of(config), multitask_strategy, self.app.astream(input, config, **kwargs)
+        )
+
+    def astream_events(
+        self,
+        input: Any,
+        config: Any = None,
+        *,
+        multitask_strategy: MultitaskStrategy | None = None,
+        **kwargs: Any,
+    ) -> AsyncGenerator[Any]:
+        """``app.astream_events`` with the lease held, as :meth:`astream`."""
+        return self._alocked(
+            _thread_of(config),
+            multitask_strategy,
+            self.app.astream_events(input, config, **kwargs),
+        )
+
+    async def _alocked(
+        self, thread_id: str, strategy: MultitaskStrategy | None, items: AsyncIterator[Any]
+    ) -> AsyncGenerator[Any]:
+        holder = await self._aacquire(thread_id, strategy)
         lost = asyncio.Event()
         beat = asyncio.create_task(
             _async_heartbeat(self.saver, thread_id, holder, self.lease_ttl, lost)
         )
         try:
-            async for item in self.app.astream(input, config, **kwargs):
+            async for item in items:
                 if lost.is_set():
                     raise _lost(thread_id, holder)
                 yield item
         finally:
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
             await self._arelease(thread_id, holder)
         if lost.is_set():
             raise _lost(thread_id, holder)
