@@ -9,6 +9,12 @@ and never deserializes them.
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from pilot_checkpoint_sqlite._backend import CheckpointBackend, LocalStoreBackend
+from pilot_checkpoint_sqlite._lease import (
+    ExclusiveRuns,
+    MultitaskStrategy,
+    ThreadLease,
+    exclusive_runs,
+)
 from pilot_checkpoint_sqlite._options import (
     RetentionPolicy,
     RetryOptions,
@@ -16,6 +22,7 @@ from pilot_checkpoint_sqlite._options import (
     StoreOptions,
 )
 from pilot_checkpoint_sqlite._saver import PilotCheckpointSaver
+from pilot_checkpoint_sqlite._serde import AllowlistSerializer
 from pilot_checkpoint_sqlite._service import CheckpointService
 from pilot_checkpoint_sqlite._store import CheckpointStore, open_store
 
@@ -23,15 +30,20 @@ if _TYPE_CHECKING:
     from pilot_checkpoint_sqlite._plugin import register_store_handlers
 
 __all__ = [
+    "AllowlistSerializer",
     "CheckpointBackend",
     "CheckpointService",
     "CheckpointStore",
+    "ExclusiveRuns",
     "LocalStoreBackend",
+    "MultitaskStrategy",
     "PilotCheckpointSaver",
     "RetentionPolicy",
     "RetryOptions",
     "SaverOptions",
     "StoreOptions",
+    "ThreadLease",
+    "exclusive_runs",
     "open_store",
     "register_store_handlers",
 ]

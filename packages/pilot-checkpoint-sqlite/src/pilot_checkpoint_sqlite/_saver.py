@@ -1,11 +1,11 @@
 """``PilotCheckpointSaver``: a LangGraph checkpointer whose store is on another machine.
 
-The saver serializes with its own ``self.serde`` (LangGraph's serializer, its
-allowlist respected) into typed blobs, sends plain-data requests (``_wire``) to
-a backend, and deserializes the replies. All network I/O happens on one event
-loop owned by the saver (``_loop``), so the sync methods work from plain sync
-code and from LangGraph's worker threads, and the async twins work from any
-loop.
+The saver serializes with its own ``self.serde`` (by default LangGraph's
+serializer in strict allowlist mode, see ``_serde``) into typed blobs, sends
+plain-data requests (``_wire``) to a backend, and deserializes the replies.
+All network I/O happens on one event loop owned by the saver (``_loop``), so
+the sync methods work from plain sync code and from LangGraph's worker
+threads, and the async twins work from any loop.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ import json
 import os
 import random
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any, cast
 
@@ -33,12 +41,15 @@ from langgraph.checkpoint.base import (
     get_serializable_checkpoint_metadata,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
 from pilot_checkpoint_sqlite import _env, _wire
 from pilot_checkpoint_sqlite._backend import CheckpointBackend
+from pilot_checkpoint_sqlite._lease import ThreadLease, lease_from_reply
 from pilot_checkpoint_sqlite._loop import ForeignLoop, LoopThread
 from pilot_checkpoint_sqlite._options import DEFAULT_PORT, SaverOptions
 from pilot_checkpoint_sqlite._perloop import LoopBackends
+from pilot_checkpoint_sqlite._serde import AllowedType, AllowlistSerializer, expand_allowed_types
 from pilot_checkpoint_sqlite.errors import (
     CheckpointConfigError,
     CheckpointProtocolError,
@@ -95,7 +106,16 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
         backend: Instead of a peer, a :class:`CheckpointBackend` to call (for
             example :class:`LocalStoreBackend` over an in-process store).
         options: Timeouts, retry and paging (:class:`SaverOptions`).
-        serde: Serializer; default LangGraph's ``JsonPlusSerializer``.
+        allowed_types: Types checkpoints may rebuild besides LangChain messages
+            and LangGraph's own types: classes (each registers the pydantic
+            models, dataclasses and enums its annotations reach, so passing
+            the graph's state schema is enough) or ``(module, name)`` pairs.
+        serde: Serializer; default :class:`AllowlistSerializer` (LangGraph's
+            ``JsonPlusSerializer`` in strict mode: stored data naming a type
+            that is not allowed raises ``CheckpointTypeRefusedError``, and no
+            code it names runs). A serializer passed here is used as given
+            (``allowed_types`` then extends a ``JsonPlusSerializer``'s
+            allowlist).
 
     Raises:
         CheckpointConfigError: no peer and no backend, or a bad argument.
@@ -117,9 +137,10 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
         trust: Any = None,
         backend: CheckpointBackend | None = None,
         options: SaverOptions | None = None,
+        allowed_types: Iterable[AllowedType] = (),
         serde: SerializerProtocol | None = None,
     ) -> None:
-        super().__init__(serde=serde)
+        super().__init__(serde=_serializer(serde, allowed_types))
         self.options = options if options is not None else SaverOptions()
         if not isinstance(self.options, SaverOptions):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise CheckpointConfigError("options must be a SaverOptions")
@@ -657,6 +678,56 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
         reply = await self._acall(_wire.DELTA_HISTORY, _delta_request(config, channels))
         return self._decode_history(reply, channels)
 
+    # ------------------------------------------------------------------ run leases
+    # Per-thread run exclusion (see ``exclusive_runs``, which calls these).
+
+    def acquire_thread_lease(self, thread_id: str, holder: str, ttl: float) -> ThreadLease:
+        """Take a thread's run lease if it is free, expired or already ``holder``'s.
+
+        Args:
+            thread_id: The thread.
+            holder: A name unique to this run (shown to refused runs).
+            ttl: Seconds the lease lasts unless renewed (at most 3600).
+
+        Returns:
+            The lease state; ``granted`` false means another holder has it.
+            Safe to repeat: the same holder re-acquires and extends.
+
+        Raises:
+            CheckpointProtocolError: a bad ``ttl`` or an empty name.
+            CheckpointStoreError: the store failed (after retries).
+        """
+        reply = self._call(_wire.LEASE_ACQUIRE, _lease_request(thread_id, holder, ttl))
+        return lease_from_reply(reply, "acquired")
+
+    async def aacquire_thread_lease(self, thread_id: str, holder: str, ttl: float) -> ThreadLease:
+        """Async twin of :meth:`acquire_thread_lease`."""
+        reply = await self._acall(_wire.LEASE_ACQUIRE, _lease_request(thread_id, holder, ttl))
+        return lease_from_reply(reply, "acquired")
+
+    def renew_thread_lease(self, thread_id: str, holder: str, ttl: float) -> ThreadLease:
+        """Extend ``holder``'s lease to ``ttl`` seconds from now.
+
+        Returns:
+            The lease state; ``granted`` false means another holder took it
+            (``holder``'s lease expired first). Safe to repeat.
+        """
+        reply = self._call(_wire.LEASE_RENEW, _lease_request(thread_id, holder, ttl))
+        return lease_from_reply(reply, "renewed")
+
+    async def arenew_thread_lease(self, thread_id: str, holder: str, ttl: float) -> ThreadLease:
+        """Async twin of :meth:`renew_thread_lease`."""
+        reply = await self._acall(_wire.LEASE_RENEW, _lease_request(thread_id, holder, ttl))
+        return lease_from_reply(reply, "renewed")
+
+    def release_thread_lease(self, thread_id: str, holder: str) -> None:
+        """Drop ``holder``'s lease (a no-op if another holder has it). Idempotent."""
+        self._call(_wire.LEASE_RELEASE, {"thread_id": str(thread_id), "holder": str(holder)})
+
+    async def arelease_thread_lease(self, thread_id: str, holder: str) -> None:
+        """Async twin of :meth:`release_thread_lease`."""
+        await self._acall(_wire.LEASE_RELEASE, {"thread_id": str(thread_id), "holder": str(holder)})
+
     def _decode_history(
         self, reply: object, channels: Sequence[str]
     ) -> Mapping[str, DeltaChannelHistory]:
@@ -687,6 +758,26 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _serializer(
+    serde: SerializerProtocol | None, allowed_types: Iterable[AllowedType]
+) -> SerializerProtocol:
+    if serde is None:
+        return AllowlistSerializer(allowed_types=allowed_types)
+    extra = expand_allowed_types(allowed_types)
+    if not extra:
+        return serde
+    if not isinstance(serde, JsonPlusSerializer):
+        raise CheckpointConfigError(
+            "allowed_types= extends a JsonPlusSerializer's allowlist; "
+            f"{type(serde).__name__} has none"
+        )
+    return serde.with_msgpack_allowlist(extra)
+
+
+def _lease_request(thread_id: str, holder: str, ttl: float) -> dict[str, Any]:
+    return {"thread_id": str(thread_id), "holder": str(holder), "ttl": ttl}
 
 
 def _resolve_port(port: int | None) -> int:

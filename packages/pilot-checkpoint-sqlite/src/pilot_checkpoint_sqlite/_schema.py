@@ -19,6 +19,14 @@ store) and leads every primary key, so one caller's threads are invisible to
 another's queries.
 
 A migration, once released, never changes; a new layout is a new migration.
+Indexes and tables added after version 1 are created by their own migration
+with ``checkfirst`` (version 1 creates whatever ``Table`` objects carry, so a
+fresh database and an upgraded one end in the same layout).
+
+Retention reads ``pilot_checkpoints_age`` (``created_at`` then the full key):
+old checkpoints and recently written namespaces are index range scans that
+never touch the table. Run exclusion keeps one lease row per thread in
+``pilot_run_leases``.
 """
 
 from __future__ import annotations
@@ -110,6 +118,28 @@ writes = Table(
 )
 
 
+age_index = Index(
+    "pilot_checkpoints_age",
+    checkpoints.c.created_at,
+    checkpoints.c.scope,
+    checkpoints.c.thread_id,
+    checkpoints.c.checkpoint_ns,
+    checkpoints.c.checkpoint_id,
+)
+"""Retention's index: age range scans that cover the whole key (no table reads)."""
+
+run_leases = Table(
+    "pilot_run_leases",
+    metadata,
+    Column("scope", _key(), primary_key=True),
+    Column("thread_id", _key(), primary_key=True),
+    Column("holder", Text, nullable=False),
+    Column("acquired_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+"""One row per thread with a run in progress (or a holder that died, until it expires)."""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -122,8 +152,20 @@ def _v1(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _v2(conn: Connection) -> None:
+    age_index.create(conn, checkfirst=True)
+    # The single-column index is a prefix of the new one: drop the duplicate.
+    conn.execute(text("DROP INDEX IF EXISTS pilot_checkpoints_created_at"))
+
+
+def _v3(conn: Connection) -> None:
+    run_leases.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "checkpoints, channel blobs and pending writes, scoped by caller", _v1),
+    Migration(2, "retention index on (created_at, key)", _v2),
+    Migration(3, "per-thread run leases", _v3),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -22,6 +22,9 @@ MAX_KEY_LENGTH = 1024
 
 MAX_LIST_LIMIT = 1000
 
+MAX_LEASE_TTL = 3600.0
+"""Longest run lease (seconds) a caller may ask for; renewal extends it."""
+
 
 def _key(payload: Mapping[str, Any], name: str) -> str:
     value = _wire.req_str(payload, name)
@@ -66,6 +69,9 @@ class CheckpointService:
             _wire.PRUNE: self._prune,
             _wire.DELTA_HISTORY: self._delta_history,
             _wire.INFO: self._info,
+            _wire.LEASE_ACQUIRE: self._lease_acquire,
+            _wire.LEASE_RENEW: self._lease_renew,
+            _wire.LEASE_RELEASE: self._lease_release,
         }
 
     def scope_of(self, caller_node_id: str | None) -> str:
@@ -190,3 +196,22 @@ class CheckpointService:
     async def _info(self, scope: str, p: Mapping[str, Any]) -> Any:
         del p
         return {**(await self.store.info()), "scope": scope}
+
+    async def _lease_acquire(self, scope: str, p: Mapping[str, Any]) -> Any:
+        return await self.store.acquire_lease(
+            scope,
+            _nonempty(p, "thread_id"),
+            _nonempty(p, "holder"),
+            _wire.positive_float(p, "ttl", MAX_LEASE_TTL),
+        )
+
+    async def _lease_renew(self, scope: str, p: Mapping[str, Any]) -> Any:
+        return await self.store.renew_lease(
+            scope,
+            _nonempty(p, "thread_id"),
+            _nonempty(p, "holder"),
+            _wire.positive_float(p, "ttl", MAX_LEASE_TTL),
+        )
+
+    async def _lease_release(self, scope: str, p: Mapping[str, Any]) -> None:
+        await self.store.release_lease(scope, _nonempty(p, "thread_id"), _nonempty(p, "holder"))

@@ -20,13 +20,15 @@ from sqlalchemy import (
     Table,
     bindparam,
     delete,
+    func,
     select,
     tuple_,
+    update,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from pilot_checkpoint_sqlite._schema import blobs, checkpoints, writes
+from pilot_checkpoint_sqlite._schema import blobs, checkpoints, run_leases, writes
 
 ROW_COLUMNS = (
     checkpoints.c.thread_id,
@@ -190,17 +192,130 @@ class Statements:
             ),
         )
 
-    def all_checkpoint_ages(self) -> Compiled:
+    # ------------------------------------------------------------- retention
+    # Each query is answered from an index (``pilot_checkpoints_age`` or the
+    # primary key); ``test_retention_queries_use_indexes`` checks the plans.
+
+    def checkpoints_older_than(self) -> Compiled:
+        """Keys of checkpoints created before ``cutoff`` (age index range, covering)."""
         return self.get(
-            "all_checkpoint_ages",
+            "checkpoints_older_than",
             lambda: select(
                 checkpoints.c.scope,
                 checkpoints.c.thread_id,
                 checkpoints.c.checkpoint_ns,
                 checkpoints.c.checkpoint_id,
-                checkpoints.c.created_at,
+            ).where(checkpoints.c.created_at < _p("cutoff")),
+        )
+
+    def namespaces_written_since(self) -> Compiled:
+        """Namespaces of checkpoints created at or after ``since`` (age index range).
+
+        One row per checkpoint (the caller folds duplicates): with ``DISTINCT``
+        SQLite may prefer walking the whole primary key in order.
+        """
+        return self.get(
+            "namespaces_written_since",
+            lambda: select(
+                checkpoints.c.scope, checkpoints.c.thread_id, checkpoints.c.checkpoint_ns
+            ).where(checkpoints.c.created_at >= _p("since")),
+        )
+
+    def namespaces_over(self) -> Compiled:
+        """Namespaces holding more than ``keep`` checkpoints (primary-key index, covering)."""
+        return self.get(
+            "namespaces_over",
+            lambda: (
+                select(checkpoints.c.scope, checkpoints.c.thread_id, checkpoints.c.checkpoint_ns)
+                .group_by(checkpoints.c.scope, checkpoints.c.thread_id, checkpoints.c.checkpoint_ns)
+                .having(func.count() > _p("keep"))
             ),
         )
+
+    def latest_of_namespace(self) -> Compiled:
+        """The newest checkpoint id of one namespace (primary-key index, one probe)."""
+        return self.get(
+            "latest_of_namespace",
+            lambda: select(func.max(checkpoints.c.checkpoint_id)).where(
+                checkpoints.c.scope == _p("scope"),
+                checkpoints.c.thread_id == _p("thread_id"),
+                checkpoints.c.checkpoint_ns == _p("checkpoint_ns"),
+            ),
+        )
+
+    def beyond_newest(self) -> Compiled:
+        """Checkpoint ids of one namespace after its ``keep`` newest (primary-key index)."""
+        return self.get(
+            "beyond_newest",
+            lambda: (
+                select(checkpoints.c.checkpoint_id)
+                .where(
+                    checkpoints.c.scope == _p("scope"),
+                    checkpoints.c.thread_id == _p("thread_id"),
+                    checkpoints.c.checkpoint_ns == _p("checkpoint_ns"),
+                )
+                .order_by(checkpoints.c.checkpoint_id.desc())
+                .offset(_p("keep"))
+            ),
+        )
+
+    # ------------------------------------------------------------- run leases
+
+    def lease_claim(self) -> Compiled:
+        """Insert the lease, or take it over if expired or already ours."""
+
+        def build() -> ClauseElement:
+            stmt = _insert(self.dialect, run_leases).values(_all_values(run_leases))
+            return stmt.on_conflict_do_update(
+                index_elements=[c.name for c in run_leases.primary_key.columns],
+                set_={
+                    "holder": stmt.excluded.holder,
+                    "acquired_at": stmt.excluded.acquired_at,
+                    "expires_at": stmt.excluded.expires_at,
+                },
+                where=(run_leases.c.expires_at <= _p("now"))
+                | (run_leases.c.holder == stmt.excluded.holder),
+            )
+
+        return self.get("lease_claim", build)
+
+    def lease_row(self) -> Compiled:
+        return self.get(
+            "lease_row",
+            lambda: select(run_leases.c.holder, run_leases.c.expires_at).where(
+                run_leases.c.scope == _p("scope"), run_leases.c.thread_id == _p("thread_id")
+            ),
+        )
+
+    def lease_renew(self) -> Compiled:
+        return self.get(
+            "lease_renew",
+            lambda: (
+                update(run_leases)
+                .where(
+                    run_leases.c.scope == _p("scope"),
+                    run_leases.c.thread_id == _p("thread_id"),
+                    run_leases.c.holder == _p("holder"),
+                )
+                .values(expires_at=_p("expires_at"))
+            ),
+        )
+
+    def lease_release(self) -> Compiled:
+        return self.get(
+            "lease_release",
+            lambda: delete(run_leases).where(
+                run_leases.c.scope == _p("scope"),
+                run_leases.c.thread_id == _p("thread_id"),
+                run_leases.c.holder == _p("holder"),
+            ),
+        )
+
+    def db_now(self) -> str | None:
+        """SQL for the database server's clock in epoch seconds (``None``: use the local clock)."""
+        if self.name == "postgresql":
+            return "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8"
+        return None
 
     def versions_of_namespace(self) -> Compiled:
         return self.get(

@@ -79,6 +79,9 @@ _SCAN_BATCH = 256
 _MAX_SCAN = 4 * _SCAN_BATCH
 _COPY_BATCH = 256
 
+RETENTION_CLOCK_MARGIN = 60.0
+"""Seconds a retention pass looks back before the previous pass for new checkpoints."""
+
 
 @dataclass(frozen=True, slots=True)
 class PutRecord:
@@ -145,6 +148,11 @@ class _Db:
 
     def execute(self, sql: str) -> None:
         self._ensure().execute(sql)
+
+    def query(self, sql: str) -> list[Any]:
+        cursor = self._ensure()
+        cursor.execute(sql)
+        return cursor.fetchall()
 
     def rollback_quietly(self) -> None:
         if self._cursor is None:
@@ -534,6 +542,11 @@ class CheckpointStore:
         )
         self._relays_lock = threading.Lock()
         self._closed = False
+        self._retention_since: float | None = None
+        self._retention_keep: int | None = None
+        self.clock: Callable[[], float] | None = None
+        """Lease clock override (epoch seconds); ``None``: the database's clock
+        on PostgreSQL, this process's on SQLite. Tests set a fake clock here."""
 
     # -------------------------------------------------------- lifecycle
 
@@ -628,7 +641,7 @@ class CheckpointStore:
             "checkpoint_id": record.checkpoint_id,
             "parent_checkpoint_id": record.parent_checkpoint_id,
             "run_id": record.run_id,
-            "created_at": time.time(),
+            "created_at": 0.0,
             "checkpoint_type": record.checkpoint[0],
             "checkpoint": record.checkpoint[1],
             "metadata_type": record.metadata[0],
@@ -653,6 +666,8 @@ class CheckpointStore:
         insert_blob = self._sql.insert_ignore(blobs)
 
         def _op(db: _Db) -> None:
+            # Stamped on the writer, in commit order (retention relies on it).
+            row["created_at"] = time.time()
             db.run_many(insert_blob, blob_rows)
             db.run(insert_checkpoint, row)
 
@@ -787,7 +802,16 @@ class CheckpointStore:
     async def apply_retention(self, now: float | None = None) -> int:
         """Apply the configured :class:`RetentionPolicy` to every scope.
 
-        The newest checkpoint of every thread namespace is always kept.
+        The newest checkpoint of every thread namespace is always kept. Every
+        query is an index lookup: checkpoints older than the cutoff come from
+        a range of the ``(created_at, key)`` index; the size limit looks only
+        at namespaces written since the previous pass (the first pass of a
+        store, or after the limit changed, counts every namespace over the
+        primary-key index) and finds the surplus by walking that namespace's
+        keys newest first.
+
+        Args:
+            now: The time ages are measured against (default: the clock).
 
         Returns:
             How many checkpoints were deleted.
@@ -798,24 +822,126 @@ class CheckpointStore:
         max_age = policy.max_age_seconds
         cutoff = None if max_age is None else (now if now is not None else time.time()) - max_age
         keep = policy.max_checkpoints_per_thread
+        since = self._retention_since if self._retention_keep == keep else None
+        started = time.time()
 
         def _op(db: _Db) -> int:
-            groups: dict[tuple[str, str, str], list[tuple[str, float]]] = {}
-            for scope, thread_id, ns, cid, created in db.run(self._sql.all_checkpoint_ages(), {}):
-                groups.setdefault((scope, thread_id, ns), []).append((cid, created))
-            doomed: dict[str, list[tuple[str, str, str]]] = {}
-            for (scope, thread_id, ns), items in groups.items():
-                items.sort(reverse=True)  # newest first
-                for rank, (cid, created) in enumerate(items):
-                    too_many = keep is not None and rank >= keep
-                    too_old = cutoff is not None and created < cutoff
-                    if rank > 0 and (too_many or too_old):
-                        doomed.setdefault(scope, []).append((thread_id, ns, cid))
-            for scope, keys in doomed.items():
+            doomed: set[tuple[str, str, str, str]] = set()
+            if cutoff is not None:
+                latest: dict[tuple[str, str, str], str | None] = {}
+                for scope, thread_id, ns, cid in db.run(
+                    self._sql.checkpoints_older_than(), {"cutoff": cutoff}
+                ):
+                    key = (scope, thread_id, ns)
+                    if key not in latest:
+                        found = db.run(
+                            self._sql.latest_of_namespace(),
+                            {"scope": scope, "thread_id": thread_id, "checkpoint_ns": ns},
+                        )
+                        latest[key] = found[0][0] if found else None
+                    if cid != latest[key]:
+                        doomed.add((scope, thread_id, ns, cid))
+            if keep is not None:
+                if since is None:
+                    namespaces = db.run(self._sql.namespaces_over(), {"keep": keep})
+                else:
+                    namespaces = db.run(self._sql.namespaces_written_since(), {"since": since})
+                for scope, thread_id, ns in dict.fromkeys(tuple(n) for n in namespaces):
+                    for (cid,) in db.run(
+                        self._sql.beyond_newest(),
+                        {"scope": scope, "thread_id": thread_id, "checkpoint_ns": ns, "keep": keep},
+                    ):
+                        doomed.add((scope, thread_id, ns, cid))
+            by_scope: dict[str, list[tuple[str, str, str]]] = {}
+            for scope, thread_id, ns, cid in sorted(doomed):
+                by_scope.setdefault(scope, []).append((thread_id, ns, cid))
+            for scope, keys in by_scope.items():
                 self._delete_checkpoints(db, scope, keys)
-            return sum(len(v) for v in doomed.values())
+            return len(doomed)
+
+        removed = await self._write(_op)
+        # Checkpoints are stamped when their write runs on this store's writer
+        # (serialized with this pass); the margin covers other store processes
+        # on the same database and their clocks.
+        self._retention_since = started - RETENTION_CLOCK_MARGIN
+        self._retention_keep = keep
+        return removed
+
+    # -------------------------------------------------------- run leases
+
+    def _clock(self, db: _Db) -> float:
+        # One clock for every store process on a database: PostgreSQL's;
+        # a SQLite file is served from one machine, whose clock it is.
+        if self.clock is not None:
+            return self.clock()
+        sql = self._sql.db_now()
+        if sql is None:
+            return time.time()
+        return float(db.query(sql)[0][0])
+
+    async def acquire_lease(
+        self, scope: str, thread_id: str, holder: str, ttl: float
+    ) -> dict[str, Any]:
+        """Take the run lease of a thread if it is free, expired or already ``holder``'s.
+
+        Returns:
+            ``{"acquired": bool, "holder": str, "expires_in": float}``; on
+            refusal ``holder`` and ``expires_in`` describe the current holder.
+            Safe to repeat (the same holder re-acquires and extends).
+        """
+        key = {"scope": scope, "thread_id": thread_id}
+
+        def _op(db: _Db) -> dict[str, Any]:
+            now = self._clock(db)
+            db.run(
+                self._sql.lease_claim(),
+                {**key, "holder": holder, "acquired_at": now, "expires_at": now + ttl, "now": now},
+            )
+            found = db.run(self._sql.lease_row(), key)
+            current, expires_at = (found[0][0], float(found[0][1])) if found else ("", now)
+            return {
+                "acquired": current == holder,
+                "holder": current,
+                "expires_in": max(0.0, expires_at - now),
+            }
 
         return await self._write(_op)
+
+    async def renew_lease(
+        self, scope: str, thread_id: str, holder: str, ttl: float
+    ) -> dict[str, Any]:
+        """Extend ``holder``'s lease to ``ttl`` seconds from now.
+
+        Returns:
+            ``{"renewed": bool, "holder": str, "expires_in": float}``;
+            ``renewed`` is false when the lease was taken by another holder
+            after it expired (or released). Safe to repeat.
+        """
+        key = {"scope": scope, "thread_id": thread_id}
+
+        def _op(db: _Db) -> dict[str, Any]:
+            now = self._clock(db)
+            db.run(self._sql.lease_renew(), {**key, "holder": holder, "expires_at": now + ttl})
+            found = db.run(self._sql.lease_row(), key)
+            current, expires_at = (found[0][0], float(found[0][1])) if found else ("", now)
+            return {
+                "renewed": current == holder,
+                "holder": current,
+                "expires_in": max(0.0, expires_at - now),
+            }
+
+        return await self._write(_op)
+
+    async def release_lease(self, scope: str, thread_id: str, holder: str) -> None:
+        """Drop ``holder``'s lease of a thread (no-op if it is not theirs). Idempotent."""
+
+        def _op(db: _Db) -> None:
+            db.run(
+                self._sql.lease_release(),
+                {"scope": scope, "thread_id": thread_id, "holder": holder},
+            )
+
+        await self._write(_op)
 
     def _delete_checkpoints(
         self, db: _Db, scope: str, keys: Sequence[tuple[str, str, str]]

@@ -30,7 +30,18 @@ method                 request                                               rep
 ``delta_history``      ``{thread_id, checkpoint_ns, checkpoint_id|None,      ``{chain}``
                        channels}``
 ``info``               ``{}``                                                ``{...}``
+``lease_acquire``      ``{thread_id, holder, ttl}``                          ``{acquired,
+                                                                             holder,
+                                                                             expires_in}``
+``lease_renew``        ``{thread_id, holder, ttl}``                          ``{renewed,
+                                                                             holder,
+                                                                             expires_in}``
+``lease_release``      ``{thread_id, holder}``                               None
 =====================  ====================================================  ===========
+
+The lease methods implement per-thread run exclusion (``exclusive_runs``):
+one row per thread names the run holding it until ``ttl`` seconds after its
+last acquire or renew; an expired lease may be taken by anyone.
 
 A *row* is ``{thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id,
 checkpoint, metadata, blobs: [[channel, type, bytes]], writes: [[task_id,
@@ -61,6 +72,9 @@ DELETE_FOR_RUNS: Final = "delete_for_runs"
 PRUNE: Final = "prune"
 DELTA_HISTORY: Final = "delta_history"
 INFO: Final = "info"
+LEASE_ACQUIRE: Final = "lease_acquire"
+LEASE_RENEW: Final = "lease_renew"
+LEASE_RELEASE: Final = "lease_release"
 
 METHODS: Final = (
     GET_TUPLE,
@@ -73,11 +87,24 @@ METHODS: Final = (
     PRUNE,
     DELTA_HISTORY,
     INFO,
+    LEASE_ACQUIRE,
+    LEASE_RENEW,
+    LEASE_RELEASE,
 )
 """Every method the store serves; the worker handler name is ``PREFIX + method``."""
 
 WRITE_METHODS: Final = frozenset(
-    {PUT, PUT_WRITES, DELETE_THREAD, COPY_THREAD, DELETE_FOR_RUNS, PRUNE}
+    {
+        PUT,
+        PUT_WRITES,
+        DELETE_THREAD,
+        COPY_THREAD,
+        DELETE_FOR_RUNS,
+        PRUNE,
+        LEASE_ACQUIRE,
+        LEASE_RENEW,
+        LEASE_RELEASE,
+    }
 )
 
 PRUNE_STRATEGIES: Final = ("keep_latest", "delete")
@@ -121,6 +148,17 @@ def opt_int(payload: Mapping[str, Any], key: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise CheckpointProtocolError(f"{key!r} must be an int or None")
     return value
+
+
+def positive_float(payload: Mapping[str, Any], key: str, maximum: float) -> float:
+    value = payload.get(key)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value <= maximum  # also refuses NaN
+    ):
+        raise CheckpointProtocolError(f"{key!r} must be a number in (0, {maximum}]")
+    return float(value)
 
 
 def str_list(payload: Mapping[str, Any], key: str) -> list[str]:

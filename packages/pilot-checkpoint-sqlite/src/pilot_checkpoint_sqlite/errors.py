@@ -11,6 +11,10 @@ The tree::
     ├── CheckpointUsageError (ValueError)      you called the API wrong
     │   └── CheckpointConfigError              bad option, URL or environment
     ├── CheckpointAccessDenied (PermissionError)  the store refused this caller
+    ├── CheckpointTypeRefusedError             stored data names a type not allowed
+    ├── ThreadBusyError                        another run holds the thread (reject)
+    │   └── ThreadBusyTimeout (TimeoutError)   enqueued run waited too long
+    ├── RunLeaseLostError                      a run's thread lease expired under it
     ├── CheckpointStoreError                   the store failed to do what was asked
     │   ├── StoreUnavailableError (ConnectionError)  store/database/peer unreachable
     │   ├── StoreTimeoutError (TimeoutError)   no answer before the deadline
@@ -32,12 +36,16 @@ __all__ = [
     "CheckpointError",
     "CheckpointProtocolError",
     "CheckpointStoreError",
+    "CheckpointTypeRefusedError",
     "CheckpointUsageError",
+    "RunLeaseLostError",
     "StoreClosedError",
     "StoreOverloadedError",
     "StoreSchemaError",
     "StoreTimeoutError",
     "StoreUnavailableError",
+    "ThreadBusyError",
+    "ThreadBusyTimeout",
 ]
 
 
@@ -83,3 +91,47 @@ class StoreClosedError(CheckpointStoreError):
 
 class CheckpointProtocolError(CheckpointError):
     """A request or reply did not have the expected shape."""
+
+
+class CheckpointTypeRefusedError(CheckpointError):
+    """Stored checkpoint data names a type (or method) the saver does not rebuild.
+
+    Nothing named by the data was imported or called. Allow a type that
+    belongs in the graph's state with ``PilotCheckpointSaver(allowed_types=...)``.
+
+    Attributes:
+        refused: The refused names, ``module.name`` (``module.name.method``
+            for a method), or the refused format (``"pickle"``).
+    """
+
+    def __init__(self, message: str, *, refused: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+class ThreadBusyError(CheckpointError):
+    """Another run holds the thread (``multitask_strategy="reject"``).
+
+    Attributes:
+        thread_id: The thread.
+        holder: Who holds it (the other run's lease holder name).
+        expires_in: Seconds until that lease expires unless renewed.
+    """
+
+    def __init__(self, message: str, *, thread_id: str, holder: str, expires_in: float) -> None:
+        super().__init__(message)
+        self.thread_id = thread_id
+        self.holder = holder
+        self.expires_in = expires_in
+
+
+class ThreadBusyTimeout(ThreadBusyError, TimeoutError):
+    """An enqueued run (``multitask_strategy="enqueue"``) did not get the thread in time."""
+
+
+class RunLeaseLostError(CheckpointError):
+    """A run's lease on its thread expired or was taken while it ran.
+
+    Another run may have written to the thread concurrently; the run's own
+    checkpoints are stored, but exclusion was not guaranteed for all of it.
+    """

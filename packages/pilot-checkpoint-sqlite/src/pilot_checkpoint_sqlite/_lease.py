@@ -1,0 +1,476 @@
+"""Per-thread run exclusion: a lease in the checkpoint store held around each run.
+
+Theory of operation
+-------------------
+A checkpointer sees checkpoints, not runs: it cannot tell where a run ends. So
+exclusion wraps the compiled graph: :func:`exclusive_runs` returns an object
+whose ``invoke``/``ainvoke``/``stream``/``astream`` first take the thread's
+lease from the store, keep it alive while the run goes on, and release it when
+the run ends (returns, raises, is cancelled, or the stream is closed).
+
+The lease is one row per thread in the store's database (``pilot_run_leases``),
+so it holds across processes and machines using the same store. It names a
+holder (host, pid and a random run token) and expires ``lease_ttl`` seconds
+after its last renewal; a live run renews it every ``lease_ttl / 3`` seconds,
+so only a holder that died (kill -9, lost machine, lost network) lets it
+expire, and the next run then takes it over. The expiry time is measured on
+the database's clock (PostgreSQL) or the store worker's (SQLite).
+
+Policies, named as in LangGraph Server's ``multitask_strategy``:
+
+* ``"reject"``: a run on a thread that is busy raises :class:`ThreadBusyError`
+  at once, naming the holder; nothing is written.
+* ``"enqueue"``: the run waits until the thread is free (polling the store
+  with a capped backoff), at most ``enqueue_timeout`` seconds, then raises
+  :class:`ThreadBusyTimeout`. Waiting runs are not served in arrival order.
+
+If renewal finds the lease taken by another holder (this run stalled longer
+than the TTL), the run is no longer exclusive: a stream stops with
+:class:`RunLeaseLostError` at its next item; ``invoke``/``ainvoke`` raise it
+when the run returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from pilot_checkpoint_sqlite.errors import (
+    CheckpointConfigError,
+    CheckpointError,
+    CheckpointProtocolError,
+    CheckpointUsageError,
+    RunLeaseLostError,
+    ThreadBusyError,
+    ThreadBusyTimeout,
+)
+
+if TYPE_CHECKING:
+    from pilot_checkpoint_sqlite._saver import PilotCheckpointSaver
+
+__all__ = ["ExclusiveRuns", "MultitaskStrategy", "ThreadLease", "exclusive_runs"]
+
+logger = logging.getLogger("pilot_checkpoint_sqlite.lease")
+
+MultitaskStrategy = Literal["reject", "enqueue"]
+STRATEGIES: tuple[MultitaskStrategy, ...] = ("reject", "enqueue")
+
+DEFAULT_LEASE_TTL = 30.0
+DEFAULT_ENQUEUE_TIMEOUT = 300.0
+MAX_LEASE_TTL = 3600.0
+_POLL_FIRST = 0.05
+_POLL_MAX = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadLease:
+    """The state of a thread's run lease after an acquire or renew.
+
+    Attributes:
+        granted: The caller holds the lease now.
+        holder: Who holds it (the caller when granted; else the other run).
+        expires_in: Seconds until it expires unless renewed.
+    """
+
+    granted: bool
+    holder: str
+    expires_in: float
+
+
+def lease_from_reply(reply: object, flag: str) -> ThreadLease:
+    """Decode a ``lease_acquire``/``lease_renew`` reply (``flag``: its boolean key)."""
+    if not isinstance(reply, dict):
+        raise CheckpointProtocolError("a lease reply must be a mapping")
+    r = cast(dict[str, Any], reply)
+    granted, holder, expires_in = r.get(flag), r.get("holder"), r.get("expires_in")
+    if (
+        not isinstance(granted, bool)
+        or not isinstance(holder, str)
+        or isinstance(expires_in, bool)
+        or not isinstance(expires_in, int | float)
+    ):
+        raise CheckpointProtocolError(f"a lease reply is {{{flag}, holder, expires_in}}")
+    return ThreadLease(granted=granted, holder=holder, expires_in=float(expires_in))
+
+
+def _holder_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:16]}"
+
+
+def _thread_of(config: object) -> str:
+    configurable = config.get("configurable") if isinstance(config, Mapping) else None
+    thread_id = (
+        cast(Mapping[str, Any], configurable).get("thread_id")
+        if isinstance(configurable, Mapping)
+        else None
+    )
+    if thread_id is None or thread_id == "":
+        raise CheckpointUsageError(
+            "an exclusive run needs config['configurable']['thread_id'] (the thread to lock)"
+        )
+    return str(thread_id)
+
+
+def _busy(thread_id: str, lease: ThreadLease) -> ThreadBusyError:
+    return ThreadBusyError(
+        f"thread {thread_id!r} is busy: a run held by {lease.holder!r} is in progress "
+        f"(its lease expires in {lease.expires_in:.1f}s unless renewed); "
+        "multitask_strategy='reject' refuses a second concurrent run "
+        "(use 'enqueue' to wait for it)",
+        thread_id=thread_id,
+        holder=lease.holder,
+        expires_in=lease.expires_in,
+    )
+
+
+def _timed_out(thread_id: str, lease: ThreadLease, waited: float) -> ThreadBusyTimeout:
+    return ThreadBusyTimeout(
+        f"thread {thread_id!r} stayed busy for {waited:.1f}s (held by {lease.holder!r}); "
+        "the enqueued run gave up (enqueue_timeout)",
+        thread_id=thread_id,
+        holder=lease.holder,
+        expires_in=lease.expires_in,
+    )
+
+
+def _next_poll(delay: float, lease: ThreadLease, remaining: float) -> tuple[float, float]:
+    # Jittered capped backoff, never past the deadline; no sooner than needed
+    # when the holder's lease is about to run out.
+    wait = min(delay * (0.5 + random.random() / 2), max(lease.expires_in, _POLL_FIRST))
+    return max(0.0, min(wait, remaining)), min(delay * 2, _POLL_MAX)
+
+
+def _lost(thread_id: str, holder: str) -> RunLeaseLostError:
+    return RunLeaseLostError(
+        f"the run on thread {thread_id!r} lost its lease (it went unrenewed past its TTL "
+        f"and another run took it; this run was {holder!r}): the run was not exclusive "
+        "for all of its duration"
+    )
+
+
+class _SyncHeartbeat:
+    """Renews a lease from a thread of its own while a sync run goes on."""
+
+    def __init__(
+        self, saver: PilotCheckpointSaver, thread_id: str, holder: str, ttl: float
+    ) -> None:
+        self.lost = False
+        self._saver, self._thread_id, self._holder, self._ttl = saver, thread_id, holder, ttl
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pilot-run-lease", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._ttl / 3):
+            try:
+                lease = self._saver.renew_thread_lease(self._thread_id, self._holder, self._ttl)
+            except CheckpointError as exc:
+                logger.warning("renewing the run lease of %r failed: %s", self._thread_id, exc)
+                continue
+            if not lease.granted:
+                self.lost = True
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def _async_heartbeat(
+    saver: PilotCheckpointSaver, thread_id: str, holder: str, ttl: float, lost: asyncio.Event
+) -> None:
+    while True:
+        await asyncio.sleep(ttl / 3)
+        try:
+            lease = await saver.arenew_thread_lease(thread_id, holder, ttl)
+        except CheckpointError as exc:
+            logger.warning("renewing the run lease of %r failed: %s", thread_id, exc)
+            continue
+        if not lease.granted:
+            lost.set()
+            return
+
+
+class ExclusiveRuns:
+    """A compiled graph whose runs hold their thread's lease (see :func:`exclusive_runs`).
+
+    ``invoke``, ``ainvoke``, ``stream``, ``astream`` and ``astream_events``
+    take the same arguments as the graph's, plus an optional
+    ``multitask_strategy=`` that overrides the default for one call. Every
+    other attribute (``get_state``, ``update_state``, ``get_state_history``...)
+    is the graph's own; ``batch``/``abatch`` pass through without a lease.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        saver: PilotCheckpointSaver,
+        *,
+        multitask_strategy: MultitaskStrategy,
+        lease_ttl: float,
+        enqueue_timeout: float,
+    ) -> None:
+        self.app = app
+        self.saver = saver
+        self.multitask_strategy = _strategy(multitask_strategy)
+        self.lease_ttl = lease_ttl
+        self.enqueue_timeout = enqueue_timeout
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)
+
+    # ------------------------------------------------------------ acquire
+
+    def _acquire(self, thread_id: str, strategy: MultitaskStrategy | None) -> str:
+        policy = _strategy(strategy) if strategy is not None else self.multitask_strategy
+        holder = _holder_name()
+        started = time.monotonic()
+        delay = _POLL_FIRST
+        while True:
+            lease = self.saver.acquire_thread_lease(thread_id, holder, self.lease_ttl)
+            if lease.granted:
+                return holder
+            if policy == "reject":
+                raise _busy(thread_id, lease)
+            waited = time.monotonic() - started
+            remaining = self.enqueue_timeout - waited
+            if remaining <= 0:
+                raise _timed_out(thread_id, lease, waited)
+            pause, delay = _next_poll(delay, lease, remaining)
+            time.sleep(pause)
+
+    async def _aacquire(self, thread_id: str, strategy: MultitaskStrategy | None) -> str:
+        policy = _strategy(strategy) if strategy is not None else self.multitask_strategy
+        holder = _holder_name()
+        started = time.monotonic()
+        delay = _POLL_FIRST
+        while True:
+            lease = await self.saver.aacquire_thread_lease(thread_id, holder, self.lease_ttl)
+            if lease.granted:
+                return holder
+            if policy == "reject":
+                raise _busy(thread_id, lease)
+            waited = time.monotonic() - started
+            remaining = self.enqueue_timeout - waited
+            if remaining <= 0:
+                raise _timed_out(thread_id, lease, waited)
+            pause, delay = _next_poll(delay, lease, remaining)
+            await asyncio.sleep(pause)
+
+    def _release(self, thread_id: str, holder: str) -> None:
+        try:
+            self.saver.release_thread_lease(thread_id, holder)
+        except CheckpointError as exc:  # it expires on its own after the TTL
+            logger.warning("releasing the run lease of %r failed: %s", thread_id, exc)
+
+    async def _arelease(self, thread_id: str, holder: str) -> None:
+        try:
+            await self.saver.arelease_thread_lease(thread_id, holder)
+        except CheckpointError as exc:
+            logger.warning("releasing the run lease of %r failed: %s", thread_id, exc)
+
+    # ------------------------------------------------------------ runs
+
+    def invoke(
+        self,
+        input: Any,
+        config: Any = None,
+        *,
+        multitask_strategy: MultitaskStrategy | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the graph with the thread's lease held (``app.invoke``).
+
+        Raises:
+            ThreadBusyError: ``reject`` and another run holds the thread.
+            ThreadBusyTimeout: ``enqueue`` and the thread stayed busy too long.
+            RunLeaseLostError: the lease was taken over while the run went on.
+            CheckpointUsageError: no ``thread_id`` in ``config``.
+        """
+        thread_id = _thread_of(config)
+        holder = self._acquire(thread_id, multitask_strategy)
+        beat = _SyncHeartbeat(self.saver, thread_id, holder, self.lease_ttl)
+        try:
+            result = self.app.invoke(input, config, **kwargs)
+        finally:
+            beat.stop()
+            self._release(thread_id, holder)
+        if beat.lost:
+            raise _lost(thread_id, holder)
+        return result
+
+    async def ainvoke(
+        self,
+        input: Any,
+        config: Any = None,
+        *,
+        multitask_strategy: MultitaskStrategy | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Async twin of :meth:`invoke`. Cancelling it cancels the run and releases the lease."""
+        thread_id = _thread_of(config)
+        holder = await self._aacquire(thread_id, multitask_strategy)
+        lost = asyncio.Event()
+        beat = asyncio.create_task(
+            _async_heartbeat(self.saver, thread_id, holder, self.lease_ttl, lost)
+        )
+        try:
+            result = await self.app.ainvoke(input, config, **kwargs)
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+            await self._arelease(thread_id, holder)
+        if lost.is_set():
+            raise _lost(thread_id, holder)
+        return result
+
+    def stream(
+        self,
+        input: Any,
+        config: Any = None,
+        *,
+        multitask_strategy: MultitaskStrategy | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        """``app.stream`` with the lease held until the stream ends or is closed.
+
+        The lease is taken when iteration starts. Raises as :meth:`invoke`;
+        a lost lease stops the stream at its next item.
+        """
+        thread_id = _thread_of(config)
+        holder = self._acquire(thread_id, multitask_strategy)
+        beat = _SyncHeartbeat(self.saver, thread_id, holder, self.lease_ttl)
+        try:
+            for item in self.app.stream(input, config, **kwargs):
+                if beat.lost:
+                    raise _lost(thread_id, holder)
+                yield item
+        finally:
+            beat.stop()
+            self._release(thread_id, holder)
+        if beat.lost:
+            raise _lost(thread_id, holder)
+
+    def astream(
+        self,
+        input: Any,
+        config: Any = None,
+        *,
+        multitask_strategy: MultitaskStrategy | None = None,
+        **kwargs: Any,
+    ) -> AsyncGenerator[Any]:
+        """Async twin of :meth:`stream` (``aclose()`` ends the run and frees the thread)."""
+        return self._alocked(
+            _thread_of(config), multitask_strategy, self.app.astream(input, config, **kwargs)
+        )
+
+    def astream_events(
+        self,
+        input: Any,
+        config: Any = None,
+        *,
+        multitask_strategy: MultitaskStrategy | None = None,
+        **kwargs: Any,
+    ) -> AsyncGenerator[Any]:
+        """``app.astream_events`` with the lease held, as :meth:`astream`."""
+        return self._alocked(
+            _thread_of(config),
+            multitask_strategy,
+            self.app.astream_events(input, config, **kwargs),
+        )
+
+    async def _alocked(
+        self, thread_id: str, strategy: MultitaskStrategy | None, items: AsyncIterator[Any]
+    ) -> AsyncGenerator[Any]:
+        holder = await self._aacquire(thread_id, strategy)
+        lost = asyncio.Event()
+        beat = asyncio.create_task(
+            _async_heartbeat(self.saver, thread_id, holder, self.lease_ttl, lost)
+        )
+        try:
+            async for item in items:
+                if lost.is_set():
+                    raise _lost(thread_id, holder)
+                yield item
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await self._arelease(thread_id, holder)
+        if lost.is_set():
+            raise _lost(thread_id, holder)
+
+
+def _strategy(value: object) -> MultitaskStrategy:
+    if value == "reject":
+        return "reject"
+    if value == "enqueue":
+        return "enqueue"
+    raise CheckpointConfigError(
+        f"multitask_strategy must be one of {STRATEGIES}, got {value!r} "
+        "(LangGraph Server's 'interrupt' and 'rollback' are not supported)"
+    )
+
+
+def exclusive_runs(
+    app: Any,
+    saver: PilotCheckpointSaver,
+    *,
+    multitask_strategy: MultitaskStrategy = "reject",
+    lease_ttl: float = DEFAULT_LEASE_TTL,
+    enqueue_timeout: float = DEFAULT_ENQUEUE_TIMEOUT,
+) -> ExclusiveRuns:
+    """Wrap a compiled graph so at most one run per thread goes on at a time.
+
+    Every run takes the thread's lease in the checkpoint store first, so the
+    exclusion holds across processes and machines sharing the store (with a
+    store scoped per caller, across the processes of one identity; use
+    ``--checkpoint-shared true`` for several identities). Example::
+
+        saver = PilotCheckpointSaver(peer="state-worker")
+        app = exclusive_runs(graph.compile(checkpointer=saver), saver)
+        app.invoke(inputs, {"configurable": {"thread_id": "t1"}})
+
+    Args:
+        app: The compiled graph (anything with LangGraph's run methods).
+        saver: The saver whose store keeps the leases (normally the graph's
+            checkpointer).
+        multitask_strategy: ``"reject"`` (default) or ``"enqueue"``, as in
+            LangGraph Server.
+        lease_ttl: Seconds a lease outlives its holder's last renewal (default
+            30; renewed every third of it). A crashed holder blocks its
+            thread for at most this long.
+        enqueue_timeout: Most seconds an enqueued run waits (default 300).
+
+    Raises:
+        CheckpointConfigError: an unknown strategy or a bad number.
+    """
+    for name, value, top in (
+        ("lease_ttl", lease_ttl, MAX_LEASE_TTL),
+        ("enqueue_timeout", enqueue_timeout, math.inf),
+    ):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)  # pyright: ignore[reportUnnecessaryIsInstance]
+            or not 0 < value <= top
+        ):
+            raise CheckpointConfigError(f"{name} must be a positive number (at most {top})")
+    return ExclusiveRuns(
+        app,
+        saver,
+        multitask_strategy=multitask_strategy,
+        lease_ttl=float(lease_ttl),
+        enqueue_timeout=float(enqueue_timeout),
+    )
