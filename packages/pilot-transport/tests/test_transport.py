@@ -359,6 +359,19 @@ def test_options_are_validated() -> None:
         TransportOptions(connect_timeout=0)
     with pytest.raises(ValueError, match="accept_backlog"):
         TransportOptions(accept_backlog=0)
+    for name in ("header_timeout", "trust_check_interval"):
+        with pytest.raises(ValueError, match=name):
+            TransportOptions(**{name: 0})
+    for name in (
+        "max_handshakes_per_source",
+        "max_unauthenticated_per_source",
+        "max_unauthenticated",
+        "max_pending_handshakes",
+    ):
+        with pytest.raises(ValueError, match=name):
+            TransportOptions(**{name: 0})
+        with pytest.raises(ValueError, match=name):
+            TransportOptions(**{name: True})
 
 
 async def test_memory_hub_refuses_the_same_identity_twice(peers: TestPeers, hub: str) -> None:

@@ -818,8 +818,9 @@ class SecureStream:
         if self._closed:
             return
         self._fail(error)
-        with contextlib.suppress(TransportError):
-            await self._carrier.aclose()
+        with contextlib.suppress(TransportError, TimeoutError):
+            async with asyncio.timeout(_CLOSE_NOTIFY_TIMEOUT):
+                await self._carrier.aclose()
 
     async def __aenter__(self) -> Self:
         return self

@@ -630,8 +630,9 @@ class Transport:
         watcher = self._trust_watcher
         if watcher is not None:
             watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            # wait() does not re-raise the watcher's cancellation, and a
+            # cancellation aimed at our caller still propagates from it.
+            await asyncio.wait([watcher])
         for listener in list(self._listeners.values()):
             with contextlib.suppress(Exception):
                 await listener.aclose()
