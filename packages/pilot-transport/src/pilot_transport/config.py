@@ -250,7 +250,9 @@ def _load_identity(where: ConfigPath, *, create_default: bool) -> _identity.Iden
     return identity
 
 
-def open_trust(path: PathLike | None = None, *, directory: PathLike | None = None) -> _trust.TrustStore:
+def open_trust(
+    path: PathLike | None = None, *, directory: PathLike | None = None
+) -> _trust.TrustStore:
     """Open this node's trust store by the one rule of this module.
 
     A named file (``path`` or ``$PILOT_TRUST``) must exist. The default file
@@ -306,8 +308,15 @@ class ClientConfig:
             IdentityNotFoundError, TrustFileNotFoundError: a named file is missing.
             IdentityError, TrustStoreError: a file is unusable.
         """
-        identity = _load_identity(self.identity, create_default=create_default)
-        return identity, _open_trust(self.trust)
+        return self.load_identity(create_default=create_default), self.open_trust()
+
+    def load_identity(self, *, create_default: bool = True) -> _identity.Identity:
+        """The identity alone, by the rule of :func:`load_identity`."""
+        return _load_identity(self.identity, create_default=create_default)
+
+    def open_trust(self) -> _trust.TrustStore:
+        """The trust store alone, by the rule of :func:`open_trust`."""
+        return _open_trust(self.trust)
 
 
 def resolve(
