@@ -12,6 +12,7 @@ import pytest
 MODULES = [
     "pilot_transport",
     "pilot_transport.config",
+    "pilot_transport.daemon",
     "pilot_transport.errors",
     "pilot_transport.testing",
 ]

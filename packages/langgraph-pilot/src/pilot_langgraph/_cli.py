@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--port", type=int, default=DEFAULT_PORT)
     discover.add_argument("--json", action="store_true", help="print JSON instead of a table")
     discover.add_argument("--timeout", type=float, default=10.0)
-    discover.add_argument("--transport", help="carrier URL (default: PILOT_TRANSPORT)")
+    discover.add_argument("--transport", help="carrier URL (default: PILOT_TRANSPORT_URL)")
     discover.add_argument("--identity", help="identity key file (default: PILOT_IDENTITY)")
     discover.add_argument("--trust", help="trust store file (default: PILOT_TRUST)")
 

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from pilot_checkpoint_sqlite._backend import CheckpointBackend, LocalStoreBackend
 from pilot_checkpoint_sqlite._options import (
     RetentionPolicy,
-    RetryOptions,
     SaverOptions,
     StoreOptions,
 )
@@ -29,7 +28,6 @@ __all__ = [
     "LocalStoreBackend",
     "PilotCheckpointSaver",
     "RetentionPolicy",
-    "RetryOptions",
     "SaverOptions",
     "StoreOptions",
     "open_store",

@@ -364,6 +364,24 @@ class PilotClient:
             future.cancel()
             raise
 
+    async def run_async(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Await ``make()`` on this client's sync loop, from any loop.
+
+        For work bound to that one loop (a resource opened there). Awaited in
+        place when already on it. Cancelling the awaiting task cancels the
+        coroutine on its loop. Safe to repeat.
+
+        Raises:
+            FailedPrecondition: as :meth:`run_sync`, for a supplied transport's loop.
+            Cancelled: the client is closed.
+        """
+        loop = self._background_loop() if self._transport is None else self._owner_loop
+        if loop is None or loop.is_closed():
+            raise FailedPrecondition("the supplied transport's event loop is not known yet")
+        if asyncio.get_running_loop() is loop:
+            return await make()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(make(), loop))
+
     def run_sync_iter(self, make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
         """Iterate an async iterator from sync code, one item at a time (no buffering).
 

@@ -177,7 +177,7 @@ async def _daemon_info(url: str) -> dict[str, Any]:
 
     path = unquote(urlsplit(url).path)
     try:
-        from pilot_transport._carriers.pilot import PilotCarrier
+        from pilot_transport.daemon import PilotCarrier
     except ImportError as exc:
         raise TransportURLError("the pilot:// carrier is not available") from exc
     carrier = PilotCarrier(socket_path=path)

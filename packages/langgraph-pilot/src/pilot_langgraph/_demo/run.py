@@ -123,7 +123,7 @@ def _client_env(workdir: Path) -> dict[str, str]:
     return {
         _env.PILOT_IDENTITY: str(workdir / f"{CLIENT}.key"),
         _env.PILOT_TRUST: str(workdir / f"{CLIENT}.trust.json"),
-        _env.PILOT_TRANSPORT: "tcp://127.0.0.1:0",
+        _env.PILOT_TRANSPORT_URL: "tcp://127.0.0.1:0",
     }
 
 
@@ -313,7 +313,8 @@ def run_demo(*, keep: bool = False, timeout: float = 120.0) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pilot-langgraph-demo-"))
     workers: list[WorkerProcess] = []
     saved_env = {
-        k: os.environ.get(k) for k in (_env.PILOT_IDENTITY, _env.PILOT_TRUST, _env.PILOT_TRANSPORT)
+        k: os.environ.get(k)
+        for k in (_env.PILOT_IDENTITY, _env.PILOT_TRUST, _env.PILOT_TRANSPORT_URL)
     }
     code = 1
     try:
