@@ -183,6 +183,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PilotLangGraphError as exc:
         print(f"pilot-langgraph: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        # Configuration errors of the layers below (a 0644 key file, a bad
+        # --transport URL, a malformed trust file): one line, no traceback.
+        from pilot_rpc import RpcError
+        from pilot_transport.errors import TransportError
+
+        if not isinstance(exc, TransportError | RpcError):
+            raise
+        print(f"pilot-langgraph: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command!r}")
