@@ -170,7 +170,11 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
             with several, calls spread over the healthy ones and fail over.
         port: Virtual port of the worker (default 5000).
         timeout_secs: Deadline of each attempt in seconds (``None``: no deadline).
-        max_retries: Extra attempts after an ``UNAVAILABLE`` failure (default 2).
+        max_attempts: Total attempts of one call, the first included (default 3),
+            over the peers in turn after an ``UNAVAILABLE`` failure. The name
+            every retry setting of langgraph-pilot uses.
+        max_retries: The same count as extra attempts (``max_attempts - 1``);
+            kept for existing code, give one of the two.
         retry_backoff_secs: First back-off once every peer was tried (doubles).
         input_model: Pydantic model the input is validated against before sending;
             the validated model is sent as a plain mapping.
@@ -217,8 +221,15 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
         codec: LangGraphCodec | None = None,
         name: str | None = None,
         client: PilotClient | None = None,
+        max_attempts: int | None = None,
     ) -> None:
         peers = (peer,) if isinstance(peer, str) else tuple(peer)
+        if max_attempts is not None:
+            if max_retries != 2:
+                raise PilotUsageError("give max_attempts or max_retries, not both")
+            if isinstance(max_attempts, bool) or not 1 <= max_attempts <= 101:
+                raise PilotUsageError(f"max_attempts must be in 1..101, got {max_attempts!r}")
+            max_retries = max_attempts - 1
         self.options = RemoteCallOptions(
             node=node,
             peers=peers,
@@ -252,6 +263,11 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
     @property
     def peers(self) -> tuple[str, ...]:
         return self.options.peers
+
+    @property
+    def max_attempts(self) -> int:
+        """Total attempts of one call (``1 + options.max_retries``)."""
+        return 1 + self.options.max_retries
 
     def __repr__(self) -> str:
         peer = self.peers[0] if len(self.peers) == 1 else list(self.peers)
