@@ -48,6 +48,7 @@ from pilot_checkpoint_sqlite.errors import (
 
 if TYPE_CHECKING:
     from pilot_rpc import PilotClient, TransportLike
+    from pilot_transport import Identity, TrustStore
 
 __all__ = ["PilotCheckpointSaver"]
 
@@ -115,8 +116,8 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
         port: int | None = None,
         client: PilotClient | None = None,
         transport: TransportLike | str | None = None,
-        identity: Any = None,
-        trust: Any = None,
+        identity: Identity | str | os.PathLike[str] | None = None,
+        trust: TrustStore | str | os.PathLike[str] | None = None,
         backend: CheckpointBackend | None = None,
         options: SaverOptions | None = None,
         serde: SerializerProtocol | None = None,

@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar, cast
 
 from pilot_rpc._client import RpcClient
 from pilot_rpc._options import ClientOptions, RetryPolicy
@@ -44,7 +44,11 @@ from pilot_rpc._types import ProgressCallback, TransportLike
 from pilot_rpc.errors import Cancelled, DeadlineExceeded, FailedPrecondition
 
 if TYPE_CHECKING:
+    from pilot_transport import Identity, TrustStore
     from pilot_transport.config import ClientConfig
+
+    IdentityArg = Identity | str | os.PathLike[str] | None
+    TrustArg = TrustStore | str | os.PathLike[str] | None
 
 __all__ = [
     "PilotClient",
@@ -103,8 +107,8 @@ class PilotClient:
         self,
         *,
         url: str | None = None,
-        identity: Any = None,
-        trust: Any = None,
+        identity: IdentityArg = None,
+        trust: TrustArg = None,
         transport: TransportLike | None = None,
         options: ClientOptions | None = None,
         retry: RetryPolicy | None = None,
@@ -524,7 +528,7 @@ def _cancel_all_and_stop(loop: asyncio.AbstractEventLoop) -> None:
     loop.create_task(drain())
 
 
-def _is_path(value: Any) -> bool:
+def _is_path(value: object) -> TypeGuard[str | os.PathLike[str]]:
     return isinstance(value, str | os.PathLike)
 
 
@@ -563,7 +567,7 @@ def _key_part(value: Any, path: str) -> str:
 
 
 def configure_default_client(
-    *, url: str | None = None, identity: Any = None, trust: Any = None
+    *, url: str | None = None, identity: IdentityArg = None, trust: TrustArg = None
 ) -> None:
     """Set what :func:`default_client` uses where its caller passes ``None``.
 
@@ -576,7 +580,7 @@ def configure_default_client(
 
 
 def default_client(
-    *, url: str | None = None, identity: Any = None, trust: Any = None
+    *, url: str | None = None, identity: IdentityArg = None, trust: TrustArg = None
 ) -> PilotClient:
     """The shared :class:`PilotClient` for this configuration, created on first use.
 
