@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import Checkpoint, empty_checkpoint
-from pilot_checkpoint_sqlite import PilotCheckpointSaver, RetryOptions, SaverOptions
+from pilot_checkpoint_sqlite import PilotCheckpointSaver, SaverOptions
 from pilot_checkpoint_sqlite.errors import CheckpointAccessDenied, StoreUnavailableError
 from pilot_checkpoint_sqlite.testing import StoreWorker, start_store_worker
+from pilot_rpc import RetryPolicy
 from pilot_transport.testing import TestPeers, create_test_peers
 
 WAIT = 60.0
@@ -80,7 +81,7 @@ async def test_kill_9_after_acknowledged_writes_loses_nothing(
     worker = _start(peers, tmp_path, db)
     workers.append(worker)
     saver = _saver(
-        peers, "graph", worker.port, options=SaverOptions(retry=RetryOptions(attempts=1))
+        peers, "graph", worker.port, options=SaverOptions(retry=RetryPolicy(max_attempts=1))
     )
     acknowledged: dict[str, RunnableConfig] = {}
     writes_acknowledged: set[str] = set()
@@ -144,7 +145,7 @@ async def test_a_saver_rides_out_a_store_restart(
         "graph",
         worker.port,
         options=SaverOptions(
-            retry=RetryOptions(attempts=40, initial_backoff=0.05, max_backoff=0.5)
+            retry=RetryPolicy(max_attempts=40, initial_backoff=0.05, max_backoff=0.5)
         ),
     )
     try:
@@ -249,7 +250,7 @@ async def test_an_untrusted_caller_is_refused(tmp_path: Path, workers: list[Stor
         transport="tcp://127.0.0.1:0",
         identity=stranger["outsider"].identity_path,
         trust=stranger["outsider"].trust_path,
-        options=SaverOptions(retry=RetryOptions(attempts=1), connect_timeout=5, timeout=10),
+        options=SaverOptions(retry=RetryPolicy(max_attempts=1), connect_timeout=5, timeout=10),
     )
     try:
         with pytest.raises((CheckpointAccessDenied, StoreUnavailableError)):

@@ -42,9 +42,9 @@ from typing import Any
 import pytest
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import Checkpoint, empty_checkpoint
-from pilot_checkpoint_sqlite import PilotCheckpointSaver, RetryOptions, SaverOptions
+from pilot_checkpoint_sqlite import PilotCheckpointSaver, SaverOptions
 from pilot_checkpoint_sqlite.errors import StoreTimeoutError, StoreUnavailableError
-from pilot_rpc import ClientOptions, RpcClient, Unavailable
+from pilot_rpc import ClientOptions, RetryPolicy, RpcClient, Unavailable
 from pilot_transport import open_transport
 from pilot_transport.testing import TestPeers, create_test_peers
 from pilot_worker.testing import WorkerProcess, run_worker_process
@@ -490,7 +490,7 @@ async def test_checkpoint_saver_across_a_partition_loses_and_duplicates_nothing(
     async with worker_in_netns(world, *extra) as proc:
         port = int(proc.info["port"])
         # One attempt: a put during the partition must end in a typed error.
-        hasty = _saver(world, port, SaverOptions(timeout=30, retry=RetryOptions(attempts=1)))
+        hasty = _saver(world, port, SaverOptions(timeout=30, retry=RetryPolicy(max_attempts=1)))
         # A long retry budget: a put during the partition must complete once
         # the link returns (the saver retries transient failures with one
         # idempotency key).
@@ -498,8 +498,9 @@ async def test_checkpoint_saver_across_a_partition_loses_and_duplicates_nothing(
             world,
             port,
             SaverOptions(
-                timeout=30,
-                retry=RetryOptions(attempts=200, initial_backoff=0.1, max_backoff=0.5),
+                # One deadline for the request and all of its retries.
+                timeout=120,
+                retry=RetryPolicy(max_attempts=100, initial_backoff=0.1, max_backoff=0.5),
             ),
         )
         try:

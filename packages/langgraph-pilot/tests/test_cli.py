@@ -56,3 +56,77 @@ def test_trust_command_pairs_and_is_idempotent(
         assert {p.name for p in TrustStore.open(f"{base}.json").list()} == others
     assert "a: trusts b, c" in capsys.readouterr().out
     assert main(["trust", "--peer", f"name=a,identity={a}.key,trust={a}.json"]) == 1
+
+
+def test_trust_with_a_bad_endpoint_fails_in_one_line_and_creates_no_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    argv = [
+        "trust",
+        "--peer",
+        f"name=a,identity={a}.key,trust={a}.json,endpoint=localhost-no-port",
+        "--peer",
+        f"name=b,identity={b}.key,trust={b}.json",
+    ]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pilot-langgraph: ")
+    assert "localhost-no-port" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _discover_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PILOT_CONFIG_DIR", str(tmp_path / "cfg"))
+    for name in ("PILOT_IDENTITY", "PILOT_TRUST", "PILOT_TRANSPORT", "PILOT_TRANSPORT_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_discover_with_a_key_readable_by_others_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pilot_transport import Identity
+
+    _discover_env(monkeypatch, tmp_path)
+    key = tmp_path / "loose.key"
+    Identity.generate().save(key)
+    key.chmod(0o644)
+    assert main(["discover", "worker-a", "--identity", str(key)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "chmod 600" in err
+    assert "Traceback" not in err
+
+
+def test_discover_with_a_bad_transport_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _discover_env(monkeypatch, tmp_path)
+    assert main(["discover", "worker-a", "--transport", "compat"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "compat" in err
+    assert "Traceback" not in err
+
+
+def test_discover_with_no_trust_file_says_it_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _discover_env(monkeypatch, tmp_path)
+    assert main(["discover", "worker-a"]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err
+    assert str(tmp_path / "cfg" / "trust.json") in err
+
+
+def test_discover_with_a_named_identity_that_does_not_exist_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _discover_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("PILOT_IDENTITY", str(tmp_path / "me.kye"))
+    assert main(["discover", "worker-a"]) == 1
+    err = capsys.readouterr().err
+    assert "me.kye" in err
+    assert "does not exist" in err
+    assert not (tmp_path / "me.kye").exists()

@@ -218,3 +218,16 @@ def test_schemas_come_from_the_models() -> None:
     assert node.get_output_schema() is Question
     plain = PilotRemoteRunnable(node="ask", peer="a")
     assert plain.get_input_schema().model_json_schema()["title"]
+
+
+def test_max_attempts_is_the_total_count_of_attempts() -> None:
+    assert PilotRemoteRunnable(node="n", peer="p").max_attempts == 3
+    runnable = PilotRemoteRunnable(node="n", peer="p", max_attempts=1)
+    assert runnable.max_attempts == 1
+    assert runnable.options.max_retries == 0
+    assert runnable._attempt_plan() == ["p"]
+    assert PilotRemoteRunnable(node="n", peer=["p", "q"], max_attempts=4).max_attempts == 4
+    with pytest.raises(PilotUsageError, match="not both"):
+        PilotRemoteRunnable(node="n", peer="p", max_attempts=2, max_retries=1)
+    with pytest.raises(PilotUsageError, match="max_attempts"):
+        PilotRemoteRunnable(node="n", peer="p", max_attempts=0)

@@ -20,7 +20,6 @@ from pilot_checkpoint_sqlite import (
     CheckpointStore,
     LocalStoreBackend,
     PilotCheckpointSaver,
-    RetryOptions,
     SaverOptions,
 )
 from pilot_checkpoint_sqlite.errors import (
@@ -152,30 +151,17 @@ class _Flaky:
         return None
 
 
-def test_transient_failures_are_retried_with_the_same_idempotency_key(
-    sync_store: CheckpointStore,
-) -> None:
+def test_the_saver_does_not_retry_on_its_own(sync_store: CheckpointStore) -> None:
+    # Retries happen once, in the RPC client's policy (remote savers); a backend's
+    # failure reaches the caller after exactly one attempt.
     flaky = _Flaky(
-        LocalStoreBackend(CheckpointService(sync_store)), 2, StoreUnavailableError("down")
+        LocalStoreBackend(CheckpointService(sync_store)), 1, StoreUnavailableError("down")
     )
-    fast = SaverOptions(retry=RetryOptions(attempts=3, initial_backoff=0.001, max_backoff=0.002))
-    with PilotCheckpointSaver(backend=flaky, options=fast) as saver:
-        config = saver.put(_config("t"), _checkpoint({"x": 1}), {}, {"x": 1})
-        assert len(flaky.keys) == 3
-        assert len(set(flaky.keys)) == 1
-        assert flaky.keys[0] is not None
-        assert saver.get_tuple(config) is not None
-
-
-def test_retries_stop_after_the_configured_attempts(sync_store: CheckpointStore) -> None:
-    flaky = _Flaky(
-        LocalStoreBackend(CheckpointService(sync_store)), 10, StoreUnavailableError("down")
-    )
-    fast = SaverOptions(retry=RetryOptions(attempts=2, initial_backoff=0.001, max_backoff=0.002))
-    with PilotCheckpointSaver(backend=flaky, options=fast) as saver:
+    with PilotCheckpointSaver(backend=flaky) as saver:
         with pytest.raises(StoreUnavailableError):
             saver.get_tuple(_config("t"))
-        assert len(flaky.keys) == 2
+        assert len(flaky.keys) == 1
+        assert saver.get_tuple(_config("t")) is None
 
 
 def test_non_transient_failures_are_not_retried(sync_store: CheckpointStore) -> None:
@@ -206,7 +192,7 @@ class _Hanging:
 
 def test_a_store_that_never_answers_times_out(sync_store: CheckpointStore) -> None:
     hanging = _Hanging()
-    options = SaverOptions(timeout=0.05, retry=RetryOptions(attempts=1))
+    options = SaverOptions(timeout=0.05)
     with PilotCheckpointSaver(backend=hanging, options=options) as saver:
         with pytest.raises(StoreTimeoutError):
             saver.get_tuple(_config("t"))
@@ -297,18 +283,32 @@ def test_construction_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(CheckpointConfigError):
         SaverOptions(timeout=0)
     with pytest.raises(CheckpointConfigError):
-        RetryOptions(attempts=0)
+        SaverOptions(retry=3)  # pyright: ignore[reportArgumentType]
 
 
-def test_a_remote_saver_without_identity_says_what_is_missing(
+def test_a_named_identity_that_does_not_exist_is_a_config_error_naming_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("PILOT_CONFIG_DIR", str(tmp_path))
-    monkeypatch.delenv("PILOT_IDENTITY", raising=False)
+    monkeypatch.setenv("PILOT_IDENTITY", str(tmp_path / "me.kye"))
     monkeypatch.delenv("PILOT_TRUST", raising=False)
     with (
-        PilotCheckpointSaver(peer="state-worker") as saver,
-        pytest.raises(CheckpointConfigError, match="identity"),
+        PilotCheckpointSaver(peer="state-worker", identity=tmp_path / "me.kye") as saver,
+        pytest.raises(CheckpointConfigError, match=r"me\.kye"),
+    ):
+        saver.get_tuple(_config("t"))
+    assert not (tmp_path / "me.kye").exists()
+
+
+def test_a_saver_with_no_trust_file_says_the_file_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PILOT_CONFIG_DIR", str(tmp_path))
+    for name in ("PILOT_IDENTITY", "PILOT_TRUST", "PILOT_TRANSPORT", "PILOT_TRANSPORT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    with (
+        PilotCheckpointSaver(peer="state-worker", identity=None, trust=None) as saver,
+        pytest.raises(CheckpointConfigError, match="does not exist"),
     ):
         saver.get_tuple(_config("t"))
 

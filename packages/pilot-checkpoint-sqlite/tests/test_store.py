@@ -18,7 +18,6 @@ from pilot_checkpoint_sqlite import (
     LocalStoreBackend,
     PilotCheckpointSaver,
     RetentionPolicy,
-    RetryOptions,
     SaverOptions,
     StoreOptions,
     open_store,
@@ -211,7 +210,6 @@ async def test_a_full_write_queue_refuses_with_overloaded(db_url: str) -> None:
         service = CheckpointService(store)
         saver = PilotCheckpointSaver(
             backend=LocalStoreBackend(service),
-            options=SaverOptions(retry=RetryOptions(attempts=1)),
         )
         first = asyncio.create_task(saver.aput(_config("a"), _checkpoint(), {}, {}))
         async with asyncio.timeout(WAIT):

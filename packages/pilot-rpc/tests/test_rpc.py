@@ -420,11 +420,15 @@ async def test_pool_spreads_busy_calls_over_connections(server: RpcServer, probe
         assert pair.client.connections() == 3
 
 
-async def test_pilot_carrier_gets_a_pool_by_default(server: RpcServer) -> None:
+async def test_pool_size_follows_the_transports_preference(server: RpcServer) -> None:
     from pilot_rpc.testing import InMemoryTransport
 
     transport = InMemoryTransport(server, client_name="c", server_name="server")
+    # The client asks the transport (pilot_transport.Transport says 8 over pilot://),
+    # it does not test the URL itself.
     transport.url = "pilot:///tmp/pilot.sock"
+    assert RpcClient(transport)._pool_size == 1
+    transport.preferred_pool_size = 8
     client = RpcClient(transport)
     try:
         assert client._pool_size == 8

@@ -9,7 +9,13 @@ import types
 import pilot_transport.errors
 import pytest
 
-MODULES = ["pilot_transport", "pilot_transport.errors", "pilot_transport.testing"]
+MODULES = [
+    "pilot_transport",
+    "pilot_transport.config",
+    "pilot_transport.daemon",
+    "pilot_transport.errors",
+    "pilot_transport.testing",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -56,7 +56,8 @@ async def test_bad_urls(url: str) -> None:
 async def test_env_var_picks_the_carrier(
     monkeypatch: pytest.MonkeyPatch, peers: TestPeers, hub: str
 ) -> None:
-    monkeypatch.setenv("PILOT_TRANSPORT", hub)
+    monkeypatch.delenv("PILOT_TRANSPORT", raising=False)
+    monkeypatch.setenv("PILOT_TRANSPORT_URL", hub)
     transport = await open_transport(identity=peers["client"].identity, trust=peers["client"].trust)
     try:
         assert transport.carrier == "memory"
@@ -68,6 +69,7 @@ async def test_env_var_picks_the_carrier(
 
 async def test_default_is_tcp_loopback(monkeypatch: pytest.MonkeyPatch, peers: TestPeers) -> None:
     monkeypatch.delenv("PILOT_TRANSPORT", raising=False)
+    monkeypatch.delenv("PILOT_TRANSPORT_URL", raising=False)
     async with open_transport(
         identity=peers["client"].identity_path, trust=peers["client"].trust_path
     ) as transport:

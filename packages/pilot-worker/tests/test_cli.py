@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from pilot_transport import Identity, TrustedPeer, TrustStore
 from pilot_worker import Plugin, PluginOption
 from pilot_worker.cli import EXIT_CONFIG, build_parser, main
 
@@ -28,6 +29,13 @@ def two(payload):
 
 
 def _base(tmp_path: Path) -> list[str]:
+    # Named files must exist (a typo must not mint a new key).
+    key = tmp_path / "worker.key"
+    if not key.exists():
+        Identity.generate().save(key)
+        TrustStore.open(tmp_path / "trust.json").add(
+            TrustedPeer("caller", Identity.generate().public_key)
+        )
     return [
         "--transport",
         "tcp://127.0.0.1:0",
@@ -98,14 +106,31 @@ def test_required_plugin_option(
     assert "needs --needs-db or set NEEDS_DB" in capsys.readouterr().err
 
 
-def test_missing_identity_flag(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+def test_a_named_identity_that_does_not_exist_is_refused_not_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("PILOT_CONFIG_DIR", str(tmp_path / "cfg"))
+    monkeypatch.setenv("PILOT_IDENTITY", str(tmp_path / "me.kye"))
+    code = main(["--transport", "tcp://127.0.0.1:0"])
+    assert code == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "me.kye" in err
+    assert "does not exist" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "me.kye").exists()
+    assert not (tmp_path / "cfg" / "identity.key").exists()
+
+
+def test_a_named_trust_file_that_does_not_exist_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PILOT_CONFIG_DIR", str(tmp_path / "cfg"))
     monkeypatch.delenv("PILOT_IDENTITY", raising=False)
-    with pytest.raises(SystemExit) as info:
-        main(["--trust", "t.json"])
-    assert info.value.code == EXIT_CONFIG
-    assert "--identity is required" in capsys.readouterr().err
+    code = main(["--trust", str(tmp_path / "t.json")])
+    assert code == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "t.json" in err
+    assert "does not exist" in err
 
 
 def test_missing_module(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

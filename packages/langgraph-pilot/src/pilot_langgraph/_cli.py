@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--port", type=int, default=DEFAULT_PORT)
     discover.add_argument("--json", action="store_true", help="print JSON instead of a table")
     discover.add_argument("--timeout", type=float, default=10.0)
-    discover.add_argument("--transport", help="carrier URL (default: PILOT_TRANSPORT)")
+    discover.add_argument("--transport", help="carrier URL (default: PILOT_TRANSPORT_URL)")
     discover.add_argument("--identity", help="identity key file (default: PILOT_IDENTITY)")
     discover.add_argument("--trust", help="trust store file (default: PILOT_TRUST)")
 
@@ -181,6 +181,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(keep=args.keep, timeout=args.timeout)
     except PilotLangGraphError as exc:
+        print(f"pilot-langgraph: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        # Configuration errors of the layers below (a 0644 key file, a bad
+        # --transport URL, a malformed trust file): one line, no traceback.
+        from pilot_rpc import RpcError
+        from pilot_transport.errors import TransportError
+
+        if not isinstance(exc, TransportError | RpcError):
+            raise
         print(f"pilot-langgraph: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from pilot_langgraph._env import DEFAULT_PORT
 from pilot_langgraph.errors import PilotDecodeError
 
 if TYPE_CHECKING:
-    from pilot_transport import Transport
+    from pilot_rpc import PilotClient, TransportLike
 
 __all__ = ["HandlerInfo", "describe_handlers"]
 
@@ -88,8 +88,9 @@ async def describe_handlers(
     peer: str,
     *,
     port: int = DEFAULT_PORT,
-    transport: Transport | None = None,
+    transport: TransportLike | None = None,
     timeout_secs: float = 10.0,
+    client: PilotClient | None = None,
 ) -> list[HandlerInfo]:
     """Ask the worker at ``peer`` which handlers it serves.
 
@@ -97,10 +98,10 @@ async def describe_handlers(
         PilotRemoteError: the worker could not be reached or refused the call.
         PilotDecodeError: the reply was not a handler table.
     """
-    client = await _runtime.get_client(transport)
+    rpc = await _runtime.get_client(_runtime.client_for(client, transport))
     started = time.perf_counter()
     reply = await _rpc.call_unary(
-        client,
+        rpc,
         peer=peer,
         port=port,
         node="_handlers",

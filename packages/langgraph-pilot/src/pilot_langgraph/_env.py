@@ -1,45 +1,38 @@
-"""Environment variables read by pilot_langgraph (the only place their names live).
+"""Environment variables read by pilot_langgraph.
 
-The first four are shared with pilot-transport and pilot-worker, so one set of
-variables configures a worker and the graphs that call it.
+The first four are ``pilot_transport.config``'s (the one place their names
+live), shared with every package, so one set of variables configures a worker
+and the graphs that call it.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
+from pilot_transport import config
+
 __all__ = [
-    "DEFAULT_CONFIG_DIR",
     "DEFAULT_PORT",
-    "IDENTITY_FILE",
     "PILOT_CONFIG_DIR",
     "PILOT_DEMO_WORKER",
     "PILOT_IDENTITY",
-    "PILOT_TRANSPORT",
+    "PILOT_TRANSPORT_URL",
     "PILOT_TRUST",
     "PILOT_WORKER_HANDLERS",
-    "TRUST_FILE",
-    "XDG_CONFIG_HOME",
 ]
 
-PILOT_TRANSPORT: Final = "PILOT_TRANSPORT"
-"""Carrier URL of the process-wide default transport (``tcp://127.0.0.1:0`` if unset)."""
+PILOT_TRANSPORT_URL: Final = config.TRANSPORT_URL_ENV
+"""Carrier URL of the shared default client (``tcp://127.0.0.1:0`` if unset)."""
 
-PILOT_IDENTITY: Final = "PILOT_IDENTITY"
-"""Path of this process's identity key file (created with mode 0600 if missing)."""
+PILOT_IDENTITY: Final = config.IDENTITY_ENV
+"""Path of this process's identity key file (must exist when set)."""
 
-PILOT_TRUST: Final = "PILOT_TRUST"
-"""Path of this process's trust store file."""
+PILOT_TRUST: Final = config.TRUST_ENV
+"""Path of this process's trust store file (must exist when set)."""
 
-PILOT_CONFIG_DIR: Final = "PILOT_CONFIG_DIR"
+PILOT_CONFIG_DIR: Final = config.CONFIG_DIR_ENV
 """Directory holding ``identity.key`` and ``trust.json`` when the two above are unset."""
 
-XDG_CONFIG_HOME: Final = "XDG_CONFIG_HOME"
-"""Standard variable: with no ``PILOT_CONFIG_DIR``, the files live in ``$XDG_CONFIG_HOME/pilot``."""
-
-DEFAULT_CONFIG_DIR: Final = "~/.config/pilot"
-IDENTITY_FILE: Final = "identity.key"
-TRUST_FILE: Final = "trust.json"
 DEFAULT_PORT: Final = 5000
 """Virtual port workers serve on unless told otherwise (pilot-worker's default)."""
 

@@ -15,7 +15,7 @@ from pilot_langgraph.errors import PilotUsageError
 
 if TYPE_CHECKING:
     from pilot_channels import SubscribeOptions
-    from pilot_transport import Transport
+    from pilot_rpc import PilotClient, TransportLike
 
 __all__ = ["PilotEventSource"]
 
@@ -40,7 +40,9 @@ class PilotEventSource(Runnable[Any, Any]):
             past it pilot-channels raises ``ChannelTimeoutError``.
         payload_only: Return ``event.payload`` instead of the ``Event``.
         options: pilot-channels ``SubscribeOptions`` (queue size, durable resume...).
-        transport: Explicit transport (default: the process-wide one).
+        client: The :class:`pilot_rpc.PilotClient` to subscribe through (default:
+            the shared default client, the one remote nodes and the saver use).
+        transport: An open transport instead (wrapped in one ``PilotClient``).
 
     Non-durable topics are at-most-once: only events published after the
     subscription is registered are seen. Cancelling unsubscribes.
@@ -56,8 +58,9 @@ class PilotEventSource(Runnable[Any, Any]):
         timeout_secs: float | None = None,
         payload_only: bool = False,
         options: SubscribeOptions | None = None,
-        transport: Transport | None = None,
+        transport: TransportLike | None = None,
         name: str | None = None,
+        client: PilotClient | None = None,
     ) -> None:
         if not pattern:
             raise PilotUsageError("pattern must be non-empty")
@@ -73,14 +76,15 @@ class PilotEventSource(Runnable[Any, Any]):
         self.payload_only = payload_only
         self.options = options
         self.transport = transport
+        self.client = _runtime.client_for(client, transport)
         self.name = name or f"PilotEvents:{pattern}"
 
     async def _events(self, limit: int | None) -> AsyncIterator[Any]:
         from pilot_channels import PilotChannel
 
-        client = await _runtime.get_client(self.transport)
+        client = _runtime.pilot_client(self.client)
         async with PilotChannel(
-            client, self.pattern, peer=self.peer, port=self.port, options=self.options
+            self.pattern, peer=self.peer, port=self.port, options=self.options, client=client
         ) as channel:
             async for event in channel.events(limit, timeout=self.timeout_secs):
                 yield event.payload if self.payload_only else event
@@ -100,9 +104,7 @@ class PilotEventSource(Runnable[Any, Any]):
         return await self._acall_with_config(self._one, input, ensure_config(config))
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return _runtime.run_sync(
-            lambda: self.ainvoke(input, config, **kwargs), transport=self.transport
-        )
+        return _runtime.run_sync(lambda: self.ainvoke(input, config, **kwargs), client=self.client)
 
     async def astream(
         self,
@@ -136,5 +138,5 @@ class PilotEventSource(Runnable[Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any | None
     ) -> Iterator[Any]:
         return _runtime.run_sync_iter(
-            lambda: self.astream(input, config, **kwargs), transport=self.transport
+            lambda: self.astream(input, config, **kwargs), client=self.client
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -15,17 +15,23 @@ from pilot_langgraph._callbacks import run_as_chain
 from pilot_langgraph._remote import CONFIG_KEY_FANOUT_LABEL, PilotRemoteRunnable
 from pilot_langgraph.errors import PilotUsageError
 
+if TYPE_CHECKING:
+    from pilot_rpc import PilotClient
+
 __all__ = ["PilotFanoutRunnable"]
 
 _TASK_ID_KEY = "__pregel_task_id"
 
 
-def _build_target(label: str, spec: Any) -> Runnable[Any, Any]:
+def _build_target(label: str, spec: Any, client: PilotClient | None) -> Runnable[Any, Any]:
     if isinstance(spec, Runnable):
         return spec  # pyright: ignore[reportUnknownVariableType]
     if isinstance(spec, Mapping):
+        kwargs: dict[str, Any] = dict(spec)  # pyright: ignore[reportUnknownArgumentType]
+        if client is not None and "client" not in kwargs and "transport" not in kwargs:
+            kwargs["client"] = client
         try:
-            return PilotRemoteRunnable(**dict(spec))  # pyright: ignore[reportUnknownArgumentType]
+            return PilotRemoteRunnable(**kwargs)
         except TypeError as exc:
             raise PilotUsageError(f"fan-out target {label!r}: {exc}") from exc
     raise PilotUsageError(
@@ -42,6 +48,9 @@ class PilotFanoutRunnable(Runnable[Any, Any]):
         return_exceptions: With True a failed target's exception is its result;
             with False (default) the first failure cancels the other targets and
             is raised.
+        client: The :class:`pilot_rpc.PilotClient` for targets given as keyword
+            arguments and for sync calls (default: the first remote target's
+            client, else the shared default client).
 
     ``ainvoke`` returns ``{label: result}`` (labels in the order given), which as
     a LangGraph node is a state update with one key per label. ``astream`` yields
@@ -60,14 +69,16 @@ class PilotFanoutRunnable(Runnable[Any, Any]):
         *,
         return_exceptions: bool = False,
         name: str | None = None,
+        client: PilotClient | None = None,
     ) -> None:
         if not targets:
             raise PilotUsageError("PilotFanoutRunnable needs at least one target")
+        self.client = _runtime.client_for(client, None)
         built: dict[str, Runnable[Any, Any]] = {}
         for label, spec in targets.items():
             if not isinstance(label, str) or not label:  # pyright: ignore[reportUnnecessaryIsInstance]
                 raise PilotUsageError(f"fan-out labels must be non-empty strings, got {label!r}")
-            built[label] = _build_target(label, spec)
+            built[label] = _build_target(label, spec, client)
         self.targets: Mapping[str, Runnable[Any, Any]] = built
         self.return_exceptions = return_exceptions
         self.name = name or "PilotFanout"
@@ -75,10 +86,12 @@ class PilotFanoutRunnable(Runnable[Any, Any]):
     def __repr__(self) -> str:
         return f"PilotFanoutRunnable({dict(self.targets)!r})"
 
-    def _transport(self) -> Any:
+    def _client(self) -> PilotClient | None:
+        if self.client is not None:
+            return self.client
         for target in self.targets.values():
-            if isinstance(target, PilotRemoteRunnable) and target.transport is not None:
-                return target.transport
+            if isinstance(target, PilotRemoteRunnable) and target.client is not None:
+                return target.client
         return None
 
     @staticmethod
@@ -132,7 +145,7 @@ class PilotFanoutRunnable(Runnable[Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         return _runtime.run_sync(
-            lambda: self.ainvoke(input, config, **kwargs), transport=self._transport()
+            lambda: self.ainvoke(input, config, **kwargs), client=self._client()
         )
 
     async def _astream_transform(
@@ -171,5 +184,5 @@ class PilotFanoutRunnable(Runnable[Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any | None
     ) -> Iterator[tuple[str, Any]]:
         return _runtime.run_sync_iter(
-            lambda: self.astream(input, config, **kwargs), transport=self._transport()
+            lambda: self.astream(input, config, **kwargs), client=self._client()
         )

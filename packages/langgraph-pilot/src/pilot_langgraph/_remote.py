@@ -59,7 +59,7 @@ from pilot_langgraph.errors import (
 )
 
 if TYPE_CHECKING:
-    from pilot_transport import Transport
+    from pilot_rpc import PilotClient, TransportLike
     from pydantic import BaseModel
 
 __all__ = ["PilotRemoteRunnable", "RemoteCallOptions"]
@@ -170,14 +170,21 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
             with several, calls spread over the healthy ones and fail over.
         port: Virtual port of the worker (default 5000).
         timeout_secs: Deadline of each attempt in seconds (``None``: no deadline).
-        max_retries: Extra attempts after an ``UNAVAILABLE`` failure (default 2).
+        max_attempts: Total attempts of one call, the first included (default 3),
+            over the peers in turn after an ``UNAVAILABLE`` failure. The name
+            every retry setting of langgraph-pilot uses.
+        max_retries: The same count as extra attempts (``max_attempts - 1``);
+            kept for existing code, give one of the two.
         retry_backoff_secs: First back-off once every peer was tried (doubles).
         input_model: Pydantic model the input is validated against before sending;
             the validated model is sent as a plain mapping.
         output_model: Pydantic model the result is validated into (returned as
             the model instance).
-        transport: An open pilot transport; ``None`` uses the process-wide default
-            (configured from ``PILOT_*`` variables; see ``configure_default_transport``).
+        client: The :class:`pilot_rpc.PilotClient` to call through; ``None`` shares
+            the process-wide default client (configured from ``PILOT_*`` variables;
+            see ``configure_default_transport``) with the saver and event sources.
+        transport: An open pilot transport to call through instead (wrapped in
+            one ``PilotClient`` per transport); give ``client=`` or this, not both.
         streaming: The handler is an async generator: ``astream`` yields its items,
             and ``ainvoke`` writes them to the graph's custom stream and returns
             them added together (LangChain's rule; the last item if not addable).
@@ -209,12 +216,20 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
         retry_backoff_secs: float = 0.1,
         input_model: type[BaseModel] | None = None,
         output_model: type[BaseModel] | None = None,
-        transport: Transport | None = None,
+        transport: TransportLike | None = None,
         streaming: bool = False,
         codec: LangGraphCodec | None = None,
         name: str | None = None,
+        client: PilotClient | None = None,
+        max_attempts: int | None = None,
     ) -> None:
         peers = (peer,) if isinstance(peer, str) else tuple(peer)
+        if max_attempts is not None:
+            if max_retries != 2:
+                raise PilotUsageError("give max_attempts or max_retries, not both")
+            if isinstance(max_attempts, bool) or not 1 <= max_attempts <= 101:
+                raise PilotUsageError(f"max_attempts must be in 1..101, got {max_attempts!r}")
+            max_retries = max_attempts - 1
         self.options = RemoteCallOptions(
             node=node,
             peers=peers,
@@ -227,6 +242,8 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
         self.input_model = input_model
         self.output_model = output_model
         self.transport = transport
+        self.client = _runtime.client_for(client, transport)
+        """The explicit client (``None``: the shared default, resolved at each call)."""
         self.codec = codec or (
             LangGraphCodec(allowed_types=[output_model]) if output_model else _SHARED_CODEC
         )
@@ -246,6 +263,11 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
     @property
     def peers(self) -> tuple[str, ...]:
         return self.options.peers
+
+    @property
+    def max_attempts(self) -> int:
+        """Total attempts of one call (``1 + options.max_retries``)."""
+        return 1 + self.options.max_retries
 
     def __repr__(self) -> str:
         peer = self.peers[0] if len(self.peers) == 1 else list(self.peers)
@@ -272,9 +294,7 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
         )
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return _runtime.run_sync(
-            lambda: self.ainvoke(input, config, **kwargs), transport=self.transport
-        )
+        return _runtime.run_sync(lambda: self.ainvoke(input, config, **kwargs), client=self.client)
 
     async def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any | None
@@ -295,7 +315,7 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any | None
     ) -> Iterator[Any]:
         return _runtime.run_sync_iter(
-            lambda: self.astream(input, config, **kwargs), transport=self.transport
+            lambda: self.astream(input, config, **kwargs), client=self.client
         )
 
     def batch(
@@ -308,7 +328,7 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
     ) -> list[Any]:
         return _runtime.run_sync(
             lambda: self.abatch(inputs, config, return_exceptions=return_exceptions, **kwargs),
-            transport=self.transport,
+            client=self.client,
         )
 
     # -- implementation ------------------------------------------------------
@@ -401,7 +421,7 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
             if heartbeat is not None:
                 heartbeat()
 
-        client = await _runtime.get_client(self.transport)
+        client = await _runtime.get_client(self.client)
         traceparent = _traceparent()
         tried: set[str] = set()
         last: PilotRemoteError | None = None
@@ -453,7 +473,7 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
         runtime = _langgraph_runtime(config)
         writer = getattr(runtime, "stream_writer", None)
         heartbeat = getattr(runtime, "heartbeat", None)
-        client = await _runtime.get_client(self.transport)
+        client = await _runtime.get_client(self.client)
         traceparent = _traceparent()
         tried: set[str] = set()
         last: PilotRemoteError | None = None
@@ -502,8 +522,9 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
         peer: str,
         *,
         port: int = DEFAULT_PORT,
-        transport: Transport | None = None,
+        transport: TransportLike | None = None,
         timeout_secs: float = 10.0,
+        client: PilotClient | None = None,
     ) -> dict[str, PilotRemoteRunnable]:
         """Build one runnable per handler the worker at ``peer`` serves.
 
@@ -515,15 +536,16 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
         """
         from pilot_langgraph._discover import describe_handlers
 
+        client = _runtime.client_for(client, transport)
         handlers = await describe_handlers(
-            peer, port=port, transport=transport, timeout_secs=timeout_secs
+            peer, port=port, client=client, timeout_secs=timeout_secs
         )
         return {
             h.name: cls(
                 node=h.name,
                 peer=peer,
                 port=port,
-                transport=transport,
+                client=client,
                 streaming=h.streaming,
                 timeout_secs=h.timeout_secs if h.timeout_secs else 60.0,
             )

@@ -57,7 +57,13 @@ async def call_unary(
     traceparent: str | None,
     on_progress: Callable[[Any], Any] | None,
 ) -> Any:
-    """One unary call; lower-layer errors come out as PilotRemoteError."""
+    """One unary call; lower-layer errors come out as PilotRemoteError.
+
+    The RPC layer does not retry here: the caller (``PilotRemoteRunnable``) fails
+    over between peers itself, so retries happen in one layer.
+    """
+    from pilot_rpc import RetryPolicy
+
     try:
         return await client.call(
             peer,
@@ -70,6 +76,7 @@ async def call_unary(
             traceparent=traceparent,
             idempotent=idempotency_key is not None,
             on_progress=on_progress,
+            retry=RetryPolicy.disabled(),
         )
     except Exception as exc:
         if _is_lower_layer_error(exc):

@@ -67,6 +67,8 @@ def ensure_trust(*peers: PeerSpec) -> None:
 
     Raises:
         PilotUsageError: fewer than two peers, or two peers with the same name.
+        pilot_transport.errors.TrustStoreError: a bad name, endpoint or address
+            (raised before any file is created).
         pilot_transport.errors.TransportError: a key or trust file is unusable.
     """
     from pilot_transport import TrustedPeer
@@ -76,6 +78,12 @@ def ensure_trust(*peers: PeerSpec) -> None:
     names = [p.name for p in peers]
     if len(set(names)) != len(names):
         raise PilotUsageError(f"peer names must be distinct, got {names!r}")
+    # Check every entry's name, endpoint and address before any key or trust file
+    # is created, so a typo leaves nothing behind.
+    for spec in peers:
+        TrustedPeer(
+            name=spec.name, public_key=bytes(32), endpoint=spec.endpoint, address=spec.address
+        )
     loaded = [(spec, *_load(spec)) for spec in peers]
     for spec, _identity, trust in loaded:
         for other, other_identity, _ in loaded:

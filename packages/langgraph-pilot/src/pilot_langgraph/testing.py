@@ -48,7 +48,7 @@ class LocalCluster:
     Args:
         directory: Where keys, trust files, logs and ready files go.
         client: Name of the client identity (this process and its children).
-        configure_environment: Set ``PILOT_IDENTITY``/``PILOT_TRUST``/``PILOT_TRANSPORT``
+        configure_environment: Set ``PILOT_IDENTITY``/``PILOT_TRUST``/``PILOT_TRANSPORT_URL``
             in ``os.environ`` on :meth:`start` (restored on :meth:`stop`), so the
             process-wide default transport and ``PilotCheckpointSaver`` use the
             client identity.
@@ -130,7 +130,7 @@ class LocalCluster:
         return {
             _env.PILOT_IDENTITY: str(self.identity_path(self.client)),
             _env.PILOT_TRUST: str(self.trust_path(self.client)),
-            _env.PILOT_TRANSPORT: "tcp://127.0.0.1:0",
+            _env.PILOT_TRANSPORT_URL: "tcp://127.0.0.1:0",
         }
 
     # -- lifecycle -----------------------------------------------------------

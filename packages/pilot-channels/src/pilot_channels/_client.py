@@ -18,7 +18,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from pilot_rpc import RpcClient
+from pilot_rpc import PilotClient, RetryPolicy, RpcClient, TransportLike, default_client
 from prometheus_client import CollectorRegistry
 
 from ._errmap import from_lower, is_retryable
@@ -32,6 +32,7 @@ from .errors import (
     BrokerProtocolError,
     BrokerUnavailableError,
     ChannelClosedError,
+    ChannelConfigError,
     ChannelError,
     ChannelTimeoutError,
 )
@@ -42,6 +43,8 @@ logger = logging.getLogger("pilot_channels.client")
 
 DEFAULT_PORT = 5000
 """The worker port a broker is reached on unless told otherwise (the worker's default)."""
+
+_NO_RETRY = RetryPolicy.disabled()
 
 
 class Backend(Protocol):
@@ -74,20 +77,44 @@ class Backend(Protocol):
 
 
 class RpcBackend:
-    """Reaches the ``channels`` plugin of a worker through pilot-rpc."""
+    """Reaches the ``channels`` plugin of a worker through a :class:`pilot_rpc.PilotClient`.
 
-    def __init__(self, target: Any, peer: str, port: int) -> None:
+    ``target`` is a ``PilotClient`` (shared, not closed here), an ``RpcClient``
+    (shared, not closed here), a transport (wrapped in a ``PilotClient`` owned
+    and closed here; the transport itself stays open) or ``None`` (the shared
+    default client, ``pilot_rpc.default_client()``, resolved on first use).
+
+    Unary calls are sent with ``RetryPolicy.disabled()``: the publisher's
+    ``PublisherOptions.retry`` is the one retry layer of a publish.
+    """
+
+    def __init__(
+        self, target: PilotClient | RpcClient | TransportLike | None, peer: str, port: int
+    ) -> None:
+        self._rpc: RpcClient | None = None
+        self._client: PilotClient | None = None
+        self._owns = False
         if isinstance(target, RpcClient):
-            self._client, self._owns = target, False
-        else:
-            self._client, self._owns = RpcClient(target), True
+            self._rpc = target
+        elif isinstance(target, PilotClient):
+            self._client = target
+        elif target is not None:
+            self._client, self._owns = PilotClient(transport=target), True
         self._peer = peer
         self._port = port
         self.description = f"{peer}:{port}"
 
+    async def _get(self) -> RpcClient:
+        if self._rpc is not None:
+            return self._rpc
+        if self._client is None:
+            self._client = default_client()
+        return await self._client.rpc()
+
     @asynccontextmanager
     async def subscribe(self, request: dict[str, Any]) -> AsyncGenerator[AsyncIterator[Any]]:
-        async with self._client.stream(self._peer, self._port, METHOD_SUBSCRIBE, request) as items:
+        rpc = await self._get()
+        async with rpc.stream(self._peer, self._port, METHOD_SUBSCRIBE, request) as items:
             yield items
 
     async def publish(
@@ -107,11 +134,35 @@ class RpcBackend:
         request: Any,
         timeout: float,  # noqa: ASYNC109
     ) -> Any:
-        return await self._client.call(self._peer, self._port, method, request, timeout=timeout)
+        rpc = await self._get()
+        return await rpc.call(
+            self._peer, self._port, method, request, timeout=timeout, retry=_NO_RETRY
+        )
 
     async def aclose(self) -> None:
-        if self._owns:
+        if self._owns and self._client is not None:
             await self._client.aclose()
+
+
+def _split(first: Any, pattern: str | None) -> tuple[Any, str]:
+    """``(target, pattern)`` from ``PilotChannel(target, pattern)`` or ``PilotChannel(pattern)``."""
+    if pattern is None:
+        if not isinstance(first, str):
+            raise ChannelConfigError("PilotChannel needs a topic pattern")
+        return None, first
+    return first, pattern
+
+
+def _target(first: Any, client: PilotClient | None) -> Any:
+    if client is not None:
+        if first is not None:
+            raise ChannelConfigError(
+                "pass either a transport/client positionally or client=, not both"
+            )
+        if not isinstance(client, PilotClient):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ChannelConfigError(f"client must be a pilot_rpc.PilotClient, got {client!r}")
+        return client
+    return first
 
 
 async def _wait(event: asyncio.Event, deadline: float | None) -> bool:
@@ -145,13 +196,16 @@ class PilotChannel:
 
     Example::
 
-        async with PilotChannel(transport, "agents.>", peer="broker") as channel:
+        async with PilotChannel("agents.>", peer="broker") as channel:  # the default client
             async for event in channel:
                 print(event.topic, event.payload)
 
     Args:
-        transport: a ``pilot_transport.Transport`` or an ``RpcClient`` to share.
+        transport: optional, first positional: a ``pilot_rpc.PilotClient`` or an
+            ``RpcClient`` to share, or a transport (wrapped in a client owned by
+            the channel). Omitted: ``client=``, else the shared default client.
         pattern: topic pattern (``*`` one segment, ``>`` the rest; see the README).
+        client: the ``pilot_rpc.PilotClient`` to subscribe through.
         peer: the broker worker (trust-store name, node id or Pilot address).
         port: the broker worker's port.
         options: queue size, slow-consumer policy, start/resume, reconnect.
@@ -163,15 +217,18 @@ class PilotChannel:
 
     def __init__(
         self,
-        transport: Any,
-        pattern: str,
+        transport: PilotClient | RpcClient | TransportLike | str | None = None,
+        pattern: str | None = None,
         *,
         peer: str,
         port: int = DEFAULT_PORT,
         options: SubscribeOptions | None = None,
         registry: CollectorRegistry | None = None,
+        client: PilotClient | None = None,
     ) -> None:
-        self._init(RpcBackend(transport, peer, port), pattern, options, registry)
+        first, topic_pattern = _split(transport, pattern)
+        backend = RpcBackend(_target(first, client), peer, port)
+        self._init(backend, topic_pattern, options, registry)
 
     @classmethod
     def with_backend(
@@ -511,11 +568,17 @@ class PilotPublisher:
     returns when the broker has routed its event (and, on a durable topic,
     logged it). Example::
 
-        async with PilotPublisher(transport, peer="broker") as publisher:
+        async with PilotPublisher(peer="broker") as publisher:  # the default client
             offset = await publisher.publish("agents.results", {"answer": 42})
 
+    A publish request is sent at most ``options.retry.max_attempts`` times
+    (default 3; the RPC layer underneath does not retry it again).
+
     Args:
-        transport: a ``pilot_transport.Transport`` or an ``RpcClient`` to share.
+        transport: optional: a ``pilot_rpc.PilotClient`` or ``RpcClient`` to
+            share, or a transport (wrapped in a client owned by the publisher).
+            Omitted: ``client=``, else the shared default client.
+        client: the ``pilot_rpc.PilotClient`` to publish through.
         peer: the broker worker.
         port: the broker worker's port.
         options: timeouts, batching, retry.
@@ -524,14 +587,15 @@ class PilotPublisher:
 
     def __init__(
         self,
-        transport: Any,
+        transport: PilotClient | RpcClient | TransportLike | None = None,
         *,
         peer: str,
         port: int = DEFAULT_PORT,
         options: PublisherOptions | None = None,
         registry: CollectorRegistry | None = None,
+        client: PilotClient | None = None,
     ) -> None:
-        self._init(RpcBackend(transport, peer, port), options, registry)
+        self._init(RpcBackend(_target(transport, client), peer, port), options, registry)
 
     @classmethod
     def with_backend(
@@ -718,7 +782,7 @@ class PilotPublisher:
 
 
 async def publish_once(
-    transport: Any,
+    transport: PilotClient | RpcClient | TransportLike | None,
     topic: str,
     payload: Any,
     *,

@@ -31,7 +31,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from pilot_transport._carriers.pilot import DEFAULT_SOCKET_PATH, PilotCarrier, PilotStream
+from pilot_transport.daemon import DEFAULT_SOCKET_PATH, PilotCarrier, PilotStream
 
 from ._errmap import from_lower
 from ._tasks import cancel_and_wait

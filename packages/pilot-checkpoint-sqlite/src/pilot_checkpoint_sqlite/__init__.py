@@ -17,7 +17,6 @@ from pilot_checkpoint_sqlite._lease import (
 )
 from pilot_checkpoint_sqlite._options import (
     RetentionPolicy,
-    RetryOptions,
     SaverOptions,
     StoreOptions,
 )
@@ -39,7 +38,6 @@ __all__ = [
     "MultitaskStrategy",
     "PilotCheckpointSaver",
     "RetentionPolicy",
-    "RetryOptions",
     "SaverOptions",
     "StoreOptions",
     "ThreadLease",

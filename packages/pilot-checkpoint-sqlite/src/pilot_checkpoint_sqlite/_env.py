@@ -20,14 +20,6 @@ PILOT_CHECKPOINT_PEER = "PILOT_CHECKPOINT_PEER"
 PILOT_CHECKPOINT_PORT = "PILOT_CHECKPOINT_PORT"
 """Default virtual port of the store worker (default 5000)."""
 
-PILOT_TRANSPORT = "PILOT_TRANSPORT"
-"""Transport URL used when the saver opens its own transport."""
-
-PILOT_IDENTITY = "PILOT_IDENTITY"
-"""Path of the identity key file used when the saver opens its own transport."""
-
-PILOT_TRUST = "PILOT_TRUST"
-"""Path of the trust store file used when the saver opens its own transport."""
-
-PILOT_CONFIG_DIR = "PILOT_CONFIG_DIR"
-"""Directory of the default ``identity.key`` and ``trust.json`` (as pilot-transport's CLI)."""
+# The transport URL, identity, trust and config-directory variables are
+# pilot_transport.config's (TRANSPORT_URL_ENV, IDENTITY_ENV, TRUST_ENV,
+# CONFIG_DIR_ENV): the saver reads them through pilot_rpc.PilotClient.

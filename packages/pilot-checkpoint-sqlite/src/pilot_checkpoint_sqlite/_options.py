@@ -6,17 +6,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pilot_rpc import RetryPolicy
+
 from pilot_checkpoint_sqlite.errors import CheckpointConfigError
 
-__all__ = ["RetentionPolicy", "RetryOptions", "SaverOptions", "StoreOptions"]
+__all__ = ["RetentionPolicy", "SaverOptions", "StoreOptions"]
 
 DEFAULT_PORT = 5000
 """Virtual port a store worker listens on unless told otherwise."""
-
-
-def _is_int(value: object) -> bool:
-    # Options come from users and environment parsing: check at runtime.
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
@@ -33,48 +30,25 @@ def _positive(name: str, value: float | None, *, allow_none: bool = False) -> No
 
 
 @dataclass(frozen=True, kw_only=True)
-class RetryOptions:
-    """How the saver retries a request after a transient failure.
-
-    Every store request is idempotent (writes carry their checkpoint id or
-    ``(task_id, idx)`` and a stable idempotency key), so retrying never
-    duplicates. Only transient errors are retried: store unreachable, timed
-    out or overloaded.
-
-    Attributes:
-        attempts: Total tries, first one included (default 5; 1 disables retry).
-        initial_backoff: Seconds before the second try (default 0.05).
-        max_backoff: Cap of the exponential backoff, in seconds (default 2.0).
-    """
-
-    attempts: int = 5
-    initial_backoff: float = 0.05
-    max_backoff: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.attempts) or self.attempts < 1:
-            raise CheckpointConfigError(f"attempts must be an int >= 1, got {self.attempts!r}")
-        _positive("initial_backoff", self.initial_backoff)
-        _positive("max_backoff", self.max_backoff)
-        if self.max_backoff < self.initial_backoff:
-            raise CheckpointConfigError("max_backoff must be >= initial_backoff")
-
-
-@dataclass(frozen=True, kw_only=True)
 class SaverOptions:
     """Options of :class:`PilotCheckpointSaver`.
 
     Attributes:
-        timeout: Deadline of one request to the store, in seconds (default 30).
-        connect_timeout: Deadline to reach the store worker, in seconds (default 10).
-        retry: Retry of transient failures (see :class:`RetryOptions`).
+        timeout: Deadline of one request to the store in seconds, retries
+            included (default 30).
+        connect_timeout: Deadline to reach the store worker, in seconds (default
+            10); used when the saver opens its own client.
+        retry: The ``pilot_rpc.RetryPolicy`` of store requests; ``None`` (the
+            default) uses the client's own policy (``max_attempts=3``, retried
+            on ``UNAVAILABLE``). Every store request is idempotent, so it is
+            retried with its one idempotency key. This is the only retry layer.
         list_page_size: Rows fetched per ``list`` request (default 64, max 1000).
         close_timeout: How long ``close()`` waits for in-flight requests (default 5).
     """
 
     timeout: float = 30.0
     connect_timeout: float = 10.0
-    retry: RetryOptions = field(default_factory=RetryOptions)
+    retry: RetryPolicy | None = None
     list_page_size: int = 64
     close_timeout: float = 5.0
 
@@ -82,8 +56,8 @@ class SaverOptions:
         _positive("timeout", self.timeout)
         _positive("connect_timeout", self.connect_timeout)
         _positive("close_timeout", self.close_timeout)
-        if not isinstance(self.retry, RetryOptions):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise CheckpointConfigError("retry must be a RetryOptions")
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise CheckpointConfigError("retry must be a pilot_rpc.RetryPolicy or None")
         if (
             isinstance(self.list_page_size, bool)
             or not isinstance(self.list_page_size, int)  # pyright: ignore[reportUnnecessaryIsInstance]
@@ -92,13 +66,8 @@ class SaverOptions:
             raise CheckpointConfigError("list_page_size must be an int in [1, 1000]")
 
     def sync_wait(self) -> float:
-        """Upper bound of one sync call, retries and backoff included."""
-        backoff = 0.0
-        delay = self.retry.initial_backoff
-        for _ in range(self.retry.attempts - 1):
-            backoff += delay
-            delay = min(delay * 2, self.retry.max_backoff)
-        return (self.timeout + self.connect_timeout) * self.retry.attempts + backoff + 1.0
+        """Upper bound of one sync call: the request deadline (retries included) plus slack."""
+        return self.timeout + 1.0
 
 
 @dataclass(frozen=True, kw_only=True)

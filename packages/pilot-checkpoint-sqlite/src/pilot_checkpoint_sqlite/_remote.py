@@ -1,5 +1,9 @@
 """The remote backend: saver requests as pilot-rpc unary calls to a store worker.
 
+Connections, the transport, the event loop of sync callers and retries belong
+to :class:`pilot_rpc.PilotClient` (shared with remote nodes and event sources
+by default); this module only names the calls and translates their errors.
+
 pilot-rpc and pilot-transport errors are translated here, at the boundary, into
 ``pilot_checkpoint_sqlite.errors`` (chained with ``from``); the worker side of
 the same translation is in ``_plugin.py``.
@@ -7,8 +11,6 @@ the same translation is in ``_plugin.py``.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from pilot_rpc import (
@@ -19,16 +21,17 @@ from pilot_rpc import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    PilotClient,
     ResourceExhausted,
-    RpcClient,
     RpcError,
     Unauthenticated,
     Unavailable,
     Unimplemented,
+    default_client,
 )
 from pilot_transport.errors import TransportError, TransportNetworkError, TransportUsageError
 
-from pilot_checkpoint_sqlite import _env, _wire
+from pilot_checkpoint_sqlite import _wire
 from pilot_checkpoint_sqlite._options import SaverOptions
 from pilot_checkpoint_sqlite.errors import (
     CheckpointAccessDenied,
@@ -44,7 +47,7 @@ from pilot_checkpoint_sqlite.errors import (
     StoreUnavailableError,
 )
 
-__all__ = ["RemoteBackend", "error_from_rpc", "open_remote_backend"]
+__all__ = ["RemoteBackend", "build_client", "error_from_rpc"]
 
 _KINDS: dict[str, type[CheckpointError]] = {
     cls.__name__: cls
@@ -71,6 +74,9 @@ def error_from_rpc(exc: RpcError, method: str) -> CheckpointError:
     if isinstance(kind, str) and kind in _KINDS:
         # The store said precisely what failed (see _plugin.error_to_rpc).
         return _KINDS[kind](message)
+    if isinstance(exc.__cause__, TransportUsageError):
+        # Our own configuration (an unknown peer, a missing trust file), not the store.
+        return CheckpointConfigError(message)
     if isinstance(exc, Unavailable):
         return StoreUnavailableError(message)
     if isinstance(exc, DeadlineExceeded):
@@ -96,28 +102,45 @@ def error_from_rpc(exc: RpcError, method: str) -> CheckpointError:
 
 
 class RemoteBackend:
-    """Calls the store handlers of one worker over a :class:`pilot_rpc.RpcClient`."""
+    """Calls the store handlers of one worker through a :class:`pilot_rpc.PilotClient`.
+
+    The client's connection pool of the calling event loop is used, so async
+    calls never hop threads. Retries happen once, in the RPC client: every
+    store request is idempotent and sent with ``idempotent=True``, under the
+    policy ``options.retry`` (``None``: the client's own policy).
+    """
+
+    loop_agnostic = True
+    """The client keeps one connection pool per event loop: callable from any loop."""
 
     def __init__(
         self,
-        client: RpcClient,
+        client: PilotClient | None,
         *,
         peer: str,
         port: int,
         options: SaverOptions,
-        owned_transport: Any = None,
+        owns_client: bool = False,
     ) -> None:
         self._client = client
         self._peer = peer
         self._port = port
         self._options = options
-        self._owned_transport = owned_transport
+        self._owns_client = owns_client
+
+    @property
+    def client(self) -> PilotClient:
+        """The client in use (the shared default one unless one was given)."""
+        if self._client is None:
+            return default_client()
+        return self._client
 
     async def call(
         self, method: str, payload: dict[str, Any], *, idempotency_key: str | None = None
     ) -> Any:
         try:
-            return await self._client.call(
+            rpc = await self.client.rpc()
+            return await rpc.call(
                 self._peer,
                 self._port,
                 _wire.handler_name(method),
@@ -125,77 +148,42 @@ class RemoteBackend:
                 timeout=self._options.timeout,
                 idempotency_key=idempotency_key,
                 idempotent=True,
+                retry=self._options.retry,
             )
         except RpcError as exc:
             raise error_from_rpc(exc, method) from exc
         except TransportUsageError as exc:
             raise CheckpointConfigError(f"{method}: {exc}") from exc
-        except TransportNetworkError as exc:
+        except (TransportNetworkError, TransportError, OSError) as exc:
             raise StoreUnavailableError(f"{method}: {exc}") from exc
 
     async def aclose(self) -> None:
-        try:
+        if self._owns_client and self._client is not None:
             await self._client.aclose()
-        finally:
-            if self._owned_transport is not None:
-                transport, self._owned_transport = self._owned_transport, None
-                await transport.aclose()
+
+    def close(self) -> None:
+        if self._owns_client and self._client is not None:
+            self._client.close()
 
 
-def _config_dir() -> Path:
-    # Same defaults as the pilot-transport command line that creates the files.
-    explicit = os.environ.get(_env.PILOT_CONFIG_DIR)
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CONFIG_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".config") / "pilot"
+def build_client(
+    *, transport: Any, identity: Any, trust: Any, options: SaverOptions
+) -> PilotClient | None:
+    """The client a saver opens for ``transport=``/``identity=``/``trust=``.
 
-
-def _default_file(env: str, name: str) -> str | None:
-    value = os.environ.get(env)
-    if value:
-        return os.path.expanduser(value)
-    candidate = _config_dir() / name
-    return str(candidate) if candidate.exists() else None
-
-
-async def open_remote_backend(
-    *,
-    peer: str,
-    port: int,
-    transport: Any,
-    identity: Any,
-    trust: Any,
-    options: SaverOptions,
-) -> RemoteBackend:
-    """Connect lazily to ``peer``: open a transport if none was given, then a client.
+    ``None`` when none of them is given: the saver shares the default client.
 
     Raises:
-        CheckpointConfigError: no identity/trust for an own transport, bad URL or files.
-        StoreUnavailableError: the transport cannot be opened.
+        CheckpointConfigError: a bad combination of arguments.
     """
-    owned: Any = None
-    if transport is None or isinstance(transport, str):
-        from pilot_transport import open_transport
-
-        url = transport if transport is not None else os.environ.get(_env.PILOT_TRANSPORT)
-        identity = (
-            identity if identity is not None else _default_file(_env.PILOT_IDENTITY, "identity.key")
-        )
-        trust = trust if trust is not None else _default_file(_env.PILOT_TRUST, "trust.json")
-        if identity is None or trust is None:
+    if transport is None and identity is None and trust is None:
+        return None
+    client_options = ClientOptions(connect_timeout=options.connect_timeout)
+    if transport is not None and not isinstance(transport, str):
+        if identity is not None or trust is not None:
             raise CheckpointConfigError(
-                "PilotCheckpointSaver needs an identity and a trust store to reach its peer: "
-                f"pass identity=/trust= (or transport=), set ${_env.PILOT_IDENTITY} and "
-                f"${_env.PILOT_TRUST}, or create them in {_config_dir()} with the "
-                "pilot-transport command line"
+                "identity=/trust= configure a transport the saver opens; with an open "
+                "transport= they are not used"
             )
-        try:
-            owned = await open_transport(url, identity=identity, trust=trust)
-        except TransportUsageError as exc:
-            raise CheckpointConfigError(f"cannot open the saver's transport: {exc}") from exc
-        except (TransportError, OSError) as exc:
-            raise StoreUnavailableError(f"cannot open the saver's transport: {exc}") from exc
-        transport = owned
-    client = RpcClient(transport, options=ClientOptions(connect_timeout=options.connect_timeout))
-    return RemoteBackend(client, peer=peer, port=port, options=options, owned_transport=owned)
+        return PilotClient(transport=transport, options=client_options)
+    return PilotClient(url=transport, identity=identity, trust=trust, options=client_options)

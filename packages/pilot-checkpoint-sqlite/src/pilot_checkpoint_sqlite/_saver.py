@@ -3,29 +3,28 @@
 The saver serializes with its own ``self.serde`` (by default LangGraph's
 serializer in strict allowlist mode, see ``_serde``) into typed blobs, sends
 plain-data requests (``_wire``) to a backend, and deserializes the replies.
-All network I/O happens on one event loop owned by the saver (``_loop``), so
-the sync methods work from plain sync code and from LangGraph's worker
-threads, and the async twins work from any loop.
+Network I/O goes through a ``pilot_rpc.PilotClient``: async methods use the
+connection pool of the caller's own loop; sync methods (plain sync code,
+LangGraph's worker threads) run on the client's one background loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import threading
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
-    Callable,
     Iterable,
     Iterator,
     Mapping,
     Sequence,
 )
 from types import TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
@@ -46,25 +45,21 @@ from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from pilot_checkpoint_sqlite import _env, _wire
 from pilot_checkpoint_sqlite._backend import CheckpointBackend
 from pilot_checkpoint_sqlite._lease import ThreadLease, lease_from_reply
-from pilot_checkpoint_sqlite._loop import ForeignLoop, LoopThread
 from pilot_checkpoint_sqlite._options import DEFAULT_PORT, SaverOptions
-from pilot_checkpoint_sqlite._perloop import LoopBackends
 from pilot_checkpoint_sqlite._serde import AllowedType, AllowlistSerializer, expand_allowed_types
 from pilot_checkpoint_sqlite.errors import (
     CheckpointConfigError,
     CheckpointProtocolError,
     CheckpointUsageError,
     StoreClosedError,
-    StoreOverloadedError,
     StoreTimeoutError,
-    StoreUnavailableError,
 )
 
+if TYPE_CHECKING:
+    from pilot_rpc import PilotClient, TransportLike
+    from pilot_transport import Identity, TrustStore
+
 __all__ = ["PilotCheckpointSaver"]
-
-_TRANSIENT = (StoreUnavailableError, StoreTimeoutError, StoreOverloadedError)
-
-BackendFactory = Callable[[], Awaitable[CheckpointBackend]]
 
 
 def _json_default(value: object) -> object:
@@ -95,17 +90,20 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
             address. Defaults to ``$PILOT_CHECKPOINT_PEER``.
         port: Virtual port of the store worker (default ``$PILOT_CHECKPOINT_PORT``
             or 5000).
-        transport: An already open ``pilot_transport.Transport`` (the saver then
-            runs on the loop that is running when the saver is built), or a
-            transport URL; ``None`` reads ``$PILOT_TRANSPORT``. When the saver
-            opens its own transport it owns it and closes it in ``close()``.
-        identity: Identity (or key file path) for a transport the saver opens;
-            default ``$PILOT_IDENTITY``.
-        trust: Trust store (or file path) for a transport the saver opens;
-            default ``$PILOT_TRUST``.
+        client: The :class:`pilot_rpc.PilotClient` to call through. ``None`` (and
+            no ``transport``/``identity``/``trust``) shares the process-wide
+            default client (``pilot_rpc.default_client``) with remote nodes and
+            event sources: one transport per event loop for all of them.
+        transport: An already open transport (any ``pilot_rpc.TransportLike``;
+            sync calls then run on the loop it lives on), or a transport URL
+            for a client the saver opens and owns.
+        identity: Identity (or key file path, which must exist) for a client the
+            saver opens; default ``$PILOT_IDENTITY``, else the config directory's.
+        trust: Trust store (or file path, which must exist) for a client the
+            saver opens; default ``$PILOT_TRUST``, else the config directory's.
         backend: Instead of a peer, a :class:`CheckpointBackend` to call (for
             example :class:`LocalStoreBackend` over an in-process store).
-        options: Timeouts, retry and paging (:class:`SaverOptions`).
+        options: Timeouts, retry policy and paging (:class:`SaverOptions`).
         allowed_types: Types checkpoints may rebuild besides LangChain messages
             and LangGraph's own types: classes (each registers the pydantic
             models, dataclasses and enums its annotations reach, so passing
@@ -120,11 +118,13 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
     Raises:
         CheckpointConfigError: no peer and no backend, or a bad argument.
 
-    Every method is safe to repeat: writes are idempotent in the store, and the
-    saver retries transient failures (store unreachable, timed out, overloaded)
-    with the same idempotency key. Cancelling an async call cancels the request
-    (a write that already reached the store may still commit; repeating it is a
-    no-op). Errors are the ones in ``pilot_checkpoint_sqlite.errors``.
+    Every method is safe to repeat: writes are idempotent in the store. Each
+    request is one RPC call retried (with the same idempotency key) by the
+    client's retry policy when the store is unreachable: at most
+    ``max_attempts`` attempts (default 3) within ``options.timeout``. Cancelling
+    an async call cancels the request (a write that already reached the store
+    may still commit; repeating it is a no-op). Errors are the ones in
+    ``pilot_checkpoint_sqlite.errors``.
     """
 
     def __init__(
@@ -132,9 +132,10 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
         peer: str | None = None,
         *,
         port: int | None = None,
-        transport: Any = None,
-        identity: Any = None,
-        trust: Any = None,
+        client: PilotClient | None = None,
+        transport: TransportLike | str | None = None,
+        identity: Identity | str | os.PathLike[str] | None = None,
+        trust: TrustStore | str | os.PathLike[str] | None = None,
         backend: CheckpointBackend | None = None,
         options: SaverOptions | None = None,
         allowed_types: Iterable[AllowedType] = (),
@@ -144,24 +145,18 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
         self.options = options if options is not None else SaverOptions()
         if not isinstance(self.options, SaverOptions):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise CheckpointConfigError("options must be a SaverOptions")
-        self._backend: CheckpointBackend | None = None
-        self._backend_lock: asyncio.Lock | None = None
-        self._factory: BackendFactory
-        home: LoopThread | ForeignLoop = LoopThread("pilot-checkpoint-saver")
+        self._runner: PilotClient | None = None
         if backend is not None:
-            if peer is not None or transport is not None:
-                raise CheckpointConfigError("pass either backend= or peer=/transport=, not both")
+            if any(v is not None for v in (peer, transport, client, identity, trust)):
+                raise CheckpointConfigError(
+                    "pass either backend= or peer= (with client=/transport=), not both"
+                )
             if not isinstance(backend, CheckpointBackend):  # pyright: ignore[reportUnnecessaryIsInstance] - runtime check of user input
                 raise CheckpointConfigError("backend must implement CheckpointBackend")
-            fixed = backend
             self.peer: str | None = None
             self.port: int | None = None
-            self._backend = backend
-
-            async def _fixed() -> CheckpointBackend:
-                return fixed
-
-            self._factory = _fixed
+            self._backend: CheckpointBackend = backend
+            self._client: PilotClient | None = None
         else:
             peer = peer if peer is not None else os.environ.get(_env.PILOT_CHECKPOINT_PEER)
             if not peer:
@@ -171,134 +166,134 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
                 )
             self.peer = peer
             self.port = _resolve_port(port)
-            if transport is not None and not isinstance(transport, str):
-                try:
-                    home = ForeignLoop(asyncio.get_running_loop())
-                except RuntimeError:
+            from pilot_checkpoint_sqlite._remote import RemoteBackend, build_client
+
+            owns = False
+            if client is not None:
+                if any(v is not None for v in (transport, identity, trust)):
                     raise CheckpointConfigError(
-                        "a PilotCheckpointSaver given an open transport must be built on the "
-                        "event loop that transport runs on"
-                    ) from None
-            peer_name, port_number, opts = peer, self.port, self.options
-
-            async def _remote() -> CheckpointBackend:
-                from pilot_checkpoint_sqlite._remote import open_remote_backend
-
-                return await open_remote_backend(
-                    peer=peer_name,
-                    port=port_number,
-                    transport=transport,
-                    identity=identity,
-                    trust=trust,
-                    options=opts,
+                        "pass either client= or transport=/identity=/trust=, not both"
+                    )
+            else:
+                client = build_client(
+                    transport=transport, identity=identity, trust=trust, options=self.options
                 )
+                owns = client is not None
+            self._client = client
+            self._backend = RemoteBackend(
+                client, peer=peer, port=self.port, options=self.options, owns_client=owns
+            )
+        # A loop-agnostic backend (the remote one, an in-process store) is called on
+        # the caller's own loop; anything else on one private loop.
+        self._direct = bool(getattr(self._backend, "loop_agnostic", False))
+        if backend is not None:
+            from pilot_rpc import PilotClient
 
-            self._factory = _remote
-        self._home = home
+            # Sync calls to a local backend run on this client's background loop; it
+            # never opens a transport.
+            self._runner = PilotClient()
         self._close_lock = threading.Lock()
         self._closed = False
-        # A loop-agnostic backend (an in-process store) is called on the
-        # caller's own loop; anything else lives on the saver's loop.
-        self._direct = backend is not None and bool(getattr(backend, "loop_agnostic", False))
-        # With its own transport, the saver opens one connection per calling
-        # event loop, so async calls run on the caller's loop (see _perloop).
-        self._per_loop = (
-            LoopBackends(self._factory)
-            if backend is None and isinstance(home, LoopThread)
-            else None
-        )
+
+    @property
+    def client(self) -> PilotClient | None:
+        """The client of a remote saver (the shared default one unless one was given)."""
+        from pilot_checkpoint_sqlite._remote import RemoteBackend
+
+        backend = self._backend
+        return backend.client if isinstance(backend, RemoteBackend) else None
 
     # ------------------------------------------------------------------ plumbing
-
-    async def _ensure_backend(self) -> CheckpointBackend:
-        if self._backend is not None:
-            return self._backend
-        if self._backend_lock is None:
-            self._backend_lock = asyncio.Lock()
-        async with self._backend_lock:
-            if self._backend is None:
-                self._backend = await self._factory()
-            return self._backend
-
-    async def _invoke(
-        self,
-        method: str,
-        payload: dict[str, Any],
-        key: str | None,
-        backend: CheckpointBackend | None = None,
-    ) -> Any:
-        if backend is None:
-            backend = await self._ensure_backend()
-        retry = self.options.retry
-        delay = retry.initial_backoff
-        attempt = 1
-        while True:
-            try:
-                async with asyncio.timeout(self.options.timeout):
-                    return await backend.call(method, payload, idempotency_key=key)
-            except TimeoutError as exc:
-                error: Exception = (
-                    exc
-                    if isinstance(exc, StoreTimeoutError)
-                    else StoreTimeoutError(
-                        f"checkpoint store did not answer {method!r} within {self.options.timeout}s"
-                    )
-                )
-                if attempt >= retry.attempts:
-                    raise error from exc
-            except _TRANSIENT:
-                if attempt >= retry.attempts:
-                    raise
-            # Backoff between tries of an idempotent request; jitter spreads
-            # the retries of many concurrent graphs.
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
-            delay = min(delay * 2, retry.max_backoff)
-            attempt += 1
 
     async def _acall(self, method: str, payload: dict[str, Any], key: str | None = None) -> Any:
         if self._closed:
             raise StoreClosedError("the checkpoint saver is closed")
         if self._direct:
             return await self._invoke(method, payload, key)
-        if self._per_loop is not None and not self._home.on_loop_thread():
-            backend = await self._per_loop.get()
-            return await self._invoke(method, payload, key, backend)
-        return await self._home.run_async(self._invoke(method, payload, key))
+        runner = self._runner
+        assert runner is not None
+        # A backend bound to one loop: the call runs there; cancelling follows it.
+        return await runner.run_async(lambda: self._invoke(method, payload, key))
+
+    async def _invoke(self, method: str, payload: dict[str, Any], key: str | None) -> Any:
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                return await self._backend.call(method, payload, idempotency_key=key)
+        except TimeoutError as exc:
+            if isinstance(exc, StoreTimeoutError):
+                raise
+            raise StoreTimeoutError(
+                f"checkpoint store did not answer {method!r} within {self.options.timeout}s"
+            ) from exc
 
     def _call(self, method: str, payload: dict[str, Any], key: str | None = None) -> Any:
-        return self._home.run_sync(self._invoke(method, payload, key), self.options.sync_wait())
+        from pilot_rpc import Cancelled, DeadlineExceeded, FailedPrecondition
+
+        if self._closed:
+            raise StoreClosedError("the checkpoint saver is closed")
+        runtime = self._runner if self._runner is not None else self._sync_client()
+        try:
+            return runtime.run_sync(
+                lambda: self._invoke(method, payload, key), timeout=self.options.sync_wait()
+            )
+        except DeadlineExceeded:
+            raise StoreTimeoutError(
+                f"no reply from the checkpoint store within {self.options.sync_wait()}s"
+            ) from None
+        except FailedPrecondition as exc:
+            raise CheckpointUsageError(f"{exc.message}; use the async methods there") from exc
+        except Cancelled as exc:
+            raise StoreClosedError(f"the request was cancelled ({exc.message})") from exc
+
+    def _sync_client(self) -> PilotClient:
+        client = self.client
+        assert client is not None
+        return client
 
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Close the connection to the store and stop the saver's event loop.
+        """Close the saver (and a client it opened itself). Idempotent.
 
-        Idempotent. In-flight requests get ``options.close_timeout`` seconds.
+        A shared default client or one passed as ``client=`` stays open (close
+        it with ``pilot_rpc.aclose_default_clients()`` or its own ``aclose()``).
         Calls after ``close()`` raise ``StoreClosedError``. Clones made with
         ``with_allowlist`` share the connection and are closed too.
         """
+        from pilot_checkpoint_sqlite._remote import RemoteBackend
+
         with self._close_lock:
+            if self._closed:
+                return
             self._closed = True
-            if self._per_loop is not None:
-                self._per_loop.close(self.options.close_timeout)
-            self._home.stop(self._close_backend, self.options.close_timeout)
+        backend = self._backend
+        if isinstance(backend, RemoteBackend):
+            backend.close()
+        elif self._runner is not None:
+            runner = self._runner
+            with contextlib.suppress(Exception):
+                runner.run_sync(backend.aclose, timeout=self.options.close_timeout)
+        if self._runner is not None:
+            self._runner.close()
 
     async def aclose(self) -> None:
         """Async twin of :meth:`close`."""
-        if isinstance(self._home, ForeignLoop) and self._home.on_loop_thread():
-            self._closed = True
-            await self._close_backend()
-            self._home.stop(None, 0)
-            return
-        if self._per_loop is not None:
-            self._closed = True
-            await self._per_loop.aclose(self.options.close_timeout)
-        await asyncio.to_thread(self.close)
+        from pilot_checkpoint_sqlite._remote import RemoteBackend
 
-    async def _close_backend(self) -> None:
-        backend, self._backend = self._backend, None
-        if backend is not None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        backend = self._backend
+        if self._direct or isinstance(backend, RemoteBackend):
             await backend.aclose()
+        elif self._runner is not None:
+            runner = self._runner
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.options.close_timeout):
+                    await runner.run_async(backend.aclose)
+        if self._runner is not None:
+            await self._runner.aclose()
 
     def __enter__(self) -> PilotCheckpointSaver:
         return self

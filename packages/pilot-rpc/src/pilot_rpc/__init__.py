@@ -16,8 +16,14 @@ Call a named method on a peer and get a reply, or a stream of replies::
 from pilot_rpc._client import BidiStream, RequestStream, ResponseStream, RpcClient
 from pilot_rpc._context import CallContext
 from pilot_rpc._options import ClientOptions, RetryPolicy, ServerOptions
+from pilot_rpc._runtime import (
+    PilotClient,
+    aclose_default_clients,
+    configure_default_client,
+    default_client,
+)
 from pilot_rpc._server import RpcServer
-from pilot_rpc._types import MethodKind
+from pilot_rpc._types import MethodKind, StreamLike, TransportLike
 from pilot_rpc.errors import (
     Aborted,
     AlreadyExists,
@@ -59,6 +65,7 @@ __all__ = [
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
+    "PilotClient",
     "RequestStream",
     "ResourceExhausted",
     "ResponseStream",
@@ -68,8 +75,13 @@ __all__ = [
     "RpcServer",
     "ServerOptions",
     "StatusCode",
+    "StreamLike",
+    "TransportLike",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "Unknown",
+    "aclose_default_clients",
+    "configure_default_client",
+    "default_client",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 from pilot_rpc import _protocol as P
 from pilot_rpc._driver import ClientCall, ClientConnection
 from pilot_rpc._errors_map import map_transport_error
-from pilot_rpc._options import ClientOptions
+from pilot_rpc._options import ClientOptions, RetryPolicy
 from pilot_rpc._types import (
     IDEMPOTENCY_KEY,
     TRACEPARENT,
@@ -34,9 +34,6 @@ __all__ = ["BidiStream", "RequestStream", "ResponseStream", "RpcClient"]
 
 logger = logging.getLogger("pilot_rpc.client")
 
-_POOLED_SCHEMES = ("pilot:",)
-_POOLED_DEFAULT_SIZE = 8
-
 
 class RpcClient:
     """Calls methods on peers reached through a transport.
@@ -48,7 +45,7 @@ class RpcClient:
     peer within ``keepalive_interval + keepalive_timeout`` seconds.
 
     Args:
-        transport: A ``pilot_transport.Transport`` (anything with ``connect`` and ``url``).
+        transport: A ``pilot_transport.Transport`` (any :class:`TransportLike`).
         options: Connection, limit and retry settings; the defaults are safe.
 
     Use as ``async with RpcClient(transport) as client:`` or call :meth:`aclose`.
@@ -61,8 +58,9 @@ class RpcClient:
         self._closed = False
         pool_size = self.options.pool_size
         if pool_size is None:
-            url = str(getattr(transport, "url", "") or "")
-            pool_size = _POOLED_DEFAULT_SIZE if url.startswith(_POOLED_SCHEMES) else 1
+            # The transport knows its carrier best (TransportLike.preferred_pool_size).
+            preferred = getattr(transport, "preferred_pool_size", 1)
+            pool_size = preferred if isinstance(preferred, int) and 1 <= preferred <= 1024 else 1
         self._pool_size = pool_size
 
     # -- unary ----------------------------------------------------------------------------------
@@ -80,6 +78,7 @@ class RpcClient:
         traceparent: str | None = None,
         idempotent: bool = False,
         on_progress: ProgressCallback | None = None,
+        retry: RetryPolicy | None = None,
     ) -> Any:
         """Call a unary method on ``peer`` at ``port`` and return its reply.
 
@@ -99,6 +98,9 @@ class RpcClient:
             on_progress: Called with each progress value the handler sends
                 (``ctx.send_progress``); may be a coroutine function. Runs in the
                 caller's task, before the reply is returned.
+            retry: This call's retry policy (``None``: ``options.retry``). A
+                caller that fails over between peers itself passes
+                ``RetryPolicy.disabled()`` so that retries happen in one layer.
 
         Returns:
             The handler's reply.
@@ -125,7 +127,7 @@ class RpcClient:
                     peer, port, method, request, deadline, md, on_progress, loop
                 )
             except RpcError as exc:
-                delay = self._retry_delay(exc, attempt, idempotent, deadline, loop)
+                delay = self._retry_delay(exc, attempt, idempotent, deadline, loop, retry)
                 if delay is None:
                     raise
                 logger.debug("retrying %s on %s:%s after %r", method, peer, port, exc)
@@ -172,8 +174,10 @@ class RpcClient:
         idempotent: bool,
         deadline: float | None,
         loop: asyncio.AbstractEventLoop,
+        policy: RetryPolicy | None = None,
     ) -> float | None:
-        policy = self.options.retry
+        if policy is None:
+            policy = self.options.retry
         if attempt >= policy.max_attempts or self._closed:
             return None
         # Safe: known not to have reached a handler (never sent, refused by a server going
@@ -448,9 +452,11 @@ class _PeerPool:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if now < self.retry_at:
+            # Not "next attempt in ...": whether another attempt follows is the
+            # caller's retry policy's decision, not the pool's.
             error = Unavailable(
-                f"{self.peer}:{self.port} is unreachable (next attempt in "
-                f"{self.retry_at - now:.2f} s): {self.last_error}",
+                f"{self.peer}:{self.port} is unreachable: {self.last_error} (the last dial "
+                f"failed; this client dials it again after a {self.retry_at - now:.2f} s backoff)",
                 retry_safe=True,
             )
             raise error from self.last_error

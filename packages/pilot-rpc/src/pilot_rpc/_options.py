@@ -168,8 +168,10 @@ class ClientOptions:
     Attributes:
         connect_timeout: Seconds to open a connection (dial, TLS, hello).
         default_timeout: Timeout of calls that pass none (``None``: no deadline).
-        pool_size: Connections per peer. ``None`` picks by carrier: 8 over
-            ``pilot://`` (the daemon makes pipelining on one stream slow), 1 elsewhere.
+        pool_size: Connections per peer. ``None`` asks the transport
+            (``TransportLike.preferred_pool_size``, default 1): ``pilot_transport``
+            says 8 over ``pilot://`` (the daemon makes pipelining on one stream
+            slow), 1 elsewhere.
             With more than one, a call goes to an idle connection, opening one
             if all are busy and the pool is not full, else to the least loaded.
         max_calls_per_connection: Calls multiplexed on one connection (further

@@ -72,7 +72,15 @@ class ListenerLike(Protocol):
 
 
 class TransportLike(Protocol):
-    """The part of ``pilot_transport.Transport`` the client uses."""
+    """What an :class:`~pilot_rpc.RpcClient` needs of a transport (``pilot_transport.Transport``).
+
+    ``url`` names the carrier; ``connect`` opens an authenticated stream to a
+    peer's port. A transport may also have an ``int`` attribute
+    ``preferred_pool_size`` (connections per peer the client should keep; read
+    with a default of 1 when absent); ``pilot_transport.Transport`` says 8 over
+    ``pilot://`` and 1 elsewhere. ``aclose()`` is used by :class:`~pilot_rpc.PilotClient`
+    for transports it opened itself.
+    """
 
     @property
     def url(self) -> str: ...

@@ -41,6 +41,8 @@ class InMemoryTransport:
     """A stand-in for ``pilot_transport.Transport`` whose ``connect`` reaches ``server``."""
 
     url = "memory-rpc://"
+    preferred_pool_size = 1
+    """Connections per peer an RpcClient keeps (``TransportLike.preferred_pool_size``)."""
 
     def __init__(self, server: RpcServer, *, client_name: str, server_name: str) -> None:
         self.server = server

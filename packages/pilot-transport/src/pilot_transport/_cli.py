@@ -11,22 +11,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from pilot_transport._env import (
-    CONFIG_DIR_ENV,
-    DEFAULT_TRANSPORT_URL,
-    IDENTITY_ENV,
-    TRANSPORT_ENV,
-    TRUST_ENV,
-)
+from pilot_transport import config
 from pilot_transport._identity import Identity
 from pilot_transport._transport import check_url
 from pilot_transport._trust import TrustedPeer, TrustStore
+from pilot_transport.config import CONFIG_DIR_ENV, IDENTITY_ENV, TRANSPORT_URL_ENV, TRUST_ENV
 from pilot_transport.errors import TransportError, TransportURLError, TransportUsageError
 
 __all__ = ["main"]
@@ -34,32 +28,28 @@ __all__ = ["main"]
 
 def default_config_dir() -> Path:
     """``$PILOT_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/pilot``, else ``~/.config/pilot``."""
-    explicit = os.environ.get(CONFIG_DIR_ENV)
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CONFIG_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".config"
-    return base / "pilot"
+    return config.config_dir()
+
+
+def _identity_where(args: argparse.Namespace) -> config.ConfigPath:
+    return config.identity_path(args.identity, directory=args.config_dir)
+
+
+def _trust_where(args: argparse.Namespace) -> config.ConfigPath:
+    return config.trust_path(args.trust, directory=args.config_dir)
 
 
 def _identity_path(args: argparse.Namespace) -> Path:
-    if args.identity:
-        return Path(args.identity).expanduser()
-    if os.environ.get(IDENTITY_ENV):
-        return Path(os.environ[IDENTITY_ENV]).expanduser()
-    return _config_dir(args) / "identity.key"
+    return _identity_where(args).path
 
 
 def _trust_path(args: argparse.Namespace) -> Path:
-    if args.trust:
-        return Path(args.trust).expanduser()
-    if os.environ.get(TRUST_ENV):
-        return Path(os.environ[TRUST_ENV]).expanduser()
-    return _config_dir(args) / "trust.json"
+    return _trust_where(args).path
 
 
-def _config_dir(args: argparse.Namespace) -> Path:
-    return Path(args.config_dir).expanduser() if args.config_dir else default_config_dir()
+def _open_trust(args: argparse.Namespace) -> TrustStore:
+    # A named file that does not exist is an error (a typo must not look like an empty store).
+    return config.open_trust(args.trust, directory=args.config_dir)
 
 
 def _print_identity(identity: Identity, path: Path, out: TextIO, *, as_json: bool) -> None:
@@ -98,7 +88,8 @@ def _identity_create(args: argparse.Namespace, out: TextIO) -> int:
 
 def _identity_show(args: argparse.Namespace, out: TextIO) -> int:
     path = _identity_path(args)
-    _print_identity(Identity.load(path), path, out, as_json=args.json)
+    identity = config.load_identity(args.identity, directory=args.config_dir, create_default=False)
+    _print_identity(identity, path, out, as_json=args.json)
     return 0
 
 
@@ -111,7 +102,7 @@ def _trust_add(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _trust_set(args: argparse.Namespace, out: TextIO) -> int:
-    store = TrustStore.open(_trust_path(args))
+    store = _open_trust(args)
     current = store.get(args.name)
     if current is None:
         print(f"error: no trusted peer is named {args.name!r}", file=sys.stderr)
@@ -127,13 +118,13 @@ def _trust_set(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _trust_remove(args: argparse.Namespace, out: TextIO) -> int:
-    removed = TrustStore.open(_trust_path(args)).remove(args.name)
+    removed = _open_trust(args).remove(args.name)
     print(f"removed {removed.name} ({removed.fingerprint})", file=out)
     return 0
 
 
 def _trust_list(args: argparse.Namespace, out: TextIO) -> int:
-    peers = TrustStore.open(_trust_path(args)).list()
+    peers = _open_trust(args).list()
     if args.json:
         print(json.dumps([peer.to_json() | {"node_id": peer.node_id} for peer in peers]), file=out)
         return 0
@@ -150,13 +141,15 @@ def _trust_list(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _info(args: argparse.Namespace, out: TextIO) -> int:
-    url = args.transport or os.environ.get(TRANSPORT_ENV) or DEFAULT_TRANSPORT_URL
+    url = config.transport_url(args.transport)
     check_url(url)
     facts: dict[str, Any] = {"transport": url}
     identity_path = _identity_path(args)
     trust_path = _trust_path(args)
     try:
-        identity = Identity.load(identity_path)
+        identity = config.load_identity(
+            args.identity, directory=args.config_dir, create_default=False
+        )
     except TransportError as exc:
         facts["identity"] = {"path": str(identity_path), "error": str(exc)}
     else:
@@ -166,7 +159,10 @@ def _info(args: argparse.Namespace, out: TextIO) -> int:
             "fingerprint": identity.fingerprint,
             "public_key": identity.public_key_text,
         }
-    facts["trust"] = {"path": str(trust_path), "peers": len(TrustStore.open(trust_path))}
+    try:
+        facts["trust"] = {"path": str(trust_path), "peers": len(_open_trust(args))}
+    except TransportError as exc:
+        facts["trust"] = {"path": str(trust_path), "error": str(exc)}
     if url.startswith("pilot:"):
         facts["daemon"] = asyncio.run(_daemon_info(url))
     elif url.startswith("tcp:"):
@@ -186,7 +182,7 @@ async def _daemon_info(url: str) -> dict[str, Any]:
 
     path = unquote(urlsplit(url).path)
     try:
-        from pilot_transport._carriers.pilot import PilotCarrier
+        from pilot_transport.daemon import PilotCarrier
     except ImportError as exc:
         raise TransportURLError("the pilot:// carrier is not available") from exc
     carrier = PilotCarrier(socket_path=path)
@@ -262,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     list_.set_defaults(handler=_trust_list)
 
     info = commands.add_parser("info", help="identity, trust and carrier facts (daemon info)")
-    info.add_argument("--transport", help=f"transport URL (${TRANSPORT_ENV})")
+    info.add_argument("--transport", help=f"transport URL (${TRANSPORT_URL_ENV})")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(handler=_info)
     return parser

@@ -17,7 +17,6 @@ from urllib.parse import unquote, urlsplit
 from pilot_transport._address import Address
 from pilot_transport._carrier import Carrier, CarrierListener, CarrierStream, DialTarget
 from pilot_transport._carriers._accept import AcceptQueue
-from pilot_transport._env import DEFAULT_TRANSPORT_URL, TRANSPORT_ENV
 from pilot_transport._identity import Identity
 from pilot_transport._peer import PeerInfo
 from pilot_transport._tls import SecureStream, TLSConfig, client_handshake, server_handshake
@@ -378,6 +377,15 @@ class Transport:
         return self._closed
 
     @property
+    def preferred_pool_size(self) -> int:
+        """Connections per peer an RPC client should keep over this carrier.
+
+        8 over ``pilot://`` (the daemon makes pipelining many calls on one
+        stream slow), 1 elsewhere (one multiplexed TLS stream is fastest).
+        """
+        return 8 if self._carrier.scheme == "pilot" else 1
+
+    @property
     def local(self) -> PeerInfo:
         """Our own :class:`PeerInfo`."""
         return PeerInfo.of_identity(self.identity)
@@ -543,7 +551,7 @@ class Transport:
         """
         entry = self._lookup(peer)
         if entry is None:
-            raise UnknownPeerError(f"no trusted peer matches {peer!r}")
+            raise UnknownPeerError(f"no trusted peer matches {peer!r}; {self._trust_hint()}")
         return PeerInfo(
             node_id=entry.node_id,
             name=entry.name,
@@ -580,7 +588,7 @@ class Transport:
                 if address is None:
                     raise UnknownPeerError(
                         f"unknown peer {peer!r}: not a trusted peer's name, node id or "
-                        "address; add it with `pilot-transport trust add`"
+                        f"address; {self._trust_hint()}"
                     )
                 return DialTarget(address=address), None, address
         else:
@@ -595,6 +603,15 @@ class Transport:
             address=entry.address,
         )
         return target, entry.public_key, repr(entry.name)
+
+    def _trust_hint(self) -> str:
+        path = self.trust.path
+        if path is not None and not (path.exists() or path.is_symlink()):
+            return (
+                f"the trust file {str(path)!r} does not exist (add the peer with "
+                f"`pilot-transport --trust {path} trust add NAME KEY`)"
+            )
+        return "add it with `pilot-transport trust add`"
 
     async def info(self) -> TransportInfo:
         """Facts about this transport: identity, carrier, endpoint or address, ports.
@@ -732,7 +749,9 @@ async def _open(
     trust: TrustStore | str | os.PathLike[str],
     options: TransportOptions | None,
 ) -> Transport:
-    resolved = url or os.environ.get(TRANSPORT_ENV) or DEFAULT_TRANSPORT_URL
+    from pilot_transport.config import transport_url
+
+    resolved = transport_url(url)
     if not isinstance(identity, Identity):
         identity = Identity.load(identity)
     if not isinstance(trust, TrustStore):

@@ -13,8 +13,10 @@ configured something wrong; retrying will not help) and *network/peer* errors
     │   ├── AddressError (ValueError)          malformed Pilot address text or bytes
     │   ├── TransportURLError (ValueError)     bad or unsupported transport URL
     │   ├── IdentityError                      key file missing, malformed or too open
-    │   │   └── InsecureKeyFileError           key file readable by group/others
+    │   │   ├── InsecureKeyFileError           key file readable by group/others
+    │   │   └── IdentityNotFoundError          a key file the user named does not exist
     │   ├── TrustStoreError                    trust file malformed, duplicate name, ...
+    │   │   └── TrustFileNotFoundError         a trust file the user named does not exist
     │   ├── UnknownPeerError (LookupError)     a peer name with no trust/address-book entry
     │   └── PortInUseError                     a virtual port already has a listener
     └── TransportNetworkError (ConnectionError)
@@ -45,6 +47,7 @@ __all__ = [
     "DaemonUnavailableError",
     "HandshakeError",
     "IdentityError",
+    "IdentityNotFoundError",
     "InsecureKeyFileError",
     "ListenerClosedError",
     "PeerIdentityMismatchError",
@@ -61,6 +64,7 @@ __all__ = [
     "TransportNetworkError",
     "TransportURLError",
     "TransportUsageError",
+    "TrustFileNotFoundError",
     "TrustStoreError",
     "UnknownPeerError",
 ]
@@ -174,3 +178,26 @@ class DaemonError(TransportNetworkError):
 
 class DaemonUnavailableError(DaemonError):
     """The Pilot daemon's socket cannot be reached (not running, wrong path)."""
+
+
+class IdentityNotFoundError(IdentityError):
+    """A key file that was named (argument or ``PILOT_IDENTITY``) does not exist.
+
+    Nothing is created in its place: a typo must not become a new identity.
+    ``path`` is the missing file.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class TrustFileNotFoundError(TrustStoreError):
+    """A trust file that was named (argument or ``PILOT_TRUST``) does not exist.
+
+    ``path`` is the missing file.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path

@@ -74,6 +74,7 @@ group "pilot_worker.plugins"; see --list-plugins).
 
 _EPILOG = """\
 examples:
+  %(prog)s --handlers my_handlers      # keys in ~/.config/pilot (first run creates one)
   %(prog)s --identity worker.key --trust trust.json --handlers my_handlers
   %(prog)s --transport tcp://0.0.0.0:7001 --identity /etc/pilot/worker.key \\
       --trust /etc/pilot/trust.json --handlers app.handlers --metrics-port 9100 \\
@@ -152,29 +153,34 @@ def build_parser(
     net.add_argument(
         "--transport",
         metavar="URL",
-        default=_env(ENV_TRANSPORT),
-        help="carrier URL: tcp://HOST:PORT (port 0 = any free port), pilot:///path/pilot.sock, "
-        f"memory://HUB (env {ENV_TRANSPORT}; default tcp://127.0.0.1:0)",
+        default=None,
+        help="carrier URL; the TCP listen address is set here: tcp://HOST:PORT (port 0 = any "
+        f"free port), pilot:///path/pilot.sock, memory://HUB (env {ENV_TRANSPORT}; default "
+        "tcp://127.0.0.1:0)",
     )
     net.add_argument(
         "--identity",
         metavar="PATH",
-        default=_env(ENV_IDENTITY),
-        help="this worker's key file (mode 0600); created if missing "
-        f"(env {ENV_IDENTITY}; required)",
+        default=None,
+        help=f"this worker's key file, mode 0600; must exist (env {ENV_IDENTITY}; default "
+        "CONFIG_DIR/identity.key, created on first run)",
     )
     net.add_argument(
         "--trust",
         metavar="PATH",
-        default=_env(ENV_TRUST),
-        help=f"trust store file listing the peers allowed to connect (env {ENV_TRUST}; required)",
+        default=None,
+        help="trust store file listing the peers allowed to connect; must exist (env "
+        f"{ENV_TRUST}; default CONFIG_DIR/trust.json). CONFIG_DIR: $PILOT_CONFIG_DIR, "
+        "else $XDG_CONFIG_HOME/pilot, else ~/.config/pilot",
     )
     net.add_argument(
         "--port",
         type=_port,
         metavar="PORT",
         default=_port(_env(ENV_PORT, "5000") or "5000"),
-        help=f"virtual port to serve on (env {ENV_PORT}; default 5000)",
+        help="virtual port to serve on: the port callers name next to the peer, not a TCP "
+        f"port (the TCP listen address is --transport tcp://HOST:PORT) (env {ENV_PORT}; "
+        "default 5000)",
     )
 
     handlers = parser.add_argument_group("handlers")
@@ -432,10 +438,6 @@ def main(
     args = parser.parse_args(argv)
     if not args.handlers:
         args.handlers = _env_list(ENV_HANDLERS)
-    if not args.identity:
-        parser.error(f"--identity is required (or set {ENV_IDENTITY})")
-    if not args.trust:
-        parser.error(f"--trust is required (or set {ENV_TRUST})")
     plugin_options = {p.name: _plugin_options(parser, args, p) for p in loaded}
     log_handler = configure_logging(args.log_format, args.log_level)
     # Quiet libraries that log per request at INFO.
@@ -498,27 +500,31 @@ def _otel_setup(args: argparse.Namespace, prog: str) -> Callable[[], None] | Non
     return provider.shutdown
 
 
-def _open_keys(identity_path: str, trust_path: str) -> tuple[Any, Any]:
-    """Load (or create) the identity and open the trust store, saying what matters.
+def _open_keys(identity_path: str | None, trust_path: str | None) -> tuple[Any, Any]:
+    """Load the identity and open the trust store by ``pilot_transport.config``'s rule.
+
+    Named files (flag or environment) must exist; with nothing named the
+    config directory's ``identity.key`` is created on first run (logged with
+    its path). The log says when nobody can connect yet, and why.
 
     Raises:
-        pilot_transport.errors.TransportError: A file is unusable (the message says why).
+        pilot_transport.errors.TransportError: A file is missing or unusable (the message says why).
     """
-    from pilot_transport import Identity, TrustStore
+    from pilot_transport import config
 
-    existed = os.path.lexists(identity_path)
-    identity = Identity.load_or_create(identity_path)
-    trust = TrustStore.open(trust_path)
-    if not existed:
+    identity = config.load_identity(identity_path)
+    where = config.trust_path(trust_path)
+    trust = config.open_trust(trust_path)
+    if not (where.path.exists() or where.path.is_symlink()):
         logger.warning(
-            "created a new identity at %s: node id %s, fingerprint %s",
-            identity_path,
-            identity.node_id,
-            identity.fingerprint,
+            "trust file %s does not exist: nobody can connect to this worker until a peer is "
+            "added (`pilot-transport --trust %s trust add NAME KEY`)",
+            where.path,
+            where.path,
         )
-    if len(trust) == 0:
+    elif len(trust) == 0:
         logger.warning(
-            "trust store %s lists no peers: nobody can connect to this worker", trust_path
+            "trust store %s lists no peers: nobody can connect to this worker", where.path
         )
     return identity, trust
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pilot_transport import config as _config
+
 __all__ = [
     "ENV_DEFAULT_POLICY",
     "ENV_DRAIN_TIMEOUT",
@@ -21,12 +23,12 @@ __all__ = [
     "PLUGIN_ENTRY_POINT_GROUP",
 ]
 
-ENV_TRANSPORT = "PILOT_TRANSPORT"
-"""Transport URL (shared with pilot-transport): ``tcp://...``, ``pilot:///...``."""
-ENV_IDENTITY = "PILOT_IDENTITY"
-"""Path of the worker's identity key file."""
-ENV_TRUST = "PILOT_TRUST"
-"""Path of the worker's trust store file."""
+ENV_TRANSPORT = _config.TRANSPORT_URL_ENV
+"""Transport URL (``pilot_transport.config``): ``tcp://...``, ``pilot:///...``."""
+ENV_IDENTITY = _config.IDENTITY_ENV
+"""Path of the worker's identity key file (``pilot_transport.config``)."""
+ENV_TRUST = _config.TRUST_ENV
+"""Path of the worker's trust store file (``pilot_transport.config``)."""
 ENV_PORT = "PILOT_WORKER_PORT"
 """Virtual port the worker serves on."""
 ENV_HANDLERS = "PILOT_WORKER_HANDLERS"

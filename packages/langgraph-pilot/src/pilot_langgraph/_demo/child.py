@@ -6,7 +6,7 @@ With ``--wait-for-go`` the process loads its code, prints ``ready`` and waits
 for a line on stdin before it touches the network (so the demo can start it
 while workers boot).
 Identity, trust and transport come from ``PILOT_IDENTITY``, ``PILOT_TRUST`` and
-``PILOT_TRANSPORT``, exactly as in user code. Each finished step is printed as
+``PILOT_TRANSPORT_URL``, exactly as in user code. Each finished step is printed as
 one JSON line on stdout; the last line holds the final state.
 """
 

@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ def _client_env(workdir: Path) -> dict[str, str]:
     return {
         _env.PILOT_IDENTITY: str(workdir / f"{CLIENT}.key"),
         _env.PILOT_TRUST: str(workdir / f"{CLIENT}.trust.json"),
-        _env.PILOT_TRANSPORT: "tcp://127.0.0.1:0",
+        _env.PILOT_TRANSPORT_URL: "tcp://127.0.0.1:0",
     }
 
 
@@ -222,7 +223,7 @@ async def _local_run() -> dict[str, Any]:
     return dict(await app.ainvoke({"goal": GOAL}))
 
 
-async def _main(workdir: Path, workers: list[WorkerProcess]) -> int:
+async def _main(workdir: Path, workers: list[WorkerProcess], deadline: float) -> int:
     from pilot_langgraph._runtime import aclose_default_transport
 
     env = _client_env(workdir)
@@ -237,9 +238,18 @@ async def _main(workdir: Path, workers: list[WorkerProcess]) -> int:
         resumer = await _Child.spawn("resume", crash_thread, env, wait_for_go=True)
         children.append(resumer)
         workers[:] = _start_workers(workdir)
-        importlib.import_module("pilot_langgraph._demo.graph")  # load while the workers boot
+        # Load the graph code while the workers boot, on a thread of its own: an import
+        # cannot be cancelled, and --timeout must not wait for one.
+        threading.Thread(
+            target=importlib.import_module,
+            args=("pilot_langgraph._demo.graph",),
+            name="demo-preload",
+            daemon=True,
+        ).start()
 
-        await asyncio.to_thread(wait_ready, workers, timeout=120.0)
+        # The waiting thread cannot be cancelled: give it only what is left of --timeout.
+        left = max(0.1, deadline - time.monotonic())
+        await asyncio.to_thread(wait_ready, workers, timeout=left)
         # now that the ports are known, tell everyone where everyone is
         _pair_everyone(workdir, {w.name: w.endpoint for w in workers})
         for w in workers:
@@ -313,13 +323,23 @@ def run_demo(*, keep: bool = False, timeout: float = 120.0) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pilot-langgraph-demo-"))
     workers: list[WorkerProcess] = []
     saved_env = {
-        k: os.environ.get(k) for k in (_env.PILOT_IDENTITY, _env.PILOT_TRUST, _env.PILOT_TRANSPORT)
+        k: os.environ.get(k)
+        for k in (_env.PILOT_IDENTITY, _env.PILOT_TRUST, _env.PILOT_TRANSPORT_URL)
     }
     code = 1
     try:
         _say(f"pilot-langgraph demo (this process: pid {os.getpid()}, files in {workdir})")
         _phase("[1/4] starting workers on tcp:// loopback, each with its own identity")
-        code = asyncio.run(asyncio.wait_for(_main(workdir, workers), timeout))
+        deadline = started + timeout
+        code = asyncio.run(asyncio.wait_for(_main(workdir, workers, deadline), timeout))
+    except TimeoutError:
+        _say(
+            f"demo failed: it did not finish within --timeout {timeout:g} s "
+            "(a cold start takes 10-30 s; raise --timeout on a slow or loaded machine)"
+        )
+        for w in workers:
+            _say(f"--- log of {w.name} (pid {w.pid}):\n{w.log_tail()}")
+        code = 1
     except Exception as exc:
         _say(f"demo failed: {type(exc).__name__}: {exc}")
         for w in workers:
