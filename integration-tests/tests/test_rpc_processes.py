@@ -413,7 +413,8 @@ async def test_unfinished_calls_cannot_pin_server_memory(
         # The documented bound: the 128 MiB budget plus allocator slack.
         growth = rss_attacked - rss_before
         print(
-            f"partial-call attack: server RSS {rss_before / MiB:.0f} -> {rss_attacked / MiB:.0f} MiB"
+            f"partial-call attack: server RSS {rss_before / MiB:.0f}"
+            f" -> {rss_attacked / MiB:.0f} MiB"
         )
         assert growth < 200 * MiB, f"server RSS grew by {growth / MiB:.0f} MiB"
         # Legitimate calls keep working meanwhile, small ones and (budget permitting) large.
@@ -504,7 +505,8 @@ async def test_one_byte_last_pieces_cannot_bypass_the_window(
             sent += len(item)
         growth = process.memory_info().rss - rss_before
         print(
-            f"1-byte last pieces: {sent / 1024:.0f} KiB sent, server RSS grew {growth / MiB:.1f} MiB"
+            f"1-byte last pieces: {sent / 1024:.0f} KiB sent,"
+            f" server RSS grew {growth / MiB:.1f} MiB"
         )
         # The handler took the first item; what waits in the server is one window plus
         # one message (with the old piece credit, the 4096 items all went through).
