@@ -412,6 +412,10 @@ async def test_unfinished_calls_cannot_pin_server_memory(
         assert all(e[0] in (4, 8) for e in failed)
         # The documented bound: the 128 MiB budget plus allocator slack.
         growth = rss_attacked - rss_before
+        print(
+            f"partial-call attack: server RSS {rss_before / MiB:.0f}"
+            f" -> {rss_attacked / MiB:.0f} MiB"
+        )
         assert growth < 200 * MiB, f"server RSS grew by {growth / MiB:.0f} MiB"
         # Legitimate calls keep working meanwhile, small ones and (budget permitting) large.
         async with RpcClient(client_transport) as client:
@@ -458,6 +462,7 @@ async def test_refused_calls_are_dropped_unbuffered(
         assert sorted(errors) == [1, 3, 5, 7, 9, 11, 13, 15]
         assert {e[0] for e in errors.values()} == {7}  # PERMISSION_DENIED
         growth = process.memory_info().rss - rss_before
+        print(f"refused split calls: server RSS grew by {growth / MiB:.1f} MiB")
         assert growth < 32 * MiB, f"server RSS grew by {growth / MiB:.0f} MiB"
         async with RpcClient(client_transport) as client:
             assert await client.call("server", PORT, "echo", 1, timeout=10) == 1
@@ -499,6 +504,10 @@ async def test_one_byte_last_pieces_cannot_bypass_the_window(
             credit -= len(item)
             sent += len(item)
         growth = process.memory_info().rss - rss_before
+        print(
+            f"1-byte last pieces: {sent / 1024:.0f} KiB sent,"
+            f" server RSS grew {growth / MiB:.1f} MiB"
+        )
         # The handler took the first item; what waits in the server is one window plus
         # one message (with the old piece credit, the 4096 items all went through).
         held = sent - len(item)

@@ -210,3 +210,79 @@ def test_stream_items_of_any_size_arrive_whole(size: int, cuts: list[int]) -> No
         if got and not client.active_calls:
             break
     assert got == [item]
+
+
+# -- budgets for unfinished messages: the books always balance ------------------------------------
+
+_BUDGET_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["call", "more", "last", "cancel", "item", "expire", "eof"]),
+        st.integers(0, 1),  # which connection
+        st.integers(0, 5),  # which call (index)
+        st.integers(1, MAX_FRAME - 64),  # piece size
+    ),
+    max_size=60,
+)
+
+
+@FUZZ
+@given(_BUDGET_OPS)
+def test_unfinished_budget_books_balance(ops: list[tuple[str, int, int, int]]) -> None:
+    from pilot_rpc._protocol import UnfinishedBudget
+
+    budget = UnfinishedBudget(120_000)
+    conns = []
+    for _ in range(2):
+        conn = Connection(
+            Role.SERVER,
+            max_concurrent_calls=4,
+            max_unfinished_bytes=50_000,
+            shared_budget=budget,
+            **LIMITS,
+        )
+        conn.receive_data(Connection(Role.CLIENT, **LIMITS).data_to_send())
+        conn.data_to_send()
+        conns.append(conn)
+    next_id = [1, 1]
+    ids: list[list[int]] = [[], []]
+    clock = 0.0
+    for op, which, index, size in ops:
+        conn = conns[which]
+        clock += 1.0
+        conn.now = clock
+        if op == "call":
+            call_id = next_id[which]
+            next_id[which] += 2
+            kind = MethodKind.UNARY if index % 2 else MethodKind.BIDI_STREAMING
+            header = msgpack.packb(["m", int(kind), None, None])
+            prefix = struct.pack(">H", len(header)) + header
+            if kind is MethodKind.UNARY:
+                body = prefix + b"\xc6" + struct.pack(">I", 60_000) + b"a" * min(size, 1000)
+                conn.receive_data(frame(F.CALL, F.FLAG_END_STREAM | F.FLAG_MORE, call_id, body))
+            else:
+                conn.receive_data(frame(F.CALL, 0, call_id, prefix))
+            ids[which].append(call_id)
+        elif ids[which]:
+            call_id = ids[which][index % len(ids[which])]
+            if op == "more":
+                conn.receive_data(frame(F.CONTINUATION, F.FLAG_MORE, call_id, b"b" * size))
+            elif op == "last":
+                conn.receive_data(frame(F.CONTINUATION, 0, call_id, b"c" * size))
+            elif op == "item":
+                item = b"\xc6" + struct.pack(">I", 60_000) + b"d" * min(size, 8000)
+                conn.receive_data(frame(F.ITEM, F.FLAG_MORE, call_id, item))
+            elif op == "cancel":
+                conn.receive_data(frame(F.CANCEL, 0, call_id, b""))
+            elif op == "expire":
+                conn.expire_unfinished(clock, 3.0)
+            elif op == "eof":
+                conn.receive_data(b"")
+        for c in conns:
+            held = assembly_bytes(c)
+            assert c.unfinished_bytes == held
+            assert held <= 50_000
+        assert budget.used == sum(c.unfinished_bytes for c in conns)
+        assert budget.used <= budget.limit
+    for conn in conns:
+        conn.receive_data(b"")
+    assert budget.used == 0
