@@ -544,3 +544,51 @@ async def test_datagram_receivers_survive_a_daemon_restart(net: Net) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await sender
     assert got[0].data == b"again"
+
+
+async def test_write_then_aclose_delivers_everything_although_close_drops_the_unacked_tail(
+    net: Net,
+) -> None:
+    # The double, like the real daemon, discards data still in flight when told to
+    # close: aclose() must wait for the peer's end-of-stream acknowledgement first.
+    assert net.a.close_drops_unacked
+    listener = await net.cb.bind(5000)
+    for size in (1, 4096, 64 * 1024 + 3, 1024 * 1024):
+        body = os.urandom(size)
+
+        async def receive() -> bytes:
+            server = await listener.accept()
+            try:
+                return await read_to_eof(server)
+            finally:
+                await server.aclose()
+
+        reader = asyncio.create_task(receive())
+        stream = await net.ca.dial(net.target(), 5000)
+        await stream.write(body)
+        await stream.aclose()
+        assert await reader == body
+    assert net.ca.stats.get("close_linger_expired", 0) == 0
+
+
+async def test_aclose_waits_for_a_peer_that_never_acknowledges_only_up_to_close_linger(
+    net: Net,
+) -> None:
+    # A raw listener does not decode the stream encoding, so it never acknowledges.
+    listener = await net.cb.bind_raw(5001)
+    async with PilotCarrier(
+        net.a.socket_path, options=PilotCarrierOptions(close_linger=0.2)
+    ) as carrier:
+        stream = await carrier.dial(net.target(), 5001)
+        server = await listener.accept()
+        await stream.write(b"hello")
+        await stream.aclose()
+        assert carrier.stats.get("close_linger_expired", 0) == 1
+        assert b"hello" in await read_to_eof(server)  # raw: the encoding, credit grants too
+        await server.aclose()
+
+
+def test_close_linger_option_is_validated() -> None:
+    with pytest.raises(TransportUsageError):
+        PilotCarrierOptions(close_linger=-1)
+    assert PilotCarrierOptions(close_linger=0).close_linger == 0

@@ -66,6 +66,7 @@ from pilot_transport._carrier import Carrier, CarrierListener, CarrierStream, Di
 from pilot_transport._carriers import _pilot_ipc as ipc
 from pilot_transport._carriers._pilot_framing import (
     CREDIT_UNIT,
+    EOF_ACK,
     EOF_MARKER,
     INITIAL_CREDIT,
     NOOP,
@@ -130,6 +131,12 @@ class PilotCarrierOptions:
         reconnect_initial_delay / reconnect_max_delay: listener re-bind backoff.
         datagram_queue: datagrams kept per port for ``recv_datagram``; the
             oldest is dropped when full (datagrams are lossy anyway).
+        close_linger: longest wait, in seconds, in ``aclose()`` of a
+            pilot-to-pilot stream for the peer's own end-of-stream (or the
+            daemon's report that the stream ended) before the daemon is told to
+            close it. The daemon discards whatever the peer has not yet
+            acknowledged when it is told to close, so closing at once can lose
+            the tail of the data; ``0`` closes at once.
     """
 
     stream_window: int = 256 * 1024
@@ -142,6 +149,7 @@ class PilotCarrierOptions:
     reconnect_initial_delay: float = 0.05
     reconnect_max_delay: float = 2.0
     datagram_queue: int = 1024
+    close_linger: float = 10.0
 
     def __post_init__(self) -> None:
         if self.stream_window < INITIAL_CREDIT or self.stream_window % CREDIT_UNIT:
@@ -166,6 +174,8 @@ class PilotCarrierOptions:
         ):
             if not getattr(self, name) > 0:
                 raise TransportUsageError(f"{name} must be positive")
+        if not 0 <= self.close_linger <= 3600:
+            raise TransportUsageError("close_linger must be in 0..3600 seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,6 +497,8 @@ class PilotStream(CarrierStream):
         self._remote_closed = False
         self._local_closed = False
         self._eof_sent = False
+        self._lingering = False
+        self._peer_got_eof = False
         self._readable = asyncio.Event()
         self._credit_event = asyncio.Event()
         self._write_lock = asyncio.Lock()
@@ -506,7 +518,7 @@ class PilotStream(CarrierStream):
 
     # -- events from the host (synchronous, never block the socket reader) ------------------
     def _on_segment(self, data: bytes) -> None:
-        if self._local_closed or self._error is not None:
+        if self._error is not None or (self._local_closed and not self._lingering):
             return
         if self._decoder is not None:
             try:
@@ -518,9 +530,26 @@ class PilotStream(CarrierStream):
                 self._send_credit += decoded.credit
                 self._credit_event.set()
             data = decoded.data
+            if decoded.eof_ack:
+                self._peer_got_eof = True
+                self._readable.set()
             if decoded.eof:
                 self._rx_eof = True
                 self._readable.set()
+                # Tell the peer its data all arrived: it may now close safely.
+                if not self._remote_closed and not self._host.closed:
+                    with contextlib.suppress(DaemonUnavailableError):
+                        self._host.write(ipc.send(self.conn_id, EOF_ACK))
+            if self._lingering:
+                # Closing: the data is discarded, but credited back so a peer
+                # still writing can reach its own end-of-stream.
+                self._consumed += len(data)
+                if data and self._consumed >= max(self._window // 4, CREDIT_UNIT):
+                    kib = self._consumed // CREDIT_UNIT
+                    self._consumed -= kib * CREDIT_UNIT
+                    with contextlib.suppress(DaemonUnavailableError):
+                        self._host.write(ipc.send(self.conn_id, credit_controls(kib)))
+                return
         if data:
             self._rx.append(data)
             self._rx_bytes += len(data)
@@ -706,23 +735,72 @@ class PilotStream(CarrierStream):
                 raise StreamResetError(str(self._error or exc)) from exc
 
     async def aclose(self) -> None:
-        """Close both directions: the peer reads ``b""`` after our data. Idempotent.
+        """Close both directions: the peer reads ``b""`` after all our data. Idempotent.
 
-        Never raises. Buffered inbound data is discarded.
+        On a pilot-to-pilot stream this sends our end-of-stream marker, then
+        waits (at most ``close_linger`` seconds) until the peer has
+        acknowledged our end-of-stream (all our data arrived) or has closed,
+        and only then tells the daemon to close: the daemon drops whatever the peer
+        has not acknowledged when told to close, so closing at once could lose
+        our last bytes. Inbound data that arrives meanwhile is discarded.
+
+        Never raises except for cancellation; cancelling the wait closes the
+        stream at once (the peer may then miss our last bytes) and re-raises.
         """
         if self._local_closed:
             return
         self._local_closed = True
-        if not self._remote_closed and self._error is None and not self._host.closed:
-            with contextlib.suppress(DaemonUnavailableError):
-                if self.framed and not self._eof_sent:
-                    self._host.write(ipc.send(self.conn_id, EOF_MARKER))
-                self._host.write(ipc.close(self.conn_id))
-        self._eof_sent = True
         self._rx.clear()
         self._rx_bytes = 0
-        self._release()
+        try:
+            if self._may_linger():
+                await self._linger()
+        finally:
+            if not self._remote_closed and self._error is None and not self._host.closed:
+                with contextlib.suppress(DaemonUnavailableError):
+                    if self.framed and not self._eof_sent:
+                        self._host.write(ipc.send(self.conn_id, EOF_MARKER))
+                    self._host.write(ipc.close(self.conn_id))
+            self._eof_sent = True
+            self._lingering = False
+            self._rx.clear()
+            self._rx_bytes = 0
+            self._release()
         await asyncio.sleep(0)  # let a reader woken by the close run before we return
+
+    def _may_linger(self) -> bool:
+        return (
+            self.framed
+            and self._host.carrier.options.close_linger > 0
+            and not self._peer_got_eof
+            and not self._remote_closed
+            and self._error is None
+            and not self._host.closed
+        )
+
+    async def _linger(self) -> None:
+        """Send our end-of-stream and wait, bounded, for the peer's acknowledgement."""
+        self._lingering = True
+        if not self._eof_sent:
+            try:
+                self._host.write(ipc.send(self.conn_id, EOF_MARKER))
+            except DaemonUnavailableError:
+                return
+            self._eof_sent = True
+        try:
+            async with asyncio.timeout(self._host.carrier.options.close_linger):
+                while not (
+                    self._peer_got_eof or self._remote_closed or self._error or self._host.closed
+                ):
+                    self._readable.clear()
+                    await self._readable.wait()
+        except TimeoutError:
+            self._host.carrier._stats["close_linger_expired"] += 1
+            _log.debug(
+                "closing pilot stream to %s without the peer's end-of-stream after %.1f s",
+                self.remote,
+                self._host.carrier.options.close_linger,
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -935,7 +1013,8 @@ class PilotCarrier(Carrier):
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: ``stray_errors``, ``rejected_accepts``, ``dropped_datagrams``."""
+        """Counters: ``stray_errors``, ``rejected_accepts``, ``dropped_datagrams``,
+        ``close_linger_expired`` (closes that gave up waiting for the peer)."""
         return dict(self._stats)
 
     async def __aenter__(self) -> PilotCarrier:
@@ -1396,9 +1475,10 @@ class PilotCarrier(Carrier):
             await listener.aclose()
         for receiver in list(self._datagram_ports.values()):
             receiver.close()
+        streams = [stream for host in self._hosts for stream in host.streams.values()]
+        # Concurrently: each may linger (bounded) for its peer's end-of-stream.
+        await asyncio.gather(*(stream.aclose() for stream in streams))
         for host in list(self._hosts):
-            for stream in list(host.streams.values()):
-                await stream.aclose()
             host.close()
         self._hosts.clear()
         for conn in self._control.idle:

@@ -28,6 +28,10 @@ Reproduced
   ``SACK`` plus a byte 1-4 is swallowed and the stream stalls (no later data
   is delivered), as the real daemon does.
 - ``RecvFrom`` goes to every client of the receiving daemon, whatever its ports.
+- Close is not ordered after the data: stream data reaches the peer on a later
+  turn of the event loop, and a ``Close`` (or a client dropping its connection)
+  discards what is still in flight, as the real daemon drops the unacknowledged
+  tail (``close_drops_unacked=False`` delivers at once instead).
 - ``Info``, ``ResolveHostname``, ``SetHostname``, ``SetVisibility``,
   ``SetTags``, ``SetWebhook``, ``SetTaskExec``, ``Deregister`` and the
   ``Handshake`` sub-commands answer JSON shaped like the daemon's.
@@ -145,6 +149,19 @@ class _Conn:
     peer: _Conn | None = None
     open: bool = True
     stalled: bool = False
+    in_flight: list[bytes] = field(default_factory=lambda: [])
+    """Data sent towards this end and not yet delivered (not yet acknowledged)."""
+
+    def arrive(self, data: bytes) -> None:
+        """Data sent by the peer: delivered on a later turn of the event loop."""
+        if not self.in_flight:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.in_flight.append(data)
+
+    def _flush(self) -> None:
+        pending, self.in_flight = self.in_flight, []
+        for data in pending:
+            self.deliver(data)
 
     def deliver(self, data: bytes) -> None:
         """Data arriving for this end, cut into segments as the daemon does."""
@@ -164,7 +181,10 @@ class _Conn:
         peer = self.peer
         if not self.open or peer is None or not peer.open:
             return False
-        peer.deliver(data)
+        if self.daemon.close_drops_unacked:
+            peer.arrive(data)
+        else:
+            peer.deliver(data)
         return True
 
 
@@ -249,6 +269,7 @@ class PilotDaemonDouble:
         unreachable_dial_delay: float = 0.2,
         accept_backlog: int = 64,
         async_error_delay: float = 0.002,
+        close_drops_unacked: bool = True,
     ) -> None:
         self.socket_path = socket_path
         self.network = network or PilotNetworkDouble()
@@ -263,6 +284,9 @@ class PilotDaemonDouble:
         self.unreachable_dial_delay = unreachable_dial_delay
         self.accept_backlog = accept_backlog
         self.async_error_delay = async_error_delay
+        self.close_drops_unacked = close_drops_unacked
+        """As the real daemon: stream data is delivered a moment after its Send, and a
+        Close (a FIN) overtakes it, so the peer never gets what was still in flight."""
         self.command_delay: dict[int, float] = {}
         """Extra seconds before handling a command byte (a slow daemon), e.g. ``{0x0D: 1.0}``."""
         self.hold_accepts = False
@@ -749,4 +773,5 @@ class PilotDaemonDouble:
             conn.service.on_close(conn)
         peer = conn.peer
         if peer is not None and peer.open:
+            peer.in_flight.clear()  # the FIN overtakes unacknowledged data: it is dropped
             peer.daemon._end_conn(peer, notify_self=True)

@@ -1,0 +1,182 @@
+"""The pilot:// carrier over two real Go Pilot daemons (the ``pilotprotocol`` wheel).
+
+One module-scoped network: our registry/beacon stand-in and two daemons on
+loopback that trust each other (``_pilot_daemons.PilotNet``). Tests that kill
+or restart a daemon use a network of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from pilot_transport import open_transport
+from pilot_transport._carrier import DialTarget
+from pilot_transport._carriers.pilot import PilotCarrier, PilotStream
+from pilot_transport.errors import (
+    PeerNotTrustedError,
+    RejectedByPeerError,
+    StreamResetError,
+)
+from pilot_transport.testing import create_test_peers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pilot_daemons import PilotNet, daemon_version, pilot_binaries
+
+pytestmark = [
+    pytest.mark.skipif(pilot_binaries() is None, reason="pilotprotocol wheel not installed"),
+    pytest.mark.timeout(300),
+]
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PilotNet]:
+    with PilotNet(tmp_path_factory.mktemp("pilot-net"), count=2) as n:
+        yield n
+
+
+@pytest.fixture
+async def carriers(net: PilotNet) -> AsyncIterator[tuple[PilotCarrier, PilotCarrier]]:
+    a = PilotCarrier(net.daemons[0].socket)
+    b = PilotCarrier(net.daemons[1].socket)
+    try:
+        yield a, b
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def read_all(stream: PilotStream) -> bytes:
+    parts: list[bytes] = []
+    while data := await stream.read():
+        parts.append(data)
+    return b"".join(parts)
+
+
+def test_the_daemons_are_the_wheel_and_registered(net: PilotNet) -> None:
+    assert daemon_version() == "1.18.0"
+    a, b = net.daemons
+    assert a.address != b.address
+    assert a.info()["address"] == a.address
+
+
+async def test_raw_echo_and_a_framed_round_trip(
+    net: PilotNet, carriers: tuple[PilotCarrier, PilotCarrier]
+) -> None:
+    a, b = carriers
+    address_b = net.daemons[1].address
+
+    echo = await a.open_raw_stream(address_b, 7)
+    payload = os.urandom(100_000)
+    await echo.write(payload)
+    got = bytearray()
+    async with asyncio.timeout(30):
+        while len(got) < len(payload):
+            got += await echo.read()
+    assert bytes(got) == payload
+    await echo.aclose()
+
+    listener = await b.bind(1000)
+
+    async def serve() -> None:
+        stream = await listener.accept()
+        data = await read_all(stream)
+        await stream.write(hashlib.sha256(data).digest())
+        await stream.aclose()
+
+    server = asyncio.create_task(serve())
+    stream = await a.dial(DialTarget(address=address_b), 1000)
+    body = os.urandom(1 << 20)
+    await stream.write(body)
+    await stream.write_eof()
+    async with asyncio.timeout(60):
+        assert await read_all(stream) == hashlib.sha256(body).digest()
+    await stream.aclose()
+    await server
+    await listener.aclose()
+
+
+async def test_tls_by_name_address_and_node_id_and_untrusted_refused(
+    net: PilotNet, tmp_path: Path
+) -> None:
+    da, db = net.daemons
+    peers = create_test_peers(tmp_path / "peers", ["client", "server"])
+    peers.set_address("server", db.address)
+    strangers = create_test_peers(tmp_path / "strangers", ["stranger", "server"])
+    strangers.set_address("server", db.address)
+    async with (
+        open_transport(
+            f"pilot://{db.socket}", identity=peers["server"].identity, trust=peers["server"].trust
+        ) as server,
+        open_transport(
+            f"pilot://{da.socket}", identity=peers["client"].identity, trust=peers["client"].trust
+        ) as client,
+    ):
+        listener = await server.listen(5001)
+        server_id = peers["server"].identity.node_id
+        for target in ("server", db.address, server_id):
+            stream = await client.connect(target, 5001, timeout=30.0)
+            accepted = await listener.accept()
+            assert stream.peer.name == "server"
+            assert accepted.peer.node_id == peers["client"].identity.node_id
+            await stream.write(b"ping " + str(target).encode())
+            assert await accepted.read() == b"ping " + str(target).encode()
+            await stream.aclose()
+            await accepted.aclose()
+
+        # The daemons trust each other; our TLS layer still refuses an unknown key.
+        async with open_transport(
+            f"pilot://{da.socket}",
+            identity=strangers["stranger"].identity,
+            trust=strangers["stranger"].trust,
+        ) as stranger:
+            with pytest.raises((PeerNotTrustedError, RejectedByPeerError)):
+                await stranger.connect(db.address, 5001, timeout=30.0)
+
+
+async def _write_then_close_rounds(
+    a: PilotCarrier, b: PilotCarrier, address_b: str, port: int, size: int, rounds: int
+) -> list[str]:
+    """Each round: dial, write ``size`` bytes, aclose() at once; the reader must get them all."""
+    listener = await b.bind(port)
+    failures: list[str] = []
+    try:
+        for n in range(rounds):
+            body = os.urandom(size)
+
+            async def receive() -> bytes:
+                reader = await listener.accept()
+                try:
+                    async with asyncio.timeout(30):
+                        return await read_all(reader)
+                finally:
+                    await reader.aclose()
+
+            received = asyncio.create_task(receive())
+            stream = await a.dial(DialTarget(address=address_b), port)
+            await stream.write(body)
+            await stream.aclose()
+            try:
+                got = await received
+            except (StreamResetError, TimeoutError) as exc:
+                failures.append(f"round {n}: {type(exc).__name__}: {exc}")
+            else:
+                if got != body:
+                    failures.append(f"round {n}: got {len(got)} of {size} bytes")
+    finally:
+        await listener.aclose()
+    return failures
+
+
+@pytest.mark.parametrize(("size", "port"), [(1 << 20, 1010), (5 << 20, 1011)])
+async def test_write_then_aclose_loses_nothing(
+    net: PilotNet, carriers: tuple[PilotCarrier, PilotCarrier], size: int, port: int
+) -> None:
+    a, b = carriers
+    failures = await _write_then_close_rounds(a, b, net.daemons[1].address, port, size, 20)
+    assert failures == []
