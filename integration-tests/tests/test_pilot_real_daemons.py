@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -180,3 +183,133 @@ async def test_write_then_aclose_loses_nothing(
     a, b = carriers
     failures = await _write_then_close_rounds(a, b, net.daemons[1].address, port, size, 20)
     assert failures == []
+
+
+HANDLERS = str(Path(__file__).with_name("_langgraph_handlers.py"))
+
+
+class PilotWorker:
+    """A pilot-worker process serving the test handlers over the second daemon."""
+
+    def __init__(self, net: PilotNet, root: Path) -> None:
+        self.net = net
+        self.root = root
+        self.peers = create_test_peers(root / "keys", ["client", "worker"])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready = root / "worker.ready"
+        self.log = root / "worker.log"
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.peers.set_address("worker", self.net.daemons[1].address)
+        worker = self.peers["worker"]
+        argv = [
+            sys.executable,
+            "-m",
+            "pilot_langgraph._worker_cli",
+            "--transport",
+            f"pilot://{self.net.daemons[1].socket}",
+            "--identity",
+            str(self.root / "keys" / "worker" / "identity.key"),
+            "--trust",
+            str(self.root / "keys" / "worker" / "trust.json"),
+            "--port",
+            "5000",
+            "--ready-file",
+            str(self.ready),
+            "--handlers",
+            HANDLERS,
+        ]
+        assert worker.identity.node_id
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PILOT_")}
+        env.update({"LG_WORKER": "pilot-worker", "LG_TEST_DIR": str(self.root)})
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        deadline = time.monotonic() + timeout
+        while not (self.ready.exists() and self.ready.read_text().strip()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def worker(net: PilotNet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PilotWorker]:
+    w = PilotWorker(net, tmp_path_factory.mktemp("pilot-worker"))
+    try:
+        w.start()
+        yield w
+    finally:
+        w.stop()
+
+
+async def test_remote_runnable_over_real_daemons(net: PilotNet, worker: PilotWorker) -> None:
+    from pilot_langgraph import PilotRemoteRunnable
+
+    client = worker.peers["client"]
+    async with open_transport(
+        f"pilot://{net.daemons[0].socket}", identity=client.identity, trust=client.trust
+    ) as transport:
+        square = PilotRemoteRunnable(node="square", peer="worker", transport=transport)
+        assert await square.ainvoke({"n": 7}) == {"squares": [49], "workers": ["pilot-worker"]}
+        whoami = PilotRemoteRunnable(node="whoami", peer="worker", transport=transport)
+        assert await whoami.ainvoke(None) == "pilot-worker"
+
+
+async def test_64_concurrent_calls_from_a_cold_pool_twice(
+    net: PilotNet, worker: PilotWorker
+) -> None:
+    # The daemon admits a burst of about 64 new connections, then about 8 a second:
+    # two cold bursts in a row must stay inside that (dial pacing, stream reuse).
+    from pilot_langgraph import PilotRemoteRunnable
+
+    client = worker.peers["client"]
+    for _ in range(2):
+        async with open_transport(
+            f"pilot://{net.daemons[0].socket}", identity=client.identity, trust=client.trust
+        ) as transport:
+            square = PilotRemoteRunnable(node="square", peer="worker", transport=transport)
+            async with asyncio.timeout(120):
+                results = await asyncio.gather(*(square.ainvoke({"n": n}) for n in range(64)))
+            assert [r["squares"] for r in results] == [[n * n] for n in range(64)]
+
+
+async def test_dial_bursts_stay_inside_the_daemons_admission(
+    net: PilotNet, carriers: tuple[PilotCarrier, PilotCarrier]
+) -> None:
+    # Two bursts of 64 concurrent dials, back to back: the daemon admits about 64
+    # new connections and then about 8 a second; the carrier paces its dials.
+    a, b = carriers
+    listener = await b.bind(1020)
+    accepted: list[PilotStream] = []
+
+    async def accept_all() -> None:
+        async for stream in listener:
+            accepted.append(stream)
+
+    acceptor = asyncio.create_task(accept_all())
+    try:
+        for _ in range(2):
+            async with asyncio.timeout(120):
+                streams = await asyncio.gather(
+                    *(a.dial(DialTarget(address=net.daemons[1].address), 1020) for _ in range(64))
+                )
+            for stream in streams:
+                await stream.write(b"x")
+            await asyncio.gather(*(s.aclose() for s in streams))
+    finally:
+        acceptor.cancel()
+        await asyncio.gather(acceptor, return_exceptions=True)
+        await asyncio.gather(*(s.aclose() for s in accepted))
+        await listener.aclose()
+    assert len(accepted) == 128

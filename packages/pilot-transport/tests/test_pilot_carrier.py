@@ -592,3 +592,34 @@ def test_close_linger_option_is_validated() -> None:
     with pytest.raises(TransportUsageError):
         PilotCarrierOptions(close_linger=-1)
     assert PilotCarrierOptions(close_linger=0).close_linger == 0
+
+
+async def test_dial_pacer_allows_a_burst_then_paces_at_its_rate() -> None:
+    from pilot_transport._carriers.pilot import _DialPacer
+
+    now = [100.0]
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    pacer = _DialPacer(3, 2.0, clock=lambda: now[0], sleep=fake_sleep)
+    for _ in range(3):
+        await pacer.acquire()
+    assert slept == []
+    await pacer.acquire()  # the bucket is empty: one token takes 1/rate seconds
+    assert slept == [pytest.approx(0.5)]
+    now[0] += 10.0  # idle time refills only up to the burst
+    for _ in range(3):
+        await pacer.acquire()
+    assert len(slept) == 1
+    await pacer.acquire()
+    assert len(slept) == 2
+
+
+def test_dial_pacing_options_are_validated() -> None:
+    with pytest.raises(TransportUsageError):
+        PilotCarrierOptions(dial_burst=0)
+    with pytest.raises(TransportUsageError):
+        PilotCarrierOptions(dial_rate=0)

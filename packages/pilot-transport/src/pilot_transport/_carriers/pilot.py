@@ -57,7 +57,8 @@ import contextlib
 import logging
 import random
 import struct
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, TypeVar
 
@@ -137,6 +138,12 @@ class PilotCarrierOptions:
             close it. The daemon discards whatever the peer has not yet
             acknowledged when it is told to close, so closing at once can lose
             the tail of the data; ``0`` closes at once.
+        dial_burst / dial_rate: pacing of new streams (dials) from this
+            carrier: up to ``dial_burst`` at once, then ``dial_rate`` per
+            second. The daemon admits a burst of about 64 new connections from
+            one node and then about 8 a second, and silently drops the rest
+            (the dialer sees ``dial timeout`` after ~17 s); the defaults stay
+            inside that with room for other clients of the same daemon.
     """
 
     stream_window: int = 256 * 1024
@@ -150,6 +157,8 @@ class PilotCarrierOptions:
     reconnect_max_delay: float = 2.0
     datagram_queue: int = 1024
     close_linger: float = 10.0
+    dial_burst: int = 48
+    dial_rate: float = 6.0
 
     def __post_init__(self) -> None:
         if self.stream_window < INITIAL_CREDIT or self.stream_window % CREDIT_UNIT:
@@ -163,7 +172,7 @@ class PilotCarrierOptions:
             raise TransportUsageError("raw_buffer_limit must be at least 4096")
         if not 1 <= self.send_chunk <= ipc.MAX_SEND_DATA:
             raise TransportUsageError(f"send_chunk must be in 1..{ipc.MAX_SEND_DATA}")
-        for name in ("accept_backlog", "control_connections", "datagram_queue"):
+        for name in ("accept_backlog", "control_connections", "datagram_queue", "dial_burst"):
             if getattr(self, name) < 1:
                 raise TransportUsageError(f"{name} must be at least 1")
         for name in (
@@ -171,6 +180,7 @@ class PilotCarrierOptions:
             "connect_timeout",
             "reconnect_initial_delay",
             "reconnect_max_delay",
+            "dial_rate",
         ):
             if not getattr(self, name) > 0:
                 raise TransportUsageError(f"{name} must be positive")
@@ -974,6 +984,42 @@ class _ControlPool:
     idle: list[_ControlConnection] = field(default_factory=lambda: [])
 
 
+class _DialPacer:
+    """A token bucket: ``burst`` dials at once, then ``rate`` per second (FIFO waiters)."""
+
+    def __init__(
+        self,
+        burst: int,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.burst = burst
+        self.rate = rate
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = float(burst)
+        self._stamp = clock()
+        self._lock = asyncio.Lock()
+        self.waited = 0
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def acquire(self) -> None:
+        """Wait for a dial slot. Cancellation gives up the place in line."""
+        async with self._lock:
+            self._refill()
+            while self._tokens < 1.0:
+                self.waited += 1
+                await self._sleep((1.0 - self._tokens) / self.rate)
+                self._refill()
+            self._tokens -= 1.0
+
+
 class PilotCarrier(Carrier):
     """A complete asyncio client of the local Pilot daemon's socket protocol.
 
@@ -1007,6 +1053,7 @@ class PilotCarrier(Carrier):
         self._datagram_ports: dict[int, DatagramReceiver] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stats: collections.Counter[str] = collections.Counter()
+        self._pacer = _DialPacer(self.options.dial_burst, self.options.dial_rate)
 
     def __repr__(self) -> str:
         return f"<PilotCarrier {self.socket_path!r}{' closed' if self.closed else ''}>"
@@ -1154,6 +1201,8 @@ class PilotCarrier(Carrier):
     async def _dial(self, address: Address, port: int, *, framed: bool) -> PilotStream:
         self._check_open()
         _check_port(port)
+        await self._pacer.acquire()
+        self._check_open()
         host = await self._connect(self._new_host)
         remote = SocketAddress(address, port)
         host.dialing = (remote, framed)
