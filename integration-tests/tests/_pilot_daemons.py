@@ -97,6 +97,7 @@ class RealDaemon:
     proc: subprocess.Popen[bytes] | None = None
     address: str = ""
     node_id: int = 0
+    udp_port: int = 0
     log: Path = field(default_factory=lambda: Path(os.devnull))
 
     def info(self) -> dict[str, Any]:
@@ -175,6 +176,12 @@ class PilotNet:
             raise RuntimeError(f"daemon {index} is already running")
         daemon.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         daemon.log = daemon.directory / "daemon.log"
+        if not daemon.udp_port:
+            # Kept across restarts, as a configured daemon keeps its port: peers
+            # then reach the restarted daemon at once and re-key.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.bind(("127.0.0.1", 0))
+                daemon.udp_port = int(probe.getsockname()[1])
         env = {k: v for k, v in os.environ.items() if not k.startswith("PILOT_")}
         env["HOME"] = str(daemon.directory)
         argv = [
@@ -188,7 +195,7 @@ class PilotNet:
             "-identity",
             str(daemon.directory / "identity.json"),
             "-listen",
-            "127.0.0.1:0",
+            f"127.0.0.1:{daemon.udp_port}",
             "-telemetry-url",
             "",
             "-motd-feed-url",
