@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 
-The daemon's socket protocol (PILOT-IPC.md, codec in :mod:`._pilot_ipc`) has no
+The daemon's socket protocol (PILOT-DAEMON.md, codec in :mod:`._pilot_ipc`) has no
 request ids, sends ``Send``/``SendTo`` failures later as id-less ``Error``
 frames, processes one IPC connection's commands strictly one after another
 (a ``Dial`` to an unreachable node blocks that connection for ~30 s), and
@@ -1400,7 +1400,7 @@ class PilotCarrier(Carrier):
         return value
 
     async def handshake_request(self, node_id: int, justification: str = "") -> dict[str, Any]:
-        """Ask node ``node_id`` to trust us (daemon-level trust; see PILOT-IPC.md)."""
+        """Ask node ``node_id`` to trust us (daemon-level trust; see PILOT-DAEMON.md)."""
         return await self._handshake(ipc.HandshakeSub.REQUEST, node_id, justification)
 
     async def handshake_approve(self, node_id: int) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """An in-process asyncio double of the Pilot daemon's Unix-socket protocol.
 
 :class:`PilotDaemonDouble` listens on a real Unix socket (mode 0600) and
-speaks the daemon's frame protocol as PILOT-IPC.md describes it, quirks
+speaks the daemon's frame protocol as PILOT-DAEMON.md describes it, quirks
 included, so the ``pilot://`` carrier can be tested end to end without the Go
 daemon. Several doubles joined to one :class:`PilotNetworkDouble` behave like
 daemons on different hosts: they dial each other by Pilot address
