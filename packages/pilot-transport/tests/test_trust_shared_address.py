@@ -55,8 +55,10 @@ def test_port_round_trips_through_the_file_and_old_entries_stay_unchanged(tmp_pa
     store.add(TrustedPeer("b", _key(), address=ADDRESS))
     again = TrustStore.open(path)
     a, b = again.get("a"), again.get("b")
-    assert a is not None and a.port == 5000
-    assert b is not None and b.port is None
+    assert a is not None
+    assert a.port == 5000
+    assert b is not None
+    assert b.port is None
     assert "port" not in b.to_json()
 
 
