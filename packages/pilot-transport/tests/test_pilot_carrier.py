@@ -623,3 +623,22 @@ def test_dial_pacing_options_are_validated() -> None:
         PilotCarrierOptions(dial_burst=0)
     with pytest.raises(TransportUsageError):
         PilotCarrierOptions(dial_rate=0)
+
+
+async def test_stream_conformance_with_1_18_sized_receive_frames(sock_dir: str) -> None:
+    # 1.18.0 pushes Recv frames of at most 1,152 data bytes (older daemons 4,096).
+    network = PilotNetworkDouble()
+    async with (
+        PilotDaemonDouble(f"{sock_dir}/a.sock", network=network, segment_size=1152) as a,
+        PilotDaemonDouble(f"{sock_dir}/b.sock", network=network, segment_size=1152) as b,
+        PilotCarrier(a.socket_path) as ca,
+        PilotCarrier(b.socket_path) as cb,
+    ):
+        listener = await cb.bind(5000)
+
+        async def make_pair() -> tuple[PilotStream, PilotStream]:
+            client = await ca.dial(DialTarget(address=str(b.address)), 5000)
+            server = await listener.accept()
+            return client, server
+
+        await check_stream_conformance(make_pair, large_size=512 * 1024)

@@ -24,7 +24,8 @@ Reproduced
 - Unknown commands get ``Error`` and the connection continues.
 - ``Bind`` has no ephemeral assignment and no Unbind: a port stays bound until
   the client's connection closes. ``Accept`` pushes carry ``local_port``.
-- ``Recv`` segments carry at most 4096 data bytes. A segment that begins with
+- ``Recv`` segments carry at most 4096 data bytes (``segment_size``; 1.18.0
+  sends at most 1152). A segment that begins with
   ``SACK`` plus a byte 1-4 is swallowed and the stream stalls (no later data
   is delivered), as the real daemon does.
 - ``RecvFrom`` goes to every client of the receiving daemon, whatever its ports.
@@ -165,10 +166,11 @@ class _Conn:
 
     def deliver(self, data: bytes) -> None:
         """Data arriving for this end, cut into segments as the daemon does."""
-        for start in range(0, len(data), SEGMENT_SIZE):
+        size = self.daemon.segment_size
+        for start in range(0, len(data), size):
             if self.stalled or not self.open:
                 return
-            segment = data[start : start + SEGMENT_SIZE]
+            segment = data[start : start + size]
             if segment[:4] == b"SACK" and len(segment) > 4 and 1 <= segment[4] <= 4:
                 self.stalled = True  # swallowed as a SACK block; the stream never recovers
                 return
@@ -254,6 +256,9 @@ class PilotDaemonDouble:
         public: whether the node resolves for anyone (else only for nodes it trusts).
         unreachable_dial_delay: seconds before a dial to an unreachable node fails.
         accept_backlog: pending accepts kept per port while ``hold_accepts``.
+        async_error_delay: seconds before a failed Send's Error frame.
+        close_drops_unacked: a Close discards stream data still in flight.
+        segment_size: largest Recv payload (4096 older daemons, 1152 in 1.18.0).
 
     Use as ``async with PilotDaemonDouble(path) as daemon: ...`` or call
     :meth:`start` / :meth:`stop` (a stop followed by a start is a restart).
@@ -270,6 +275,7 @@ class PilotDaemonDouble:
         accept_backlog: int = 64,
         async_error_delay: float = 0.002,
         close_drops_unacked: bool = True,
+        segment_size: int = SEGMENT_SIZE,
     ) -> None:
         self.socket_path = socket_path
         self.network = network or PilotNetworkDouble()
@@ -285,6 +291,8 @@ class PilotDaemonDouble:
         self.accept_backlog = accept_backlog
         self.async_error_delay = async_error_delay
         self.close_drops_unacked = close_drops_unacked
+        self.segment_size = segment_size
+        """Largest Recv payload: 4096 as older daemons, 1152 as 1.18.0."""
         """As the real daemon: stream data is delivered a moment after its Send, and a
         Close (a FIN) overtakes it, so the peer never gets what was still in flight."""
         self.command_delay: dict[int, float] = {}
