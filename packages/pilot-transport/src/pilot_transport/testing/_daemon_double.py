@@ -183,8 +183,8 @@ class _Conn:
         peer = self.peer
         if not self.open or peer is None or not peer.open:
             return False
-        if self.daemon.close_drops_unacked:
-            peer.arrive(data)
+        if self.daemon.close_drops_unacked and peer.service is None:
+            peer.arrive(data)  # across the tunnel; a daemon's own service takes it at once
         else:
             peer.deliver(data)
         return True
