@@ -317,7 +317,9 @@ async def main(quick: bool, double: bool) -> None:
             address_b = Address.parse(words[2])
             what = "the daemon double"
         else:
-            net = PilotNet(Path(workdir) / "net", count=2)
+            # The c=64 streams idle between rounds: keep the daemon's idle reaper
+            # (120 s by default) from closing them during a long run.
+            net = PilotNet(Path(workdir) / "net", count=2, daemon_args=("-idle-timeout", "30m"))
             await asyncio.to_thread(net.start)
             sock_a, sock_b = net.daemons[0].socket, net.daemons[1].socket
             address_b = Address.parse(net.daemons[1].address)
