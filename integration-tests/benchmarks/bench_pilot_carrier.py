@@ -1,9 +1,12 @@
-"""Overhead of our pilot:// client, measured against the daemon double.
+"""Overhead of our pilot:// client, measured over two real Pilot daemons.
 
-Three processes: the daemon double (two linked "hosts", A and B), a server on
-host B, and this client on host A. Every variant crosses the same double, so
-the double's own cost is common to all of them and the ratios show what our
-client adds:
+By default the two daemons are real Go daemons from the ``pilotprotocol``
+wheel (1.18.0, a test-only dependency of integration-tests) with our loopback
+registry/beacon stand-in (``integration-tests/tests/_pilot_daemons.py``);
+``--double`` runs the same variants over the in-process daemon double instead.
+Three roles: the daemons (host A and host B), a server process on host B, and
+this client on host A. Every variant crosses the same daemons, so their cost is
+common to all of them and the ratios show what our client adds:
 
 - anchor: a bare, minimal client that speaks raw IPC frames (one socket, no
   roles, no buffering policy), against an equally bare server;
@@ -14,11 +17,14 @@ client adds:
 - ours TLS: ``open_transport("pilot://...")`` on both ends (TLS 1.3 mutual
   authentication over the framed carrier), what users get.
 
-Figures: 200-byte ping-pong round trips per second on one stream, and bulk
-MB/s with 64 KiB writes. Variants alternate for several rounds; the best round
-of each is reported with its ratio to the anchor (the order rotates each round).
+Figures: 200-byte ping-pong round trips per second on one stream (c=1) and
+summed over concurrent streams (c=64; c=8 with ``--quick``), and bulk MB/s with
+64 KiB writes. Variants alternate for several rounds; the best round of each is
+reported with its ratio to the anchor (the order rotates each round). With real
+daemons the daemon's own Go client is measured too where it has a benchmark
+(``pilotctl bench``: bulk).
 
-Usage: ``uv run python integration-tests/benchmarks/bench_pilot_carrier.py [--quick]``
+Usage: ``uv run python integration-tests/benchmarks/bench_pilot_carrier.py [--quick] [--double]``
 """
 
 from __future__ import annotations
@@ -35,13 +41,17 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pilot_transport import open_transport
 from pilot_transport._address import Address
 from pilot_transport._carrier import DialTarget
 from pilot_transport._carriers import _pilot_ipc as ipc
-from pilot_transport._carriers.pilot import PilotCarrier
+from pilot_transport._carriers.pilot import PilotCarrier, _DialPacer
 from pilot_transport.testing import create_test_peers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _pilot_daemons import PilotNet, daemon_version, pilot_binaries
 
 PING_SIZE = 200
 BULK_WRITE = 64 * 1024
@@ -246,35 +256,74 @@ async def bulk(pair: Pair, total: int) -> float:
     return total / (time.perf_counter() - start) / 1e6
 
 
+async def ping_pong_many(pairs: list[Pair], seconds: float) -> float:
+    rates = await asyncio.gather(*(ping_pong(pair, seconds) for pair in pairs))
+    return sum(rates)
+
+
+def pilotctl_bench(net: PilotNet, megabytes: int) -> float | None:
+    """The daemon's own client: ``pilotctl bench`` from host A to host B, MB/s."""
+    import json
+
+    daemon = net.daemons[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PILOT_")}
+    env.update(HOME=str(daemon.directory), PILOT_SOCKET=daemon.socket)
+    result = subprocess.run(
+        [str(net.ctl_bin), "--json", "bench", net.daemons[1].address, str(megabytes)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    try:
+        data = json.loads(result.stdout)["data"]
+        return megabytes * 1024 * 1024 / (float(data["total_duration_ms"]) / 1000) / 1e6
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 @dataclass
 class Result:
     rt_s: float = 0.0
+    rt_many: float = 0.0
     mb_s: float = 0.0
 
 
-async def main(quick: bool) -> None:
+async def main(quick: bool, double: bool) -> None:
     workdir = tempfile.mkdtemp(prefix="bpc-", dir="/tmp")  # short Unix socket paths
-    sock_a, sock_b = f"{workdir}/a.sock", f"{workdir}/b.sock"
     procs: list[subprocess.Popen[str]] = []
+    net: PilotNet | None = None
     try:
-        daemon = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pilot_transport.testing._run_daemon_double",
-                "--socket",
-                sock_a,
-                "--socket",
-                sock_b,
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        procs.append(daemon)
-        assert daemon.stdout is not None
-        words = (await asyncio.to_thread(daemon.stdout.readline)).split()
-        assert words[:1] == ["ready"], words
-        address_b = Address.parse(words[2])
+        if double:
+            sock_a, sock_b = f"{workdir}/a.sock", f"{workdir}/b.sock"
+            daemon = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pilot_transport.testing._run_daemon_double",
+                    "--socket",
+                    sock_a,
+                    "--socket",
+                    sock_b,
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            procs.append(daemon)
+            assert daemon.stdout is not None
+            words = (await asyncio.to_thread(daemon.stdout.readline)).split()
+            assert words[:1] == ["ready"], words
+            address_b = Address.parse(words[2])
+            what = "the daemon double"
+        else:
+            # The c=64 streams idle between rounds: keep the daemon's idle reaper
+            # (120 s by default) from closing them during a long run.
+            net = PilotNet(Path(workdir) / "net", count=2, daemon_args=("-idle-timeout", "30m"))
+            await asyncio.to_thread(net.start)
+            sock_a, sock_b = net.daemons[0].socket, net.daemons[1].socket
+            address_b = Address.parse(net.daemons[1].address)
+            what = f"two real Pilot daemons {daemon_version()}"
         peers = create_test_peers(os.path.join(workdir, "peers"), ["client", "server"])
         peers.set_address("server", str(address_b))
         server = subprocess.Popen(
@@ -328,36 +377,66 @@ async def main(quick: bool) -> None:
             "ours: framed stream": open_framed,
             "ours: TLS over pilot://": open_tls,
         }
-        rounds = 1 if quick else 6
+        rounds = 1 if quick else 5
         seconds = 0.3 if quick else 1.0
         bulk_total = (2 if quick else 12) * 1024 * 1024
+        many = 8 if quick else 64
         results = {name: Result() for name in variants}
+        # The concurrent streams are opened once per variant and reused every round:
+        # the daemon admits only about 8 new connections a second after a burst.
+        pacer = _DialPacer(48, 6.0)
+        concurrent: dict[str, list[Pair]] = {}
+        for name, opener in variants.items():
+            pairs: list[Pair] = []
+            for _ in range(many):
+                await pacer.acquire()
+                pairs.append(await opener())
+            concurrent[name] = pairs
         order = list(variants.items())
         for round_number in range(rounds):
             # rotate the order each round so no variant always runs first or last
             shift = round_number % len(order)
             for name, opener in order[shift:] + order[:shift]:
+                await pacer.acquire()
                 pair = await opener()
                 rt = await ping_pong(pair, seconds)
                 await pair.close()
+                rt_many = await ping_pong_many(concurrent[name], seconds)
+                await pacer.acquire()
                 pair = await opener()
                 mb = await bulk(pair, bulk_total)
                 await pair.close()
                 best = results[name]
                 best.rt_s = max(best.rt_s, rt)
+                best.rt_many = max(best.rt_many, rt_many)
                 best.mb_s = max(best.mb_s, mb)
+        for pairs in concurrent.values():
+            for pair in pairs:
+                await pair.close()
 
         anchor = results["anchor: bare IPC client"]
         print(
-            f"pilot:// carrier vs the daemon double ({'quick' if quick else 'full'} run, "
+            f"pilot:// carrier over {what} ({'quick' if quick else 'full'} run, "
             f"{rounds} round(s), best of each)"
         )
-        print(f"{'variant':<28} {'ping-pong rt/s':>15} {'ratio':>7} {'bulk MB/s':>10} {'ratio':>7}")
+        print(
+            f"{'variant':<28} {'c=1 rt/s':>10} {'ratio':>6} {f'c={many} rt/s':>11} {'ratio':>6} "
+            f"{'bulk MB/s':>10} {'ratio':>6}"
+        )
         for name, r in results.items():
             print(
-                f"{name:<28} {r.rt_s:>15,.0f} {r.rt_s / anchor.rt_s:>7.2f} "
-                f"{r.mb_s:>10.1f} {r.mb_s / anchor.mb_s:>7.2f}"
+                f"{name:<28} {r.rt_s:>10,.0f} {r.rt_s / anchor.rt_s:>6.2f} "
+                f"{r.rt_many:>11,.0f} {r.rt_many / anchor.rt_many:>6.2f} "
+                f"{r.mb_s:>10.1f} {r.mb_s / anchor.mb_s:>6.2f}"
             )
+        if net is not None:
+            own = pilotctl_bench(net, 2 if quick else 12)
+            if own is not None:
+                ours = results["ours: TLS over pilot://"].mb_s
+                print(
+                    f"daemon's own client (pilotctl bench) bulk {own:.1f} MB/s; "
+                    f"ours TLS / pilotctl ratio {ours / own:.2f}"
+                )
         await transport.aclose()
         await carrier.aclose()
         await bare.aclose()
@@ -372,12 +451,17 @@ async def main(quick: bool) -> None:
                     proc.wait(10)
             if proc.stdout is not None:
                 proc.stdout.close()
+        if net is not None:
+            net.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a few seconds, for CI")
+    parser.add_argument(
+        "--double", action="store_true", help="use the daemon double, not real daemons"
+    )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--identity", help=argparse.SUPPRESS)
     parser.add_argument("--trust", help=argparse.SUPPRESS)
@@ -386,4 +470,4 @@ if __name__ == "__main__":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run_server(args.serve, args.identity, args.trust))
     else:
-        asyncio.run(main(args.quick))
+        asyncio.run(main(args.quick, args.double or pilot_binaries() is None))

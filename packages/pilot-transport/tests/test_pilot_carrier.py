@@ -544,3 +544,101 @@ async def test_datagram_receivers_survive_a_daemon_restart(net: Net) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await sender
     assert got[0].data == b"again"
+
+
+async def test_write_then_aclose_delivers_everything_although_close_drops_the_unacked_tail(
+    net: Net,
+) -> None:
+    # The double, like the real daemon, discards data still in flight when told to
+    # close: aclose() must wait for the peer's end-of-stream acknowledgement first.
+    assert net.a.close_drops_unacked
+    listener = await net.cb.bind(5000)
+    for size in (1, 4096, 64 * 1024 + 3, 1024 * 1024):
+        body = os.urandom(size)
+
+        async def receive() -> bytes:
+            server = await listener.accept()
+            try:
+                return await read_to_eof(server)
+            finally:
+                await server.aclose()
+
+        reader = asyncio.create_task(receive())
+        stream = await net.ca.dial(net.target(), 5000)
+        await stream.write(body)
+        await stream.aclose()
+        assert await reader == body
+    assert net.ca.stats.get("close_linger_expired", 0) == 0
+
+
+async def test_aclose_waits_for_a_peer_that_never_acknowledges_only_up_to_close_linger(
+    net: Net,
+) -> None:
+    # A raw listener does not decode the stream encoding, so it never acknowledges.
+    listener = await net.cb.bind_raw(5001)
+    async with PilotCarrier(
+        net.a.socket_path, options=PilotCarrierOptions(close_linger=0.2)
+    ) as carrier:
+        stream = await carrier.dial(net.target(), 5001)
+        server = await listener.accept()
+        await stream.write(b"hello")
+        await stream.aclose()
+        assert carrier.stats.get("close_linger_expired", 0) == 1
+        assert b"hello" in await read_to_eof(server)  # raw: the encoding, credit grants too
+        await server.aclose()
+
+
+def test_close_linger_option_is_validated() -> None:
+    with pytest.raises(TransportUsageError):
+        PilotCarrierOptions(close_linger=-1)
+    assert PilotCarrierOptions(close_linger=0).close_linger == 0
+
+
+async def test_dial_pacer_allows_a_burst_then_paces_at_its_rate() -> None:
+    from pilot_transport._carriers.pilot import _DialPacer
+
+    now = [100.0]
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    pacer = _DialPacer(3, 2.0, clock=lambda: now[0], sleep=fake_sleep)
+    for _ in range(3):
+        await pacer.acquire()
+    assert slept == []
+    await pacer.acquire()  # the bucket is empty: one token takes 1/rate seconds
+    assert slept == [pytest.approx(0.5)]
+    now[0] += 10.0  # idle time refills only up to the burst
+    for _ in range(3):
+        await pacer.acquire()
+    assert len(slept) == 1
+    await pacer.acquire()
+    assert len(slept) == 2
+
+
+def test_dial_pacing_options_are_validated() -> None:
+    with pytest.raises(TransportUsageError):
+        PilotCarrierOptions(dial_burst=0)
+    with pytest.raises(TransportUsageError):
+        PilotCarrierOptions(dial_rate=0)
+
+
+async def test_stream_conformance_with_1_18_sized_receive_frames(sock_dir: str) -> None:
+    # 1.18.0 pushes Recv frames of at most 1,152 data bytes (older daemons 4,096).
+    network = PilotNetworkDouble()
+    async with (
+        PilotDaemonDouble(f"{sock_dir}/a.sock", network=network, segment_size=1152) as a,
+        PilotDaemonDouble(f"{sock_dir}/b.sock", network=network, segment_size=1152) as b,
+        PilotCarrier(a.socket_path) as ca,
+        PilotCarrier(b.socket_path) as cb,
+    ):
+        listener = await cb.bind(5000)
+
+        async def make_pair() -> tuple[PilotStream, PilotStream]:
+            client = await ca.dial(DialTarget(address=str(b.address)), 5000)
+            server = await listener.accept()
+            return client, server
+
+        await check_stream_conformance(make_pair, large_size=512 * 1024)

@@ -1,7 +1,7 @@
 """The daemon double reproduces the real daemon's socket protocol and quirks.
 
 Driven by a bare client that speaks raw frames, so these tests pin the wire
-behaviour the pilot:// carrier is written against (PILOT-IPC.md).
+behaviour the pilot:// carrier is written against (PILOT-DAEMON.md).
 """
 
 from __future__ import annotations

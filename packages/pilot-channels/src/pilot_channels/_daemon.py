@@ -1,6 +1,6 @@
 """Adapter to a Pilot daemon's built-in event stream (port 1002).
 
-Wire format (PILOT-IPC.md): each event is ``[u16 topic_len][topic][u32
+Wire format (pilot-transport's PILOT-DAEMON.md): each event is ``[u16 topic_len][topic][u32
 len][payload]``, big-endian. The first event a stream sends is its
 subscription (``*`` = every topic); later events are publishes, fanned out by
 the daemon to its other subscribers. There are no acknowledgements, no
@@ -14,7 +14,7 @@ reader stops reading, so a reader task always drains the stream into a bounded
 queue; when the application falls behind, the oldest events are dropped and
 counted (``PilotChannel.dropped``), whatever policy was asked for.
 
-The daemon does not authenticate stream peers (PILOT-IPC.md): treat events
+The daemon does not authenticate stream peers (pilot-transport's PILOT-DAEMON.md): treat events
 from its event stream as coming from any node that can reach that daemon.
 """
 

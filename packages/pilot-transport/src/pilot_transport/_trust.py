@@ -79,7 +79,11 @@ class TrustedPeer:
             letter or digit). Used to dial it: ``transport.connect(name, port)``.
         public_key: its raw 32-byte Ed25519 public key, or that key as base64/hex text.
         endpoint: ``host:port`` of its ``tcp://`` listener, if any.
-        address: its Pilot address (``N:XXXX.XXXX.XXXX``), if any.
+        address: its Pilot address (``N:XXXX.XXXX.XXXX``), if any. An address
+            names a host's daemon, not a process: several peers (identities)
+            may share one, told apart by ``port`` or by their keys.
+        port: the Pilot port it serves on behind ``address``, if several
+            trusted peers share that address (optional).
 
     Raises:
         TrustStoreError: a field is malformed (the message says which).
@@ -89,6 +93,7 @@ class TrustedPeer:
     public_key: bytes
     endpoint: str | None = None
     address: str | None = None
+    port: int | None = None
     node_id: str = field(init=False, compare=False, repr=False)
     fingerprint: str = field(init=False, compare=False, repr=False)
 
@@ -111,6 +116,12 @@ class TrustedPeer:
             except AddressError as exc:
                 raise TrustStoreError(f"peer {self.name!r}: bad address: {exc}") from exc
             object.__setattr__(self, "address", canonical)
+        if self.port is not None and (
+            isinstance(self.port, bool)
+            or not isinstance(self.port, int)  # pyright: ignore[reportUnnecessaryIsInstance]  # runtime guard
+            or not 0 <= self.port <= 0xFFFF
+        ):
+            raise TrustStoreError(f"peer {self.name!r}: port must be an int in 0..65535")
         object.__setattr__(self, "node_id", node_id_of(key))
         object.__setattr__(self, "fingerprint", fingerprint_of(key))
 
@@ -121,12 +132,15 @@ class TrustedPeer:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object stored in the trust file."""
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "public_key": self.public_key_text,
             "endpoint": self.endpoint,
             "address": self.address,
         }
+        if self.port is not None:
+            out["port"] = self.port
+        return out
 
     @classmethod
     def from_json(cls, obj: object) -> Self:
@@ -138,7 +152,7 @@ class TrustedPeer:
         if not isinstance(obj, dict):
             raise TrustStoreError(f"trust entry must be an object, got {type(obj).__name__}")
         entry: dict[str, Any] = obj  # pyright: ignore[reportUnknownVariableType]
-        unknown = set(entry) - {"name", "public_key", "endpoint", "address"}
+        unknown = set(entry) - {"name", "public_key", "endpoint", "address", "port"}
         if unknown:
             raise TrustStoreError(f"trust entry has unknown fields {sorted(unknown)}")
         for key in ("name", "public_key"):
@@ -152,6 +166,7 @@ class TrustedPeer:
             public_key=entry["public_key"],
             endpoint=entry.get("endpoint"),
             address=entry.get("address"),
+            port=entry.get("port"),
         )
 
 
@@ -160,13 +175,13 @@ class _Snapshot:
     peers: dict[str, TrustedPeer]
     by_key: dict[bytes, TrustedPeer]
     by_node_id: dict[str, TrustedPeer]
-    by_address: dict[str, TrustedPeer]
+    by_address: dict[str, tuple[TrustedPeer, ...]]
 
     @classmethod
     def build(cls, peers: Iterable[TrustedPeer]) -> _Snapshot:
         by_name: dict[str, TrustedPeer] = {}
         by_key: dict[bytes, TrustedPeer] = {}
-        by_address: dict[str, TrustedPeer] = {}
+        by_address: dict[str, tuple[TrustedPeer, ...]] = {}
         for peer in peers:
             if peer.name in by_name:
                 raise TrustStoreError(f"peer name {peer.name!r} appears twice")
@@ -176,12 +191,16 @@ class _Snapshot:
                     f"peers {other.name!r} and {peer.name!r} have the same public key"
                 )
             if peer.address is not None:
-                other = by_address.get(peer.address)
-                if other is not None:
-                    raise TrustStoreError(
-                        f"peers {other.name!r} and {peer.name!r} have the same address"
-                    )
-                by_address[peer.address] = peer
+                # Several identities may live behind one daemon's address; only
+                # the same address *and* the same explicit port is ambiguous.
+                sharing = by_address.get(peer.address, ())
+                for other in sharing:
+                    if peer.port is not None and other.port == peer.port:
+                        raise TrustStoreError(
+                            f"peers {other.name!r} and {peer.name!r} have the same "
+                            f"address and port {peer.address}:{peer.port}"
+                        )
+                by_address[peer.address] = (*sharing, peer)
             by_name[peer.name] = peer
             by_key[peer.public_key] = peer
         by_node_id = {peer.node_id: peer for peer in by_name.values()}
@@ -228,7 +247,7 @@ class TrustStore:
         """A store that lives only in this process (for tests and embedding).
 
         Raises:
-            TrustStoreError: two peers share a name, key or address.
+            TrustStoreError: two peers share a name, a key, or an address and port.
         """
         return cls(None, _Snapshot.build(peers), None)
 
@@ -257,13 +276,33 @@ class TrustStore:
         """The peer with this node id, or ``None``."""
         return self._current().by_node_id.get(node_id)
 
-    def by_address(self, address: str | Address) -> TrustedPeer | None:
-        """The peer with this Pilot address, or ``None``.
+    def by_address(self, address: str | Address, port: int | None = None) -> TrustedPeer | None:
+        """The one peer at this Pilot address (and port), or ``None``.
+
+        Several peers may share an address (processes behind one daemon). With
+        ``port``, an entry recorded with that port wins; otherwise, and
+        without ``port``, the answer is the single entry that matches, and
+        ``None`` when there are several (the TLS handshake then tells them
+        apart by key).
 
         Raises:
             AddressError: ``address`` is not a valid Pilot address text.
         """
-        return self._current().by_address.get(str(Address.coerce(address)))
+        found = self._current().by_address.get(str(Address.coerce(address)), ())
+        if port is not None:
+            exact = [p for p in found if p.port == port]
+            if len(exact) == 1:
+                return exact[0]
+            found = tuple(p for p in found if p.port is None)
+        return found[0] if len(found) == 1 else None
+
+    def all_at_address(self, address: str | Address) -> builtins.list[TrustedPeer]:
+        """Every peer recorded at this Pilot address (several identities may share one).
+
+        Raises:
+            AddressError: ``address`` is not a valid Pilot address text.
+        """
+        return list(self._current().by_address.get(str(Address.coerce(address)), ()))
 
     def is_trusted(self, public_key: bytes) -> bool:
         """Whether a peer presenting ``public_key`` is allowed in."""
@@ -300,7 +339,7 @@ class TrustStore:
 
         Raises:
             TrustStoreError: another entry already has this name (unless
-                ``replace``), this public key or this address; or the file
+                ``replace``), this public key, or this address and port; or the file
                 cannot be written.
         """
 

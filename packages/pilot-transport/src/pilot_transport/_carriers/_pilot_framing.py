@@ -29,6 +29,8 @@ The three bytes ``SAC`` are an escape; exactly one code byte follows them:
 ``SAC 0x02 n``         flow-control credit: the receiver may take ``n`` KiB more
                        (``1 <= n <= 64``, so ``n`` is never ``S``)
 ``SAC 0x03``           no-op (see below)
+``SAC 0x03 SAC 0x03``  end-of-stream acknowledgement: this side has received the
+                       peer's end of data (two no-ops in a row never occur otherwise)
 =====================  =========================================================
 
 Any other code is a protocol error. ``SAC`` is always followed by a byte
@@ -44,6 +46,11 @@ an encoded chunk that would end in ``S`` or ``SA`` is closed with a no-op.
 Each chunk is encoded on its own: a ``SAC`` split across two chunks is not an
 escape on the wire, and the no-op keeps it from becoming one.
 
+The acknowledgement exists because the daemon's Close drops whatever the peer
+has not yet acknowledged: a side that is closing waits until the peer has
+acknowledged its end of data (or has closed) before it tells the daemon to
+close. Decoders that predate it see two no-ops and ignore them.
+
 Each side starts with :data:`INITIAL_CREDIT` bytes of credit for sending; a
 receiver with a larger window grants the difference at once, and grants
 consumed bytes back as its reader takes them.
@@ -55,6 +62,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "CREDIT_UNIT",
+    "EOF_ACK",
     "EOF_MARKER",
     "INITIAL_CREDIT",
     "MAX_CREDIT_PER_CONTROL",
@@ -71,6 +79,8 @@ _LITERAL = b"SAC\x00"
 EOF_MARKER = b"SAC\x01"
 _CREDIT = 0x02
 NOOP = b"SAC\x03"
+EOF_ACK = NOOP + NOOP
+"""Sent once on receiving the peer's end-of-data marker."""
 CREDIT_UNIT = 1024
 """Credit is granted in KiB."""
 MAX_CREDIT_PER_CONTROL = 64
@@ -108,6 +118,7 @@ class Decoded:
     data: bytes
     credit: int  # bytes
     eof: bool  # the end-of-data marker was in this chunk
+    eof_ack: bool = False  # the peer acknowledged our end-of-data marker
 
 
 def _partial_escape(data: bytes) -> int:
@@ -122,11 +133,13 @@ def _partial_escape(data: bytes) -> int:
 class FramingDecoder:
     """Stateful decoder: wire chunks (split anywhere) in, data/credit/EOF out."""
 
-    __slots__ = ("_pending", "eof")
+    __slots__ = ("_noops", "_pending", "eof", "eof_acked")
 
     def __init__(self) -> None:
         self._pending = b""
+        self._noops = 0
         self.eof = False
+        self.eof_acked = False
 
     def feed(self, chunk: bytes) -> Decoded:
         """Decode one chunk.
@@ -142,12 +155,16 @@ class FramingDecoder:
             if keep:
                 self._pending = chunk[-keep:]
                 chunk = chunk[:-keep]
-            if chunk and self.eof:
-                raise FramingError("data after end of stream")
+            if chunk:
+                if self.eof:
+                    raise FramingError("data after end of stream")
+                self._noops = 0
             return Decoded(chunk, 0, False)
         out = bytearray()
         credit = 0
         eof = self.eof
+        ack = False
+        noops = self._noops
         pos = 0
         end = len(chunk)
         while True:
@@ -164,12 +181,21 @@ class FramingDecoder:
                 if eof:
                     raise FramingError("data after end of stream")
                 out += piece
+                noops = 0
             if i < 0:
                 break
             if i + 3 >= end:
                 self._pending = chunk[i:]
                 break
             code = chunk[i + 3]
+            if code == 3:
+                noops += 1
+                if noops == 2:
+                    ack = True
+                    noops = 0
+                pos = i + 4
+                continue
+            noops = 0
             if code == 0:
                 if eof:
                     raise FramingError("data after end of stream")
@@ -189,10 +215,11 @@ class FramingDecoder:
                     raise FramingError(f"bad credit grant {n}")
                 credit += n * CREDIT_UNIT
                 pos = i + 5
-            elif code == 3:
-                pos = i + 4
             else:
                 raise FramingError(f"unknown escape code 0x{code:02X}")
         newly_eof = eof and not self.eof
         self.eof = eof
-        return Decoded(bytes(out), credit, newly_eof)
+        self._noops = noops
+        newly_acked = ack and not self.eof_acked
+        self.eof_acked = self.eof_acked or ack
+        return Decoded(bytes(out), credit, newly_eof, newly_acked)

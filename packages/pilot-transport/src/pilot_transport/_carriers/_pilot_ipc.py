@@ -1,4 +1,4 @@
-"""Sans-IO codec of the Pilot daemon's Unix-socket protocol (see PILOT-IPC.md).
+"""Sans-IO codec of the Pilot daemon's Unix-socket protocol (see PILOT-DAEMON.md).
 
 Theory of operation
 -------------------
@@ -20,7 +20,7 @@ and back. It performs no I/O, owns no clock and is shared by the client
 (:mod:`pilot_transport._carriers.pilot`) and the daemon double
 (:mod:`pilot_transport.testing._daemon_double`). Builders return one ``bytes``
 object holding header and body, so a driver writes each frame with a single
-write (a header written apart from its body is the Nagle trap PILOT-IPC.md
+write (a header written apart from its body is the Nagle trap PILOT-DAEMON.md
 measures at 40 ms).
 """
 

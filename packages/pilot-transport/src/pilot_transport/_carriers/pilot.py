@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 
-The daemon's socket protocol (PILOT-IPC.md, codec in :mod:`._pilot_ipc`) has no
+The daemon's socket protocol (PILOT-DAEMON.md, codec in :mod:`._pilot_ipc`) has no
 request ids, sends ``Send``/``SendTo`` failures later as id-less ``Error``
 frames, processes one IPC connection's commands strictly one after another
 (a ``Dial`` to an unreachable node blocks that connection for ~30 s), and
@@ -57,7 +57,8 @@ import contextlib
 import logging
 import random
 import struct
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, TypeVar
 
@@ -66,6 +67,7 @@ from pilot_transport._carrier import Carrier, CarrierListener, CarrierStream, Di
 from pilot_transport._carriers import _pilot_ipc as ipc
 from pilot_transport._carriers._pilot_framing import (
     CREDIT_UNIT,
+    EOF_ACK,
     EOF_MARKER,
     INITIAL_CREDIT,
     NOOP,
@@ -130,6 +132,18 @@ class PilotCarrierOptions:
         reconnect_initial_delay / reconnect_max_delay: listener re-bind backoff.
         datagram_queue: datagrams kept per port for ``recv_datagram``; the
             oldest is dropped when full (datagrams are lossy anyway).
+        close_linger: longest wait, in seconds, in ``aclose()`` of a
+            pilot-to-pilot stream for the peer's own end-of-stream (or the
+            daemon's report that the stream ended) before the daemon is told to
+            close it. The daemon discards whatever the peer has not yet
+            acknowledged when it is told to close, so closing at once can lose
+            the tail of the data; ``0`` closes at once.
+        dial_burst / dial_rate: pacing of new streams (dials) from this
+            carrier: up to ``dial_burst`` at once, then ``dial_rate`` per
+            second. The daemon admits a burst of about 64 new connections from
+            one node and then about 8 a second, and silently drops the rest
+            (the dialer sees ``dial timeout`` after ~17 s); the defaults stay
+            inside that with room for other clients of the same daemon.
     """
 
     stream_window: int = 256 * 1024
@@ -142,6 +156,9 @@ class PilotCarrierOptions:
     reconnect_initial_delay: float = 0.05
     reconnect_max_delay: float = 2.0
     datagram_queue: int = 1024
+    close_linger: float = 10.0
+    dial_burst: int = 48
+    dial_rate: float = 6.0
 
     def __post_init__(self) -> None:
         if self.stream_window < INITIAL_CREDIT or self.stream_window % CREDIT_UNIT:
@@ -155,7 +172,7 @@ class PilotCarrierOptions:
             raise TransportUsageError("raw_buffer_limit must be at least 4096")
         if not 1 <= self.send_chunk <= ipc.MAX_SEND_DATA:
             raise TransportUsageError(f"send_chunk must be in 1..{ipc.MAX_SEND_DATA}")
-        for name in ("accept_backlog", "control_connections", "datagram_queue"):
+        for name in ("accept_backlog", "control_connections", "datagram_queue", "dial_burst"):
             if getattr(self, name) < 1:
                 raise TransportUsageError(f"{name} must be at least 1")
         for name in (
@@ -163,9 +180,12 @@ class PilotCarrierOptions:
             "connect_timeout",
             "reconnect_initial_delay",
             "reconnect_max_delay",
+            "dial_rate",
         ):
             if not getattr(self, name) > 0:
                 raise TransportUsageError(f"{name} must be positive")
+        if not 0 <= self.close_linger <= 3600:
+            raise TransportUsageError("close_linger must be in 0..3600 seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,6 +507,8 @@ class PilotStream(CarrierStream):
         self._remote_closed = False
         self._local_closed = False
         self._eof_sent = False
+        self._lingering = False
+        self._peer_got_eof = False
         self._readable = asyncio.Event()
         self._credit_event = asyncio.Event()
         self._write_lock = asyncio.Lock()
@@ -506,7 +528,7 @@ class PilotStream(CarrierStream):
 
     # -- events from the host (synchronous, never block the socket reader) ------------------
     def _on_segment(self, data: bytes) -> None:
-        if self._local_closed or self._error is not None:
+        if self._error is not None or (self._local_closed and not self._lingering):
             return
         if self._decoder is not None:
             try:
@@ -518,9 +540,26 @@ class PilotStream(CarrierStream):
                 self._send_credit += decoded.credit
                 self._credit_event.set()
             data = decoded.data
+            if decoded.eof_ack:
+                self._peer_got_eof = True
+                self._readable.set()
             if decoded.eof:
                 self._rx_eof = True
                 self._readable.set()
+                # Tell the peer its data all arrived: it may now close safely.
+                if not self._remote_closed and not self._host.closed:
+                    with contextlib.suppress(DaemonUnavailableError):
+                        self._host.write(ipc.send(self.conn_id, EOF_ACK))
+            if self._lingering:
+                # Closing: the data is discarded, but credited back so a peer
+                # still writing can reach its own end-of-stream.
+                self._consumed += len(data)
+                if data and self._consumed >= max(self._window // 4, CREDIT_UNIT):
+                    kib = self._consumed // CREDIT_UNIT
+                    self._consumed -= kib * CREDIT_UNIT
+                    with contextlib.suppress(DaemonUnavailableError):
+                        self._host.write(ipc.send(self.conn_id, credit_controls(kib)))
+                return
         if data:
             self._rx.append(data)
             self._rx_bytes += len(data)
@@ -706,23 +745,72 @@ class PilotStream(CarrierStream):
                 raise StreamResetError(str(self._error or exc)) from exc
 
     async def aclose(self) -> None:
-        """Close both directions: the peer reads ``b""`` after our data. Idempotent.
+        """Close both directions: the peer reads ``b""`` after all our data. Idempotent.
 
-        Never raises. Buffered inbound data is discarded.
+        On a pilot-to-pilot stream this sends our end-of-stream marker, then
+        waits (at most ``close_linger`` seconds) until the peer has
+        acknowledged our end-of-stream (all our data arrived) or has closed,
+        and only then tells the daemon to close: the daemon drops whatever the peer
+        has not acknowledged when told to close, so closing at once could lose
+        our last bytes. Inbound data that arrives meanwhile is discarded.
+
+        Never raises except for cancellation; cancelling the wait closes the
+        stream at once (the peer may then miss our last bytes) and re-raises.
         """
         if self._local_closed:
             return
         self._local_closed = True
-        if not self._remote_closed and self._error is None and not self._host.closed:
-            with contextlib.suppress(DaemonUnavailableError):
-                if self.framed and not self._eof_sent:
-                    self._host.write(ipc.send(self.conn_id, EOF_MARKER))
-                self._host.write(ipc.close(self.conn_id))
-        self._eof_sent = True
         self._rx.clear()
         self._rx_bytes = 0
-        self._release()
+        try:
+            if self._may_linger():
+                await self._linger()
+        finally:
+            if not self._remote_closed and self._error is None and not self._host.closed:
+                with contextlib.suppress(DaemonUnavailableError):
+                    if self.framed and not self._eof_sent:
+                        self._host.write(ipc.send(self.conn_id, EOF_MARKER))
+                    self._host.write(ipc.close(self.conn_id))
+            self._eof_sent = True
+            self._lingering = False
+            self._rx.clear()
+            self._rx_bytes = 0
+            self._release()
         await asyncio.sleep(0)  # let a reader woken by the close run before we return
+
+    def _may_linger(self) -> bool:
+        return (
+            self.framed
+            and self._host.carrier.options.close_linger > 0
+            and not self._peer_got_eof
+            and not self._remote_closed
+            and self._error is None
+            and not self._host.closed
+        )
+
+    async def _linger(self) -> None:
+        """Send our end-of-stream and wait, bounded, for the peer's acknowledgement."""
+        self._lingering = True
+        if not self._eof_sent:
+            try:
+                self._host.write(ipc.send(self.conn_id, EOF_MARKER))
+            except DaemonUnavailableError:
+                return
+            self._eof_sent = True
+        try:
+            async with asyncio.timeout(self._host.carrier.options.close_linger):
+                while not (
+                    self._peer_got_eof or self._remote_closed or self._error or self._host.closed
+                ):
+                    self._readable.clear()
+                    await self._readable.wait()
+        except TimeoutError:
+            self._host.carrier._stats["close_linger_expired"] += 1
+            _log.debug(
+                "closing pilot stream to %s without the peer's end-of-stream after %.1f s",
+                self.remote,
+                self._host.carrier.options.close_linger,
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -896,6 +984,42 @@ class _ControlPool:
     idle: list[_ControlConnection] = field(default_factory=lambda: [])
 
 
+class _DialPacer:
+    """A token bucket: ``burst`` dials at once, then ``rate`` per second (FIFO waiters)."""
+
+    def __init__(
+        self,
+        burst: int,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.burst = burst
+        self.rate = rate
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = float(burst)
+        self._stamp = clock()
+        self._lock = asyncio.Lock()
+        self.waited = 0
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def acquire(self) -> None:
+        """Wait for a dial slot. Cancellation gives up the place in line."""
+        async with self._lock:
+            self._refill()
+            while self._tokens < 1.0:
+                self.waited += 1
+                await self._sleep((1.0 - self._tokens) / self.rate)
+                self._refill()
+            self._tokens -= 1.0
+
+
 class PilotCarrier(Carrier):
     """A complete asyncio client of the local Pilot daemon's socket protocol.
 
@@ -929,13 +1053,15 @@ class PilotCarrier(Carrier):
         self._datagram_ports: dict[int, DatagramReceiver] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stats: collections.Counter[str] = collections.Counter()
+        self._pacer = _DialPacer(self.options.dial_burst, self.options.dial_rate)
 
     def __repr__(self) -> str:
         return f"<PilotCarrier {self.socket_path!r}{' closed' if self.closed else ''}>"
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: ``stray_errors``, ``rejected_accepts``, ``dropped_datagrams``."""
+        """Counters: ``stray_errors``, ``rejected_accepts``, ``dropped_datagrams``,
+        ``close_linger_expired`` (closes that gave up waiting for the peer)."""
         return dict(self._stats)
 
     async def __aenter__(self) -> PilotCarrier:
@@ -1075,6 +1201,8 @@ class PilotCarrier(Carrier):
     async def _dial(self, address: Address, port: int, *, framed: bool) -> PilotStream:
         self._check_open()
         _check_port(port)
+        await self._pacer.acquire()
+        self._check_open()
         host = await self._connect(self._new_host)
         remote = SocketAddress(address, port)
         host.dialing = (remote, framed)
@@ -1272,7 +1400,7 @@ class PilotCarrier(Carrier):
         return value
 
     async def handshake_request(self, node_id: int, justification: str = "") -> dict[str, Any]:
-        """Ask node ``node_id`` to trust us (daemon-level trust; see PILOT-IPC.md)."""
+        """Ask node ``node_id`` to trust us (daemon-level trust; see PILOT-DAEMON.md)."""
         return await self._handshake(ipc.HandshakeSub.REQUEST, node_id, justification)
 
     async def handshake_approve(self, node_id: int) -> dict[str, Any]:
@@ -1396,9 +1524,10 @@ class PilotCarrier(Carrier):
             await listener.aclose()
         for receiver in list(self._datagram_ports.values()):
             receiver.close()
+        streams = [stream for host in self._hosts for stream in host.streams.values()]
+        # Concurrently: each may linger (bounded) for its peer's end-of-stream.
+        await asyncio.gather(*(stream.aclose() for stream in streams))
         for host in list(self._hosts):
-            for stream in list(host.streams.values()):
-                await stream.aclose()
             host.close()
         self._hosts.clear()
         for conn in self._control.idle:

@@ -1,7 +1,7 @@
 """An in-process asyncio double of the Pilot daemon's Unix-socket protocol.
 
 :class:`PilotDaemonDouble` listens on a real Unix socket (mode 0600) and
-speaks the daemon's frame protocol as PILOT-IPC.md describes it, quirks
+speaks the daemon's frame protocol as PILOT-DAEMON.md describes it, quirks
 included, so the ``pilot://`` carrier can be tested end to end without the Go
 daemon. Several doubles joined to one :class:`PilotNetworkDouble` behave like
 daemons on different hosts: they dial each other by Pilot address
@@ -24,10 +24,15 @@ Reproduced
 - Unknown commands get ``Error`` and the connection continues.
 - ``Bind`` has no ephemeral assignment and no Unbind: a port stays bound until
   the client's connection closes. ``Accept`` pushes carry ``local_port``.
-- ``Recv`` segments carry at most 4096 data bytes. A segment that begins with
+- ``Recv`` segments carry at most 4096 data bytes (``segment_size``; 1.18.0
+  sends at most 1152). A segment that begins with
   ``SACK`` plus a byte 1-4 is swallowed and the stream stalls (no later data
   is delivered), as the real daemon does.
 - ``RecvFrom`` goes to every client of the receiving daemon, whatever its ports.
+- Close is not ordered after the data: stream data reaches the peer on a later
+  turn of the event loop, and a ``Close`` (or a client dropping its connection)
+  discards what is still in flight, as the real daemon drops the unacknowledged
+  tail (``close_drops_unacked=False`` delivers at once instead).
 - ``Info``, ``ResolveHostname``, ``SetHostname``, ``SetVisibility``,
   ``SetTags``, ``SetWebhook``, ``SetTaskExec``, ``Deregister`` and the
   ``Handshake`` sub-commands answer JSON shaped like the daemon's.
@@ -145,13 +150,27 @@ class _Conn:
     peer: _Conn | None = None
     open: bool = True
     stalled: bool = False
+    in_flight: list[bytes] = field(default_factory=lambda: [])
+    """Data sent towards this end and not yet delivered (not yet acknowledged)."""
+
+    def arrive(self, data: bytes) -> None:
+        """Data sent by the peer: delivered on a later turn of the event loop."""
+        if not self.in_flight:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.in_flight.append(data)
+
+    def _flush(self) -> None:
+        pending, self.in_flight = self.in_flight, []
+        for data in pending:
+            self.deliver(data)
 
     def deliver(self, data: bytes) -> None:
         """Data arriving for this end, cut into segments as the daemon does."""
-        for start in range(0, len(data), SEGMENT_SIZE):
+        size = self.daemon.segment_size
+        for start in range(0, len(data), size):
             if self.stalled or not self.open:
                 return
-            segment = data[start : start + SEGMENT_SIZE]
+            segment = data[start : start + size]
             if segment[:4] == b"SACK" and len(segment) > 4 and 1 <= segment[4] <= 4:
                 self.stalled = True  # swallowed as a SACK block; the stream never recovers
                 return
@@ -164,7 +183,10 @@ class _Conn:
         peer = self.peer
         if not self.open or peer is None or not peer.open:
             return False
-        peer.deliver(data)
+        if self.daemon.close_drops_unacked and peer.service is None:
+            peer.arrive(data)  # across the tunnel; a daemon's own service takes it at once
+        else:
+            peer.deliver(data)
         return True
 
 
@@ -234,6 +256,9 @@ class PilotDaemonDouble:
         public: whether the node resolves for anyone (else only for nodes it trusts).
         unreachable_dial_delay: seconds before a dial to an unreachable node fails.
         accept_backlog: pending accepts kept per port while ``hold_accepts``.
+        async_error_delay: seconds before a failed Send's Error frame.
+        close_drops_unacked: a Close discards stream data still in flight.
+        segment_size: largest Recv payload (4096 older daemons, 1152 in 1.18.0).
 
     Use as ``async with PilotDaemonDouble(path) as daemon: ...`` or call
     :meth:`start` / :meth:`stop` (a stop followed by a start is a restart).
@@ -249,6 +274,8 @@ class PilotDaemonDouble:
         unreachable_dial_delay: float = 0.2,
         accept_backlog: int = 64,
         async_error_delay: float = 0.002,
+        close_drops_unacked: bool = True,
+        segment_size: int = SEGMENT_SIZE,
     ) -> None:
         self.socket_path = socket_path
         self.network = network or PilotNetworkDouble()
@@ -263,6 +290,11 @@ class PilotDaemonDouble:
         self.unreachable_dial_delay = unreachable_dial_delay
         self.accept_backlog = accept_backlog
         self.async_error_delay = async_error_delay
+        self.close_drops_unacked = close_drops_unacked
+        self.segment_size = segment_size
+        """Largest Recv payload: 4096 as older daemons, 1152 as 1.18.0."""
+        """As the real daemon: stream data is delivered a moment after its Send, and a
+        Close (a FIN) overtakes it, so the peer never gets what was still in flight."""
         self.command_delay: dict[int, float] = {}
         """Extra seconds before handling a command byte (a slow daemon), e.g. ``{0x0D: 1.0}``."""
         self.hold_accepts = False
@@ -749,4 +781,5 @@ class PilotDaemonDouble:
             conn.service.on_close(conn)
         peer = conn.peer
         if peer is not None and peer.open:
+            peer.in_flight.clear()  # the FIN overtakes unacknowledged data: it is dropped
             peer.daemon._end_conn(peer, notify_self=True)

@@ -1,0 +1,363 @@
+"""A minimal Pilot registry and beacon for tests on one host (loopback only).
+
+The ``pilotprotocol`` wheel ships the Go ``pilot-daemon`` but no registry or
+beacon, and a daemon left to its defaults talks to the public network. This
+module is a small stand-in written from the protocol's documented facts, just
+enough for daemons on 127.0.0.1 to register, find each other and open tunnels:
+
+Registry (TCP): each message is a 4-byte big-endian length and a JSON object
+with a ``type`` field; the reply is one message of the same shape (``<type>_ok``,
+or ``{"error": ...}``). A client may instead open with the 4 bytes ``PILT`` and a
+version byte, after which frames are ``[u32 length][u8 type][payload]`` (type 0
+carries JSON; 1/2/3 are binary heartbeat, lookup and resolve; 0xFF an error).
+
+Beacon (UDP): ``0x01 [u32 node id]`` is answered with
+``0x02 [u8 ip length][ip][u16 port]``, the endpoint the packet came from;
+``0x05 [u32 node id][payload]`` is relayed as ``0x06 [u32 source][payload]``.
+
+Every node is treated as public and every pair as trusted: it is a test network
+of our own processes, not an authority. Node ids are assigned per public key and
+kept for the life of the process, so a daemon restarted with the same identity
+file gets the same address back.
+
+Run: ``python _pilot_rendezvous.py`` prints ``ready <registry port> <beacon port>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+_MAGIC = b"PILT"
+_MAX_MESSAGE = 16 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+
+def address_text(node_id: int, network: int = 0) -> str:
+    """The text form ``N:XXXX.XXXX.XXXX`` of a Pilot address."""
+    digits = f"{node_id:012X}"
+    return f"{network}:{digits[0:4]}.{digits[4:8]}.{digits[8:12]}"
+
+
+@dataclass
+class Node:
+    node_id: int
+    public_key: str
+    real_addr: str
+    lan_addrs: list[str] = field(default_factory=list[str])
+    hostname: str = ""
+    tags: list[str] = field(default_factory=list[str])
+    version: str = ""
+    last_seen: float = 0.0
+
+
+class Registry:
+    """Node directory: register, lookup, resolve, heartbeat and the small rest."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, Node] = {}
+        self.by_key: dict[str, int] = {}
+        self.by_hostname: dict[str, int] = {}
+        self.next_id = 1
+        self.log: list[str] = []
+
+    def handle(self, msg: dict[str, Any], peer_host: str) -> dict[str, Any]:
+        kind = str(msg.get("type", ""))
+        self.log.append(kind)
+        handler = getattr(self, f"_on_{kind}", None)
+        if handler is None:
+            return {"error": f"unknown message type: {kind!r}"}
+        try:
+            return handler(msg, peer_host)
+        except (KeyError, TypeError, ValueError) as exc:
+            return {"error": f"{kind}: {exc}"}
+
+    def _node(self, msg: dict[str, Any], key: str = "node_id") -> Node:
+        node = self.nodes.get(int(msg.get(key, 0)))
+        if node is None:
+            raise KeyError(f"node {msg.get(key)} not found")
+        return node
+
+    def _on_register(self, msg: dict[str, Any], peer_host: str) -> dict[str, Any]:
+        key = str(msg["public_key"])
+        listen = str(msg.get("listen_addr", ""))
+        host, _, port = listen.rpartition(":")
+        if not host or host in ("0.0.0.0", "::", "[::]"):
+            listen = f"{peer_host}:{port}"
+        node_id = self.by_key.get(key)
+        if node_id is None:
+            node_id = self.next_id
+            self.next_id += 1
+            self.by_key[key] = node_id
+            self.nodes[node_id] = Node(node_id, key, listen)
+        node = self.nodes[node_id]
+        node.real_addr = listen
+        node.lan_addrs = [str(a) for a in msg.get("lan_addrs", []) or []]
+        node.version = str(msg.get("version", ""))
+        node.last_seen = time.time()
+        reply: dict[str, Any] = {
+            "type": "register_ok",
+            "node_id": node_id,
+            "network_id": 0,
+            "address": address_text(node_id),
+            "public_key": key,
+            "observed_addr": listen,
+            "protocol_version": 1,
+        }
+        hostname = str(msg.get("hostname", ""))
+        if hostname:
+            self._set_hostname(node, hostname)
+        if node.hostname:
+            reply["hostname"] = node.hostname
+        return reply
+
+    def _set_hostname(self, node: Node, hostname: str) -> None:
+        owner = self.by_hostname.get(hostname)
+        if owner is not None and owner != node.node_id:
+            raise ValueError(f"hostname {hostname!r} already in use by node {owner}")
+        if node.hostname:
+            self.by_hostname.pop(node.hostname, None)
+        node.hostname = hostname
+        if hostname:
+            self.by_hostname[hostname] = node.node_id
+
+    def lookup(self, node: Node) -> dict[str, Any]:
+        reply: dict[str, Any] = {
+            "type": "lookup_ok",
+            "node_id": node.node_id,
+            "address": address_text(node.node_id),
+            "networks": [0],
+            "public_key": node.public_key,
+            "public": True,
+            "real_addr": node.real_addr,
+            "endpoint": node.real_addr,
+        }
+        if node.hostname:
+            reply["hostname"] = node.hostname
+        if node.tags:
+            reply["tags"] = node.tags
+        if node.version:
+            reply["version"] = node.version
+        return reply
+
+    def _on_lookup(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        return self.lookup(self._node(msg))
+
+    def _on_resolve(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        node = self._node(msg)
+        reply: dict[str, Any] = {
+            "type": "resolve_ok",
+            "node_id": node.node_id,
+            "real_addr": node.real_addr,
+            "key_age_days": 0,
+        }
+        if node.lan_addrs:
+            reply["lan_addrs"] = node.lan_addrs
+        return reply
+
+    def _on_heartbeat(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        self._node(msg).last_seen = time.time()
+        return {"type": "heartbeat_ok", "time": int(time.time())}
+
+    def _on_resolve_hostname(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        hostname = str(msg.get("hostname", ""))
+        node_id = self.by_hostname.get(hostname)
+        if node_id is None:
+            raise KeyError(f"hostname {hostname!r} not found")
+        return {
+            "type": "resolve_hostname_ok",
+            "node_id": node_id,
+            "address": address_text(node_id),
+            "public": True,
+            "hostname": hostname,
+        }
+
+    def _on_set_hostname(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        node = self._node(msg)
+        self._set_hostname(node, str(msg.get("hostname", "")))
+        return {"type": "set_hostname_ok", "node_id": node.node_id, "hostname": node.hostname}
+
+    def _on_set_tags(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        node = self._node(msg)
+        node.tags = [str(t) for t in msg.get("tags", []) or []]
+        return {"type": "set_tags_ok", "node_id": node.node_id, "tags": node.tags}
+
+    def _on_set_visibility(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        node = self._node(msg)
+        visibility = "public" if msg.get("public") else "private"
+        return {"type": "set_visibility_ok", "node_id": node.node_id, "visibility": visibility}
+
+    def _on_deregister(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        return {"type": "deregister_ok"}
+
+    def _on_report_trust(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        return {"type": "report_trust_ok"}
+
+    def _on_revoke_trust(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        return {"type": "revoke_trust_ok"}
+
+    def _on_check_trust(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        return {"type": "check_trust_ok", "trusted": True}
+
+    def _on_poll_handshakes(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        return {"type": "poll_handshakes_ok", "requests": []}
+
+    def _on_poll_invites(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        return {"type": "poll_invites_ok", "invites": []}
+
+    def _on_punch(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        return {"type": "punch_ok"}
+
+    # -- binary frames -------------------------------------------------------
+
+    def binary(self, kind: int, payload: bytes, peer_host: str) -> tuple[int, bytes]:
+        try:
+            if kind == 0x00:
+                reply = self.handle(json.loads(payload), peer_host)
+                return 0x00, json.dumps(reply).encode()
+            if kind == 0x01:  # heartbeat: node id, signature
+                (node_id,) = struct.unpack_from(">I", payload)
+                self._node({"node_id": node_id}).last_seen = time.time()
+                return 0x81, struct.pack(">qB", int(time.time()), 0)
+            if kind == 0x02:  # lookup: node id
+                (node_id,) = struct.unpack_from(">I", payload)
+                return 0x82, _encode_lookup(self._node({"node_id": node_id}))
+            if kind == 0x03:  # resolve: node id, requester id, signature
+                (node_id,) = struct.unpack_from(">I", payload)
+                node = self._node({"node_id": node_id})
+                return 0x83, _encode_resolve(node)
+        except (KeyError, struct.error, ValueError) as exc:
+            return 0xFF, _encode_error(str(exc))
+        return 0xFF, _encode_error(f"unknown binary message type {kind}")
+
+
+def _short(text: str) -> bytes:
+    raw = text.encode()[:255]
+    return bytes([len(raw)]) + raw
+
+
+def _encode_lookup(node: Node) -> bytes:
+    import base64
+
+    key = base64.b64decode(node.public_key)
+    out = bytearray(struct.pack(">IBIH", node.node_id, 0x01, 0, 1))
+    out += struct.pack(">H", 0)  # network ids: [0]
+    out += bytes([len(key)]) + key
+    out += _short(node.hostname)
+    out += bytes([len(node.tags)])
+    for tag in node.tags:
+        out += _short(tag)
+    real = node.real_addr.encode()
+    out += struct.pack(">H", len(real)) + real
+    out += _short("")  # external id
+    return bytes(out)
+
+
+def _encode_resolve(node: Node) -> bytes:
+    real = node.real_addr.encode()
+    out = bytearray(struct.pack(">IH", node.node_id, len(real)) + real)
+    out += struct.pack(">H", len(node.lan_addrs))
+    for lan in node.lan_addrs:
+        raw = lan.encode()
+        out += struct.pack(">H", len(raw)) + raw
+    out += struct.pack(">I", 0)  # key age in days
+    return bytes(out)
+
+
+def _encode_error(message: str) -> bytes:
+    raw = message.encode()[:65000]
+    return struct.pack(">H", len(raw)) + raw
+
+
+async def _serve_registry(
+    registry: Registry, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    peer = writer.get_extra_info("peername")
+    peer_host = str(peer[0]) if peer else "127.0.0.1"
+    try:
+        head = await reader.readexactly(4)
+        if head == _MAGIC:
+            await reader.readexactly(1)  # protocol version
+            while True:
+                (length,) = _LEN.unpack(await reader.readexactly(4))
+                if not 1 <= length <= _MAX_MESSAGE:
+                    return
+                body = await reader.readexactly(length)
+                kind, payload = registry.binary(body[0], body[1:], peer_host)
+                writer.write(struct.pack(">IB", len(payload) + 1, kind) + payload)
+                await writer.drain()
+        while True:
+            (length,) = _LEN.unpack(head)
+            if length > _MAX_MESSAGE:
+                return
+            msg = json.loads(await reader.readexactly(length))
+            reply = json.dumps(registry.handle(msg, peer_host)).encode()
+            writer.write(_LEN.pack(len(reply)) + reply)
+            await writer.drain()
+            head = await reader.readexactly(4)
+    except (asyncio.IncompleteReadError, ConnectionError, json.JSONDecodeError):
+        pass
+    finally:
+        writer.close()
+
+
+class Beacon(asyncio.DatagramProtocol):
+    """Discover replies (the observed endpoint) and relays between nodes."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.endpoints: dict[int, tuple[str, int]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if len(data) < 5 or self.transport is None:
+            return
+        host, port = str(addr[0]), int(addr[1])
+        (node_id,) = struct.unpack_from(">I", data, 1)
+        if data[0] == 0x01:
+            self.endpoints[node_id] = (host, port)
+            ip = bytes(int(part) for part in host.split("."))
+            self.transport.sendto(bytes([0x02, len(ip)]) + ip + struct.pack(">H", port), addr)
+        elif data[0] == 0x05:
+            dest = self.endpoints.get(node_id)
+            if dest is None:
+                return
+            source = next((n for n, ep in self.endpoints.items() if ep == (host, port)), 0)
+            self.transport.sendto(b"\x06" + struct.pack(">I", source) + data[5:], dest)
+
+
+async def main() -> None:
+    registry = Registry()
+    server = await asyncio.start_server(
+        lambda r, w: _serve_registry(registry, r, w),
+        "127.0.0.1",
+        int(sys.argv[1]) if len(sys.argv) > 1 else 0,
+    )
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        Beacon, local_addr=("127.0.0.1", int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    )
+    reg_port = server.sockets[0].getsockname()[1]
+    beacon_port = transport.get_extra_info("sockname")[1]
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"ready {reg_port} {beacon_port}", flush=True)
+    async with server:
+        await stop.wait()
+    transport.close()
+    with contextlib.suppress(Exception):
+        print("requests " + " ".join(sorted(set(registry.log))), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
