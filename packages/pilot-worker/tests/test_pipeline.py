@@ -269,7 +269,7 @@ async def test_queue_full_and_queue_wait_bounded_by_deadline() -> None:
         await entered.wait()
         queued = asyncio.create_task(client.call("q", 2, timeout=0.1))
         async with asyncio.timeout(5):
-            while client.worker._entries["q"].gate.queued == 0:  # type: ignore[union-attr]
+            while client.worker._registry.entries["q"].gate.queued == 0:  # type: ignore[union-attr]
                 await asyncio.sleep(0)
         with pytest.raises(ResourceExhausted) as info:
             await client.call("q", 3)
