@@ -158,6 +158,8 @@ class WorkerLifecycle:
                     registry=self._metrics.registry,
                     alive=alive,
                     ready=ready,
+                    max_connections=self._config.ops_max_connections,
+                    read_timeout=self._config.ops_read_timeout_secs,
                 )
                 await http.start()
                 self.http = http
@@ -203,9 +205,9 @@ class WorkerLifecycle:
         """See :meth:`WorkerServer.drain`."""
         if self.state in ("new", "draining", "closed"):
             if self.state == "new":
-                self.state = "draining"
+                self._set_state("draining")
             return 0
-        self.state = "draining"
+        self._set_state("draining")
         self._metrics.ready.set(0)
         grace = self._config.drain_timeout_secs if timeout is None else max(0.0, timeout)
         started = time.monotonic()
@@ -238,7 +240,7 @@ class WorkerLifecycle:
                 return
             if self.state == "serving":
                 await self.drain(None)
-            self.state = "closed"
+            self._set_state("closed")
             self._metrics.ready.set(0)
             self._pipeline.cancel_overrunning()
             for periodic in self.periodic:
@@ -263,6 +265,10 @@ class WorkerLifecycle:
                 await _aclose_quietly(self._listener)
             self._pool.close()
             self._closed.set()
+
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        self._pipeline.accepting = state in ("new", "serving")
 
     # ------------------------------------------------------------------ probes
 

@@ -122,7 +122,6 @@ class CallPipeline:
         pool: Threads for sync handlers.
         idempotency: Stored results of idempotent handlers.
         recorder: Spans, metrics and the call log.
-        state: Returns the worker's state (``"draining"``/``"closed"`` refuse calls).
         include_tracebacks: Put handler tracebacks in ``INTERNAL`` details.
     """
 
@@ -134,7 +133,6 @@ class CallPipeline:
         pool: SyncPool,
         idempotency: IdempotencyCache,
         recorder: CallRecorder,
-        state: Callable[[], str],
         include_tracebacks: bool,
     ) -> None:
         self._registry = registry
@@ -144,7 +142,8 @@ class CallPipeline:
         self._pool = pool
         self._idempotency = idempotency
         self._recorder = recorder
-        self._state = state
+        self.accepting = True
+        """False once the worker drains: new calls get ``UNAVAILABLE``."""
         self._include_tracebacks = include_tracebacks
         self.middleware: tuple[Middleware, ...] = ()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -237,7 +236,8 @@ class CallPipeline:
         if gate is not None and not gate.try_acquire():
             await self._wait_for_slot(entry, gate, call, deadline)
         entry.stats.in_flight += 1
-        running = _Running()
+        # Only a sync thread or a child task can outlive the call.
+        running = _Running() if entry.spec.style is CallStyle.SYNC else None
         try:
             ctx = self._context(entry, call, deadline)
             timer = self._timer_deadline(call, deadline)
@@ -247,7 +247,15 @@ class CallPipeline:
                 if call.cancelled:
                     raise self._swallowed(entry, call, deadline)
             else:
+                if running is None:
+                    running = _Running()
                 result = await self._run_detachable(entry, payload, ctx, running, call, deadline)
+            if (
+                self._identity_codec
+                and entry.output_adapter is None
+                and result.__class__ in _WIRE_TYPES
+            ):
+                return result  # the common case, without a call
             return self._encode(entry, result)
         except (RpcError, asyncio.CancelledError):
             raise
@@ -406,7 +414,7 @@ class CallPipeline:
 
     def _admit(self, entry: HandlerEntry, node_id: str, now: float) -> None:
         spec = entry.spec
-        if self._state() in ("draining", "closed"):
+        if not self.accepting:
             entry.stats.reject("draining")
             raise Unavailable(
                 "the worker is draining and accepts no new calls",
@@ -509,7 +517,8 @@ class CallPipeline:
     ) -> Any:
         """Innermost step: validate input, run the function, check the output."""
         spec = entry.spec
-        payload = self._validate_input(entry, payload)
+        if entry.input_adapter is not None:
+            payload = self._validate_input(entry, payload)
         args: tuple[Any, ...]
         if spec.takes_payload:
             args = (payload, ctx) if spec.takes_context else (payload,)

@@ -123,7 +123,6 @@ class WorkerServer:
             pool=self._pool,
             idempotency=self._idempotency,
             recorder=recorder,
-            state=lambda: self._lifecycle.state,
             include_tracebacks=config.include_tracebacks,
         )
         self._lifecycle = WorkerLifecycle(
