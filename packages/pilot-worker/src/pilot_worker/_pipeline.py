@@ -196,7 +196,7 @@ class CallPipeline:
         span, token = recorder.start_span(spec.name, call, node_id, start)
         try:
             self._admit(entry, node_id, start)
-            payload = self._decode(entry, request)
+            payload = request if self._identity_codec else self._decode(entry, request)
             deadline = call.deadline
             if spec.timeout_secs is not None:
                 own = start + spec.timeout_secs
@@ -243,7 +243,10 @@ class CallPipeline:
             timer = self._timer_deadline(call, deadline)
             if timer is None:
                 # pilot-rpc cancels this task at the caller's deadline.
-                result = await self._run_chain(entry, payload, ctx, running)
+                if self.middleware:
+                    result = await self._run_chain(entry, payload, ctx, running)
+                else:
+                    result = await self._invoke(entry, payload, ctx, running)
                 if call.cancelled:
                     raise self._swallowed(entry, call, deadline)
             else:
@@ -262,7 +265,12 @@ class CallPipeline:
         except Exception as exc:
             raise self._internal(entry, exc) from exc
         finally:
-            self._release_slot(entry, running, deadline)
+            if running is None:
+                entry.stats.in_flight -= 1
+                if gate is not None:
+                    gate.release()
+            else:
+                self._release_slot(entry, running, deadline)
 
     async def _run_detachable(
         self,
@@ -421,7 +429,8 @@ class CallPipeline:
                 details={"reason": "draining"},
                 retry_safe=True,
             )
-        if not self._registry.allows(entry, node_id):
+        allowed = entry.allow_set
+        if (node_id not in allowed) if allowed is not None else not entry.open_to_all:
             entry.stats.reject("acl")
             raise PermissionDenied(
                 f"node {node_id} is not allowed to call {spec.name!r}",

@@ -33,6 +33,7 @@ class HandlerEntry:
         "allow_set",
         "gate",
         "input_adapter",
+        "open_to_all",
         "output_adapter",
         "rate",
         "schemas",
@@ -53,6 +54,8 @@ class HandlerEntry:
         self.source = source
         self.stats = stats
         self.allow_set = frozenset(spec.allow) if spec.allow is not None else None
+        # The ACL in two fields: an allow list, else the worker's default policy.
+        self.open_to_all = spec.allow is None and config.default_policy == "open"
         self.gate = (
             ConcurrencyGate(
                 spec.max_concurrent,
@@ -139,9 +142,7 @@ class HandlerRegistry:
     def allows(self, entry: HandlerEntry, node_id: str) -> bool:
         """Whether ``node_id`` may call ``entry`` (its ``allow`` list or the default policy)."""
         allowed = entry.allow_set
-        if allowed is not None:
-            return node_id in allowed
-        return self._config.default_policy == "open"
+        return node_id in allowed if allowed is not None else entry.open_to_all
 
     def served_count(self) -> int:
         """How many handlers are served, built-ins excluded."""
