@@ -652,13 +652,13 @@ class CallPipeline:
     def _release_slot(
         self, entry: HandlerEntry, running: _Running | None, deadline: float | None
     ) -> None:
-        pending = running.pending() if running is not None else []
-        if not pending:
+        if running is None or not (pending := running.pending()):
             _release_now(entry)
             return
         # The handler still runs (a sync thread, or async code that caught its
-        # cancellation): its slot is freed when it really ends.
-        outcome = running.task if running is not None and running.task is not None else pending[0]
+        # cancellation): its slot is freed when it really ends. A sync thread's
+        # outcome is the handler's; a child task's counts when no thread ran.
+        outcome = running.thread if running.thread in pending else pending[0]
         late = _LateRelease(entry, deadline, self._loop_time(), self._loop_time, outcome, pending)
         for fut in pending:
             fut.add_done_callback(late.one_done)
