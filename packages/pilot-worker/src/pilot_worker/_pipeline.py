@@ -71,6 +71,7 @@ from pilot_worker._limits import ConcurrencyGate, GateFull
 from pilot_worker._pool import SyncPool
 from pilot_worker._recording import CallRecorder
 from pilot_worker._registry import HandlerEntry, HandlerRegistry
+from pilot_worker._slots import Running, release_when_done
 
 __all__ = ["CallNext", "CallPipeline", "Middleware"]
 
@@ -86,23 +87,6 @@ handler_logger = logging.getLogger("pilot_worker.handlers")
 
 _WIRE_TYPES = frozenset({dict, list, str, int, float, bool, bytes, type(None), tuple})
 _NO_SPAN: trace.Span = trace.INVALID_SPAN
-
-
-class _Running:
-    """What may still run of a call after it was answered.
-
-    ``task``: the child task running the chain (own-timeout calls); ``thread``:
-    the future of a sync handler's thread.
-    """
-
-    __slots__ = ("task", "thread")
-
-    def __init__(self) -> None:
-        self.task: asyncio.Future[Any] | None = None
-        self.thread: asyncio.Future[Any] | None = None
-
-    def pending(self) -> list[asyncio.Future[Any]]:
-        return [f for f in (self.task, self.thread) if f is not None and not f.done()]
 
 
 def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
@@ -237,7 +221,7 @@ class CallPipeline:
             await self._wait_for_slot(entry, gate, call, deadline)
         entry.stats.in_flight += 1
         # Only a sync thread or a child task can outlive the call.
-        running = _Running() if entry.spec.style is CallStyle.SYNC else None
+        running = Running() if entry.spec.style is CallStyle.SYNC else None
         try:
             ctx = self._context(entry, call, deadline)
             timer = self._timer_deadline(call, deadline)
@@ -251,7 +235,7 @@ class CallPipeline:
                     raise self._swallowed(entry, call, deadline)
             else:
                 if running is None:
-                    running = _Running()
+                    running = Running()
                 result = await self._run_detachable(entry, payload, ctx, running, call, deadline)
             if (
                 self._identity_codec
@@ -277,7 +261,7 @@ class CallPipeline:
         entry: HandlerEntry,
         payload: Any,
         ctx: Context,
-        running: _Running,
+        running: Running,
         call: IncomingCall,
         deadline: float | None,
     ) -> Any:
@@ -522,7 +506,7 @@ class CallPipeline:
             ) from exc
 
     async def _invoke(
-        self, entry: HandlerEntry, payload: Any, ctx: Context, running: _Running | None
+        self, entry: HandlerEntry, payload: Any, ctx: Context, running: Running | None
     ) -> Any:
         """Innermost step: validate input, run the function, check the output."""
         spec = entry.spec
@@ -547,7 +531,7 @@ class CallPipeline:
         return self._check_output(entry, result)
 
     async def _run_chain(
-        self, entry: HandlerEntry, payload: Any, ctx: Context, running: _Running | None
+        self, entry: HandlerEntry, payload: Any, ctx: Context, running: Running | None
     ) -> Any:
         middleware = self.middleware
         if not middleware:
@@ -650,18 +634,9 @@ class CallPipeline:
             raise self._deadline_error(entry, call, deadline, "while queued") from None
 
     def _release_slot(
-        self, entry: HandlerEntry, running: _Running | None, deadline: float | None
+        self, entry: HandlerEntry, running: Running | None, deadline: float | None
     ) -> None:
-        if running is None or not (pending := running.pending()):
-            _release_now(entry)
-            return
-        # The handler still runs (a sync thread, or async code that caught its
-        # cancellation): its slot is freed when it really ends. A sync thread's
-        # outcome is the handler's; a child task's counts when no thread ran.
-        outcome = running.thread if running.thread in pending else pending[0]
-        late = _LateRelease(entry, deadline, self._loop_time(), self._loop_time, outcome, pending)
-        for fut in pending:
-            fut.add_done_callback(late.one_done)
+        release_when_done(entry, running, deadline, self._loop_time)
 
     # ----------------------------------------------------------------- helpers
 
@@ -689,53 +664,6 @@ class CallPipeline:
         if self._include_tracebacks:
             details["traceback"] = "".join(traceback.format_exception(exc))
         return Internal(f"{type(exc).__name__}: {exc}", details=details)
-
-
-def _release_now(entry: HandlerEntry) -> None:
-    entry.stats.in_flight -= 1
-    if entry.gate is not None:
-        entry.gate.release()
-
-
-class _LateRelease:
-    """Frees the slot of a handler that outlived its call, once all of it has ended."""
-
-    __slots__ = ("answered_at", "clock", "deadline", "entry", "outcome", "waiting")
-
-    def __init__(
-        self,
-        entry: HandlerEntry,
-        deadline: float | None,
-        answered_at: float,
-        clock: Callable[[], float],
-        outcome: asyncio.Future[Any],
-        pending: list[asyncio.Future[Any]],
-    ) -> None:
-        self.entry = entry
-        self.deadline = deadline
-        self.answered_at = answered_at
-        self.clock = clock
-        self.outcome = outcome
-        self.waiting = len(pending)
-
-    def one_done(self, _: object) -> None:
-        self.waiting -= 1
-        if self.waiting:
-            return
-        _release_now(self.entry)
-        fut, deadline = self.outcome, self.deadline
-        if fut.cancelled():
-            return  # it honoured its cancellation
-        fut.exception()  # retrieved: a late failure is not "never retrieved"
-        if deadline is None or self.answered_at < deadline:
-            return  # the caller cancelled before any deadline
-        self.entry.stats.overruns += 1
-        handler_logger.warning(
-            "handler %r kept running %.3fs past its deadline after the call was answered "
-            "DEADLINE_EXCEEDED; its result is discarded",
-            self.entry.spec.name,
-            self.clock() - deadline,
-        )
 
 
 def _link(mw: Middleware, call_next: CallNext) -> CallNext:
