@@ -178,6 +178,7 @@ class CallPipeline:
         reason: str | None = None
         message: str | None = None
         span, token = recorder.start_span(spec.name, call, node_id, start)
+        end: float | None = None
         try:
             self._admit(entry, node_id, start)
             payload = request if self._identity_codec else self._decode(entry, request)
@@ -186,17 +187,21 @@ class CallPipeline:
                 own = start + spec.timeout_secs
                 if deadline is None or own < deadline:
                     deadline = own
-            if spec.idempotent:
-                key = call.idempotency_key
-                if key:
-                    result, replayed = await self._idempotency.run(
-                        (spec.name, node_id, key),
-                        lambda: self._run_unary(entry, payload, call, deadline),
-                    )
-                    if replayed:
-                        entry.stats.replays += 1
-                    return result
-            return await self._run_unary(entry, payload, call, deadline)
+            if spec.idempotent and call.idempotency_key:
+                result, replayed = await self._idempotency.run(
+                    (spec.name, node_id, call.idempotency_key),
+                    lambda: self._run_unary(entry, payload, call, deadline),
+                )
+                if replayed:
+                    entry.stats.replays += 1
+            else:
+                result = await self._run_unary(entry, payload, call, deadline)
+            end = self._loop_time()
+            if deadline is not None and end >= deadline and call.cancelled:
+                # pilot-rpc cancelled this task at the caller's deadline and the
+                # handler caught that and returned anyway.
+                raise self._swallowed(entry, call, deadline)
+            return result
         except RpcError as exc:
             code, message = exc.code.name, exc.message
             reason = exc.details.get("reason")
@@ -209,9 +214,9 @@ class CallPipeline:
             code, message, reason = "INTERNAL", err.message, "handler_error"
             raise err from exc
         finally:
-            recorder.record(
-                entry, call, code, reason, message, self._loop_time() - start, span, token
-            )
+            if end is None:
+                end = self._loop_time()
+            recorder.record(entry, call, code, reason, message, end - start, span, token)
 
     async def _run_unary(
         self, entry: HandlerEntry, payload: Any, call: IncomingCall, deadline: float | None
@@ -231,8 +236,6 @@ class CallPipeline:
                     result = await self._run_chain(entry, payload, ctx, running)
                 else:
                     result = await self._invoke(entry, payload, ctx, running)
-                if call.cancelled:
-                    raise self._swallowed(entry, call, deadline)
             else:
                 if running is None:
                     running = Running()
