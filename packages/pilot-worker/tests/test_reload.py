@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,9 +69,13 @@ def _write(path: Path, text: str) -> None:
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
 
 
-def test_reload_reads_the_source_not_a_stale_bytecode_cache(tmp_path: Path) -> None:
+def test_reload_reads_the_source_not_a_stale_bytecode_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # V1 and V2 have the same length; with an unchanged mtime a .pyc keyed on
-    # (whole-second mtime, size) would still look valid for V2.
+    # (whole-second mtime, size) would still look valid for V2. Bytecode
+    # caching is forced on (PYTHONDONTWRITEBYTECODE would hide the problem).
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
     assert len(V1) == len(V2)
     source = tmp_path / "reload_handlers_same_size.py"
     source.write_text(V1)
@@ -88,12 +93,14 @@ def test_reload_reads_the_source_not_a_stale_bytecode_cache(tmp_path: Path) -> N
 
 
 async def test_reload_swaps_handlers_and_survives_bad_edits(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Deterministic: every step is a synchronous reload_now() whose outcome is
     # asserted through the reload/failure counters, and the fresh code is
     # compiled from the file (a same-length edit within one second used to
     # reload the cached bytecode of the previous version: "assert 1 == 2").
+    # Bytecode caching on, as on a machine without PYTHONDONTWRITEBYTECODE.
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
     source = tmp_path / "reload_handlers_a.py"
     _write(source, V1)
     worker = WorkerServer(None)
