@@ -150,8 +150,8 @@ class _StatsCollector(Collector):
         )
         overruns = CounterMetricFamily(
             "pilot_worker_deadline_overruns",
-            "Calls whose handler kept running past the deadline (answered "
-            "DEADLINE_EXCEEDED; whatever the handler returns later is discarded).",
+            "Calls whose handler kept running after the call was answered at its "
+            "deadline or cancelled by the caller (its late result is discarded).",
             labels=["handler"],
         )
         for name, st in sorted(stats.items()):

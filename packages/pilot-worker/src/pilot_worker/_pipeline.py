@@ -196,11 +196,11 @@ class CallPipeline:
                     entry.stats.replays += 1
             else:
                 result = await self._run_unary(entry, payload, call, deadline)
-            end = self._loop_time()
-            if deadline is not None and end >= deadline and call.cancelled:
-                # pilot-rpc cancelled this task at the caller's deadline and the
-                # handler caught that and returned anyway.
+            if call.cancelled:
+                # pilot-rpc cancelled this task (the caller's deadline, or the caller
+                # gave up) and the handler caught that and returned anyway.
                 raise self._swallowed(entry, call, deadline)
+            end = self._loop_time()
             return result
         except RpcError as exc:
             code, message = exc.code.name, exc.message
@@ -292,16 +292,19 @@ class CallPipeline:
     def _swallowed(
         self, entry: HandlerEntry, call: IncomingCall, deadline: float | None
     ) -> RpcError:
-        """The handler returned on a call that was cancelled: it caught its cancellation."""
-        now = self._loop_time()
-        if deadline is not None and now >= deadline:
-            entry.stats.overruns += 1
-            handler_logger.warning(
-                "handler %r ignored its cancellation and returned %.3fs after its deadline; "
-                "its result is discarded (DEADLINE_EXCEEDED)",
-                entry.spec.name,
-                now - deadline,
-            )
+        """The handler returned on a call that was cancelled: it caught its cancellation.
+
+        Counted as an overrun whatever ended the call (its deadline, or the
+        caller giving up, typically at its own deadline): the handler ran on
+        after its answer. Never an ``OK``.
+        """
+        entry.stats.overruns += 1
+        handler_logger.warning(
+            "handler %r ignored its cancellation and returned after its call had ended; "
+            "its result is discarded",
+            entry.spec.name,
+        )
+        if deadline is not None and self._loop_time() >= deadline:
             return self._deadline_error(entry, call, deadline, "after the deadline")
         from pilot_rpc import Cancelled
 

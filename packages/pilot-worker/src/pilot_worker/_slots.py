@@ -93,12 +93,13 @@ class _LateRelease:
         if fut.cancelled():
             return  # it honoured its cancellation
         fut.exception()  # retrieved: a late failure is not "never retrieved"
-        if deadline is None or self.answered_at < deadline:
-            return  # the caller cancelled before any deadline
+        # It ran on after its call was answered: at its deadline, or when the
+        # caller gave up (usually at the caller's own deadline).
+        timed_out = deadline is not None and self.answered_at >= deadline
         self.entry.stats.overruns += 1
         handler_logger.warning(
-            "handler %r kept running %.3fs past its deadline after the call was answered "
-            "DEADLINE_EXCEEDED; its result is discarded",
+            "handler %r kept running %.3fs after its call was answered %s; its result is discarded",
             self.entry.spec.name,
-            self.clock() - deadline,
+            self.clock() - self.answered_at,
+            "DEADLINE_EXCEEDED (past its deadline)" if timed_out else "CANCELLED",
         )
