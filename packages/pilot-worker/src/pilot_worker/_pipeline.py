@@ -31,7 +31,10 @@ Deadlines hold whatever the handler does. When pilot-rpc enforces the
 caller's deadline the handler runs inline on the call's task; when the
 handler's own ``timeout_secs`` is the earlier bound (or offline) it runs in a
 child task and the call is answered ``DEADLINE_EXCEEDED`` at the deadline even
-if the handler catches its cancellation. A handler that keeps running after
+if the handler catches its cancellation. On the inline path the caller's
+client fails the call at its own deadline; pilot-rpc never sends ``OK`` for a
+cancelled call, and the worker records it as ``DEADLINE_EXCEEDED`` (or
+``CANCELLED``), not ``OK``, when the handler returns anyway. A handler that keeps running after
 its call was answered (async code that swallows cancellation, a sync function
 on its thread) keeps its concurrency slot until it really returns; it is
 logged and counted in ``pilot_worker_deadline_overruns_total``, and its
