@@ -537,6 +537,8 @@ class CallPipeline:
             result = await asyncio.shield(future)
         else:
             return spec.fn(*args)
+        if entry.output_adapter is None:
+            return result
         return self._check_output(entry, result)
 
     async def _run_chain(
