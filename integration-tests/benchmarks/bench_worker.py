@@ -38,7 +38,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported lazily: the bare server (this script) must stay lean
+    from pilot_worker.testing import WorkerProcess
 
 PORT = 5000
 REQUEST = {
@@ -125,7 +128,7 @@ class Server:
     name: str
     peer: str
     method: str
-    process: asyncio.subprocess.Process
+    process: WorkerProcess
     rss_idle_mb: float
 
 
@@ -144,83 +147,62 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def _wait_ready(path: Path, process: asyncio.subprocess.Process) -> dict[str, Any]:
-    async with asyncio.timeout(120):
-        while not path.exists():
-            if process.returncode is not None:
-                raise RuntimeError(f"server exited with {process.returncode} before serving")
-            await asyncio.sleep(0.05)
-    return json.loads(path.read_text())
-
-
 @contextlib.asynccontextmanager
 async def start_servers(tmp: Path) -> AsyncIterator[tuple[Any, list[Server]]]:
     from pilot_transport.testing import create_test_peers
+    from pilot_worker.testing import run_worker_process
 
     peers = create_test_peers(tmp, ["client", "bare", "worker"])
     handlers = tmp / "bench_worker_handlers.py"
     handlers.write_text(HANDLERS.format(client=peers["client"].identity.node_id))
-    log = (tmp / "worker.log").open("wb")
-    servers: list[Server] = []
-    processes: list[asyncio.subprocess.Process] = []
-    try:
-        bare = await asyncio.create_subprocess_exec(
-            sys.executable,
-            __file__,
-            "--serve-bare",
-            str(peers["bare"].identity_path),
-            str(peers["bare"].trust_path),
-            str(tmp / "bare.ready"),
-            stdin=asyncio.subprocess.DEVNULL,
-        )
-        processes.append(bare)
-        worker = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pilot_worker",
-            "--transport",
-            "tcp://127.0.0.1:0",
-            "--identity",
-            str(peers["worker"].identity_path),
-            "--trust",
-            str(peers["worker"].trust_path),
-            "--handlers",
-            str(handlers),
-            "--metrics-port",
-            "0",
-            "--log-format",
-            "json",
-            "--ready-file",
-            str(tmp / "worker.ready"),
-            stdin=asyncio.subprocess.DEVNULL,
-            stderr=log,
-        )
-        processes.append(worker)
-        bare_info = await _wait_ready(tmp / "bare.ready", bare)
-        worker_info = await _wait_ready(tmp / "worker.ready", worker)
-        peers.set_endpoint("bare", bare_info["endpoint"])
-        peers.set_endpoint("worker", worker_info["endpoint"])
+    # Both servers through pilot-worker's one launcher (the bare one runs this script).
+    bare_args = [str(peers["bare"].identity_path), str(peers["bare"].trust_path)]
+    worker_args = [
+        "--transport",
+        "tcp://127.0.0.1:0",
+        "--identity",
+        str(peers["worker"].identity_path),
+        "--trust",
+        str(peers["worker"].trust_path),
+        "--handlers",
+        str(handlers),
+        "--metrics-port",
+        "0",
+        "--log-format",
+        "json",
+    ]
+    async with (
+        run_worker_process(
+            bare_args,
+            command=[sys.executable, __file__, "--serve-bare"],
+            ready_file=tmp / "bare.ready",
+            log_file=tmp / "bare.log",
+            capture=False,
+            ready_timeout=120,
+            stop_timeout=20,
+        ) as bare,
+        run_worker_process(
+            worker_args,
+            ready_file=tmp / "worker.ready",
+            log_file=tmp / "worker.log",
+            capture=False,  # the worker writes its call log straight to the file
+            ready_timeout=120,
+            stop_timeout=20,
+        ) as worker,
+    ):
+        peers.set_endpoint("bare", bare.info["endpoint"])
+        peers.set_endpoint("worker", worker.info["endpoint"])
         # Let both settle after imports before reading the idle RSS.
         await asyncio.sleep(0.5)
         bare_rss, worker_rss = _rss_mb(bare.pid), _rss_mb(worker.pid)
-        servers = [
-            Server("bare rpc", "bare", "work", bare, bare_rss),
-            Server("worker (all features)", "worker", "work", worker, worker_rss),
-            Server("worker (sync handler)", "worker", "work_sync", worker, worker_rss),
-        ]
-        yield peers, servers
-    finally:
-        for process in processes:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                async with asyncio.timeout(20):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        log.close()
+        yield (
+            peers,
+            [
+                Server("bare rpc", "bare", "work", bare, bare_rss),
+                Server("worker (all features)", "worker", "work", worker, worker_rss),
+                Server("worker (sync handler)", "worker", "work_sync", worker, worker_rss),
+            ],
+        )
 
 
 async def run_c1(client: Any, server: Server, calls: int) -> tuple[float, float, float]:
@@ -339,10 +321,13 @@ def report(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds, for CI")
-    parser.add_argument("--serve-bare", nargs=3, metavar=("IDENTITY", "TRUST", "READY"))
+    parser.add_argument("--serve-bare", nargs=2, metavar=("IDENTITY", "TRUST"))
+    parser.add_argument("--ready-file", help="with --serve-bare: where to say it serves")
     args = parser.parse_args()
     if args.serve_bare:
-        asyncio.run(serve_bare(*args.serve_bare))
+        if not args.ready_file:
+            parser.error("--serve-bare needs --ready-file")
+        asyncio.run(serve_bare(*args.serve_bare, args.ready_file))
         return
     asyncio.run(bench(args.quick))
 

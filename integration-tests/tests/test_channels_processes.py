@@ -30,6 +30,7 @@ from pilot_channels import (
 from pilot_transport import open_transport
 from pilot_transport.testing import TestPeers, create_test_peers
 from pilot_transport.testing._daemon_double import PilotDaemonDouble
+from pilot_worker.testing import WorkerProcess, start_worker_process
 
 PROC = Path(__file__).with_name("_channels_proc.py")
 WAIT = 60.0
@@ -117,44 +118,39 @@ class Cluster:
         self.peers: TestPeers = create_test_peers(
             tmp / "peers", NAMES, endpoints={"broker": f"127.0.0.1:{self.port}"}
         )
-        self.broker: Proc | None = None
+        self.broker: WorkerProcess | None = None
         self.procs: list[Proc] = []
         self.broker_args: list[str] = []
 
-    async def start_broker(self, *extra: str) -> Proc:
+    async def start_broker(self, *extra: str) -> WorkerProcess:
         if extra:
             self.broker_args = list(extra)
-        ready = self.tmp / "broker.ready"
-        ready.unlink(missing_ok=True)
         peer = self.peers["broker"]
-        proc = await Proc.start(
-            self.tmp / "broker.log",
-            "-m",
-            "pilot_worker",
-            "--transport",
-            f"tcp://127.0.0.1:{self.port}",
-            "--identity",
-            str(peer.identity_path),
-            "--trust",
-            str(peer.trust_path),
-            "--port",
-            "5000",
-            "--plugin",
-            "channels",
-            "--channels-db",
-            str(self.tmp / "events.db"),
-            "--ready-file",
-            str(ready),
-            "--no-call-log",
-            "--drain-timeout",
-            "1",
-            *self.broker_args,
+        proc = start_worker_process(
+            [
+                "--transport",
+                f"tcp://127.0.0.1:{self.port}",
+                "--identity",
+                str(peer.identity_path),
+                "--trust",
+                str(peer.trust_path),
+                "--port",
+                "5000",
+                "--plugin",
+                "channels",
+                "--channels-db",
+                str(self.tmp / "events.db"),
+                "--no-call-log",
+                "--drain-timeout",
+                "1",
+                *self.broker_args,
+            ],
+            ready_file=self.tmp / "broker.ready",
+            log_file=self.tmp / "broker.log",
+            name="broker",
         )
-        async with asyncio.timeout(WAIT):
-            while not ready.exists():
-                assert proc.process.returncode is None, (proc.log.read_text())[-3000:]
-                await asyncio.sleep(0.05)
         self.broker = proc
+        await proc.wait_ready(WAIT)
         return proc
 
     async def subscriber(
@@ -375,8 +371,7 @@ async def test_durable_resume_after_broker_restart(cluster: Cluster) -> None:
             await asyncio.gather(*(pub.publish("jobs.a", i) for i in range(200)))
             await wait_events(out, 20)
             assert cluster.broker is not None
-            cluster.broker.kill()
-            await cluster.broker.process.wait()
+            await cluster.broker.kill()
             assert len(read_events(out)) < 200
             await cluster.start_broker()
             for i in range(200, 300):

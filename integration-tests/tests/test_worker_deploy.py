@@ -79,6 +79,8 @@ def test_systemd_unit() -> None:
     assert service["NoNewPrivileges"] == "yes"
     assert service["CapabilityBoundingSet"] == ""
     assert args.metrics_host == "127.0.0.1"
+    # One descriptor per connection: room above pilot-rpc's 4096-connection cap.
+    assert int(service["LimitNOFILE"]) > 4096
 
 
 def _dockerfile_instructions(text: str) -> list[tuple[str, str]]:
@@ -197,6 +199,17 @@ def test_kubernetes_manifests() -> None:
     service = docs["Service/pilot-worker"]
     assert service["spec"]["ports"][0]["targetPort"] == "pilot"
     assert args.transport.endswith(f":{ports['pilot']}")
+    # The ops port is not published by the Service, and only the monitoring
+    # namespace (besides the node's kubelet) may reach it.
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["pilot"]
+    policy = docs["NetworkPolicy/pilot-worker"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    rules = {rule["ports"][0]["port"]: rule for rule in policy["ingress"]}
+    assert set(rules) == {ports["pilot"], ports["metrics"]}
+    assert "from" not in rules[ports["pilot"]]
+    assert rules[ports["metrics"]]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in (DEPLOY / "kubernetes").glob("*.yaml")))

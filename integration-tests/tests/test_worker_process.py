@@ -32,6 +32,7 @@ from pilot_rpc import (
 )
 from pilot_transport import open_transport
 from pilot_transport.testing import TestPeers, create_test_peers
+from pilot_worker._cli import READY_FILE_KEYS
 from pilot_worker.cli import main as cli_main
 from pilot_worker.testing import WorkerProcess, run_worker_process
 
@@ -217,6 +218,8 @@ async def started(
         cwd=world.tmp,
         env=env,
     ) as proc:
+        # The ready file holds exactly the keys `pilot-worker --help` lists.
+        assert list(proc.info) == list(READY_FILE_KEYS)
         world.peers.set_endpoint("worker", proc.info["endpoint"])
         yield proc
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pilot_transport import Identity, TrustedPeer, TrustStore
 from pilot_worker import Plugin, PluginOption
+from pilot_worker._cli import READY_FILE_KEYS
 from pilot_worker.cli import EXIT_CONFIG, build_parser, main
 
 DUPLICATE = """
@@ -67,9 +68,32 @@ def test_help_reads_well(capsys: pytest.CaptureFixture[str]) -> None:
         "--default-policy",
         "--ready-file",
         "--otel-endpoint",
+        "--max-connections-per-peer",
     ):
         assert flag in out
     assert "exit status" in out
+
+
+def test_help_lists_every_ready_file_key(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    # The keys the worker writes (checked against a real ready file in the
+    # integration tests) all appear in the --ready-file help.
+    assert f"with the keys {', '.join(READY_FILE_KEYS)}" in help_text
+    assert set(READY_FILE_KEYS) >= {"node_id", "endpoint", "port", "pid", "metrics_port"}
+
+
+def test_module_without_handlers_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty_handlers.py"
+    empty.write_text("def not_a_handler(payload):\n    return payload\n")
+    assert main([*_base(tmp_path), "--handlers", str(empty)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"handlers module {str(empty)!r}" in err
+    assert "defines no handlers" in err
+    assert "@pilot_handler" in err
 
 
 def test_plugin_options_join_the_parser() -> None:

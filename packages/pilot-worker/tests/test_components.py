@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from typing import Any
@@ -12,6 +13,7 @@ from pilot_worker._idempotency import IdempotencyCache
 from pilot_worker._limits import ConcurrencyGate, GateFull, SlidingWindowLimiter
 from pilot_worker._metrics import percentiles
 from pilot_worker._pool import SyncPool
+from pilot_worker.errors import WorkerConfigError
 
 
 def test_sliding_window_is_exact() -> None:
@@ -163,3 +165,23 @@ def test_percentiles() -> None:
     out: dict[str, Any] = percentiles(samples, (50.0, 90.0, 99.0))
     assert out == {"p50": 50.0, "p90": 90.0, "p99": 99.0}
     assert percentiles(deque(), (50.0,)) == {"p50": None}
+
+
+def test_per_peer_connection_cap_reaches_pilot_rpc_when_it_can(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import dataclasses
+
+    from pilot_rpc import ServerOptions
+    from pilot_worker import WorkerConfig
+    from pilot_worker._lifecycle import server_options
+
+    assert server_options(WorkerConfig()) == ServerOptions()
+    with caplog.at_level(logging.WARNING, logger="pilot_worker"):
+        options = server_options(WorkerConfig(max_connections_per_peer=3))
+    if "max_connections_per_peer" in {f.name for f in dataclasses.fields(ServerOptions)}:
+        assert options.max_connections_per_peer == 3  # pyright: ignore[reportAttributeAccessIssue]
+    else:
+        assert "max_connections_per_peer=3 is ignored" in caplog.text
+    with pytest.raises(WorkerConfigError):
+        WorkerConfig(max_connections_per_peer=0)

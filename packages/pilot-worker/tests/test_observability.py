@@ -185,3 +185,37 @@ async def test_ops_http_server() -> None:
         assert body == b""
     finally:
         await server.aclose()
+
+
+async def test_ops_http_sheds_idle_connections_instead_of_refusing_probes() -> None:
+    registry = CollectorRegistry()
+
+    async def is_ready() -> bool:
+        return True
+
+    server = OpsHttpServer(
+        host="127.0.0.1",
+        port=0,
+        registry=registry,
+        alive=lambda: True,
+        ready=is_ready,
+        max_connections=4,
+        read_timeout=600.0,  # idle sockets are shed for room, not by the clock
+    )
+    await server.start()
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(10):
+            idle.append(await asyncio.open_connection("127.0.0.1", server.port))
+        # Each probe finds the cap taken by idle sockets and must still be answered.
+        for _ in range(3):
+            assert (await _get(server.port, "/healthz"))[0] == 200
+        assert server.shed >= 6
+        assert server.refused == 0
+        # The oldest idle socket was shed first: the server closed it.
+        async with asyncio.timeout(30):
+            assert await idle[0][0].read() == b""
+    finally:
+        for _, writer in idle:
+            writer.close()
+        await server.aclose()

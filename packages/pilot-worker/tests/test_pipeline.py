@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any
 
@@ -269,7 +270,7 @@ async def test_queue_full_and_queue_wait_bounded_by_deadline() -> None:
         await entered.wait()
         queued = asyncio.create_task(client.call("q", 2, timeout=0.1))
         async with asyncio.timeout(5):
-            while client.worker._entries["q"].gate.queued == 0:  # type: ignore[union-attr]
+            while client.worker._registry.entries["q"].gate.queued == 0:  # type: ignore[union-attr]
                 await asyncio.sleep(0)
         with pytest.raises(ResourceExhausted) as info:
             await client.call("q", 3)
@@ -560,3 +561,129 @@ async def test_wire_roundtrip_catches_unencodable_results() -> None:
     async with WorkerTestClient([weird]) as client:
         with pytest.raises(TypeError):
             await client.call("weird")
+
+
+class RecordingCodec:
+    """A codec that keeps every value the worker hands it."""
+
+    def __init__(self) -> None:
+        self.encoded: list[Any] = []
+        self.decoded: list[Any] = []
+
+    def decode_request(self, obj: Any) -> Any:
+        self.decoded.append(obj)
+        if isinstance(obj, dict) and obj.get("typed"):
+            # A typed codec may build a model without validating it.
+            return Query.model_construct(q=obj["q"], limit=obj["limit"])
+        return obj
+
+    def encode_response(self, value: Any) -> Any:
+        self.encoded.append(value)
+        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+class Plain:
+    """Not a pydantic model: only a codec that knows it can send it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+@pilot_handler("typed_search")
+async def typed_search(query: Query) -> Answer:
+    return Answer(q=query.q, hits=list(range(query.limit)))
+
+
+@pilot_handler("plain_result", output_model=None)
+async def plain_result(payload: Any) -> Any:
+    return Answer(q="p", hits=[1])
+
+
+@pilot_handler("typed_stream")
+async def typed_stream(n: int):
+    for i in range(n):
+        yield Answer(q=str(i), hits=[i])
+
+
+async def test_the_codec_gets_the_handlers_own_objects() -> None:
+    codec = RecordingCodec()
+    async with WorkerTestClient(
+        [typed_search, plain_result, typed_stream], codec=codec, wire_roundtrip=False
+    ) as client:
+        assert await client.call("typed_search", {"q": "a", "limit": 2}) == {
+            "q": "a",
+            "hits": [0, 1],
+        }
+        await client.call("plain_result")
+        items = await client.stream("typed_stream", 2)
+    assert items == [{"q": "0", "hits": [0]}, {"q": "1", "hits": [1]}]
+    # Validated against output_model, but handed over as the very type returned.
+    assert [type(v) for v in codec.encoded] == [Answer, Answer, Answer, Answer]
+    assert codec.encoded[0] == Answer(q="a", hits=[0, 1])
+
+
+async def test_invalid_output_is_still_refused_with_a_custom_codec() -> None:
+    @pilot_handler("liar")
+    async def liar(payload: Any) -> Answer:
+        return {"q": 1}  # type: ignore[return-value]
+
+    codec = RecordingCodec()
+    async with WorkerTestClient([liar], codec=codec) as client:
+        with pytest.raises(Internal) as info:
+            await client.call("liar")
+    assert info.value.details["reason"] == "invalid_output"
+    assert codec.encoded == []
+
+
+async def test_default_codec_still_sends_pydantic_models_as_json_data() -> None:
+    async with WorkerTestClient([typed_search, plain_result, typed_stream]) as client:
+        assert await client.call("typed_search", {"q": "a", "limit": 1}) == {"q": "a", "hits": [0]}
+        # No output_model: the default codec dumps the model itself.
+        assert await client.call("plain_result") == {"q": "p", "hits": [1]}
+        assert await client.stream("typed_stream", 1) == [{"q": "0", "hits": [0]}]
+
+
+async def test_a_model_built_without_validation_is_validated_once_at_the_worker() -> None:
+    ran: list[Any] = []
+
+    @pilot_handler("guarded")
+    async def guarded(query: Query) -> str:
+        ran.append(query)
+        return query.q
+
+    codec = RecordingCodec()
+    async with WorkerTestClient([guarded], codec=codec, wire_roundtrip=False) as client:
+        with pytest.raises(InvalidArgument) as info:
+            await client.call("guarded", {"typed": True, "q": 123, "limit": "DROP TABLE"})
+        locs = {tuple(e["loc"]) for e in info.value.details["errors"]}
+        assert locs == {("q",), ("limit",)}
+        assert ran == []
+        assert await client.call("guarded", {"typed": True, "q": "ok", "limit": 3}) == "ok"
+    assert ran == [Query(q="ok", limit=3)]
+
+
+async def test_a_handler_ignoring_its_cancellation_is_answered_at_its_timeout() -> None:
+    release = asyncio.Event()
+    returned: list[str] = []
+
+    @pilot_handler("stubborn", timeout_secs=0.05)
+    async def stubborn(payload: Any) -> str:
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):  # carries on regardless
+                await release.wait()
+        returned.append("returned")
+        return "late"
+
+    async with WorkerTestClient([stubborn]) as client:
+        with pytest.raises(DeadlineExceeded):
+            await client.call("stubborn")
+        assert returned == []  # answered while the handler still runs
+        entry_stats = client.worker._registry.stats["stubborn"]  # pyright: ignore[reportPrivateUsage]
+        assert entry_stats.in_flight == 1  # it keeps its slot
+        release.set()
+        async with asyncio.timeout(10):
+            while entry_stats.in_flight:
+                await asyncio.sleep(0)
+        assert returned == ["returned"]
+        assert entry_stats.overruns == 1
+        assert entry_stats.codes == {"DEADLINE_EXCEEDED": 1}

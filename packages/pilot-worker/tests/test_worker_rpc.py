@@ -218,6 +218,6 @@ async def test_periodic_tasks_and_shutdown_hooks(tmp_path: Path) -> None:
         await worker.aclose()
         count = len(runs)
         # Stopped with the worker: no run after close, hooks in reverse order.
-        assert [p.task.done() for p in worker._periodic] == [True, True]  # type: ignore[union-attr]
+        assert [p.task.done() for p in worker._lifecycle.periodic] == [True, True]  # type: ignore[union-attr]
         assert len(runs) == count
         assert order == ["second registered", "first registered"]

@@ -1,57 +1,51 @@
 """Worker processes for the demo (and for tests): start, wait until serving, stop.
 
-Every process started here is tracked by its ``Popen`` object and stopped by
-pid (SIGTERM, then SIGKILL after a grace period); nothing is ever signalled
-by name.
+A thin layer over pilot-worker's one launcher
+(:class:`pilot_worker.testing.WorkerProcess`): every process is tracked by its
+``Popen`` object and stopped by pid (SIGTERM, then SIGKILL after a grace
+period); nothing is ever signalled by name.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pilot_worker.testing import WorkerProcess as _LaunchedWorker
 
 from pilot_langgraph.errors import PilotUsageError
 
 __all__ = ["WorkerProcess", "endpoint_of", "start_worker", "stop_all", "wait_ready"]
 
-_POLL_SECS = 0.02
 
+class WorkerProcess(_LaunchedWorker):
+    """A worker process started by :func:`start_worker`.
 
-@dataclass
-class WorkerProcess:
-    """A worker process started by :func:`start_worker`."""
+    pilot-worker's launcher class, plus the worker's key and trust files and
+    the names this package has always used: ``proc`` (the ``Popen``) and
+    ``ready`` (the ready record).
+    """
 
-    name: str
-    proc: subprocess.Popen[bytes]
     identity: Path
     trust: Path
-    ready_file: Path
-    log_file: Path
-    ready: dict[str, Any] = field(default_factory=dict[str, Any])
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.popen
+
+    @property
+    def ready(self) -> dict[str, Any]:
+        return self.info
 
     @property
     def endpoint(self) -> str:
-        return endpoint_of(self.ready)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_file.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return endpoint_of(self.info)
 
 
 def endpoint_of(ready: Mapping[str, Any]) -> str:
@@ -79,19 +73,11 @@ def start_worker(
 
     Its key file is ``workdir/<name>.key`` and its trust file ``workdir/<name>.trust.json``
     (both must exist or are created by the worker); readiness is reported to
-    ``workdir/<name>.ready``.
+    ``workdir/<name>.ready`` and its output copied to ``workdir/<name>.log``.
     """
     identity = workdir / f"{name}.key"
     trust = workdir / f"{name}.trust.json"
-    ready = workdir / f"{name}.ready"
-    log = workdir / f"{name}.log"
-    with contextlib.suppress(FileNotFoundError):
-        ready.unlink()
-    module = "pilot_langgraph._worker_cli" if langgraph_codec else "pilot_worker._cli"
-    argv = [
-        sys.executable,
-        "-m",
-        module,
+    args = [
         "--transport",
         "tcp://127.0.0.1:0",
         "--identity",
@@ -100,61 +86,44 @@ def start_worker(
         str(trust),
         "--port",
         str(port),
-        "--ready-file",
-        str(ready),
     ]
     for h in handlers:
-        argv += ["--handlers", h]
+        args += ["--handlers", h]
     for p in plugins:
-        argv += ["--plugin", p]
-    argv += list(extra_args)
-    child_env = dict(os.environ)
-    child_env.update(env or {})
-    with log.open("wb") as log_handle:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_handle,
-            stderr=subprocess.STDOUT,
-            env=child_env,
-            cwd=str(workdir),
-        )
-    return WorkerProcess(
-        name=name, proc=proc, identity=identity, trust=trust, ready_file=ready, log_file=log
+        args += ["--plugin", p]
+    args += list(extra_args)
+    log = workdir / f"{name}.log"
+    log.unlink(missing_ok=True)
+    worker = WorkerProcess.start(
+        args,
+        ready_file=workdir / f"{name}.ready",
+        module="pilot_langgraph._worker_cli" if langgraph_codec else "pilot_worker._cli",
+        env={**os.environ, **(env or {})},
+        cwd=workdir,
+        log_file=log,
+        name=name,
     )
+    worker.identity = identity
+    worker.trust = trust
+    return worker
 
 
 def wait_ready(workers: Sequence[WorkerProcess], *, timeout: float = 30.0) -> None:
     """Wait until every worker wrote its ready file (or fail with its log)."""
     deadline = time.monotonic() + timeout
-    pending = list(workers)
-    while pending:
-        for worker in list(pending):
-            code = worker.proc.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"worker {worker.name} exited with code {code} before serving:\n"
-                    f"{worker.log_tail()}"
-                )
-            try:
-                text = worker.ready_file.read_text()
-            except FileNotFoundError:
-                continue
-            line = text.strip().splitlines()[0] if text.strip() else ""
-            if not line:
-                continue
-            try:
-                worker.ready = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # being written
-            pending.remove(worker)
-        if not pending:
-            return
-        if time.monotonic() > deadline:
+    for worker in workers:
+        try:
+            worker.wait_ready_blocking(max(0.0, deadline - time.monotonic()))
+        except EOFError:
+            raise RuntimeError(
+                f"worker {worker.name} exited with code {worker.returncode} before serving:\n"
+                f"{worker.log_tail()}"
+            ) from None
+        except TimeoutError:
+            pending = [w for w in workers if not w.info]
             names = ", ".join(w.name for w in pending)
             tails = "\n".join(f"--- {w.name}:\n{w.log_tail()}" for w in pending)
-            raise TimeoutError(f"workers not ready after {timeout:g}s: {names}\n{tails}")
-        time.sleep(_POLL_SECS)
+            raise TimeoutError(f"workers not ready after {timeout:g}s: {names}\n{tails}") from None
 
 
 def stop_all(procs: Sequence[subprocess.Popen[Any]], *, grace: float = 5.0) -> None:

@@ -14,19 +14,18 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncGenerator, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
 from urllib.parse import quote
+
+from pilot_worker.testing import WorkerProcess, start_worker_process
 
 from pilot_checkpoint_sqlite._backend import LocalStoreBackend
 from pilot_checkpoint_sqlite._options import SaverOptions, StoreOptions
@@ -122,6 +121,8 @@ class StoreWorker:
     port: int
     """Virtual port the store handlers are served on."""
     log_path: Path
+    launcher: WorkerProcess | None = None
+    """The :class:`pilot_worker.testing.WorkerProcess` that started it."""
 
     @property
     def pid(self) -> int:
@@ -129,12 +130,16 @@ class StoreWorker:
 
     def kill(self, timeout: float = 30.0) -> int:
         """SIGKILL the process (no drain, no flush) and reap it."""
+        if self.launcher is not None:
+            return self.launcher.kill_blocking(timeout)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
         return self.process.wait(timeout)
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (graceful drain), then SIGKILL after ``timeout``; returns the exit code."""
+        if self.launcher is not None:
+            return self.launcher.stop_blocking(timeout)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -165,6 +170,9 @@ def start_store_worker(
 ) -> StoreWorker:
     """Start ``pilot-worker --plugin checkpoint-sqlite`` and wait until it serves.
 
+    A thin wrapper of pilot-worker's launcher
+    (:func:`pilot_worker.testing.start_worker_process`).
+
     Args:
         identity: The worker's key file.
         trust: The worker's trust store file (callers must be in it).
@@ -185,10 +193,7 @@ def start_store_worker(
     )
     ready_file = directory / f"store-worker-{os.getpid()}-{time.monotonic_ns()}.ready.json"
     log_path = ready_file.with_suffix(".log")
-    argv = [
-        sys.executable,
-        "-c",
-        "import sys; from pilot_worker.cli import main; sys.exit(main())",
+    args = [
         "--transport",
         listen,
         "--identity",
@@ -201,49 +206,37 @@ def start_store_worker(
         "checkpoint-sqlite",
         "--checkpoint-db",
         db_url,
-        "--ready-file",
-        os.fspath(ready_file),
         "--no-call-log",
         *extra_args,
     ]
-    log: TextIO = log_path.open("w", encoding="utf-8")
+    launcher = start_worker_process(
+        args,
+        ready_file=ready_file,
+        env={**os.environ, **(env or {})},
+        log_file=log_path,
+        name="store-worker",
+    )
     try:
-        process = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-    finally:
-        log.close()
-    deadline = time.monotonic() + ready_timeout
-    info: dict[str, Any] | None = None
-    while info is None:
-        if process.poll() is not None:
-            raise StoreUnavailableError(
-                f"store worker exited with {process.returncode} before it was ready:\n"
-                + log_path.read_text(encoding="utf-8", errors="replace")
-            )
-        if ready_file.exists():
-            with contextlib.suppress(ValueError, OSError):
-                info = json.loads(ready_file.read_text(encoding="utf-8"))
-        if info is None:
-            if time.monotonic() > deadline:
-                process.kill()
-                process.wait(10)
-                raise StoreTimeoutError(
-                    f"store worker not ready within {ready_timeout}s:\n"
-                    + log_path.read_text(encoding="utf-8", errors="replace")
-                )
-            # The worker announces readiness only through the file it writes.
-            time.sleep(0.02)
+        info = launcher.wait_ready_blocking(ready_timeout)
+    except EOFError as exc:
+        launcher.wait_blocking(10)
+        raise StoreUnavailableError(
+            f"store worker exited with {launcher.returncode} before it was ready:\n"
+            + launcher.log_tail(200)
+        ) from exc
+    except TimeoutError as exc:
+        launcher.kill_blocking(10)
+        raise StoreTimeoutError(
+            f"store worker not ready within {ready_timeout}s:\n" + launcher.log_tail(200)
+        ) from exc
     endpoint = str(info.get("endpoint") or "")
     if endpoint.startswith("tcp://"):
         endpoint = endpoint[len("tcp://") :]
     return StoreWorker(
-        process=process,
+        process=launcher.popen,
         node_id=str(info.get("node_id") or ""),
         endpoint=endpoint,
         port=int(info.get("port") or port),
         log_path=log_path,
+        launcher=launcher,
     )

@@ -49,18 +49,21 @@ from pilot_worker._env import (
     PLUGIN_ENTRY_POINT_GROUP,
 )
 from pilot_worker._logging import CallLogWriter, configure_logging
-from pilot_worker._modules import import_handler_module
+from pilot_worker._modules import collect_specs, import_handler_module
 from pilot_worker._plugins import Plugin, PluginContext, discover_plugins, load_plugin
 from pilot_worker._version import __version__
-from pilot_worker.errors import PluginError, WorkerError
+from pilot_worker.errors import PluginError, WorkerConfigError, WorkerError
 
-__all__ = ["EXIT_CONFIG", "EXIT_CUT", "EXIT_OK", "build_parser", "main", "run"]
+__all__ = ["EXIT_CONFIG", "EXIT_CUT", "EXIT_OK", "READY_FILE_KEYS", "build_parser", "main", "run"]
 
 EXIT_OK = 0
 EXIT_CUT = 1
 EXIT_CONFIG = 2
 
 logger = logging.getLogger("pilot_worker.cli")
+
+READY_FILE_KEYS = ("node_id", "endpoint", "port", "pid", "metrics_port", "carrier", "handlers")
+"""Every key of the ``--ready-file`` JSON object, in the order ``--help`` lists them."""
 
 _DESCRIPTION = """\
 Serve plain Python functions (@pilot_handler) to trusted peers over an
@@ -244,6 +247,14 @@ def build_parser(
         help="with --overflow queue: most calls waiting per handler (default 64)",
     )
     policy.add_argument(
+        "--max-connections-per-peer",
+        type=_positive_int,
+        metavar="N",
+        default=None,
+        help="most connections one authenticated peer may hold at once, so one peer cannot "
+        "take every slot (default: pilot-rpc's own per-peer cap, when it has one)",
+    )
+    policy.add_argument(
         "--sync-threads",
         type=_positive_int,
         metavar="N",
@@ -298,8 +309,11 @@ def build_parser(
         "--ready-file",
         metavar="PATH",
         default=_env(ENV_READY_FILE),
-        help="once serving, write one JSON line {node_id, endpoint, port, pid, metrics_port} "
-        f"here (removed on exit; env {ENV_READY_FILE})",
+        help="once serving, write one JSON line here (removed on exit; "
+        f"env {ENV_READY_FILE}) with the keys {', '.join(READY_FILE_KEYS)}: the worker's "
+        "node id, the carrier's bound endpoint (tcp: HOST:PORT), the virtual port, the "
+        "process id, the bound ops HTTP port (or null), the carrier name, and the sorted "
+        "names of the handlers served",
     )
     ops.add_argument(
         "--include-tracebacks",
@@ -585,8 +599,16 @@ async def run(
             drain_timeout_secs=args.drain_timeout,
             log_calls=not args.no_call_log,
             include_tracebacks=args.include_tracebacks,
+            max_connections_per_peer=args.max_connections_per_peer,
         )
         modules = [import_handler_module(ref) for ref in args.handlers]
+        for ref, module in zip(args.handlers, modules, strict=True):
+            if not collect_specs(module):
+                where = getattr(module, "__file__", None) or module.__name__
+                raise WorkerConfigError(
+                    f"handlers module {ref!r} ({where}) defines no handlers: decorate the "
+                    "functions to serve with @pilot_handler(...)"
+                )
     except WorkerError as exc:
         return _fail(prog, str(exc))
     try:
@@ -689,6 +711,7 @@ async def _serve_until_signal(
     try:
         info = await worker.describe_endpoint()
         info["handlers"] = sorted(n for n, s in worker.handlers.items() if not s.builtin)
+        info = {key: info.get(key) for key in READY_FILE_KEYS}
         if ready_file:
             _write_ready_file(ready_file, info)
         logger.info(

@@ -61,6 +61,16 @@ class WorkerConfig:
         log_calls: Log one line per call (logger ``pilot_worker.calls``).
         include_tracebacks: Send handler tracebacks to callers in error details
             (development only).
+        max_connections_per_peer: At most this many connections from one
+            authenticated peer at once (``None``: pilot-rpc's default). Passed to
+            pilot-rpc's ``ServerOptions`` when the installed pilot-rpc supports a
+            per-peer cap; otherwise a warning is logged at start and only the
+            per-listener cap applies.
+        ops_max_connections: Connections the ops HTTP endpoint holds at once;
+            beyond it the longest-idle connection is closed first, so probes
+            always get through.
+        ops_read_timeout_secs: How long an ops HTTP connection may take to send
+            its request head before it is closed.
     """
 
     port: int = 5000
@@ -78,6 +88,9 @@ class WorkerConfig:
     drain_timeout_secs: float = 10.0
     log_calls: bool = True
     include_tracebacks: bool = False
+    max_connections_per_peer: int | None = None
+    ops_max_connections: int = 64
+    ops_read_timeout_secs: float = 5.0
 
     def __post_init__(self) -> None:
         port = self.port
@@ -99,12 +112,22 @@ class WorkerConfig:
             "idempotency_max_entries",
             "rate_limit_max_callers",
             "latency_window",
+            "ops_max_connections",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise WorkerConfigError(f"WorkerConfig.{name} must be an int > 0, got {value!r}")
         _positive("idempotency_ttl_secs", self.idempotency_ttl_secs)
         _positive("drain_timeout_secs", self.drain_timeout_secs)
+        _positive("ops_read_timeout_secs", self.ops_read_timeout_secs)
+        per_peer = self.max_connections_per_peer
+        if per_peer is not None and (
+            isinstance(per_peer, bool) or not isinstance(per_peer, int) or per_peer <= 0  # pyright: ignore[reportUnnecessaryIsInstance]
+        ):
+            raise WorkerConfigError(
+                "WorkerConfig.max_connections_per_peer must be None or an int > 0, "
+                f"got {per_peer!r}"
+            )
         if self.metrics_port is not None and (
             isinstance(self.metrics_port, bool)
             or not isinstance(self.metrics_port, int)  # pyright: ignore[reportUnnecessaryIsInstance]

@@ -2,7 +2,15 @@
 
 Deliberately minimal (GET/HEAD, one request per connection, no keep-alive):
 it serves probes and scrapes, nothing else. Bounded everywhere: request head
-size, read timeout, concurrent connections.
+size (8 KiB), the time a connection has to send its request head
+(``read_timeout``, default 5 s), and connections held at once
+(``max_connections``, default 64).
+
+Idle connections never lock probes out: when the cap is reached, a new
+connection makes room by closing the connection that has waited longest for
+its request head; only when every held connection is already being answered
+is the new one refused. So a handful of idle (or slow) sockets cannot make
+``/healthz`` fail, whatever their number.
 """
 
 from __future__ import annotations
@@ -23,6 +31,18 @@ _READ_TIMEOUT = 5.0
 _MAX_CONNECTIONS = 64
 
 
+class _Conn:
+    """One held connection: its task, when it arrived, whether it is idle."""
+
+    __slots__ = ("arrived", "idle", "task", "writer")
+
+    def __init__(self, task: asyncio.Task[None], writer: asyncio.StreamWriter, now: float) -> None:
+        self.task = task
+        self.writer = writer
+        self.arrived = now
+        self.idle = True  # still waiting for its request head
+
+
 class OpsHttpServer:
     """Serves the worker's operational endpoints on ``host:port``."""
 
@@ -34,14 +54,27 @@ class OpsHttpServer:
         registry: CollectorRegistry,
         alive: Callable[[], bool],
         ready: Callable[[], Awaitable[bool]],
+        max_connections: int = _MAX_CONNECTIONS,
+        read_timeout: float = _READ_TIMEOUT,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        if not read_timeout > 0:
+            raise ValueError("read_timeout must be > 0")
+        self._max_connections = max_connections
+        self._read_timeout = read_timeout
+        self.shed = 0
+        """Idle connections closed to make room for new ones (for tests and metrics)."""
+        self.refused = 0
+        """Connections refused because every held one was being answered."""
         self._host = host
         self._port = port
         self._registry = registry
         self._alive = alive
         self._ready = ready
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], _Conn] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
@@ -65,10 +98,11 @@ class OpsHttpServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        for task in list(self._connections):
+        tasks = [*self._connections, *self._closing]
+        for task in tasks:
             task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         if server is not None:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
@@ -80,12 +114,14 @@ class OpsHttpServer:
         if task is None:  # pragma: no cover - always inside a task
             writer.close()
             return
-        if len(self._connections) >= _MAX_CONNECTIONS:
+        if len(self._connections) >= self._max_connections and not self._shed_one():
+            self.refused += 1
             writer.close()
             return
-        self._connections.add(task)
+        conn = _Conn(task, writer, asyncio.get_running_loop().time())
+        self._connections[task] = conn
         try:
-            await self._serve_one(reader, writer)
+            await self._serve_one(reader, writer, conn)
         except (
             ConnectionError,
             TimeoutError,
@@ -96,14 +132,33 @@ class OpsHttpServer:
         except Exception:
             logger.exception("error serving an HTTP request")
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async with asyncio.timeout(_READ_TIMEOUT):
+    def _shed_one(self) -> bool:
+        """Close the connection that has waited longest for its request head."""
+        oldest: _Conn | None = None
+        for conn in self._connections.values():
+            if conn.idle and (oldest is None or conn.arrived < oldest.arrived):
+                oldest = conn
+        if oldest is None:
+            return False
+        del self._connections[oldest.task]
+        self._closing.add(oldest.task)
+        oldest.task.add_done_callback(self._closing.discard)
+        oldest.task.cancel()
+        oldest.writer.close()
+        self.shed += 1
+        return True
+
+    async def _serve_one(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn
+    ) -> None:
+        async with asyncio.timeout(self._read_timeout):
             head = await reader.readuntil(b"\r\n\r\n")
+        conn.idle = False
         request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         parts = request_line.split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):

@@ -72,6 +72,7 @@ class HandlerStats:
         "errors",
         "in_flight",
         "latencies",
+        "overruns",
         "rejected",
         "rejections",
         "replays",
@@ -83,6 +84,7 @@ class HandlerStats:
         self.errors = 0
         self.rejected = 0
         self.replays = 0
+        self.overruns = 0
         self.codes: dict[str, int] = {}
         self.rejections: dict[str, int] = {}
         self.buckets = [0] * (len(BUCKETS) + 1)
@@ -146,6 +148,12 @@ class _StatsCollector(Collector):
             "Calls answered from the idempotency cache.",
             labels=["handler"],
         )
+        overruns = CounterMetricFamily(
+            "pilot_worker_deadline_overruns",
+            "Calls whose handler kept running after the call was answered at its "
+            "deadline or cancelled by the caller (its late result is discarded).",
+            labels=["handler"],
+        )
         for name, st in sorted(stats.items()):
             for code, count in sorted(st.codes.items()):
                 calls.add_metric([name, code], count)
@@ -161,7 +169,8 @@ class _StatsCollector(Collector):
             for reason, count in sorted(st.rejections.items()):
                 rejections.add_metric([name, reason], count)
             replays.add_metric([name], st.replays)
-        yield from (calls, errors, duration, in_flight, rejections, replays)
+            overruns.add_metric([name], st.overruns)
+        yield from (calls, errors, duration, in_flight, rejections, replays, overruns)
 
 
 class WorkerMetrics:

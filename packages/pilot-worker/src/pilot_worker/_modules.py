@@ -18,15 +18,71 @@ def _is_path(ref: str) -> bool:
     return ref.endswith(".py") or "/" in ref or "\\" in ref
 
 
-def _module_name_for_path(path: Path) -> str:
+def _synthetic_name(path: Path) -> str:
     stem = path.stem if path.name != "__init__.py" else path.parent.name
     return f"pilot_worker_handlers_{stem}"
+
+
+def natural_module_name(path: Path) -> tuple[str, Path] | None:
+    """The dotted name ``path`` is importable as, and the directory to import it from.
+
+    ``handlers/x.py`` is ``x`` from ``handlers/``; inside packages (directories
+    with ``__init__.py``) the name is package-relative: ``app/api/x.py`` with
+    ``app/__init__.py`` and ``app/api/__init__.py`` is ``app.api.x`` from the
+    directory holding ``app``. ``None`` when a part is not an identifier.
+    """
+    parts = [path.parent.name] if path.name == "__init__.py" else [path.stem]
+    directory = path.parent.parent if path.name == "__init__.py" else path.parent
+    while (directory / "__init__.py").is_file() and directory.parent != directory:
+        parts.insert(0, directory.name)
+        directory = directory.parent
+    if not all(part.isidentifier() for part in parts):
+        return None
+    return ".".join(parts), directory
+
+
+def _import_by_natural_name(path: Path) -> types.ModuleType | None:
+    """Import ``path`` under its natural name, or ``None`` if that name means another file."""
+    natural = natural_module_name(path)
+    if natural is None:
+        return None
+    name, root = natural
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        origin = getattr(loaded, "__file__", None)
+        return loaded if origin is not None and Path(origin).resolve() == path else None
+    root_entry = str(root)
+    if root_entry not in sys.path:
+        # Appended, not prepended: a handler directory never shadows an installed
+        # module (a file named like one falls back to a synthetic name below).
+        sys.path.append(root_entry)
+    importlib.invalidate_caches()
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None or Path(spec.origin).resolve() != path:
+        return None
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise HandlerImportError(
+            f"handler module {str(path)!r} raised while importing: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def import_handler_module(ref: str) -> types.ModuleType:
     """Import ``ref``: a dotted module name (``my_pkg.handlers``) or a ``.py`` path.
 
-    The current directory is importable, like ``python -m``.
+    The current directory is importable, like ``python -m``. A ``.py`` path is
+    imported under its natural name (``x`` for ``dir/x.py``; ``pkg.x`` when
+    ``dir/pkg/__init__.py`` exists), with its root directory appended to
+    ``sys.path``, so the types it defines have the same importable name on
+    the worker and on a caller that imports the same file (a typed codec can
+    then rebuild ``x.Answer``). Only when that name already means another
+    module (a file called ``json.py``) or is not a valid identifier
+    (``my-handlers.py``) is the file loaded as ``pilot_worker_handlers_<stem>``.
 
     Raises:
         HandlerImportError: The module is missing or raised while importing;
@@ -36,7 +92,10 @@ def import_handler_module(ref: str) -> types.ModuleType:
         path = Path(ref).resolve()
         if not path.is_file():
             raise HandlerImportError(f"handler module file {ref!r} does not exist")
-        return _exec_file(_module_name_for_path(path), path)
+        module = _import_by_natural_name(path)
+        if module is not None:
+            return module
+        return _exec_file(_synthetic_name(path), path)
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
@@ -55,6 +114,13 @@ def import_handler_module(ref: str) -> types.ModuleType:
 
 
 def _exec_file(name: str, path: Path) -> types.ModuleType:
+    """Execute ``path``'s current source as a fresh module ``name``.
+
+    The source is compiled from the file every time, never from a cached
+    ``.pyc``: a bytecode cache is validated by whole-second mtime and size,
+    so an edit of the same length within the same second would otherwise
+    reload the old code.
+    """
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise HandlerImportError(f"cannot load handler module from {str(path)!r}")
@@ -62,7 +128,8 @@ def _exec_file(name: str, path: Path) -> types.ModuleType:
     previous = sys.modules.get(name)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        code = compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+        exec(code, module.__dict__)  # noqa: S102 - the operator's own handler module
     except BaseException as exc:
         if previous is not None:
             sys.modules[name] = previous

@@ -29,10 +29,15 @@ import hashlib
 import itertools
 import json
 import os
+import signal
+import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -42,7 +47,16 @@ from pilot_worker._context import Context
 from pilot_worker._handler import HandlerKind, HandlerSpec
 from pilot_worker._server import Middleware, WorkerServer
 
-__all__ = ["FakePeer", "OfflineCall", "WorkerTestClient", "make_context", "make_peer"]
+__all__ = [
+    "FakePeer",
+    "OfflineCall",
+    "WorkerProcess",
+    "WorkerTestClient",
+    "make_context",
+    "make_peer",
+    "run_worker_process",
+    "start_worker_process",
+]
 
 _request_ids = itertools.count(1)
 
@@ -288,43 +302,270 @@ class WorkerTestClient:
 
 
 _MAX_LOG_LINES = 20_000
+_READY_POLL_SECS = 0.05
+_W = TypeVar("_W", bound="WorkerProcess")
 
 
 class WorkerProcess:
-    """A ``pilot-worker`` child process started by :func:`run_worker_process`.
+    """A worker child process: started, waited for until it serves, stopped by pid.
+
+    The one launcher behind every "start a worker process and wait for its
+    ready file" in this repository's tests, demo and benchmarks (pilot-worker,
+    pilot-checkpoint-sqlite, langgraph-pilot). Start one with
+    :meth:`start` (or :func:`start_worker_process`), or use
+    :func:`run_worker_process` as an async context manager.
+
+    The child's stdout and stderr (merged) are read by a daemon thread: every
+    line is kept in :attr:`logs` (the last 20,000) and, with ``log_file``,
+    appended to that file as it comes. Only this process is ever signalled.
+
+    Both sync and async code can drive it: ``wait_ready_blocking`` /
+    ``stop_blocking`` / ``kill_blocking`` block the calling thread;
+    ``wait_ready`` / ``wait_for_log`` / ``wait`` / ``stop`` / ``kill`` are
+    their cancellable async twins.
 
     Attributes:
-        process: The ``asyncio.subprocess.Process``.
-        info: The ready file's content: ``node_id``, ``endpoint``
-            (``"127.0.0.1:PORT"`` on tcp://), ``port``, ``pid``, ``metrics_port``,
-            ``handlers``.
-        logs: Every stderr line so far (bounded to the last 20,000).
+        popen: The ``subprocess.Popen`` object.
+        name: A label for messages (default: the ready file's stem).
+        ready_file: Where the worker writes its ready record.
+        log_file: Copy of the output, or ``None``.
+        info: The ready record once ready: ``node_id``, ``endpoint``
+            (``"127.0.0.1:PORT"`` on tcp://), ``port``, ``pid``,
+            ``metrics_port``, ``carrier``, ``handlers``.
+        logs: Output lines so far (bounded).
     """
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        *,
+        ready_file: Path,
+        log_file: Path | None = None,
+        name: str | None = None,
+        captured: bool = True,
+    ) -> None:
+        self.popen = popen
+        self.name = name or ready_file.stem
+        self.ready_file = ready_file
+        self.log_file = log_file
         self.info: dict[str, Any] = {}
         self.logs: list[str] = []
-        self._changed = asyncio.Condition()
-        self._reader = asyncio.create_task(self._read_stderr())
+        self._lock = threading.Condition()
+        self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._eof = not captured
+        self._reader: threading.Thread | None = None
+        if captured:
+            self._reader = threading.Thread(
+                target=self._read_output, name=f"worker-output-{popen.pid}", daemon=True
+            )
+            self._reader.start()
+
+    @classmethod
+    def start(
+        cls: type[_W],
+        args: Sequence[str],
+        *,
+        ready_file: str | os.PathLike[str],
+        python: str | None = None,
+        module: str = "pilot_worker",
+        command: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        log_file: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        capture: bool = True,
+    ) -> _W:
+        """Start ``python -m MODULE ARGS --ready-file READY_FILE`` (not yet ready).
+
+        Args:
+            args: Command-line arguments of the worker.
+            ready_file: Where the worker writes its ready record (a stale one
+                is removed first).
+            python: Interpreter (default: this one).
+            module: Module run with ``-m`` (``pilot_worker``,
+                ``pilot_langgraph._worker_cli``...).
+            command: Replaces ``[python, "-m", module]`` (e.g. a benchmark's
+                own server script); it must accept ``--ready-file PATH``.
+            env: The child's whole environment (default: this process's).
+            cwd: The child's working directory.
+            log_file: Also write the output to this file.
+            name: Label used in messages.
+            capture: Read the output in this process (:attr:`logs`,
+                :meth:`wait_for_log`). ``False`` with a ``log_file``: the child
+                writes straight to the file and this process never touches its
+                output (benchmarks: no reader thread competing for the CPU).
+
+        Raises:
+            OSError: The process could not be started.
+        """
+        ready = Path(ready_file)
+        with contextlib.suppress(FileNotFoundError):
+            ready.unlink()
+        argv = [*(command or (python or sys.executable, "-m", module)), *args]
+        argv += ["--ready-file", str(ready)]
+        log = Path(log_file) if log_file is not None else None
+        captured = capture or log is None
+        with contextlib.ExitStack() as stack:
+            sink: Any = subprocess.PIPE
+            if not captured and log is not None:
+                sink = stack.enter_context(log.open("ab"))
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env=None if env is None else dict(env),
+                cwd=None if cwd is None else str(cwd),
+            )
+        return cls(popen, ready_file=ready, log_file=log, name=name, captured=captured)
+
+    # ------------------------------------------------------------------ output
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.popen.pid
 
-    async def _read_stderr(self) -> None:
-        stream = self.process.stderr
-        if stream is None:
-            return
-        while True:
-            line = await stream.readline()
-            async with self._changed:
-                if line:
-                    self.logs.append(line.decode("utf-8", "replace").rstrip("\n"))
-                    del self.logs[:-_MAX_LOG_LINES]
-                self._changed.notify_all()
-            if not line:
-                return
+    @property
+    def returncode(self) -> int | None:
+        """The exit code, or ``None`` while running."""
+        return self.popen.poll()
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` of the worker's tcp listener, from its ready record.
+
+        Raises:
+            RuntimeError: Not ready yet, or the record has no endpoint.
+        """
+        raw = str(self.info.get("endpoint") or "")
+        if "://" in raw:
+            raw = raw.split("://", 1)[1]
+        if not raw:
+            raise RuntimeError(f"worker {self.name}: ready record has no endpoint: {self.info!r}")
+        return raw
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of output."""
+        if self._reader is None and self.log_file is not None:
+            try:
+                text = self.log_file.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                return ""
+            return "\n".join(text.splitlines()[-lines:])
+        with self._lock:
+            return "\n".join(self.logs[-lines:])
+
+    def _read_output(self) -> None:
+        stream = self.popen.stdout
+        sink = self.log_file.open("ab") if self.log_file is not None else None
+        try:
+            if stream is not None:
+                for raw in iter(stream.readline, b""):
+                    if sink is not None:
+                        sink.write(raw)
+                        sink.flush()
+                    with self._lock:
+                        self.logs.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                        del self.logs[:-_MAX_LOG_LINES]
+                        self._notify()
+        finally:
+            if sink is not None:
+                sink.close()
+            if stream is not None:
+                stream.close()
+            with self._lock:
+                self._eof = True
+                self._notify()
+
+    def _notify(self) -> None:
+        """Wake every waiter (called with the lock held)."""
+        self._lock.notify_all()
+        for loop, event in list(self._async_waiters):
+            with contextlib.suppress(RuntimeError):  # that loop is closed
+                loop.call_soon_threadsafe(event.set)
+
+    # -------------------------------------------------------------- readiness
+
+    def _check_ready(self) -> bool:
+        """True once the ready record is readable; raises if the process ended first."""
+        try:
+            text = self.ready_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            text = ""
+        if text.strip():
+            try:
+                self.info = json.loads(text.strip().splitlines()[0])
+                return True
+            except ValueError:
+                pass  # written atomically by the worker; a foreign writer may be mid-write
+        code = self.popen.poll()
+        if code is not None:
+            raise EOFError(
+                f"worker {self.name} (pid {self.pid}) exited with {code} before serving; "
+                f"last lines:\n{self.log_tail()}"
+            )
+        return False
+
+    def wait_ready_blocking(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Block until the worker wrote its ready record; return it.
+
+        Raises:
+            EOFError: The worker exited first (its last output is in the message).
+            TimeoutError: Not ready within ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._check_ready():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"worker {self.name} not ready within {timeout:g}s; last lines:\n"
+                        + "\n".join(self.logs[-20:])
+                        + (self.log_tail() if self._reader is None else "")
+                    )
+                # Woken by any output; the ready file itself is rechecked at least this often.
+                self._lock.wait(min(left, _READY_POLL_SECS))
+        return self.info
+
+    async def _until(
+        self,
+        test: Callable[[], bool],
+        timeout: float,  # noqa: ASYNC109 - a bound on waiting for the child
+        what: Callable[[], str],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        waiter = (loop, event)
+        with self._lock:
+            self._async_waiters.add(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    event.clear()
+                    if test():
+                        return
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_READY_POLL_SECS):
+                            await event.wait()
+        except TimeoutError:
+            raise TimeoutError(what()) from None
+        finally:
+            with self._lock:
+                self._async_waiters.discard(waiter)
+
+    async def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:  # noqa: ASYNC109
+        """Wait until the worker wrote its ready record; return it.
+
+        Cancellable. Raises ``EOFError`` (exited first) or ``TimeoutError``.
+        """
+        await self._until(
+            self._check_ready,
+            timeout,
+            lambda: (
+                f"worker {self.name} not ready within {timeout:g}s; last lines:\n" + self.log_tail()
+            ),
+        )
+        return self.info
 
     async def wait_for_log(
         self,
@@ -333,7 +574,7 @@ class WorkerProcess:
         timeout: float = 30.0,  # noqa: ASYNC109 - a bound on waiting for output
         start: int = 0,
     ) -> str:
-        """Wait for a stderr line containing ``match`` (or satisfying it); return it.
+        """Wait for an output line containing ``match`` (or satisfying it); return it.
 
         Lines before index ``start`` of :attr:`logs` are ignored (pass
         ``len(proc.logs)`` to wait for a *new* line).
@@ -341,61 +582,132 @@ class WorkerProcess:
         Raises:
             TimeoutError: No such line within ``timeout``; the message shows
                 the last lines.
-            EOFError: The process closed stderr (exited) first.
+            EOFError: The process closed its output (exited) first.
         """
         test: Callable[[str], bool] = (
             (lambda line: match in line) if isinstance(match, str) else match
         )
+        found: list[str] = []
         seen = start
-        try:
-            async with asyncio.timeout(timeout), self._changed:
-                while True:
-                    for line in self.logs[seen:]:
-                        if test(line):
-                            return line
-                    seen = max(seen, len(self.logs))
-                    if self._reader.done():
-                        raise EOFError(
-                            f"worker exited ({self.process.returncode}) before logging "
-                            f"{match!r}; last lines:\n" + "\n".join(self.logs[-20:])
-                        )
-                    await self._changed.wait()
-        except TimeoutError:
-            raise TimeoutError(
-                f"no log line matching {match!r} within {timeout}s; last lines:\n"
-                + "\n".join(self.logs[-20:])
-            ) from None
+
+        def check() -> bool:
+            nonlocal seen
+            with self._lock:
+                lines = self.logs[seen:]
+                eof = self._eof
+                seen = max(seen, len(self.logs))
+            for line in lines:
+                if test(line):
+                    found.append(line)
+                    return True
+            if eof:
+                raise EOFError(
+                    f"worker exited ({self.popen.poll()}) before logging {match!r}; "
+                    f"last lines:\n{self.log_tail()}"
+                )
+            return False
+
+        await self._until(
+            check,
+            timeout,
+            lambda: (
+                f"no log line matching {match!r} within {timeout}s; last lines:\n" + self.log_tail()
+            ),
+        )
+        return found[0]
+
+    # ----------------------------------------------------------------- stopping
 
     def send_signal(self, signum: int) -> None:
-        """Send ``signum`` to this process (and only this process)."""
-        if self.process.returncode is None:
-            self.process.send_signal(signum)
+        """Send ``signum`` to this process (and only this process), if it runs."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(signum)
+
+    def _exited(self) -> bool:
+        return self.popen.poll() is not None and self._eof
 
     async def wait(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
-        """Wait for the process to exit; return its exit code.
+        """Wait for the process to exit (and its output to be read); return its exit code.
 
         Raises:
             TimeoutError: It is still running after ``timeout``.
         """
-        async with asyncio.timeout(timeout):
-            code = await self.process.wait()
-            await self._reader
-        return code
+        await self._until(
+            self._exited, timeout, lambda: f"worker {self.name} still running after {timeout:g}s"
+        )
+        return self.popen.wait()
 
     async def stop(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
         """SIGTERM, wait up to ``timeout``, then SIGKILL; return the exit code."""
-        if self.process.returncode is None:
-            self.process.terminate()
+        self.send_signal(signal.SIGTERM)
         try:
             return await self.wait(timeout)
         except TimeoutError:
-            self.process.kill()
+            self.send_signal(signal.SIGKILL)
             return await self.wait(10)
 
+    async def kill(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
+        """SIGKILL (no drain) and reap; return the exit code."""
+        self.send_signal(signal.SIGKILL)
+        return await self.wait(timeout)
 
-def _read_json(path: str) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    def wait_blocking(self, timeout: float = 30.0) -> int:
+        """Block until the process exits; return its exit code.
+
+        Raises:
+            subprocess.TimeoutExpired: It is still running after ``timeout``.
+        """
+        code = self.popen.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(timeout)
+        return code
+
+    def stop_blocking(self, timeout: float = 30.0) -> int:
+        """SIGTERM (graceful drain), then SIGKILL after ``timeout``; return the exit code."""
+        self.send_signal(signal.SIGTERM)
+        try:
+            return self.wait_blocking(timeout)
+        except subprocess.TimeoutExpired:
+            self.send_signal(signal.SIGKILL)
+            return self.wait_blocking(10)
+
+    def kill_blocking(self, timeout: float = 30.0) -> int:
+        """SIGKILL (no drain, no flush) and reap; return the exit code."""
+        self.send_signal(signal.SIGKILL)
+        return self.wait_blocking(timeout)
+
+
+def start_worker_process(
+    args: Sequence[str],
+    *,
+    ready_file: str | os.PathLike[str],
+    python: str | None = None,
+    module: str = "pilot_worker",
+    command: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    log_file: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+    capture: bool = True,
+) -> WorkerProcess:
+    """Start a worker process (see :meth:`WorkerProcess.start`); wait with ``wait_ready``.
+
+    Raises:
+        OSError: The process could not be started.
+    """
+    return WorkerProcess.start(
+        args,
+        ready_file=ready_file,
+        python=python,
+        module=module,
+        command=command,
+        env=env,
+        cwd=cwd,
+        log_file=log_file,
+        name=name,
+        capture=capture,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -405,8 +717,11 @@ async def run_worker_process(
     ready_file: str | os.PathLike[str],
     python: str | None = None,
     module: str = "pilot_worker",
+    command: Sequence[str] | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    log_file: str | os.PathLike[str] | None = None,
+    capture: bool = True,
     ready_timeout: float = 60.0,
     stop_timeout: float = 30.0,
 ) -> AsyncGenerator[WorkerProcess, None]:
@@ -416,29 +731,22 @@ async def run_worker_process(
     unless it already ended. Only this process is signalled.
 
     Raises:
-        EOFError: The worker exited before serving (its stderr is in the message).
+        EOFError: The worker exited before serving (its output is in the message).
         TimeoutError: It did not serve within ``ready_timeout``.
     """
-    ready = os.fspath(ready_file)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(ready)
-    process = await asyncio.create_subprocess_exec(
-        python or sys.executable,
-        "-m",
-        module,
-        *args,
-        "--ready-file",
-        ready,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=None if env is None else dict(env),
-        cwd=None if cwd is None else str(cwd),
+    proc = start_worker_process(
+        args,
+        ready_file=ready_file,
+        python=python,
+        module=module,
+        command=command,
+        env=env,
+        cwd=cwd,
+        log_file=log_file,
+        capture=capture,
     )
-    proc = WorkerProcess(process)
     try:
-        await proc.wait_for_log("serving node_id=", timeout=ready_timeout)
-        proc.info = _read_json(ready)
+        await proc.wait_ready(ready_timeout)
         yield proc
     finally:
         await proc.stop(stop_timeout)
