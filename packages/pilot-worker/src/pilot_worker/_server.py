@@ -91,6 +91,7 @@ from pilot_worker._logging import CallLogWriter
 from pilot_worker._metrics import HandlerStats, WorkerMetrics, percentiles
 from pilot_worker._modules import collect_specs, import_handler_module
 from pilot_worker._pool import SyncPool
+from pilot_worker._steps import IdempotencyStore
 from pilot_worker._tracing import end_span, start_server_span
 from pilot_worker._version import __version__
 from pilot_worker.errors import (
@@ -225,6 +226,10 @@ class WorkerServer:
         call_log: Where the one-line-per-call log goes. ``None``: records on
             the ``pilot_worker.calls`` logger. The CLI passes a
             :class:`CallLogWriter` on its own log stream (much cheaper per call).
+        idempotency_store: Where results of ``idempotent=True`` handlers are
+            kept: ``None`` is an in-memory cache of this process; an
+            :class:`~pilot_worker.journal.IdempotencyJournal` shares them with
+            a pool (close it with ``on_shutdown(journal.aclose)``).
 
     Usage::
 
@@ -244,6 +249,7 @@ class WorkerServer:
         metrics_registry: CollectorRegistry | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         call_log: CallLogWriter | None = None,
+        idempotency_store: IdempotencyStore | None = None,
     ) -> None:
         if config is not None and not isinstance(config, WorkerConfig):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise WorkerConfigError("config must be a WorkerConfig")
@@ -266,9 +272,13 @@ class WorkerServer:
         self._call_log = call_log
         self._pool = SyncPool(self._config.sync_threads)
         self._metrics.bind_sync_busy(lambda: self._pool.busy)
-        self._idempotency = IdempotencyCache(
-            ttl_secs=self._config.idempotency_ttl_secs,
-            max_entries=self._config.idempotency_max_entries,
+        self._idempotency: IdempotencyStore = (
+            idempotency_store
+            if idempotency_store is not None
+            else IdempotencyCache(
+                ttl_secs=self._config.idempotency_ttl_secs,
+                max_entries=self._config.idempotency_max_entries,
+            )
         )
         self._entries: dict[str, _Entry] = {}
         self._state: State = "new"
@@ -1083,6 +1093,7 @@ class WorkerServer:
                     result, replayed = await self._idempotency.run(
                         (spec.name, node_id, key),
                         lambda: self._run_unary(entry, payload, call, deadline),
+                        deadline=deadline,
                     )
                     if replayed:
                         entry.stats.replays += 1
