@@ -59,6 +59,8 @@ def test_help_reads_well(capsys: pytest.CaptureFixture[str]) -> None:
         "--default-policy",
         "--ready-file",
         "--otel-endpoint",
+        "--idempotency-store",
+        "--idempotency-lease",
     ):
         assert flag in out
     assert "exit status" in out

@@ -132,7 +132,8 @@ class Context:
         again. Only a step that was running at the moment of a crash, or whose
         result was not yet recorded, can run twice. Without a journal, ``fn``
         simply runs. Step names must be unique within a call; results must be
-        msgpack-encodable.
+        msgpack-encodable (a tuple is replayed as a list). For async handlers
+        (a sync handler cannot await it).
 
         Raises:
             JournalError: a bad or repeated step name, or a result msgpack

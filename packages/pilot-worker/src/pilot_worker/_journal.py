@@ -364,7 +364,8 @@ class IdempotencyJournal:
         busy_timeout_secs: How long a statement waits for a database lock
             (SQLite) or a pooled connection.
         threads: Database threads (default 1 for SQLite, 4 for PostgreSQL).
-        heartbeat_secs: How often leases are renewed (default ``lease_secs / 3``).
+        heartbeat_secs: How often leases are renewed (default ``lease_secs / 3``;
+            keep it well below ``lease_secs`` or live calls lose their lease).
         clock: Wall clock for leases and retention (shared by every host of the
             pool: keep their clocks synchronised well within ``lease_secs``).
 
