@@ -97,7 +97,7 @@ async def run_channels(channels: list[PilotChannel], args: argparse.Namespace) -
         )
     finally:
         for channel in channels:
-            await channel.close()
+            await channel.aclose()
 
 
 async def subscribe(args: argparse.Namespace) -> None:

@@ -428,3 +428,85 @@ async def test_daemon_adapter(cluster: Cluster, tmp_path: Path) -> None:
         assert events[-1] == {**events[-1], "topic": "agents.y", "payload": {"bytes": "5"}}
         assert events[-1]["reconnects"] >= 1
     assert os.path.exists(out)
+
+
+BLOCK_BOUND = 5.0  # BrokerOptions.block_timeout_secs, the documented bound
+BLOCK_FAILURE_BOUND = BLOCK_BOUND + 7.0  # generous for a loaded machine
+
+
+def spread_patterns(n: int) -> tuple[list[str], str, list[str]]:
+    """``n`` patterns, one topic all of them match, and one topic per pattern.
+
+    Pattern ``i`` has ``n`` segments, ``*`` at position ``i`` and ``all``
+    elsewhere: ``all.all...`` matches every pattern, while the topic with
+    ``only`` at position ``i`` matches pattern ``i`` alone.
+    """
+    patterns = [".".join("*" if j == i else "all" for j in range(n)) for i in range(n)]
+    only = [".".join("only" if j == i else "all" for j in range(n)) for i in range(n)]
+    return patterns, ".".join(["all"] * n), only
+
+
+@pytest.mark.parametrize("stuck", [1, 4, 12])
+async def test_publish_stall_is_bounded_for_any_number_of_block_subscribers(
+    cluster: Cluster, stuck: int
+) -> None:
+    queue = 4
+    await cluster.start_broker()
+    patterns, common, only = spread_patterns(stuck)
+    outs = [cluster.tmp / f"stuck{i}.jsonl" for i in range(stuck)]
+    # One process, `stuck` subscriptions with the block policy, each of which
+    # stops reading after its first event.
+    await cluster.subscriber(
+        "sub1", patterns, outs, "--queue", str(queue), "--policy", "block", "--buffer", "1",
+        "--pause", "3600",
+    )  # fmt: skip
+    pad = "x" * 200_000
+    options = PublisherOptions(timeout_secs=60, retry=None)
+    # The subscriber's own identity: stats() shows the queue depth of its subscriptions.
+    async with (
+        cluster.transport("sub1") as transport,
+        PilotPublisher(transport, peer="broker", options=options) as pub,
+    ):
+        await pub.publish(common, {"i": 0})
+        for out in outs:
+            await wait_events(out, 1)
+
+        async def depths() -> dict[str, int]:
+            subs = (await pub.stats())["subscriptions"]
+            return {s["pattern"]: s["depth"] for s in subs}
+
+        # Fill every stalled subscription's broker queue to the brim through
+        # its own topic, publishing only while the queue has room (so no fill
+        # publish waits), until two snapshots in a row show them all full.
+        full_snapshots = 0
+        async with asyncio.timeout(WAIT):
+            while full_snapshots < 2:
+                seen = await depths()
+                assert set(seen) == set(patterns), seen
+                short = [i for i, p in enumerate(patterns) if seen[p] < queue]
+                full_snapshots = 0 if short else full_snapshots + 1
+                for i in short:
+                    await pub.publish(only[i], {"i": -1, "pad": pad})
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await pub.publish(common, {"i": 1})
+        elapsed = loop.time() - started
+    assert cluster.broker is not None
+    await cluster.broker.wait_for_log("disconnecting slow subscriber", stuck)
+    assert cluster.broker.log.read_text().count("disconnecting slow subscriber") == stuck
+    # It really waited for the stuck subscribers, and only about the bound in
+    # all (sequential waits took 20 s for 4 and about 60 s for 12).
+    assert BLOCK_BOUND * 0.9 <= elapsed < BLOCK_FAILURE_BOUND, (stuck, elapsed)
+
+
+async def test_subscriptions_per_peer_cap_is_a_typed_error(cluster: Cluster) -> None:
+    config = cluster.tmp / "broker.json"
+    config.write_text(json.dumps({"max_subscriptions_per_peer": 2}))
+    await cluster.start_broker("--channels-config", str(config))
+    outs = [cluster.tmp / f"cap{i}.jsonl" for i in range(3)]
+    refused, status = await cluster.subscriber("sub1", ["a", "b", "c"], outs, expect_ready=False)
+    assert status == {**status, "event": "error", "error": "SubscriptionLimitError"}
+    assert "maximum of 2 subscriptions" in status["message"]
+    assert await refused.process.wait() == 3
+    # Another peer is not affected by sub1's cap.
+    await cluster.subscriber("sub2", ["a", "b"], outs[:2])

@@ -11,6 +11,7 @@ from pilot_channels import (
     Broker,
     BrokerOptions,
     BrokerUnavailableError,
+    ChannelConfigError,
     ChannelPermissionError,
     ChannelTimeoutError,
     DurableTopic,
@@ -20,6 +21,7 @@ from pilot_channels import (
     Retention,
     SlowConsumerError,
     SlowConsumerPolicy,
+    SubscriptionLimitError,
 )
 from prometheus_client import CollectorRegistry
 
@@ -274,3 +276,96 @@ async def test_metrics_gauges() -> None:
         assert registry.get_sample_value("pilot_channels_queue_depth_max") == 4
         a.close()
         assert registry.get_sample_value("pilot_channels_subscribers") == 1
+
+
+async def test_block_subscribers_are_waited_for_together() -> None:
+    # A huge bound, so nothing here depends on time: the publish waits on both
+    # stuck subscribers at once, and the one that makes room first is served
+    # first even though it comes second in routing order.
+    async with Broker(BrokerOptions(block_timeout_secs=3600)) as broker:
+        first = broker.subscribe("t", queue_size=1, policy="block")
+        second = broker.subscribe("t", queue_size=1, policy="block")
+        await broker.publish("t", 0)
+        publish = asyncio.create_task(broker.publish("t", 1))
+        await asyncio.sleep(0)
+        assert not publish.done()
+        assert [e.payload for e in second.take_nowait()] == [0]
+        assert [e.payload for e in await second.next_batch(timeout=5)] == [1]
+        assert not publish.done()  # still waiting for `first`
+        assert [e.payload for e in first.take_nowait()] == [0]
+        await asyncio.wait_for(publish, 5)
+        assert [e.payload for e in first.take_nowait()] == [1]
+
+
+async def test_stuck_block_subscribers_share_one_deadline_and_are_all_cut() -> None:
+    registry = CollectorRegistry()
+    async with Broker(BrokerOptions(block_timeout_secs=0.05), registry=registry) as broker:
+        stuck = [broker.subscribe("t", queue_size=1, policy="block") for _ in range(12)]
+        healthy = broker.subscribe("t", queue_size=100)
+        await broker.publish("t", 0)
+        await asyncio.wait_for(broker.publish_many([("t", 1), ("t", 2), ("t", 3)]), 30)
+        for sub in stuck:
+            with pytest.raises(SlowConsumerError, match="waited its bound"):
+                sub.take_nowait()
+        assert broker.subscriptions == (healthy,)
+        assert [e.payload for e in healthy.take_nowait()] == [0, 1, 2, 3]
+        assert (
+            registry.get_sample_value(
+                "pilot_channels_slow_consumer_disconnects_total", {"policy": "block"}
+            )
+            == 12
+        )
+        # Each stuck event counts once, however many subscribers it waited on.
+        assert registry.get_sample_value("pilot_channels_publish_blocked_total") == 1
+
+
+async def test_cancelled_blocked_publish_leaves_served_subscribers_served() -> None:
+    async with Broker(BrokerOptions(block_timeout_secs=3600)) as broker:
+        stuck = broker.subscribe("t", queue_size=1, policy="block")
+        roomy = broker.subscribe("t", queue_size=1, policy="block")
+        await broker.publish("t", 0)
+        roomy.take_nowait()
+        publish = asyncio.create_task(broker.publish_many([("t", 1), ("t", 2)]))
+        assert [e.payload for e in await roomy.next_batch(timeout=5)] == [1]
+        publish.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await publish
+        assert [e.payload for e in stuck.take_nowait()] == [0]
+        assert roomy.take_nowait() == []  # event 2 was never routed
+        await asyncio.wait_for(broker.publish("t", 3), 5)  # no waiter left behind
+        assert [e.payload for e in stuck.take_nowait()] == [3]
+
+
+async def test_subscriptions_per_peer_are_capped() -> None:
+    registry = CollectorRegistry()
+    options = BrokerOptions(max_subscriptions_per_peer=2)
+    async with Broker(options, registry=registry) as broker:
+        a = broker.subscribe("a", node_id="n1")
+        broker.subscribe("b", node_id="n1")
+        with pytest.raises(SubscriptionLimitError, match="maximum of 2 subscriptions") as info:
+            broker.subscribe("c", node_id="n1")
+        assert isinstance(info.value, ChannelConfigError)  # what older callers catch
+        broker.subscribe("c", node_id="n2")  # other peers are not affected
+        a.close()
+        broker.subscribe("c", node_id="n1")  # room again
+        assert (
+            registry.get_sample_value(
+                "pilot_channels_denied_total", {"action": "subscription_limit"}
+            )
+            == 1
+        )
+    async with Broker(BrokerOptions(max_subscriptions=1)) as broker:
+        broker.subscribe("a", node_id="n1")
+        with pytest.raises(SubscriptionLimitError):
+            broker.subscribe("a", node_id="n2")
+
+
+def test_subscription_limit_error_crosses_the_wire() -> None:
+    from pilot_channels._errmap import from_lower, to_rpc
+    from pilot_rpc import errors as rpc
+
+    wire = to_rpc(SubscriptionLimitError("node n1 holds its maximum of 2 subscriptions"))
+    assert isinstance(wire, rpc.ResourceExhausted)
+    back = from_lower(wire, what="subscribe")
+    assert type(back) is SubscriptionLimitError
+    assert "maximum of 2" in str(back)

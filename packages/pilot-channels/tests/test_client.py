@@ -181,6 +181,22 @@ async def test_first_connect_failure_raises() -> None:
         with pytest.raises(BrokerUnavailableError):
             await pub.publish("t", 1)
         assert pub.retries == 2
-        await pub.close()
+        await pub.aclose()
+        with pytest.raises(ChannelClosedError):
+            await pub.publish("t", 1)
+
+
+async def test_close_is_a_deprecated_alias_of_aclose() -> None:
+    async with Broker() as broker:
+        backend = InProcessBackend(broker)
+        channel = await PilotChannel.with_backend(backend, "t").open()
+        with pytest.warns(DeprecationWarning, match=r"PilotChannel\.close\(\) is deprecated"):
+            await channel.close()
+        assert channel.closed
+        with pytest.raises(ChannelClosedError):
+            await channel.recv(timeout=1)
+        pub = PilotPublisher.with_backend(InProcessBackend(broker))
+        with pytest.warns(DeprecationWarning, match=r"PilotPublisher\.close\(\) is deprecated"):
+            await pub.close()
         with pytest.raises(ChannelClosedError):
             await pub.publish("t", 1)

@@ -69,6 +69,8 @@ def test_help_reads_well(capsys: pytest.CaptureFixture[str]) -> None:
         "--ready-file",
         "--otel-endpoint",
         "--max-connections-per-peer",
+        "--idempotency-store",
+        "--idempotency-lease",
     ):
         assert flag in out
     assert "exit status" in out
@@ -240,3 +242,26 @@ def test_list_plugins(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     out = capsys.readouterr().out
     assert "listed  Listed plugin." in out
     assert "--listed-x VALUE  an option; env LISTED_X; default 1" in out
+
+
+def test_bad_idempotency_store_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*_base(tmp_path), "--idempotency-store", "mysql://u@h/db"]) == EXIT_CONFIG
+    assert "unsupported database 'mysql'" in capsys.readouterr().err
+
+
+def test_idempotency_store_without_the_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def no_sqlalchemy(name: str, *args: object) -> object:
+        return None if name == "sqlalchemy" else real(name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_sqlalchemy)
+    monkeypatch.delitem(sys.modules, "pilot_worker.journal", raising=False)
+    store = f"sqlite:///{tmp_path / 'journal.db'}"
+    assert main([*_base(tmp_path), "--idempotency-store", store]) == EXIT_CONFIG
+    assert "needs SQLAlchemy: pip install 'pilot-worker[journal]'" in capsys.readouterr().err
+    assert not (tmp_path / "journal.db").exists()

@@ -44,6 +44,7 @@ from pilot_channels.errors import (
     InvalidTopicError,
     PayloadTooLargeError,
     SlowConsumerError,
+    SubscriptionLimitError,
 )
 
 __version__ = "0.1.0"
@@ -77,6 +78,7 @@ __all__ = [
     "SlowConsumerPolicy",
     "SubscribeOptions",
     "Subscription",
+    "SubscriptionLimitError",
     "TopicPattern",
     "__version__",
     "broker_handlers",

@@ -10,9 +10,13 @@ may read it (the route of a topic is cached until subscriptions change).
 
 Non-durable events are at-most-once. When ``live`` is full, the subscription's
 slow-consumer policy decides: ``drop_oldest`` drops and counts, ``disconnect``
-ends the subscription, ``block`` makes that publish wait for room (bounded by
-``block_timeout_secs``, then disconnect). Nothing else ever waits on a
-subscriber, so one slow subscriber neither slows the others nor grows memory.
+ends the subscription, ``block`` makes that publish wait for room. All the
+``block`` subscribers one publish call waits on are waited for *together*,
+against one deadline of ``block_timeout_secs`` per call (not per subscriber):
+the subscribers still full at the deadline are disconnected, so a publish is
+stalled at most ``block_timeout_secs`` however many subscribers are stuck.
+Nothing else ever waits on a subscriber, so one slow subscriber neither slows
+the others nor grows memory.
 
 Durable events are first appended to the log, then offered to each matching
 subscription. A subscription is either *live* (it has seen every durable event
@@ -54,6 +58,7 @@ from .errors import (
     ChannelTimeoutError,
     PayloadTooLargeError,
     SlowConsumerError,
+    SubscriptionLimitError,
 )
 
 __all__ = ["Broker", "Subscription"]
@@ -116,8 +121,9 @@ class Subscription:
         self._live_bytes = 0
         self._durable_bytes = 0
         self._wake = asyncio.Event()
-        self._space = asyncio.Event()
-        self._space.set()
+        # Publishers waiting for room in ``live`` (block policy): each waiting
+        # publish registers one event, set when room appears or on close.
+        self._waiters: set[asyncio.Event] = set()
         self._error: ChannelError | None = None
         self.closed = False
 
@@ -154,8 +160,11 @@ class Subscription:
         if self.policy is SlowConsumerPolicy.DISCONNECT:
             self._disconnect_slow("its queue was full (disconnect policy)")
             return True
-        self._space.clear()
         return False
+
+    def _notify_space(self) -> None:
+        for waiter in self._waiters:
+            waiter.set()
 
     def _offer_durable(self, item: _Item) -> None:
         if self.lagging:
@@ -189,23 +198,8 @@ class Subscription:
         self._durable.clear()
         self._live_bytes = self._durable_bytes = 0
         self._wake.set()
-        self._space.set()
+        self._notify_space()
         self._broker._remove(self)
-
-    async def _wait_space(self, limit_secs: float) -> bool:
-        """Wait until ``live`` has room; False on timeout."""
-        deadline = asyncio.get_running_loop().time() + limit_secs
-        while self._live_full() and not self.closed:
-            self._space.clear()
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                return False
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._space.wait()
-            except TimeoutError:
-                return not self._live_full() or self.closed
-        return True
 
     # -- called by the subscriber side ---------------------------------------
 
@@ -263,8 +257,8 @@ class Subscription:
         if batch:
             self.delivered += len(batch)
             self._broker.metrics.deliveries.inc(len(batch))
-            if not self._live_full():
-                self._space.set()
+            if self._waiters and not self._live_full():
+                self._notify_space()
             if self.lagging:
                 self._refill()
         if not live and not durable:
@@ -469,7 +463,10 @@ class Broker:
         Raises:
             InvalidPatternError: bad pattern.
             ChannelPermissionError: the ACL lets this node read no topic of the pattern.
-            ChannelConfigError: a forbidden or unknown policy; too many subscriptions.
+            ChannelConfigError: a forbidden or unknown policy.
+            SubscriptionLimitError: the broker holds ``max_subscriptions``, or
+                this node holds ``max_subscriptions_per_peer`` (a subclass of
+                ChannelConfigError).
             BrokerUnavailableError: the broker is closed.
         """
         if self._closed:
@@ -496,14 +493,19 @@ class Broker:
             raise ChannelConfigError(f"queue_size must be an int > 0, got {queue_size!r}")
         size = min(size, opts.max_queue)
         if len(self._subs) >= opts.max_subscriptions:
-            raise ChannelConfigError("the broker holds its maximum number of subscriptions")
+            self.metrics.denied.labels("subscription_limit").inc()
+            raise SubscriptionLimitError(
+                f"the broker holds its maximum of {opts.max_subscriptions} subscriptions"
+            )
         if (
             node_id is not None
             and self._per_node.get(node_id, 0) >= opts.max_subscriptions_per_peer
         ):
-            raise ChannelConfigError(
+            self.metrics.denied.labels("subscription_limit").inc()
+            raise SubscriptionLimitError(
                 f"node {node_id} holds its maximum of "
-                f"{opts.max_subscriptions_per_peer} subscriptions"
+                f"{opts.max_subscriptions_per_peer} subscriptions "
+                "(BrokerOptions.max_subscriptions_per_peer); close one first"
             )
         wants_durable = self.log is not None and any(
             p.overlaps(compiled) for p in self._durable_patterns
@@ -545,10 +547,13 @@ class Broker:
     ) -> list[int | None]:
         """Publish events in order; all are checked before any is routed.
 
-        Returns once every event is queued for every matching subscriber (which,
-        under the ``block`` policy, may wait up to ``block_timeout_secs`` per
-        stuck subscriber). Non-durable events are at-most-once; durable events
-        are in the log when this returns.
+        Returns once every event is queued for every matching subscriber. Under
+        the ``block`` policy that may wait, but one call waits at most
+        ``block_timeout_secs`` in all, however many subscribers are stuck and
+        however many events the batch holds: the stuck subscribers are waited
+        for concurrently against one deadline, and those still full at the
+        deadline are disconnected. Non-durable events are at-most-once; durable
+        events are in the log when this returns.
 
         Raises:
             InvalidTopicError: a bad topic name.
@@ -599,20 +604,60 @@ class Broker:
                 item = (self._next_seq(), event, size)
                 for sub in self._route(topic):
                     sub._offer_durable(item)
+        deadline: float | None = None
         for topic, payload, size, durable in prepared:
             if durable:
                 continue
             item = (self._next_seq(), Event(topic, payload, publisher, now, None), size)
-            for sub in self._route(topic):
-                if sub.closed or sub._offer_live(item):
-                    continue
+            blocked = [s for s in self._route(topic) if not s.closed and not s._offer_live(item)]
+            if blocked:
                 self.metrics.publish_blocked.inc()
-                if await sub._wait_space(self.options.block_timeout_secs):
-                    if not sub.closed:
-                        sub._push_live(item)
-                else:
-                    sub._disconnect_slow(
-                        f"its queue stayed full for {self.options.block_timeout_secs} s "
-                        "(block policy)"
-                    )
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + self.options.block_timeout_secs
+                await self._deliver_blocked(item, blocked, deadline)
         return offsets
+
+    async def _deliver_blocked(
+        self, item: _Item, blocked: list[Subscription], deadline: float
+    ) -> None:
+        """Queue ``item`` to ``block`` subscribers as each gets room, until ``deadline``.
+
+        All of them are waited for at once; the ones still full at the deadline
+        are disconnected. Cancellation leaves the ones already served in place.
+        """
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        for sub in blocked:
+            sub._waiters.add(wake)
+        pending = blocked
+        try:
+            while True:
+                wake.clear()
+                still: list[Subscription] = []
+                for sub in pending:
+                    if sub.closed:
+                        continue
+                    if sub._live_full():
+                        still.append(sub)
+                    else:
+                        sub._push_live(item)
+                pending = still
+                if not pending:
+                    return
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        await wake.wait()
+                except TimeoutError:
+                    continue  # one more pass: serve those that got room at the last moment
+        finally:
+            for sub in blocked:
+                sub._waiters.discard(wake)
+        bound = self.options.block_timeout_secs
+        for sub in pending:
+            sub._disconnect_slow(
+                f"its queue stayed full while a publish waited its bound of {bound} s "
+                "(block policy)"
+            )

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import warnings
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -316,7 +317,7 @@ class PilotChannel:
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` was called."""
+        """True once :meth:`aclose` was called."""
         return self._closed
 
     async def open(self) -> Self:
@@ -342,7 +343,7 @@ class PilotChannel:
         try:
             await asyncio.shield(self._ready)
         except ChannelError:
-            await self.close()
+            await self.aclose()
             raise
         return self
 
@@ -355,7 +356,7 @@ class PilotChannel:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.aclose()
 
     def _request(self) -> dict[str, Any]:
         return {
@@ -537,8 +538,12 @@ class PilotChannel:
             count += 1
             yield event
 
-    async def close(self) -> None:
-        """Unsubscribe and stop reconnecting. Idempotent; events still buffered are dropped."""
+    async def aclose(self) -> None:
+        """Unsubscribe and stop reconnecting; events still buffered are dropped.
+
+        Safe to repeat. Cancelling it re-raises CancelledError; the channel is
+        closed to callers from the first line on.
+        """
         if self._closed:
             return
         self._closed = True
@@ -555,7 +560,12 @@ class PilotChannel:
         self._pending.clear()
         await self._backend.aclose()
 
-    aclose = close
+    async def close(self) -> None:
+        """Deprecated alias of :meth:`aclose` (removed in the next release)."""
+        warnings.warn(
+            "PilotChannel.close() is deprecated; use aclose()", DeprecationWarning, stacklevel=2
+        )
+        await self.aclose()
 
 
 _Pending = tuple[str, Any, asyncio.Future[int | None]]
@@ -651,7 +661,7 @@ class PilotPublisher:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+        await self.aclose()
 
     async def publish(self, topic: str, payload: Any) -> int | None:
         """Publish one event; return its durable-log offset, or None on a non-durable topic.
@@ -763,8 +773,8 @@ class PilotPublisher:
                     future.set_result(offset)
             return
 
-    async def close(self) -> None:
-        """Stop; publishes not yet sent fail with ChannelClosedError. Idempotent."""
+    async def aclose(self) -> None:
+        """Stop; publishes not yet sent fail with ChannelClosedError. Safe to repeat."""
         if self._closed:
             return
         self._closed = True
@@ -778,7 +788,12 @@ class PilotPublisher:
         self._room.set()
         await self._backend.aclose()
 
-    aclose = close
+    async def close(self) -> None:
+        """Deprecated alias of :meth:`aclose` (removed in the next release)."""
+        warnings.warn(
+            "PilotPublisher.close() is deprecated; use aclose()", DeprecationWarning, stacklevel=2
+        )
+        await self.aclose()
 
 
 async def publish_once(

@@ -16,6 +16,7 @@ _BY_NAME: dict[str, type[errors.ChannelError]] = {
         errors.InvalidPatternError,
         errors.PayloadTooLargeError,
         errors.ChannelConfigError,
+        errors.SubscriptionLimitError,
         errors.ChannelPermissionError,
         errors.SlowConsumerError,
         errors.BrokerUnavailableError,
@@ -30,7 +31,7 @@ def to_rpc(exc: errors.ChannelError) -> rpc.RpcError:
     message = str(exc)
     if isinstance(exc, errors.ChannelPermissionError):
         return rpc.PermissionDenied(message, details=details)
-    if isinstance(exc, errors.SlowConsumerError):
+    if isinstance(exc, errors.SlowConsumerError | errors.SubscriptionLimitError):
         return rpc.ResourceExhausted(message, details=details)
     if isinstance(exc, errors.BrokerUnavailableError):
         return rpc.Unavailable(message, details=details)

@@ -40,7 +40,7 @@ class BrokerMetrics:
         )
         self.denied = Counter(
             "pilot_channels_denied",
-            "Publish or subscribe attempts refused by the topic ACL.",
+            "Publish or subscribe attempts refused by the topic ACL or a subscription cap.",
             ["action"],
             registry=reg,
         )

@@ -31,9 +31,10 @@ class SlowConsumerPolicy(StrEnum):
     - ``DROP_OLDEST`` (default): drop the oldest queued event and count it; the
       subscriber sees the count (``PilotChannel.dropped``). Publishers and other
       subscribers are never slowed.
-    - ``BLOCK``: the publisher's ``publish`` waits until the subscriber has room,
-      for at most ``BrokerOptions.block_timeout_secs``; past that the subscriber is
-      disconnected, so one stuck subscriber delays others by at most that long.
+    - ``BLOCK``: the publisher's ``publish`` waits until the subscriber has room.
+      One publish call waits at most ``BrokerOptions.block_timeout_secs`` in all,
+      however many ``BLOCK`` subscribers are stuck (they are waited for together,
+      against one deadline); those still full then are disconnected.
     - ``DISCONNECT``: end the subscriber's stream at once; the client reconnects
       (non-durable events published meanwhile are lost; durable ones are resumed).
     """
@@ -137,10 +138,12 @@ class BrokerOptions:
         max_queue: the largest queue a subscriber may ask for.
         default_policy: slow-consumer policy when the subscriber asks none.
         allow_block: whether subscribers may choose ``BLOCK`` (which can slow publishers).
-        block_timeout_secs: the longest a publisher waits on one ``BLOCK`` subscriber.
+        block_timeout_secs: the longest one publish call waits on ``BLOCK``
+            subscribers, however many are stuck (5 s).
+        max_subscriptions: total subscriptions the broker accepts (10,000).
+        max_subscriptions_per_peer: subscriptions one node id may hold (256);
+            past either cap ``subscribe`` raises ``SubscriptionLimitError``.
         max_payload_bytes: larger payloads are refused.
-        max_subscriptions: total subscriptions the broker accepts.
-        max_subscriptions_per_peer: subscriptions one node id may hold.
         retention_interval_secs: how often retention runs.
     """
 

@@ -14,8 +14,9 @@ them by itself)::
     │   ├── InvalidTopicError (ValueError)       a topic name breaks the syntax
     │   ├── InvalidPatternError (ValueError)     a subscription pattern breaks the syntax
     │   ├── PayloadTooLargeError (ValueError)    payload above the configured limit
-    │   ├── ChannelClosedError                   used after close()
+    │   ├── ChannelClosedError                   used after aclose()
     │   └── ChannelConfigError (ValueError)      invalid options or broker configuration
+    │       └── SubscriptionLimitError           the broker's or this peer's subscription cap
     ├── ChannelPermissionError (PermissionError) the topic ACL refuses this node
     ├── ChannelTimeoutError (TimeoutError)       recv(timeout=...) or publish timed out
     ├── ChannelNetworkError (ConnectionError)
@@ -42,6 +43,7 @@ __all__ = [
     "InvalidTopicError",
     "PayloadTooLargeError",
     "SlowConsumerError",
+    "SubscriptionLimitError",
 ]
 
 
@@ -66,11 +68,21 @@ class PayloadTooLargeError(ChannelUsageError, ValueError):
 
 
 class ChannelClosedError(ChannelUsageError):
-    """The channel or publisher was used after ``close()``."""
+    """The channel or publisher was used after ``aclose()``."""
 
 
 class ChannelConfigError(ChannelUsageError, ValueError):
     """Options or a broker configuration are invalid; the message names the field."""
+
+
+class SubscriptionLimitError(ChannelConfigError):
+    """A subscription was refused because a cap is reached.
+
+    Either this node already holds ``BrokerOptions.max_subscriptions_per_peer``
+    subscriptions (256 by default) or the broker holds ``max_subscriptions``
+    (10,000). Close a subscription before opening another; a subscribing
+    channel does not retry this error by itself.
+    """
 
 
 class ChannelPermissionError(ChannelError, PermissionError):

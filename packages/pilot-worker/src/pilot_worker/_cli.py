@@ -34,6 +34,7 @@ from pilot_worker._env import (
     ENV_DEFAULT_POLICY,
     ENV_DRAIN_TIMEOUT,
     ENV_HANDLERS,
+    ENV_IDEMPOTENCY_STORE,
     ENV_IDENTITY,
     ENV_LOG_FORMAT,
     ENV_LOG_LEVEL,
@@ -52,7 +53,7 @@ from pilot_worker._logging import CallLogWriter, configure_logging
 from pilot_worker._modules import collect_specs, import_handler_module
 from pilot_worker._plugins import Plugin, PluginContext, discover_plugins, load_plugin
 from pilot_worker._version import __version__
-from pilot_worker.errors import PluginError, WorkerConfigError, WorkerError
+from pilot_worker.errors import JournalError, PluginError, WorkerConfigError, WorkerError
 
 __all__ = ["EXIT_CONFIG", "EXIT_CUT", "EXIT_OK", "READY_FILE_KEYS", "build_parser", "main", "run"]
 
@@ -260,6 +261,31 @@ def build_parser(
         metavar="N",
         default=16,
         help="threads running sync handlers at once (default 16)",
+    )
+
+    journal = parser.add_argument_group("idempotency journal (needs pilot-worker[journal])")
+    journal.add_argument(
+        "--idempotency-store",
+        metavar="URL",
+        default=_env(ENV_IDEMPOTENCY_STORE),
+        help="share the results of idempotent handlers with a pool of workers: "
+        "sqlite:///path/journal.db (workers of one host) or postgresql://user@host/db "
+        f"(env {ENV_IDEMPOTENCY_STORE}; default: an in-memory cache per process)",
+    )
+    journal.add_argument(
+        "--idempotency-lease",
+        type=_positive_float,
+        metavar="SECS",
+        default=10.0,
+        help="how long a running call stays owned without a heartbeat before another worker "
+        "may take it over (default 10)",
+    )
+    journal.add_argument(
+        "--idempotency-retention",
+        type=_positive_float,
+        metavar="SECS",
+        default=86400.0,
+        help="finished calls older than this are deleted from the journal (default 86400)",
     )
 
     ops = parser.add_argument_group("operations")
@@ -611,6 +637,12 @@ async def run(
                 )
     except WorkerError as exc:
         return _fail(prog, str(exc))
+    journal: Any = None
+    if getattr(args, "idempotency_store", None):
+        try:
+            journal = _open_journal(args)
+        except WorkerError as exc:
+            return _fail(prog, str(exc))
     try:
         transport = await open_transport(args.transport, identity=identity, trust=trust)
     except TransportError as exc:
@@ -618,7 +650,12 @@ async def run(
     exit_code = EXIT_OK
     ready_file: str | None = args.ready_file
     try:
-        worker = WorkerServer(transport, config, codec=codec, call_log=call_log)
+        worker = WorkerServer(
+            transport, config, codec=codec, call_log=call_log, idempotency_store=journal
+        )
+        if journal is not None:
+            worker.on_shutdown(journal.aclose)
+            logger.info("idempotency journal: %s (lease %.1f s)", journal.url, journal.lease_secs)
         try:
             for module in modules:
                 worker.include_module(module)
@@ -677,6 +714,24 @@ async def run(
         if otel_shutdown is not None:
             otel_shutdown()
     return exit_code
+
+
+def _open_journal(args: argparse.Namespace) -> Any:
+    """The journal for ``--idempotency-store``; a clear error if the extra is missing."""
+    try:
+        from pilot_worker.journal import IdempotencyJournal
+    except ModuleNotFoundError as exc:
+        if exc.name != "sqlalchemy":
+            raise
+        raise JournalError(
+            "--idempotency-store needs SQLAlchemy: pip install 'pilot-worker[journal]' "
+            "(or 'pilot-worker[journal-postgres]' for PostgreSQL)"
+        ) from exc
+    return IdempotencyJournal(
+        args.idempotency_store,
+        lease_secs=args.idempotency_lease,
+        retention_secs=args.idempotency_retention,
+    )
 
 
 async def _serve_until_signal(

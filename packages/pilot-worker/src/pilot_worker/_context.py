@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from pilot_worker._call import IncomingCall, PeerLike
+from pilot_worker._steps import run_step
 
 __all__ = ["Context"]
 
@@ -23,7 +24,8 @@ class Context:
     ``caller_address``, ``request_id``, ``deadline`` (event-loop time at which
     the call fails: the earlier of the caller's deadline and the handler's
     ``timeout_secs``; ``None`` if neither), ``handler_name``, ``metadata``,
-    ``idempotency_key``, ``traceparent``, ``cancelled``.
+    ``idempotency_key``, ``traceparent``, ``cancelled``. :meth:`step` runs a
+    step that a shared idempotency journal records and replays.
     """
 
     __slots__ = ("_call", "_deadline", "_encode", "_handler_name", "_loop")
@@ -118,6 +120,30 @@ class Context:
         """
         encoded = self._encode(value) if self._encode is not None else value
         await self._call.send_progress(encoded)
+
+    async def step(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (sync or async, no arguments) as the step ``name`` of this call.
+
+        With a shared idempotency journal (``--idempotency-store``) and an
+        ``idempotent=True`` handler called with an idempotency key, the step's
+        result is recorded once ``fn`` returns; when the call is retried
+        (on any worker of the pool, for example after this worker died), a
+        recorded step returns its recorded result without running ``fn``
+        again. Only a step that was running at the moment of a crash, or whose
+        result was not yet recorded, can run twice. Without a journal, ``fn``
+        simply runs. Step names must be unique within a call; results must be
+        msgpack-encodable (a tuple is replayed as a list). For async handlers
+        (a sync handler cannot await it).
+
+        Raises:
+            JournalError: a bad or repeated step name, or a result msgpack
+                cannot encode (``fn`` ran but was not recorded).
+            Whatever ``fn`` raises (a failed step is not recorded).
+
+        Cancellation: cancelling while ``fn`` runs cancels ``fn``; once ``fn``
+        returned, its result is recorded even if the call is cancelled.
+        """
+        return await run_step(name, fn)
 
     def report_progress_nowait(self, value: Any) -> None:
         """Thread-safe, fire-and-forget :meth:`report_progress` for sync handlers."""

@@ -8,6 +8,7 @@ __all__ = [
     "ENV_DEFAULT_POLICY",
     "ENV_DRAIN_TIMEOUT",
     "ENV_HANDLERS",
+    "ENV_IDEMPOTENCY_STORE",
     "ENV_IDENTITY",
     "ENV_LOG_FORMAT",
     "ENV_LOG_LEVEL",
@@ -49,6 +50,8 @@ ENV_DEFAULT_POLICY = "PILOT_WORKER_DEFAULT_POLICY"
 """``open`` or ``closed``: the ACL of handlers with ``allow=None``."""
 ENV_READY_FILE = "PILOT_WORKER_READY_FILE"
 """Path where a JSON line ``{node_id, endpoint, port, pid, ...}`` is written once serving."""
+ENV_IDEMPOTENCY_STORE = "PILOT_WORKER_IDEMPOTENCY_STORE"
+"""Database URL of the shared idempotency journal (``--idempotency-store``)."""
 ENV_OTEL_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 """Standard OpenTelemetry variable: when set, the CLI wires the OTLP exporter."""
 ENV_OTEL_SERVICE_NAME = "OTEL_SERVICE_NAME"

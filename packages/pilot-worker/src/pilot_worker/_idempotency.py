@@ -17,6 +17,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pilot_rpc import DeadlineExceeded
+
 __all__ = ["IdempotencyCache"]
 
 Key = tuple[str, str, str]
@@ -53,9 +55,17 @@ class IdempotencyCache:
         for key in [k for k in self._done if k[0] == handler]:
             del self._done[key]
 
-    async def run(self, key: Key, factory: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
+    async def run(
+        self,
+        key: Key,
+        factory: Callable[[], Awaitable[Any]],
+        *,
+        deadline: float | None = None,
+    ) -> tuple[Any, bool]:
         """Return ``(result, replayed)``: the stored result, or run ``factory`` once.
 
+        ``deadline`` (event-loop time; ``None``: no bound) bounds how long a
+        duplicate waits for its running twin (``DEADLINE_EXCEEDED`` after it).
         Cancellation of a waiting duplicate does not affect the running call.
         """
         while True:
@@ -68,9 +78,16 @@ class IdempotencyCache:
             if running is None:
                 break
             try:
-                return await asyncio.shield(running), True
+                async with asyncio.timeout_at(deadline):
+                    return await asyncio.shield(running), True
             except _Abandoned:
                 continue
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    "a duplicate of this call (same idempotency key) was still running "
+                    "when the deadline passed",
+                    details={"reason": "timeout"},
+                ) from None
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_retrieve)
         self._running[key] = fut

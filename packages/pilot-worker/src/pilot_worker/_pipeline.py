@@ -69,12 +69,12 @@ from pilot_worker._call import IncomingCall
 from pilot_worker._codec import IdentityCodec, PayloadCodec
 from pilot_worker._context import Context
 from pilot_worker._handler import CallStyle, HandlerKind
-from pilot_worker._idempotency import IdempotencyCache
 from pilot_worker._limits import ConcurrencyGate, GateFull
 from pilot_worker._pool import SyncPool
 from pilot_worker._recording import CallRecorder
 from pilot_worker._registry import HandlerEntry, HandlerRegistry
 from pilot_worker._slots import Running, release_when_done
+from pilot_worker._steps import IdempotencyStore
 
 __all__ = ["CallNext", "CallPipeline", "Middleware"]
 
@@ -118,7 +118,7 @@ class CallPipeline:
         *,
         codec: PayloadCodec,
         pool: SyncPool,
-        idempotency: IdempotencyCache,
+        idempotency: IdempotencyStore,
         recorder: CallRecorder,
         include_tracebacks: bool,
     ) -> None:
@@ -194,6 +194,7 @@ class CallPipeline:
                 result, replayed = await self._idempotency.run(
                     (spec.name, node_id, call.idempotency_key),
                     lambda: self._run_unary(entry, payload, call, deadline),
+                    deadline=deadline,
                 )
                 if replayed:
                     entry.stats.replays += 1

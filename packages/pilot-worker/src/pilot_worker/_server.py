@@ -42,6 +42,7 @@ from pilot_worker._pipeline import CallNext, CallPipeline, Middleware
 from pilot_worker._pool import SyncPool
 from pilot_worker._recording import CallRecorder
 from pilot_worker._registry import HandlerRegistry, as_spec
+from pilot_worker._steps import IdempotencyStore
 from pilot_worker._version import __version__
 from pilot_worker.errors import HandlerDefinitionError, WorkerConfigError, WorkerStateError
 
@@ -75,6 +76,10 @@ class WorkerServer:
         call_log: Where the one-line-per-call log goes. ``None``: records on
             the ``pilot_worker.calls`` logger. The CLI passes a
             :class:`CallLogWriter` on its own log stream (much cheaper per call).
+        idempotency_store: Where results of ``idempotent=True`` handlers are
+            kept: ``None`` is an in-memory cache of this process; an
+            :class:`~pilot_worker.journal.IdempotencyJournal` shares them with
+            a pool (close it with ``on_shutdown(journal.aclose)``).
 
     Usage::
 
@@ -94,6 +99,7 @@ class WorkerServer:
         metrics_registry: CollectorRegistry | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         call_log: CallLogWriter | None = None,
+        idempotency_store: IdempotencyStore | None = None,
     ) -> None:
         if config is not None and not isinstance(config, WorkerConfig):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise WorkerConfigError("config must be a WorkerConfig")
@@ -107,9 +113,13 @@ class WorkerServer:
         )
         self._pool = SyncPool(config.sync_threads)
         self._metrics.bind_sync_busy(lambda: self._pool.busy)
-        self._idempotency = IdempotencyCache(
-            ttl_secs=config.idempotency_ttl_secs,
-            max_entries=config.idempotency_max_entries,
+        self._idempotency: IdempotencyStore = (
+            idempotency_store
+            if idempotency_store is not None
+            else IdempotencyCache(
+                ttl_secs=config.idempotency_ttl_secs,
+                max_entries=config.idempotency_max_entries,
+            )
         )
         recorder = CallRecorder(
             trace.get_tracer("pilot_worker", __version__, tracer_provider),

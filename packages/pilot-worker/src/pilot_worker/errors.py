@@ -12,7 +12,9 @@ help::
     ├── PluginError                          a plugin is missing, malformed or failed setup
     │   └── PluginNotFoundError (LookupError)
     ├── WorkerConfigError (ValueError)       invalid WorkerConfig / CLI option value
-    └── WorkerStateError (RuntimeError)      e.g. serve() twice, register() after close
+    ├── WorkerStateError (RuntimeError)      e.g. serve() twice, register() after close
+    └── JournalError                         the idempotency journal cannot be opened or
+                                             used (bad URL, missing extra, bad step)
 
 Failures of a *call* (access denied, rate limited, deadline exceeded, invalid
 payload, ...) are not raised here: they reach the caller as the matching
@@ -28,6 +30,7 @@ __all__ = [
     "DuplicateHandlerError",
     "HandlerDefinitionError",
     "HandlerImportError",
+    "JournalError",
     "PluginError",
     "PluginNotFoundError",
     "WorkerConfigError",
@@ -73,3 +76,13 @@ class WorkerConfigError(WorkerError, ValueError):
 
 class WorkerStateError(WorkerError, RuntimeError):
     """The worker was used in a state that does not allow it (closed, already serving)."""
+
+
+class JournalError(WorkerError):
+    """The shared idempotency journal cannot be opened or used as asked.
+
+    Raised by :class:`~pilot_worker.journal.IdempotencyJournal` for a bad URL,
+    a missing ``pilot-worker[journal]`` extra or an unreachable database at
+    start-up, and by ``Context.step`` for a bad step name, a step name used
+    twice in one call, or a step result msgpack cannot encode.
+    """
