@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import inspect
 import logging
 import os
@@ -37,25 +36,13 @@ logger = logging.getLogger("pilot_worker")
 
 State = Literal["new", "serving", "draining", "closed"]
 _SHUTDOWN_HOOK_TIMEOUT = 10.0
-_SERVER_OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(ServerOptions))
 
 
 def server_options(config: WorkerConfig) -> ServerOptions:
-    """The pilot-rpc server options a worker with ``config`` runs with.
-
-    ``max_connections_per_peer`` is passed only when the installed pilot-rpc
-    has that option (older releases cap connections per listener only).
-    """
+    """The pilot-rpc server options a worker with ``config`` runs with."""
     kwargs: dict[str, Any] = {"include_tracebacks": config.include_tracebacks}
     if config.max_connections_per_peer is not None:
-        if "max_connections_per_peer" not in _SERVER_OPTION_FIELDS:
-            logger.warning(
-                "max_connections_per_peer=%d is ignored: the installed pilot-rpc has no "
-                "per-peer connection cap",
-                config.max_connections_per_peer,
-            )
-        else:
-            kwargs["max_connections_per_peer"] = config.max_connections_per_peer
+        kwargs["max_connections_per_peer"] = config.max_connections_per_peer
     return ServerOptions(**kwargs)
 
 
@@ -148,7 +135,10 @@ class WorkerLifecycle:
             )
         if self.state != "new":
             raise WorkerStateError(f"start() on a worker that is {self.state}")
-        rpc = RpcServer(options=server_options(self._config))
+        # The ACL is decided on a call's first piece, before pilot-rpc buffers
+        # anything of its request: a peer may not pin memory with calls it may
+        # not make. The pipeline checks again (rate limits, draining) per call.
+        rpc = RpcServer(options=server_options(self._config), authorize=self._registry.authorize)
         listener = await self._transport.listen(self._config.port)
         try:
             if self._config.metrics_port is not None:
