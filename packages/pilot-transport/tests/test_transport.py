@@ -546,3 +546,33 @@ async def test_removing_a_peer_closes_its_dialled_streams(
     assert isinstance(await _read_until_error(accepted), StreamResetError)
     await dialled.aclose()
     await accepted.aclose()
+
+
+async def test_an_abandoned_dial_is_not_logged_as_a_refusal(
+    tcp_pair: tuple[Transport, Transport], peers: TestPeers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dialler that names the port and leaves before the TLS handshake (an
+    abandoned dial, a port probe) is noted quietly, not counted as refused."""
+    client, server = tcp_pair
+    listener = await server.listen(7)
+    endpoint = await _endpoint(server)
+    peers.set_endpoint("server", endpoint)
+    caplog.set_level("INFO", logger="pilot_transport")
+    host, port = endpoint.rsplit(":", 1)
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"PLTP\x01\x00\x07")  # names port 7, then leaves without a word of TLS
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    # A real connection afterwards proves the abandoned one was handled first.
+    stream, accepted = await asyncio.gather(client.connect("server", 7), listener.accept())
+    await stream.aclose()
+    await accepted.aclose()
+
+    async def noted() -> None:
+        while not any("before presenting a certificate" in r.message for r in caplog.records):
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(noted(), 10)
+    assert (await server.info()).details.get("refused_before_auth", {}).get("handshake", 0) == 0
+    assert not [r for r in caplog.records if "refused inbound" in r.getMessage()]

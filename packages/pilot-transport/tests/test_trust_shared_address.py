@@ -66,3 +66,44 @@ def test_port_round_trips_through_the_file_and_old_entries_stay_unchanged(tmp_pa
 def test_bad_ports_are_refused(port: object) -> None:
     with pytest.raises(TrustStoreError, match="port"):
         TrustedPeer("a", _key(), address=ADDRESS, port=port)  # type: ignore[arg-type]
+
+
+def test_cli_trust_add_records_the_port_and_set_keeps_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    from pilot_transport._cli import main
+
+    def run(*argv: str) -> int:
+        return main(["--config-dir", str(tmp_path), *argv], out=io.StringIO())
+
+    worker, state = Identity.generate(), Identity.generate()
+    assert run("trust", "add", "lg-worker", worker.public_key_text, "--address", ADDRESS,
+               "--port", "5000") == 0  # fmt: skip
+    assert run("trust", "add", "state-worker", state.public_key_text, "--address", ADDRESS,
+               "--port", "5001") == 0  # fmt: skip
+    assert run("trust", "set", "lg-worker", "--endpoint", "127.0.0.1:7000") == 0
+    store = TrustStore.open(tmp_path / "trust.json")
+    assert store.by_address(ADDRESS, 5000) == store.get("lg-worker")
+    assert store.by_address(ADDRESS, 5001) == store.get("state-worker")
+    lg = store.get("lg-worker")
+    assert lg is not None
+    assert lg.port == 5000
+    assert lg.endpoint == "127.0.0.1:7000"
+    capsys.readouterr()
+
+
+async def test_connect_by_a_shared_address_picks_the_entry_for_the_port(tmp_path: Path) -> None:
+    from pilot_transport import open_transport
+
+    me = Identity.generate()
+    worker = TrustedPeer("lg-worker", _key(), address=ADDRESS, port=5000)
+    state = TrustedPeer("state-worker", _key(), address=ADDRESS, port=5001)
+    async with open_transport(
+        "memory://shared-address", identity=me, trust=TrustStore.in_memory([worker, state])
+    ) as transport:
+        for port, entry in ((5000, worker), (5001, state)):
+            target, expected_key, label = transport._dial_target(ADDRESS, port)
+            assert (label, expected_key) == (repr(entry.name), entry.public_key)
+            assert target.name == entry.name

@@ -95,7 +95,9 @@ def _identity_show(args: argparse.Namespace, out: TextIO) -> int:
 
 def _trust_add(args: argparse.Namespace, out: TextIO) -> int:
     store = TrustStore.open(_trust_path(args))
-    peer = TrustedPeer(args.name, args.public_key, endpoint=args.endpoint, address=args.address)
+    peer = TrustedPeer(
+        args.name, args.public_key, endpoint=args.endpoint, address=args.address, port=args.port
+    )
     store.add(peer, replace=args.replace)
     print(f"trusted {peer.name} ({peer.fingerprint}, node id {peer.node_id})", file=out)
     return 0
@@ -110,7 +112,9 @@ def _trust_set(args: argparse.Namespace, out: TextIO) -> int:
     endpoint = current.endpoint if args.endpoint is None else (args.endpoint or None)
     address = current.address if args.address is None else (args.address or None)
     store.add(
-        TrustedPeer(current.name, current.public_key, endpoint=endpoint, address=address),
+        TrustedPeer(
+            current.name, current.public_key, endpoint=endpoint, address=address, port=current.port
+        ),
         replace=True,
     )
     print(f"updated {current.name}: endpoint={endpoint} address={address}", file=out)
@@ -243,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("public_key", help="its public key (base64, as `identity show` prints)")
     add.add_argument("--endpoint", help="HOST:PORT of its tcp:// listener")
     add.add_argument("--address", help="its Pilot address, N:XXXX.XXXX.XXXX")
+    add.add_argument(
+        "--port",
+        type=int,
+        help="the Pilot port it serves on behind --address (when several trusted "
+        "processes share one address, that is one host's daemon)",
+    )
     add.add_argument("--replace", action="store_true", help="overwrite an entry of that name")
     add.set_defaults(handler=_trust_add)
     set_ = trust_commands.add_parser("set", help="change a peer's endpoint or address")

@@ -378,6 +378,14 @@ class _PeerClosed(Exception):
     pass
 
 
+class AbandonedHandshakeError(HandshakeError):
+    """An inbound dialler hung up before presenting a certificate.
+
+    An abandoned dial or a port probe, not a refusal: the listener logs it
+    quietly instead of as a refused connection.
+    """
+
+
 def _map_error(
     exc: BaseException, shake: _Handshake, *, who: str, expected_name: str | None
 ) -> HandshakeError:
@@ -387,9 +395,18 @@ def _map_error(
     if isinstance(exc, ssl.SSLCertVerificationError) or (
         isinstance(exc, ssl.SSLError) and exc.reason == "CERTIFICATE_VERIFY_FAILED"
     ):
-        known = expected_name is not None and shake.config.trust.get(expected_name) is not None
+        known = shake.config.trust.get(expected_name) if expected_name is not None else None
         command = f"pilot-transport trust add {expected_name or 'NAME'} {key_text}"
-        if known:
+        if known is not None and known.address is not None:
+            # An address names a host's daemon, not a process: another process
+            # behind the same daemon answers with its own key.
+            command = (
+                f"pilot-transport trust add NAME {key_text} --address {known.address} "
+                "--port PORT  (if it is another process behind the same Pilot address), "
+                f"or add --replace to `trust add {expected_name} ...` if "
+                f"{expected_name}'s key really changed"
+            )
+        elif known is not None:
             command += " --replace  (if its key really changed)"
         return PeerNotTrustedError(
             f"{who} claims the key with fingerprint {fingerprint}, which is not in our "
@@ -412,6 +429,10 @@ def _map_error(
                 f"handshake: it does not accept our key {ours.fingerprint}; on that peer "
                 f"run: pilot-transport trust add NAME {ours.public_key_text}",
                 fingerprint=ours.fingerprint,
+            )
+        if shake.server_side and shake.claimed_key is None:
+            return AbandonedHandshakeError(
+                f"{who} closed the connection before presenting a certificate"
             )
         return HandshakeError(f"{who} closed the connection during the TLS handshake")
     if isinstance(exc, ssl.SSLError):

@@ -19,7 +19,13 @@ from pilot_transport._carrier import Carrier, CarrierListener, CarrierStream, Di
 from pilot_transport._carriers._accept import AcceptQueue
 from pilot_transport._identity import Identity
 from pilot_transport._peer import PeerInfo
-from pilot_transport._tls import SecureStream, TLSConfig, client_handshake, server_handshake
+from pilot_transport._tls import (
+    AbandonedHandshakeError,
+    SecureStream,
+    TLSConfig,
+    client_handshake,
+    server_handshake,
+)
 from pilot_transport._trust import TrustedPeer, TrustStore
 from pilot_transport.errors import (
     AddressError,
@@ -263,6 +269,11 @@ class Listener:
                 f"inbound connection on port {self.port} from {hint}: handshake timed out",
             )
             return
+        except AbandonedHandshakeError as exc:
+            # The dialler went away before presenting itself (an abandoned dial, a
+            # port probe): nothing was refused.
+            logger.info("inbound connection on port %d from %s: %s", self.port, hint, exc)
+            return
         except HandshakeError as exc:
             self.transport._note_refused(
                 "handshake", f"refused inbound connection on port {self.port}: {exc}"
@@ -439,7 +450,7 @@ class Transport:
         """
         self._check_open()
         _check_port(port)
-        target, expected_key, label = self._dial_target(peer)
+        target, expected_key, label = self._dial_target(peer, port)
         limit = self.options.connect_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
@@ -560,15 +571,17 @@ class Transport:
             fingerprint=entry.fingerprint,
         )
 
-    def _lookup(self, peer: str) -> TrustedPeer | None:
+    def _lookup(self, peer: str, port: int | None = None) -> TrustedPeer | None:
         entry = self.trust.get(peer) or self.trust.by_node_id(peer)
         if entry is None and ":" in peer:
+            # One Pilot address is one host's daemon: several trusted processes may
+            # sit behind it, told apart by the port they serve on.
             with contextlib.suppress(AddressError):
-                entry = self.trust.by_address(peer)
+                entry = self.trust.by_address(peer, port)
         return entry
 
     def _dial_target(
-        self, peer: str | Address | TrustedPeer | PeerInfo | DialTarget
+        self, peer: str | Address | TrustedPeer | PeerInfo | DialTarget, port: int | None = None
     ) -> tuple[DialTarget, bytes | None, str]:
         if isinstance(peer, Address):
             peer = str(peer)
@@ -582,7 +595,7 @@ class Transport:
             if entry is None:
                 raise UnknownPeerError(f"peer {peer.node_id} is not in the trust store")
         elif isinstance(peer, str):  # pyright: ignore[reportUnnecessaryIsInstance]  # runtime guard
-            entry = self._lookup(peer)
+            entry = self._lookup(peer, port)
             if entry is None:
                 address = _parse_address(peer)
                 if address is None:
