@@ -200,3 +200,18 @@ async def test_close_is_a_deprecated_alias_of_aclose() -> None:
             await pub.close()
         with pytest.raises(ChannelClosedError):
             await pub.publish("t", 1)
+
+
+def test_broker_errors_travel_as_error_info_and_are_read_back_exactly() -> None:
+    from pilot_channels import errors
+    from pilot_channels._errmap import from_lower, to_rpc
+    from pilot_rpc import PermissionDenied
+
+    for cls in (errors.SubscriptionLimitError, errors.ChannelPermissionError):
+        sent = to_rpc(cls("no"))
+        assert sent.info.domain == "pilot-channels"
+        assert sent.info.metadata == {"error": cls.__name__}
+        assert type(from_lower(sent, what="subscribe")) is cls
+    # A 0.1 broker named the class in details["error"]: still understood.
+    old = PermissionDenied("no", details={"error": "SubscriptionLimitError"})
+    assert type(from_lower(old, what="subscribe")) is errors.SubscriptionLimitError

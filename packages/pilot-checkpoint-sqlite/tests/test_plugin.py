@@ -117,6 +117,24 @@ async def test_setup_registers_scoped_handlers_and_closes_the_store(tmp_path: Pa
     assert await call("get_tuple", get, "bob") is None
     with pytest.raises(RpcError) as info:
         await call("get_tuple", {"thread_id": 3}, "alice")
-    assert info.value.details["kind"] == "CheckpointProtocolError"
+    assert info.value.info.domain == "pilot-checkpoint-sqlite"
+    assert info.value.info.reason == "CHECKPOINT_PROTOCOL_ERROR"
+    assert info.value.info.metadata == {"error": "CheckpointProtocolError"}
     (close,) = shutdown
     await close()
+
+
+def test_errors_travel_as_error_info_and_are_read_back_exactly() -> None:
+    from pilot_checkpoint_sqlite import errors
+    from pilot_checkpoint_sqlite._plugin import error_to_rpc
+    from pilot_checkpoint_sqlite._remote import error_from_rpc
+    from pilot_rpc import ResourceExhausted
+
+    for cls in (errors.StoreOverloadedError, errors.StoreSchemaError, errors.CheckpointUsageError):
+        sent = error_to_rpc(cls("boom"))
+        assert sent.details == {}
+        assert sent.info.metadata == {"error": cls.__name__}
+        assert type(error_from_rpc(sent, "put")) is cls
+    # A 0.1 store named the class in details["kind"]: still understood.
+    old = ResourceExhausted("busy", details={"kind": "StoreOverloadedError"})
+    assert type(error_from_rpc(old, "put")) is errors.StoreOverloadedError

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pilot_rpc import errors as rpc
 from pilot_transport import errors as transport
 
@@ -25,19 +27,25 @@ _BY_NAME: dict[str, type[errors.ChannelError]] = {
 }
 
 
+ERROR_DOMAIN = "pilot-channels"
+"""``ErrorInfo.domain`` of the broker's errors; ``metadata["error"]`` names the class."""
+
+
 def to_rpc(exc: errors.ChannelError) -> rpc.RpcError:
     """The RPC error a broker handler raises for a channel error."""
-    details = {"error": type(exc).__name__}
+    name = type(exc).__name__
+    reason = "".join(f"_{c}" if c.isupper() and i else c for i, c in enumerate(name)).upper()
+    info = rpc.ErrorInfo(reason, ERROR_DOMAIN, {"error": name})
     message = str(exc)
     if isinstance(exc, errors.ChannelPermissionError):
-        return rpc.PermissionDenied(message, details=details)
+        return rpc.PermissionDenied(message, info=info)
     if isinstance(exc, errors.SlowConsumerError | errors.SubscriptionLimitError):
-        return rpc.ResourceExhausted(message, details=details)
+        return rpc.ResourceExhausted(message, info=info)
     if isinstance(exc, errors.BrokerUnavailableError):
-        return rpc.Unavailable(message, details=details)
+        return rpc.Unavailable(message, info=info)
     if isinstance(exc, errors.ChannelUsageError):
-        return rpc.InvalidArgument(message, details=details)
-    return rpc.Internal(message, details=details)
+        return rpc.InvalidArgument(message, info=info)
+    return rpc.Internal(message, info=info)
 
 
 def from_lower(exc: BaseException, *, what: str) -> errors.ChannelError:
@@ -45,7 +53,10 @@ def from_lower(exc: BaseException, *, what: str) -> errors.ChannelError:
     if isinstance(exc, errors.ChannelError):
         return exc
     if isinstance(exc, rpc.RpcError):
-        name = exc.details.get("error") if isinstance(exc.details, dict) else None  # pyright: ignore[reportUnnecessaryIsInstance]
+        if exc.info.domain == ERROR_DOMAIN:
+            name: Any = exc.info.metadata.get("error")
+        else:  # a broker of 0.1.x names the class in details["error"]
+            name = exc.details.get("error") if isinstance(exc.details, dict) else None  # pyright: ignore[reportUnnecessaryIsInstance]
         cls = _BY_NAME.get(name) if isinstance(name, str) else None
         if cls is not None:
             return cls(exc.message)

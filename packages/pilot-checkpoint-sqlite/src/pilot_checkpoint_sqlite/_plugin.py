@@ -17,6 +17,7 @@ from typing import Any
 
 from pilot_rpc import (
     DeadlineExceeded,
+    ErrorInfo,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -51,22 +52,31 @@ HANDLER_TIMEOUT_SECS = 60.0
 
 
 def error_to_rpc(exc: CheckpointError) -> RpcError:
-    """The RPC status a store error is sent as (``details["kind"]`` names it exactly)."""
-    details = {"kind": type(exc).__name__}
+    """The RPC status a store error is sent as; its ``ErrorInfo`` names it exactly.
+
+    ``info.reason`` is the error class in UPPER_SNAKE_CASE
+    (``STORE_OVERLOADED_ERROR``), ``info.metadata["error"]`` the class name.
+    """
+    name = type(exc).__name__
+    info = ErrorInfo(_upper_snake(name), _wire.ERROR_DOMAIN, {"error": name})
     message = str(exc)
     if isinstance(exc, CheckpointProtocolError | CheckpointUsageError):
-        return InvalidArgument(message, details=details)
+        return InvalidArgument(message, info=info)
     if isinstance(exc, CheckpointAccessDenied):
-        return PermissionDenied(message, details=details)
+        return PermissionDenied(message, info=info)
     if isinstance(exc, StoreOverloadedError):
-        return ResourceExhausted(message, details=details)
+        return ResourceExhausted(message, info=info)
     if isinstance(exc, StoreTimeoutError):
-        return DeadlineExceeded(message, details=details)
+        return DeadlineExceeded(message, info=info)
     if isinstance(exc, StoreUnavailableError | StoreClosedError):
-        return Unavailable(message, details=details)
+        return Unavailable(message, info=info)
     if isinstance(exc, StoreSchemaError):
-        return FailedPrecondition(message, details=details)
-    return Internal(message, details=details)
+        return FailedPrecondition(message, info=info)
+    return Internal(message, info=info)
+
+
+def _upper_snake(name: str) -> str:
+    return "".join(f"_{c}" if c.isupper() and i else c for i, c in enumerate(name)).upper()
 
 
 def _handler(service: CheckpointService, method: str) -> Callable[[Any, Context], Awaitable[Any]]:

@@ -69,7 +69,10 @@ _KINDS: dict[str, type[CheckpointError]] = {
 def error_from_rpc(exc: RpcError, method: str) -> CheckpointError:
     """The checkpoint error a failed call stands for."""
     details: Any = getattr(exc, "details", None) or {}
-    kind = details.get("kind") if isinstance(details, dict) else None
+    if exc.info.domain == _wire.ERROR_DOMAIN:
+        kind: Any = exc.info.metadata.get("error")
+    else:  # a store of 0.1.x names the class in details["kind"]
+        kind = details.get("kind") if isinstance(details, dict) else None
     message = f"{method}: {exc.message or exc}"
     if isinstance(kind, str) and kind in _KINDS:
         # The store said precisely what failed (see _plugin.error_to_rpc).
@@ -88,7 +91,9 @@ def error_from_rpc(exc: RpcError, method: str) -> CheckpointError:
             f"{message} (is the peer a store worker, started with --plugin checkpoint-sqlite?)"
         )
     if isinstance(exc, ResourceExhausted):
-        reason = str(details.get("reason", "")) if isinstance(details, dict) else ""
+        reason = exc.info.reason.lower()
+        if isinstance(details, dict):
+            reason += " " + str(details.get("reason", ""))
         if "size" in reason or "large" in exc.message:
             return CheckpointUsageError(message)
         return StoreOverloadedError(message)

@@ -76,6 +76,9 @@ LEASE_ACQUIRE: Final = "lease_acquire"
 LEASE_RENEW: Final = "lease_renew"
 LEASE_RELEASE: Final = "lease_release"
 
+ERROR_DOMAIN: Final = "pilot-checkpoint-sqlite"
+"""``ErrorInfo.domain`` of the store's errors; ``metadata["error"]`` names the class."""
+
 METHODS: Final = (
     GET_TUPLE,
     LIST,
