@@ -1,6 +1,9 @@
 """Graph state survives the process that ran it.
 
-    uv run python examples/checkpoint_survival.py
+    scripts/uv run python examples/checkpoint_survival.py
+
+(`scripts/uv` is uv: the machine's own, or the one the README's commands
+install into `.tools/`; with uv on PATH, `uv run ...` is the same.)
 
 Process 1 runs a graph with remote nodes until a human-approval ``interrupt``
 and exits. Process 2, a brand-new interpreter that shares nothing with it but

@@ -1,6 +1,9 @@
 """A multi-agent research flow: a supervisor, researcher agents, a writer, a critic.
 
-    uv run python examples/multi_agent_research.py
+    scripts/uv run python examples/multi_agent_research.py
+
+(`scripts/uv` is uv: the machine's own, or the one the README's commands
+install into `.tools/`; with uv on PATH, `uv run ...` is the same.)
 
 Researchers run on worker-a and worker-b (in parallel, via ``Send``), the
 writer on worker-c, the critic on worker-a; the supervisor is local. No LLM key

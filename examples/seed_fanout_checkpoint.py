@@ -1,6 +1,9 @@
 """The seed example: a fan-out node over two workers, checkpoints on a third.
 
-    uv run python examples/seed_fanout_checkpoint.py
+    scripts/uv run python examples/seed_fanout_checkpoint.py
+
+(`scripts/uv` is uv: the machine's own, or the one the README's commands
+install into `.tools/`; with uv on PATH, `uv run ...` is the same.)
 
 For a self-contained run this script starts the workers itself on loopback
 (``pilot_langgraph.testing.LocalCluster``); in a deployment they are

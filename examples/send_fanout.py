@@ -1,6 +1,9 @@
 """Dynamic fan-out with LangGraph's ``Send``: one remote task per item.
 
-    uv run python examples/send_fanout.py
+    scripts/uv run python examples/send_fanout.py
+
+(`scripts/uv` is uv: the machine's own, or the one the README's commands
+install into `.tools/`; with uv on PATH, `uv run ...` is the same.)
 
 The ``square`` node is a ``PilotRemoteRunnable`` over a pool of three workers:
 LangGraph sends one task per input item, and the calls spread over the pool

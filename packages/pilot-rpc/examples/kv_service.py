@@ -1,13 +1,14 @@
 """A plain key-value service on pilot-rpc: unary methods, typed errors, a watch stream.
 
 Run the whole demo (a server and a client, each with its own identity, over
-tcp:// on loopback with mutual TLS)::
+tcp:// on loopback with mutual TLS), from a checkout of the repository
+(`scripts/uv` is uv, installed into `.tools/` when the machine has none)::
 
-    uv run python packages/pilot-rpc/examples/kv_service.py
+    scripts/uv run python packages/pilot-rpc/examples/kv_service.py
 
 Or serve it for other peers, with your own key and trust files::
 
-    uv run python packages/pilot-rpc/examples/kv_service.py serve \\
+    scripts/uv run python packages/pilot-rpc/examples/kv_service.py serve \\
         --identity server.key --trust trust.json --url tcp://127.0.0.1:7001
 """
 
