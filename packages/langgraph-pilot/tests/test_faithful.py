@@ -1,0 +1,322 @@
+"""Remote nodes behave like local ones: callbacks, config, custom stream, interrupts.
+
+Workers here run in-process on a memory:// hub with :class:`LangGraphMiddleware`
+installed (as ``pilot-langgraph-worker`` does); the real-process versions of
+these checks live in ``integration-tests/tests/test_langgraph_remote.py``.
+"""
+
+from __future__ import annotations
+
+import operator
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, TypedDict
+
+import ormsgpack
+import pytest
+from langchain_core.callbacks import AsyncCallbackHandler
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langchain_core.runnables import RunnableLambda
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.config import get_config, get_stream_writer
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.types import Command, interrupt
+from pilot_langgraph import LangGraphCodec, PilotRemoteRunnable
+from pilot_langgraph._codec import ENVELOPE_KEY
+from pilot_worker import Context, pilot_handler
+from pydantic import BaseModel
+
+TEXT = "the quick brown fox jumps over the lazy dog"
+
+
+class MsgState(TypedDict):
+    messages: Annotated[list[AnyMessage], add_messages]
+
+
+class LogState(TypedDict, total=False):
+    log: Annotated[list[Any], operator.add]
+
+
+def _model() -> GenericFakeChatModel:
+    return GenericFakeChatModel(messages=iter([AIMessage(content=TEXT)]))
+
+
+async def chat_node(state: dict[str, Any]) -> dict[str, Any]:
+    reply = await _model().ainvoke(state["messages"])
+    return {"messages": [reply]}
+
+
+@pilot_handler("chat")
+async def chat(state: dict[str, Any]) -> dict[str, Any]:
+    return await chat_node(state)
+
+
+@pilot_handler("config_echo")
+async def config_echo(_: Any, ctx: Context) -> dict[str, Any]:
+    config = get_config()
+    return {
+        "log": [
+            {
+                "tags": list(config.get("tags") or []),
+                "user": (config.get("configurable") or {}).get("user_id"),
+                "meta": (config.get("metadata") or {}).get("team"),
+                "node": (config.get("metadata") or {}).get("langgraph_node"),
+                "ctx_user": ctx.config["configurable"].get("user_id"),
+                "ctx_run_name": ctx.config.get("run_name"),
+                "has_run_id": ctx.config.get("run_id") is not None,
+                "recursion_limit": config.get("recursion_limit"),
+            }
+        ]
+    }
+
+
+@pilot_handler("writer")
+async def writer(_: Any, ctx: Context) -> dict[str, Any]:
+    write = get_stream_writer()
+    write({"step": 1})
+    await ctx.report_progress({"pct": 50})
+    write({"step": 2})
+    return {"log": ["done"]}
+
+
+@pilot_handler("sync_writer")
+def sync_writer(_: Any) -> dict[str, Any]:
+    write = get_stream_writer()
+    for i in range(3):
+        write({"sync": i})
+    return {"log": [get_config()["metadata"].get("langgraph_node")]}
+
+
+@pilot_handler("ask_twice")
+async def ask_twice(_: Any) -> dict[str, Any]:
+    first = interrupt("first?")
+    second = interrupt({"q": "second?"})
+    return {"log": [first, second]}
+
+
+@pilot_handler("stream_tokens")
+async def stream_tokens(state: dict[str, Any]) -> AsyncIterator[Any]:
+    async for chunk in _model().astream(state["messages"]):
+        yield chunk.content
+
+
+def _msg_graph(node: Any) -> Any:
+    graph = StateGraph(MsgState)
+    graph.add_node("model", node)
+    graph.add_edge(START, "model")
+    graph.add_edge("model", END)
+    return graph.compile()
+
+
+async def _messages(app: Any, **kwargs: Any) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    async for item in app.astream(
+        {"messages": [HumanMessage("hi")]}, stream_mode="messages", **kwargs
+    ):
+        if kwargs.get("subgraphs"):
+            _ns, item = item
+        chunk, meta = item
+        out.append((str(chunk.content), str(meta.get("langgraph_node"))))
+    return out
+
+
+async def test_messages_stream_has_the_same_tokens_as_a_local_node(cluster: Any) -> None:
+    await cluster.start_worker("worker-a", [chat])
+    remote = PilotRemoteRunnable(node="chat", peer="worker-a", transport=cluster.client)
+    local = await _messages(_msg_graph(RunnableLambda(chat_node)))
+    got = await _messages(_msg_graph(remote))
+    assert len(local) > 5
+    assert got == local
+
+
+async def test_messages_from_a_remote_node_inside_a_subgraph(cluster: Any) -> None:
+    await cluster.start_worker("worker-a", [chat])
+    remote = PilotRemoteRunnable(node="chat", peer="worker-a", transport=cluster.client)
+
+    def parent(node: Any) -> Any:
+        graph = StateGraph(MsgState)
+        graph.add_node("inner", _msg_graph(node))
+        graph.add_edge(START, "inner")
+        graph.add_edge("inner", END)
+        return graph.compile()
+
+    local = await _messages(parent(RunnableLambda(chat_node)), subgraphs=True)
+    got = await _messages(parent(remote), subgraphs=True)
+    assert len(local) > 5
+    assert got == local
+
+
+async def test_astream_events_show_the_remote_chat_model(cluster: Any) -> None:
+    await cluster.start_worker("worker-a", [chat])
+    remote = PilotRemoteRunnable(node="chat", peer="worker-a", transport=cluster.client)
+
+    async def events(app: Any) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        async for ev in app.astream_events({"messages": [HumanMessage("hi")]}, version="v2"):
+            if ev["event"].startswith("on_chat_model"):
+                chunk = ev["data"].get("chunk")
+                out.append((ev["event"], str(chunk.content) if chunk is not None else ""))
+        return out
+
+    local = await events(_msg_graph(RunnableLambda(chat_node)))
+    got = await events(_msg_graph(remote))
+    assert got[0][0] == "on_chat_model_start"
+    assert got[-1][0] == "on_chat_model_end"
+    assert got == local
+
+
+async def test_remote_runs_are_parented_under_the_node_run(cluster: Any) -> None:
+    await cluster.start_worker("worker-a", [chat])
+    remote = PilotRemoteRunnable(node="chat", peer="worker-a", transport=cluster.client)
+    seen: list[tuple[str, Any, Any]] = []
+
+    class Recorder(AsyncCallbackHandler):
+        async def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
+            seen.append((f"chain:{kw.get('name')}", kw["run_id"], kw.get("parent_run_id")))
+
+        async def on_chat_model_start(self, serialized: Any, messages: Any, **kw: Any) -> None:
+            seen.append(("chat_model", kw["run_id"], kw.get("parent_run_id")))
+
+    await remote.ainvoke({"messages": [HumanMessage("hi")]}, {"callbacks": [Recorder()]})
+    (pilot_run,) = [r for r in seen if r[0] == "chain:Pilot:chat"]
+    (model_run,) = [r for r in seen if r[0] == "chat_model"]
+    assert model_run[2] == pilot_run[1]
+
+
+async def test_config_reaches_get_config_and_ctx_config(cluster: Any) -> None:
+    await cluster.start_worker("worker-a", [config_echo])
+    remote = PilotRemoteRunnable(node="config_echo", peer="worker-a", transport=cluster.client)
+    graph = StateGraph(LogState)
+    graph.add_node("echo", remote)
+    graph.add_edge(START, "echo")
+    graph.add_edge("echo", END)
+    out = await graph.compile().ainvoke(
+        {"log": []},
+        {
+            "tags": ["t1"],
+            "metadata": {"team": "blue", "unsendable": object()},
+            "configurable": {"user_id": "u-7", "lock": object()},
+            "recursion_limit": 42,
+        },
+    )
+    (seen,) = out["log"]
+    assert "t1" in seen["tags"]
+    assert seen["user"] == "u-7"
+    assert seen["ctx_user"] == "u-7"
+    assert seen["meta"] == "blue"
+    assert seen["node"] == "echo"
+    assert seen["ctx_run_name"] == "Pilot:config_echo"
+    assert seen["recursion_limit"] == 42
+
+
+async def test_stream_writer_and_unary_progress_feed_custom(cluster: Any) -> None:
+    await cluster.start_worker("worker-a", [writer, sync_writer])
+    t = cluster.client
+    graph = StateGraph(LogState)
+    graph.add_node("w", PilotRemoteRunnable(node="writer", peer="worker-a", transport=t))
+    graph.add_node("s", PilotRemoteRunnable(node="sync_writer", peer="worker-a", transport=t))
+    graph.add_edge(START, "w")
+    graph.add_edge("w", "s")
+    graph.add_edge("s", END)
+    custom = [c async for c in graph.compile().astream({"log": []}, stream_mode="custom")]
+    assert {"step": 1} in custom
+    assert {"step": 2} in custom
+    assert custom.index({"step": 1}) < custom.index({"step": 2})
+    assert {"progress": {"pct": 50}, "handler": "writer"} in custom
+    assert custom[-3:] == [{"sync": 0}, {"sync": 1}, {"sync": 2}]
+
+
+async def test_interrupts_in_a_handler_resolve_in_order(cluster: Any) -> None:
+    await cluster.start_worker("worker-a", [ask_twice])
+    remote = PilotRemoteRunnable(node="ask_twice", peer="worker-a", transport=cluster.client)
+
+    async def ask_twice_local(_: Any) -> dict[str, Any]:
+        first = interrupt("first?")
+        second = interrupt({"q": "second?"})
+        return {"log": [first, second]}
+
+    async def run(node: Any) -> list[Any]:
+        graph = StateGraph(LogState)
+        graph.add_node("ask", node)
+        graph.add_edge(START, "ask")
+        graph.add_edge("ask", END)
+        app = graph.compile(checkpointer=InMemorySaver())
+        cfg: Any = {"configurable": {"thread_id": str(uuid.uuid4())}}
+        trace: list[Any] = []
+        out = await app.ainvoke({"log": []}, cfg)
+        trace.append([(i.value, i.id) for i in out["__interrupt__"]])
+        out = await app.ainvoke(Command(resume="A"), cfg)
+        trace.append([(i.value, i.id) for i in out["__interrupt__"]])
+        out = await app.ainvoke(Command(resume="B"), cfg)
+        trace.append(out["log"])
+        return trace
+
+    local = await run(RunnableLambda(ask_twice_local))
+    got = await run(remote)
+    assert got[2] == ["A", "B"]
+    assert [v for v, _ in got[0]] == ["first?"]
+    assert [v for v, _ in got[1]] == [{"q": "second?"}]
+    # Same ids as the same node run locally would give (they are derived from the
+    # task's namespace, which differs per run, so compare their structure).
+    assert got[0][0][1] != got[1][0][1]
+    assert local[2] == got[2]
+
+
+async def test_streaming_handler_tokens_reach_custom_and_messages(cluster: Any) -> None:
+    await cluster.start_worker("worker-a", [stream_tokens])
+    remote = PilotRemoteRunnable(
+        node="stream_tokens", peer="worker-a", transport=cluster.client, streaming=True
+    )
+    seen: list[str] = []
+
+    class Tokens(AsyncCallbackHandler):
+        async def on_llm_new_token(self, token: str, **kw: Any) -> None:
+            seen.append(token)
+
+    chunks = [c async for c in remote.astream({"messages": []}, {"callbacks": [Tokens()]})]
+    assert "".join(chunks) == TEXT
+    assert "".join(seen) == TEXT
+
+
+class Query(BaseModel):
+    q: str
+    limit: int = 10
+
+
+@pilot_handler("query")
+async def query(payload: Query) -> dict[str, Any]:
+    return {"q": payload.q, "limit": payload.limit, "type": type(payload).__name__}
+
+
+def _forged_query(fields: dict[str, Any]) -> dict[str, Any]:
+    """A request claiming to be a Query with ``fields`` (what a hostile peer can send)."""
+    blob = ormsgpack.packb(
+        ormsgpack.Ext(5, ormsgpack.packb((__name__, "Query", fields, "model_validate_json")))
+    )
+    return {ENVELOPE_KEY: ["msgpack", blob]}
+
+
+@pytest.mark.parametrize(
+    ("fields", "loc"),
+    [({"q": 123, "limit": 5}, ["q"]), ({"q": "x", "limit": "DROP TABLE"}, ["limit"])],
+)
+async def test_invalid_model_fields_are_invalid_argument_with_locations(
+    cluster: Any, fields: dict[str, Any], loc: list[str]
+) -> None:
+    from pilot_langgraph import _runtime
+    from pilot_rpc import InvalidArgument
+
+    await cluster.start_worker("worker-a", [query])
+    client = await _runtime.get_client(cluster.client)
+    with pytest.raises(InvalidArgument) as info:
+        await client.call("worker-a", 5000, "query", _forged_query(fields), timeout=10)
+    details = info.value.details
+    assert details["reason"] == "invalid_argument"
+    assert details["model"] == f"{__name__}.Query"
+    assert [e["loc"] for e in details["errors"]] == [loc]
+    ok = await client.call(
+        "worker-a", 5000, "query", _forged_query({"q": "fine", "limit": 3}), timeout=10
+    )
+    assert LangGraphCodec().decode(ok) == {"q": "fine", "limit": 3, "type": "Query"}
