@@ -320,3 +320,84 @@ async def test_invalid_model_fields_are_invalid_argument_with_locations(
         "worker-a", 5000, "query", _forged_query({"q": "fine", "limit": 3}), timeout=10
     )
     assert LangGraphCodec().decode(ok) == {"q": "fine", "limit": 3, "type": "Query"}
+
+
+@pilot_handler("chat_sync")
+def chat_sync(state: dict[str, Any]) -> dict[str, Any]:
+    """A sync handler (pool thread) calling a sync chat model."""
+    return {"messages": [_model().invoke(state["messages"])]}
+
+
+async def test_sync_handler_model_tokens_are_forwarded(cluster: Any) -> None:
+    await cluster.start_worker("worker-a", [chat_sync])
+    remote = PilotRemoteRunnable(node="chat_sync", peer="worker-a", transport=cluster.client)
+    local = await _messages(_msg_graph(RunnableLambda(chat_node)))
+    got = await _messages(_msg_graph(remote))
+    assert got == local
+
+
+MANY = 2000
+produced: list[int] = []
+
+
+@pilot_handler("many_events")
+async def many_events(_: Any) -> int:
+    from langchain_core.callbacks.manager import adispatch_custom_event
+
+    for i in range(MANY):
+        await adispatch_custom_event("tick", {"i": i, "pad": "x" * 1000})
+        produced.append(i)
+    return MANY
+
+
+async def test_a_slow_caller_holds_the_handler_back(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events are flow-controlled: a stuck callback handler stops the producer."""
+    import asyncio
+
+    from pilot_langgraph import _served
+
+    blocked = asyncio.Event()
+    original_put = _served._Outbox.put  # pyright: ignore[reportPrivateUsage]
+
+    async def put(self: Any, item: Any) -> None:
+        if self._items and len(self._items) >= self._size:
+            blocked.set()  # the producer is about to wait for room
+        await original_put(self, item)
+
+    monkeypatch.setattr(_served._Outbox, "put", put)  # pyright: ignore[reportPrivateUsage]
+    await cluster.start_worker("worker-a", [many_events])
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    class Stuck(AsyncCallbackHandler):
+        async def on_custom_event(self, name: str, data: Any, **kw: Any) -> None:
+            seen.append(data["i"])
+            if len(seen) == 1:
+                await release.wait()
+
+    produced.clear()
+    remote = PilotRemoteRunnable(node="many_events", peer="worker-a", transport=cluster.client)
+    call = asyncio.ensure_future(remote.ainvoke(None, {"callbacks": [Stuck()]}))
+    async with asyncio.timeout(30):
+        await blocked.wait()
+
+    async def settle() -> None:
+        # Everything here (worker, hub, caller) runs on this one event loop:
+        # letting it run its ready callbacks many times brings it to rest.
+        for _ in range(3000):
+            await asyncio.sleep(0)
+
+    await settle()
+    plateau = len(produced)
+    await settle()
+    # The caller took one event and is stuck on it; the handler is held back by its
+    # outbox (64) and the RPC window (256 KiB: about 230 of these 1 KB events), far
+    # short of the 2000 events it wants to send.
+    assert seen == [0]
+    assert len(produced) == plateau
+    assert plateau < 400
+    release.set()
+    assert await asyncio.wait_for(call, 60) == MANY
+    assert seen == list(range(MANY))
