@@ -184,9 +184,9 @@ def three_node_graph(nodes: list[Any]) -> Any:
     return graph.compile()
 
 
-async def graph_p50(app: Any, seconds: float) -> float:
+async def graph_p50(app: Any, seconds: float, config: Any = None) -> float:
     async def one() -> None:
-        out = await app.ainvoke({"count": 0})
+        out = await app.ainvoke({"count": 0}, config)
         assert out["count"] == 3, out
 
     for _ in range(5):
@@ -251,12 +251,30 @@ async def run(args: argparse.Namespace, langserve_url: str, cert: Path) -> int:
     local_p50 = await graph_p50(local_app, gseconds)
     remote_p50 = await graph_p50(remote_app, gseconds)
     per_node = (remote_p50 - local_p50) / 3
+    from langchain_core.callbacks import AsyncCallbackHandler
+
+    class Counting(AsyncCallbackHandler):
+        """A callback handler that only counts chain ends (callbacks on, nothing slow)."""
+
+        def __init__(self) -> None:
+            self.ends = 0
+
+        async def on_chain_end(self, outputs: Any, **kwargs: Any) -> None:
+            self.ends += 1
+
+    cb_config = {"callbacks": [Counting()]}
+    local_cb_p50 = await graph_p50(local_app, gseconds, cb_config)
+    remote_cb_p50 = await graph_p50(remote_app, gseconds, cb_config)
+    per_node_cb = (remote_cb_p50 - local_cb_p50) / 3
     print()
     print("| 3-node graph ainvoke | p50 |")
     print("|---|---|")
     print(f"| all nodes local | {local_p50 * 1e6:,.0f} us |")
     print(f"| all nodes PilotRemoteRunnable | {remote_p50 * 1e6:,.0f} us |")
     print(f"| remote overhead per node | {per_node * 1e6:,.0f} us |")
+    print(f"| all nodes local, a callback handler attached | {local_cb_p50 * 1e6:,.0f} us |")
+    print(f"| all nodes remote, a callback handler attached | {remote_cb_p50 * 1e6:,.0f} us |")
+    print(f"| remote overhead per node, callbacks on | {per_node_cb * 1e6:,.0f} us |")
     print()
     overhead = f"{per_node * 1e6:,.0f} us"
     print(f"ratios: c=1 {ratio1:.2f}x, c=64 {ratio64:.2f}x; overhead per remote node {overhead}")

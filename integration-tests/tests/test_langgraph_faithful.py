@@ -37,7 +37,8 @@ HANDLERS = Path(__file__).with_name("_langgraph_faithful.py")
 
 def _load() -> ModuleType:
     spec = importlib.util.spec_from_file_location("lg_faithful_local", HANDLERS)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -133,7 +134,9 @@ async def test_runnable_config_reaches_get_config_and_ctx_config(cluster: LocalC
     assert seen.pop("ctx_user_id") == "u-42"
     assert seen.pop("ctx_run_name") == "Pilot:f_config"
     assert seen == local["log"][0]
-    assert seen["user_id"] == "u-42" and seen["team"] == "blue" and "blue-team" in seen["tags"]
+    assert seen["user_id"] == "u-42"
+    assert seen["team"] == "blue"
+    assert "blue-team" in seen["tags"]
 
 
 async def test_unary_progress_and_stream_writer_feed_custom(cluster: LocalCluster) -> None:
