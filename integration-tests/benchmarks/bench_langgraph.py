@@ -14,7 +14,15 @@ concurrency 1 (with p50 latency) and 64, and the ratio pilot/langserve.
 
 Then a 3-node LangGraph graph (each node adds 1 to a counter) run once with
 local nodes and once with every node a ``PilotRemoteRunnable`` on the worker:
-the remote overhead per node is ``(p50 remote - p50 local) / 3``.
+the remote overhead per node is ``(p50 remote - p50 local) / 3``. The same
+again with a callback handler attached to the run (so the remote nodes
+forward their callback events): the overhead per node with forwarding on.
+
+Last, streamed tokens: a one-node graph whose node runs a streaming chat
+model (``GenericFakeChatModel``) replying with 1 or 201 words, consumed with
+``stream_mode="messages"``, local and remote. The added latency per streamed
+token is ``((remote 201 - local 201) - (remote 1 - local 1)) / (tokens 201 - tokens 1)``
+(a reply of n words streams 2n - 1 tokens: the words and the spaces).
 
 The machine is shared and small: absolute numbers are noisy, ratios are what
 count. The full run alternates the two servers over several rounds and keeps
@@ -39,7 +47,10 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Annotated, Any, TypedDict
+
+from langchain_core.messages import AnyMessage
+from langgraph.graph.message import add_messages
 
 REQUEST: dict[str, Any] = {
     "id": 123456,
@@ -62,6 +73,16 @@ async def identity(value):
 @pilot_handler("inc")
 async def inc(state):
     return {"count": state["count"] + 1}
+
+
+@pilot_handler("chat_words")
+async def chat_words(state):
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    words = int(state["messages"][-1].content)
+    model = GenericFakeChatModel(messages=iter([AIMessage(" ".join(["tok"] * words))]))
+    return {"messages": [await model.ainvoke(state["messages"])]}
 """
 
 
@@ -170,6 +191,10 @@ class Counter(TypedDict):
     count: int
 
 
+class Chat(TypedDict):
+    messages: Annotated[list[AnyMessage], add_messages]
+
+
 def three_node_graph(nodes: list[Any]) -> Any:
     from langgraph.graph import END, START, StateGraph
 
@@ -276,8 +301,61 @@ async def run(args: argparse.Namespace, langserve_url: str, cert: Path) -> int:
     print(f"| all nodes remote, a callback handler attached | {remote_cb_p50 * 1e6:,.0f} us |")
     print(f"| remote overhead per node, callbacks on | {per_node_cb * 1e6:,.0f} us |")
     print()
+
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langgraph.graph import END, START, StateGraph
+
+    async def chat_local(state: Chat) -> dict[str, Any]:
+        words = int(str(state["messages"][-1].content))
+        model = GenericFakeChatModel(messages=iter([AIMessage(" ".join(["tok"] * words))]))
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    def chat_graph(node: Any) -> Any:
+        graph = StateGraph(Chat)
+        graph.add_node("model", node)
+        graph.add_edge(START, "model")
+        graph.add_edge("model", END)
+        return graph.compile()
+
+    async def stream_p50(app: Any, words: int) -> float:
+        async def one() -> None:
+            n = 0
+            async for _ in app.astream(
+                {"messages": [HumanMessage(str(words))]}, stream_mode="messages"
+            ):
+                n += 1
+            assert n >= 2 * words - 1, (n, words)
+
+        for _ in range(3):
+            await one()
+        _, p50 = await measure(one, 1, gseconds)
+        return p50
+
+    chat_local_app = chat_graph(RunnableLambda(chat_local))
+    chat_remote_app = chat_graph(PilotRemoteRunnable(node="chat_words", peer="bench-worker"))
+    many = 201
+    figures = {
+        (where, words): await stream_p50(app, words)
+        for where, app in (("local", chat_local_app), ("remote", chat_remote_app))
+        for words in (1, many)
+    }
+    extra_many = figures[("remote", many)] - figures[("local", many)]
+    extra_one = figures[("remote", 1)] - figures[("local", 1)]
+    per_token = (extra_many - extra_one) / ((2 * many - 1) - 1)
+    print("| stream_mode=messages, one chat node | 1 word | 201 words (401 tokens) |")
+    print("|---|---|---|")
+    for where in ("local", "remote"):
+        one_p50, many_p50 = figures[(where, 1)], figures[(where, many)]
+        print(f"| {where} node | {one_p50 * 1e6:,.0f} us | {many_p50 * 1e6:,.0f} us |")
+    print(f"| added latency per streamed token | | {per_token * 1e6:,.1f} us |")
+    print()
     overhead = f"{per_node * 1e6:,.0f} us"
-    print(f"ratios: c=1 {ratio1:.2f}x, c=64 {ratio64:.2f}x; overhead per remote node {overhead}")
+    print(
+        f"ratios: c=1 {ratio1:.2f}x, c=64 {ratio64:.2f}x; overhead per remote node {overhead} "
+        f"({per_node_cb * 1e6:,.0f} us with callbacks on); "
+        f"per streamed token {per_token * 1e6:,.1f} us"
+    )
     await aclose_default_transport()
     return 0
 

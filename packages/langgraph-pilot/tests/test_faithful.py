@@ -401,3 +401,81 @@ async def test_a_slow_caller_holds_the_handler_back(
     release.set()
     assert await asyncio.wait_for(call, 60) == MANY
     assert seen == list(range(MANY))
+
+
+class FloodState(TypedDict, total=False):
+    n: int
+    log: Annotated[list[Any], operator.add]
+
+
+@pilot_handler("flood")
+async def flood(state: dict[str, Any]) -> dict[str, Any]:
+    write = get_stream_writer()
+    for i in range(state["n"]):
+        write(i)  # never awaits: the writer cannot wait on the event loop
+    return {"log": [state["n"]]}
+
+
+async def test_a_writer_that_never_yields_is_bounded(cluster: Any) -> None:
+    from pilot_langgraph import errors as e
+
+    await cluster.start_worker("worker-a", [flood])
+    remote = PilotRemoteRunnable(node="flood", peer="worker-a", transport=cluster.client)
+    graph = StateGraph(FloodState)
+    graph.add_node("flood", remote)
+    graph.add_edge(START, "flood")
+    graph.add_edge("flood", END)
+    app = graph.compile()
+    small = [c async for c in app.astream({"n": 100}, stream_mode="custom")]
+    assert small == list(range(100))
+    with pytest.raises(e.RemoteInternalError) as info:
+        await app.ainvoke({"n": 100_000}, stream_mode="custom")
+    assert info.value.remote_type == "StreamOverflowError"
+
+
+@pilot_handler("inner_failure")
+async def inner_failure(_: Any) -> str:
+    def fail(_: Any) -> Any:
+        raise LookupError("no such row")
+
+    try:
+        await RunnableLambda(fail, name="lookup").ainvoke(1)
+    except LookupError:
+        return "recovered"
+    return "unreachable"
+
+
+async def test_error_events_reach_the_caller_as_remote_callback_errors(cluster: Any) -> None:
+    from pilot_langgraph import errors as e
+
+    await cluster.start_worker("worker-a", [inner_failure])
+    errors: list[BaseException] = []
+
+    class Errors(AsyncCallbackHandler):
+        async def on_chain_error(self, error: BaseException, **kw: Any) -> None:
+            errors.append(error)
+
+    remote = PilotRemoteRunnable(node="inner_failure", peer="worker-a", transport=cluster.client)
+    assert await remote.ainvoke(None, {"callbacks": [Errors()]}) == "recovered"
+    (error,) = errors
+    assert isinstance(error, e.RemoteCallbackError)
+    assert error.remote_type == "LookupError"
+    assert "no such row" in str(error)
+
+
+@pilot_handler("whose_context")
+async def whose_context(_: Any) -> dict[str, Any]:
+    from langgraph.runtime import get_runtime
+
+    return {"log": [get_runtime().context]}
+
+
+async def test_the_runtime_context_reaches_the_handler(cluster: Any) -> None:
+    await cluster.start_worker("worker-a", [whose_context])
+    remote = PilotRemoteRunnable(node="whose_context", peer="worker-a", transport=cluster.client)
+    graph = StateGraph(LogState, context_schema=dict)
+    graph.add_node("who", remote)
+    graph.add_edge(START, "who")
+    graph.add_edge("who", END)
+    out = await graph.compile().ainvoke({"log": []}, context={"user": "ada"})
+    assert out["log"] == [{"user": "ada"}]

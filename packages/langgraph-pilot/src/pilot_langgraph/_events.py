@@ -11,7 +11,7 @@ need a shape of their own:
   and an ``LLMResult`` as ``{"$llm_result": [generations, llm_output]}``;
 - exceptions (``error=``): never sent as values; they travel as
   ``{"$error": [type name, message]}`` and come back as
-  :class:`RemoteCallbackError`;
+  :class:`~pilot_langgraph.errors.RemoteCallbackError`;
 - anything else that cannot be encoded is replaced by its ``repr`` text (with
   a debug log naming the event and the argument): an event is telemetry, and
   one odd value must not fail the call.
@@ -32,9 +32,9 @@ from langchain_core.outputs import (
 )
 
 from pilot_langgraph._codec import ControlMessage, LangGraphCodec
-from pilot_langgraph.errors import PilotEncodeError
+from pilot_langgraph.errors import PilotEncodeError, RemoteCallbackError
 
-__all__ = ["IGNORE_CONDITIONS", "RemoteCallbackError", "decode_event", "encode_event"]
+__all__ = ["IGNORE_CONDITIONS", "decode_event", "encode_event"]
 
 logger = logging.getLogger("pilot_langgraph.events")
 
@@ -63,18 +63,6 @@ IGNORE_CONDITIONS: Final[Mapping[str, str | None]] = {
 _GEN: Final = "$gen"
 _LLM_RESULT: Final = "$llm_result"
 _ERROR: Final = "$error"
-
-
-class RemoteCallbackError(Exception):
-    """An exception reported by a callback event of a remote run (``on_*_error``).
-
-    Attributes:
-        remote_type: Name of the exception type raised on the worker.
-    """
-
-    def __init__(self, remote_type: str, message: str) -> None:
-        super().__init__(f"{remote_type}: {message}" if message else remote_type)
-        self.remote_type = remote_type
 
 
 def _generation_out(gen: Generation) -> dict[str, list[Any]]:

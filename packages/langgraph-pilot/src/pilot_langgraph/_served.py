@@ -50,11 +50,12 @@ from langgraph.errors import GraphInterrupt
 from pilot_langgraph._codec import ENVELOPE_KEY, ControlMessage, LangGraphCodec
 from pilot_langgraph._events import encode_event
 from pilot_langgraph._headers import CONFIG_HEADER
+from pilot_langgraph.errors import StreamOverflowError
 
 if TYPE_CHECKING:
     from pilot_worker import Context, WorkerServer
 
-__all__ = ["DEFAULT_OUTBOX_SIZE", "LangGraphMiddleware", "StreamOverflowError"]
+__all__ = ["DEFAULT_OUTBOX_SIZE", "LangGraphMiddleware"]
 
 logger = logging.getLogger("pilot_langgraph.worker")
 
@@ -72,12 +73,6 @@ KEY_CHECKPOINT_NS: Final = "checkpoint_ns"
 RESUME: Final = "__resume__"
 
 _END: Final = object()
-
-
-class StreamOverflowError(RuntimeError):
-    """A handler wrote to the custom stream from the event loop far faster than the
-    caller reads (``stream_writer`` cannot wait there). Write from an ``async``
-    handler between ``await`` points, or from a sync handler (which waits)."""
 
 
 # ----------------------------------------------------------------------------- outbox
