@@ -135,16 +135,32 @@ def _strict_default(obj: Any) -> Any:
     return _lg_default(obj)
 
 
+_SCALARS: Final = frozenset({str, int, float, bool, bytes, type(None)})
+
+
 def _refuse_nested_exceptions(obj: Any) -> None:
     stack: list[tuple[Any, int]] = [(obj, 0)]
+    push = stack.append
     while stack:
         item, depth = stack.pop()
-        if depth > _MAX_DEPTH:
+        cls = type(item)
+        if cls in _SCALARS or depth > _MAX_DEPTH:
+            continue
+        if cls is dict:
+            for child in item.values():
+                if type(child) not in _SCALARS:
+                    push((child, depth + 1))
+            continue
+        if cls is list or cls is tuple:
+            for child in item:
+                if type(child) not in _SCALARS:
+                    push((child, depth + 1))
             continue
         if isinstance(item, BaseException):
             raise _Refused(f"{type(item).__qualname__} is an exception")
         for _, child in _children(item):
-            stack.append((child, depth + 1))
+            if type(child) not in _SCALARS:
+                push((child, depth + 1))
 
 
 def _children(obj: Any) -> Iterable[tuple[str, Any]]:
@@ -160,7 +176,10 @@ def _children(obj: Any) -> Iterable[tuple[str, Any]]:
         return [(f"{{{i}}}", v) for i, v in enumerate(obj)]  # pyright: ignore[reportUnknownArgumentType]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return [(f".{f.name}", getattr(obj, f.name)) for f in dataclasses.fields(obj)]
-    model_fields = getattr(type(obj), "model_fields", None)
+    cls = type(obj)
+    model_fields = getattr(cls, "__pydantic_fields__", None)
+    if model_fields is None:
+        model_fields = getattr(cls, "model_fields", None)
     if isinstance(model_fields, Mapping):
         names: Iterable[str] = model_fields.keys()  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
         return [(f".{n}", getattr(obj, n, None)) for n in names]
@@ -222,6 +241,9 @@ class LangGraphCodec:
                 allowed.add((item[0], item[1]))
         self._allowed = frozenset(allowed)
         self._allow_imported = allow_imported_data_types
+        # Library types resolved by import (LangGraph's safe list, allowed_types):
+        # stable for the life of the process, so looked up once.
+        self._imported: dict[tuple[str, str], Any] = {}
         self._serde = JsonPlusSerializer(allowed_msgpack_modules=None)
 
     # -- caller side ---------------------------------------------------------
@@ -354,11 +376,16 @@ class LangGraphCodec:
 
     def _resolve(self, module: str, name: str, code: int) -> Any:
         key = (module, name)
+        found = self._imported.get(key)
+        if found is not None:
+            return found
         if key in _SAFE_TYPES or key in self._allowed:
             try:
-                return getattr(importlib.import_module(module), name)
+                found = getattr(importlib.import_module(module), name)
             except (ImportError, AttributeError) as exc:
                 raise PilotDecodeError(f"type {module}.{name} is not available here") from exc
+            self._imported[key] = found
+            return found
         mod = sys.modules.get(module)
         cls = getattr(mod, name, None) if mod is not None else None
         if self._allow_imported and isinstance(cls, type) and _is_data_type(cls, code):
@@ -397,7 +424,11 @@ class LangGraphCodec:
                 method = tup[3] if len(tup) > 3 else None  # pyright: ignore[reportUnknownArgumentType]
                 if (module, name, method) not in _SAFE_METHODS:
                     raise PilotDecodeError(f"refusing to call {module}.{name}.{method}")
-                cls = getattr(importlib.import_module(module), name)
+                cls = self._imported.get((module, name))
+                if cls is None:
+                    cls = self._imported[(module, name)] = getattr(
+                        importlib.import_module(module), name
+                    )
                 return getattr(cls, str(method))(arg)
             cls = self._resolve(module, name, code)
             if code == _EXT_CONSTRUCTOR_SINGLE_ARG:

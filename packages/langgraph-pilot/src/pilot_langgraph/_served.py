@@ -45,7 +45,10 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from langchain_core.callbacks import AsyncCallbackHandler, AsyncCallbackManager
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import var_child_runnable_config
+from langgraph._internal._scratchpad import PregelScratchpad
 from langgraph.errors import GraphInterrupt
+from langgraph.runtime import Runtime
+from pilot_rpc import InvalidArgument
 
 from pilot_langgraph._codec import ENVELOPE_KEY, ControlMessage, LangGraphCodec
 from pilot_langgraph._events import encode_event
@@ -329,18 +332,14 @@ class _Scratch:
         }
 
     def build(self, step: int, stop: int) -> Any:
-        from langgraph._internal._scratchpad import PregelScratchpad
-
-        calls = itertools.count()
-        subgraphs = itertools.count()
         return PregelScratchpad(
             step=step,
             stop=stop,
-            call_counter=lambda: next(calls),
+            call_counter=itertools.count().__next__,
             interrupt_counter=self.interrupt_counter,
             get_null_resume=self.get_null_resume,
             resume=self.resume,
-            subgraph_counter=lambda: next(subgraphs),
+            subgraph_counter=itertools.count().__next__,
         )
 
 
@@ -411,10 +410,8 @@ class LangGraphMiddleware:
     def _state(self, raw: str | None) -> Mapping[str, Any]:
         if raw is None:
             return {}
-        from pilot_rpc import InvalidArgument
-
         try:
-            blob = base64.b64decode(raw, validate=True)
+            blob = base64.b64decode(raw)
             state = self._codec.decode({ENVELOPE_KEY: ["msgpack", blob]})
         except Exception as exc:
             raise InvalidArgument(
@@ -483,8 +480,6 @@ class LangGraphMiddleware:
             )
             config_configurable[KEY_SEND] = scratch.send
             config_configurable.setdefault(KEY_CHECKPOINT_NS, "")
-        from langgraph.runtime import Runtime
-
         config_configurable[KEY_RUNTIME] = Runtime(
             context=state.get("context"), stream_writer=writer
         )
@@ -519,8 +514,8 @@ class LangGraphMiddleware:
         handler_ctx = ctx.with_config(call.public)
         token = var_child_runnable_config.set(call.config)
         try:
-            run_context = contextvars.copy_context()
             if self._streams(ctx.handler_name):
+                run_context = contextvars.copy_context()
                 source = await call_next(payload, handler_ctx)
                 return self._stream(source, call, run_context)
             return await self._unary(payload, handler_ctx, call_next, call)
