@@ -479,3 +479,27 @@ async def test_the_runtime_context_reaches_the_handler(cluster: Any) -> None:
     graph.add_edge("who", END)
     out = await graph.compile().ainvoke({"log": []}, context={"user": "ada"})
     assert out["log"] == [{"user": "ada"}]
+
+
+@pilot_handler("fails_after_model")
+async def fails_after_model(state: dict[str, Any]) -> dict[str, Any]:
+    await _model().ainvoke(state["messages"])
+    raise ValueError("gave up")
+
+
+async def test_events_before_a_failure_still_reach_the_caller(cluster: Any) -> None:
+    from pilot_langgraph import errors as e
+
+    await cluster.start_worker("worker-a", [fails_after_model])
+    ends: list[str] = []
+
+    class Ends(AsyncCallbackHandler):
+        async def on_llm_end(self, response: Any, **kw: Any) -> None:
+            ends.append(response.generations[0][0].text)
+
+    remote = PilotRemoteRunnable(
+        node="fails_after_model", peer="worker-a", transport=cluster.client
+    )
+    with pytest.raises(e.RemoteInternalError):
+        await remote.ainvoke({"messages": [HumanMessage("hi")]}, {"callbacks": [Ends()]})
+    assert ends == [TEXT]

@@ -539,6 +539,10 @@ class LangGraphMiddleware:
                 result: Any = await call_next(payload, ctx)
             except GraphInterrupt as exc:
                 result = self._codec.control("interrupt", _interrupt_body(exc))
+            except Exception:
+                # The events of the failure (on_chain_error ...) go out before the error.
+                await _flush(outbox)
+                raise
             if call.scratch is not None and (report := call.scratch.report()) is not None:
                 await outbox.put(self._codec.control("lg", report))
             sender = outbox.sender
@@ -595,6 +599,12 @@ class LangGraphMiddleware:
                     value = await task
                 except StopAsyncIteration:
                     break
+                except Exception:
+                    if outbox is not None:
+                        while (item := outbox.take()) is not None:
+                            if item is not _END:
+                                yield item
+                    raise
                 except GraphInterrupt as exc:
                     pending.discard(task)
                     if (report := self._report(call)) is not None:
@@ -621,6 +631,17 @@ class LangGraphMiddleware:
         if call.scratch is None or (report := call.scratch.report()) is None:
             return None
         return self._codec.control("lg", report)
+
+
+async def _flush(outbox: _Outbox) -> None:
+    """Deliver what is queued (best effort: a failure to send is logged, not raised)."""
+    sender = outbox.sender
+    if sender is None:
+        return
+    outbox.end()
+    await asyncio.wait([sender])
+    if not sender.cancelled() and (error := sender.exception()) is not None:
+        logger.debug("sending control messages failed: %r", error)
 
 
 def _streams(spec: Any) -> bool:
