@@ -503,3 +503,26 @@ async def test_events_before_a_failure_still_reach_the_caller(cluster: Any) -> N
     with pytest.raises(e.RemoteInternalError):
         await remote.ainvoke({"messages": [HumanMessage("hi")]}, {"callbacks": [Ends()]})
     assert ends == [TEXT]
+
+
+@pilot_handler("stream_ask")
+async def stream_ask(_: Any) -> AsyncIterator[Any]:
+    answer = interrupt("go on?")
+    yield {"log": [answer]}
+
+
+async def test_interrupt_in_a_streaming_handler(cluster: Any) -> None:
+    await cluster.start_worker("worker-a", [stream_ask])
+    remote = PilotRemoteRunnable(
+        node="stream_ask", peer="worker-a", transport=cluster.client, streaming=True
+    )
+    graph = StateGraph(LogState)
+    graph.add_node("ask", remote)
+    graph.add_edge(START, "ask")
+    graph.add_edge("ask", END)
+    app = graph.compile(checkpointer=InMemorySaver())
+    cfg: Any = {"configurable": {"thread_id": str(uuid.uuid4())}}
+    out = await app.ainvoke({"log": []}, cfg)
+    assert [i.value for i in out["__interrupt__"]] == ["go on?"]
+    out = await app.ainvoke(Command(resume="yes"), cfg)
+    assert out["log"] == ["yes"]

@@ -599,18 +599,18 @@ class LangGraphMiddleware:
                     value = await task
                 except StopAsyncIteration:
                     break
-                except Exception:
-                    if outbox is not None:
-                        while (item := outbox.take()) is not None:
-                            if item is not _END:
-                                yield item
-                    raise
                 except GraphInterrupt as exc:
                     pending.discard(task)
                     if (report := self._report(call)) is not None:
                         yield report
                     yield self._codec.control("interrupt", _interrupt_body(exc))
                     return
+                except Exception:
+                    if outbox is not None:
+                        while (item := outbox.take()) is not None:
+                            if item is not _END:
+                                yield item
+                    raise
                 finally:
                     pending.discard(task)
                 yield value
