@@ -185,7 +185,12 @@ async def test_remote_runs_are_parented_under_the_node_run(cluster: Any) -> None
     assert model_run[2] == pilot_run[1]
 
 
-async def test_config_reaches_get_config_and_ctx_config(cluster: Any) -> None:
+async def test_config_reaches_get_config_and_ctx_config(
+    cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="pilot_langgraph.remote")
     await cluster.start_worker("worker-a", [config_echo])
     remote = PilotRemoteRunnable(node="config_echo", peer="worker-a", transport=cluster.client)
     graph = StateGraph(LogState)
@@ -209,6 +214,9 @@ async def test_config_reaches_get_config_and_ctx_config(cluster: Any) -> None:
     assert seen["node"] == "echo"
     assert seen["ctx_run_name"] == "Pilot:config_echo"
     assert seen["recursion_limit"] == 42
+    dropped = [r.getMessage() for r in caplog.records if "cannot be encoded" in r.getMessage()]
+    assert any("'metadata'" in m and "'unsendable'" in m for m in dropped), dropped
+    assert any("'configurable'" in m and "'lock'" in m for m in dropped), dropped
 
 
 async def test_stream_writer_and_unary_progress_feed_custom(cluster: Any) -> None:

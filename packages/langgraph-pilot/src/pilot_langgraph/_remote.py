@@ -16,10 +16,17 @@ node and the fan-out label, so a handler that honours the key (or is declared
 
 Callbacks, tags, metadata and run names follow LangChain's rules because the
 calls are wrapped in a chain run (``_callbacks.run_as_chain``, and
-``Runnable._atransform_stream_with_config`` for streams). Inside a LangGraph node, progress reports
-from the handler call ``runtime.heartbeat()`` (idle timeouts stay alive) and
-stream chunks go to ``runtime.stream_writer`` (``stream_mode="custom"``).
-Cancelling the awaiting task cancels the remote call.
+``Runnable._atransform_stream_with_config`` for streams). Every call carries
+the caller's serializable config in the ``langgraph-config`` header
+(:class:`~pilot_langgraph._link.CallerLink`); a worker running
+:class:`~pilot_langgraph.LangGraphMiddleware` answers with control messages
+beside the result: callback events of the handler's runs (replayed into the
+caller's handlers under this chain run), custom stream writes, interrupt
+bookkeeping, and an interrupt as the reply (raised as ``GraphInterrupt``).
+Inside a LangGraph node, everything received calls ``runtime.heartbeat()``
+(idle timeouts stay alive); stream chunks and ``ctx.report_progress`` values
+go to ``runtime.stream_writer`` (``stream_mode="custom"``). Cancelling the
+awaiting task cancels the remote call.
 """
 
 from __future__ import annotations
