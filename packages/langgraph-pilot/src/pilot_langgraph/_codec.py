@@ -62,6 +62,7 @@ __all__ = ["CONTROL_KEY", "ENVELOPE_KEY", "ControlMessage", "LangGraphCodec", "i
 
 ENVELOPE_KEY: Final = "$lg"
 CONTROL_KEY: Final = "$lgx"
+BATCH_KIND: Final = "batch"
 
 # LangGraph's extension type codes (langgraph.checkpoint.serde.jsonplus).
 _EXT_CONSTRUCTOR_SINGLE_ARG: Final = 0
@@ -103,7 +104,9 @@ class ControlMessage:
     next to what the handler itself sends. On the wire a control message is
     ``{"$lgx": [kind, envelope]}``; a handler's own values are always
     ``{"$lg": ...}`` envelopes when the caller uses this codec, so the two
-    cannot be confused. ``body`` is encoded when the message is built
+    cannot be confused. Several messages queued at once travel as one
+    ``{"$lgx": ["batch", [[kind, envelope], ...]]}`` (decoded as a ``batch``
+    message whose body is the list of messages). ``body`` is encoded when the message is built
     (:meth:`LangGraphCodec.control`), so a value that cannot be sent fails
     where it is produced, not in the middle of the call.
     """
@@ -322,6 +325,12 @@ class LangGraphCodec:
         """
         return ControlMessage(kind, body, self.encode(body, root=kind)[ENVELOPE_KEY])
 
+    def _control_part(self, message: ControlMessage) -> list[Any]:
+        encoded = message.encoded
+        if encoded is None:
+            encoded = self.encode(message.body, root=message.kind)[ENVELOPE_KEY]
+        return [message.kind, encoded]
+
     def decode_reply(self, obj: Any) -> Any:
         """Decode a reply, stream item or progress value on the caller.
 
@@ -339,6 +348,14 @@ class LangGraphCodec:
                 or not isinstance(body[0], str)
             ):
                 raise PilotDecodeError("malformed control message")
+            if body[0] == BATCH_KIND:
+                parts = body[1]
+                if not isinstance(parts, (list, tuple)):
+                    raise PilotDecodeError("malformed control message batch")
+                return ControlMessage(
+                    BATCH_KIND,
+                    [self.decode_reply({CONTROL_KEY: part}) for part in parts],  # pyright: ignore[reportUnknownVariableType]
+                )
             return ControlMessage(body[0], self.decode({ENVELOPE_KEY: body[1]}))
         return self.decode(obj)
 
@@ -364,10 +381,9 @@ class LangGraphCodec:
     def encode_response(self, value: Any) -> Any:
         """PayloadCodec hook: encode a reply (or stream chunk) on a worker."""
         if value.__class__ is ControlMessage:
-            encoded = value.encoded
-            if encoded is None:
-                encoded = self.encode(value.body, root=value.kind)[ENVELOPE_KEY]
-            return {CONTROL_KEY: [value.kind, encoded]}
+            if value.kind == BATCH_KIND:
+                return {CONTROL_KEY: [BATCH_KIND, [self._control_part(m) for m in value.body]]}
+            return {CONTROL_KEY: self._control_part(value)}
         if not _caller_used_envelope.get():
             return value
         return self.encode(value, root="output")

@@ -30,7 +30,7 @@ from langchain_core.callbacks import BaseCallbackManager
 from langchain_core.callbacks.manager import ahandle_event
 from langchain_core.runnables import RunnableConfig
 
-from pilot_langgraph._codec import ENVELOPE_KEY, ControlMessage, LangGraphCodec
+from pilot_langgraph._codec import BATCH_KIND, ENVELOPE_KEY, ControlMessage, LangGraphCodec
 from pilot_langgraph._events import IGNORE_CONDITIONS, decode_event
 from pilot_langgraph.errors import PilotDecodeError, PilotEncodeError
 
@@ -141,7 +141,11 @@ class CallerLink:
     async def on_control(self, message: ControlMessage) -> None:
         """Act on one control message that is not the call's result."""
         kind = message.kind
-        if kind == "cb":
+        if kind == BATCH_KIND:
+            for part in message.body:
+                if isinstance(part, ControlMessage):
+                    await self.on_control(part)
+        elif kind == "cb":
             event = decode_event(message.body)
             if event is None:
                 logger.debug("ignoring an unknown callback event from %s", self._handler)

@@ -50,7 +50,7 @@ from langgraph.errors import GraphInterrupt
 from langgraph.runtime import Runtime
 from pilot_rpc import InvalidArgument
 
-from pilot_langgraph._codec import ENVELOPE_KEY, ControlMessage, LangGraphCodec
+from pilot_langgraph._codec import BATCH_KIND, ENVELOPE_KEY, ControlMessage, LangGraphCodec
 from pilot_langgraph._events import encode_event
 from pilot_langgraph._headers import CONFIG_HEADER
 from pilot_langgraph.errors import StreamOverflowError
@@ -76,6 +76,8 @@ KEY_CHECKPOINT_NS: Final = "checkpoint_ns"
 RESUME: Final = "__resume__"
 
 _END: Final = object()
+_BATCH_MAX: Final = 64
+"""Control messages sent together at most (as one progress value or stream item)."""
 
 
 # ----------------------------------------------------------------------------- outbox
@@ -99,6 +101,7 @@ class _Outbox:
         self.closed = False
         self._send = send
         self.sender: asyncio.Task[None] | None = None
+        self._ended = False
 
     def _push(self, item: Any) -> None:
         if self.sender is None and self._send is not None:
@@ -186,9 +189,24 @@ class _Outbox:
                 item = await self.get()
                 if item is _END:
                     return
-                await send(item)
+                batch = self.take_batch(item)
+                await send(batch)
+                if batch is not item and self._ended:
+                    return
         finally:
             self.close()
+
+    def take_batch(self, first: Any) -> Any:
+        """``first`` and whatever else is queued now, as one message (one frame)."""
+        if not self._items or self._items[0] is _END:
+            return first
+        parts = [first]
+        while len(parts) < _BATCH_MAX and (item := self.take()) is not None:
+            if item is _END:
+                self._ended = True
+                break
+            parts.append(item)
+        return ControlMessage(BATCH_KIND, parts)
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -586,7 +604,7 @@ class LangGraphMiddleware:
                             pending.discard(getter)
                             item = getter.result()
                             if item is not _END:
-                                yield item
+                                yield outbox.take_batch(item)
                         else:
                             getter.cancel()
                             await asyncio.wait([getter])
@@ -594,7 +612,8 @@ class LangGraphMiddleware:
                             if not getter.cancelled() and (got := getter.result()) is not _END:
                                 yield got
                     while (item := outbox.take()) is not None:
-                        yield item
+                        if item is not _END:
+                            yield outbox.take_batch(item)
                 try:
                     value = await task
                 except StopAsyncIteration:
