@@ -209,15 +209,35 @@ def three_node_graph(nodes: list[Any]) -> Any:
     return graph.compile()
 
 
-async def graph_p50(app: Any, seconds: float, config: Any = None) -> float:
+async def interleaved_p50(
+    calls: dict[str, Callable[[], Awaitable[Any]]], seconds: float, slice_secs: float = 0.25
+) -> dict[str, float]:
+    """p50 latency of each call, measured in turns of ``slice_secs`` each.
+
+    Every call gets the same number of turns, taken in rotation, so a burst of
+    load on this shared machine falls on all of them alike.
+    """
+    latencies: dict[str, list[float]] = {label: [] for label in calls}
+    for call in calls.values():
+        for _ in range(3):
+            await call()  # warm-up
+    turns = max(1, round(seconds / slice_secs))
+    for _ in range(turns):
+        for label, call in calls.items():
+            stop_at = time.perf_counter() + slice_secs
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                await call()
+                latencies[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(values) for label, values in latencies.items()}
+
+
+def graph_call(app: Any, config: Any = None) -> Callable[[], Awaitable[None]]:
     async def one() -> None:
         out = await app.ainvoke({"count": 0}, config)
         assert out["count"] == 3, out
 
-    for _ in range(5):
-        await one()
-    _, p50 = await measure(one, 1, seconds)
-    return p50
+    return one
 
 
 async def run(args: argparse.Namespace, langserve_url: str, cert: Path) -> int:
@@ -273,9 +293,6 @@ async def run(args: argparse.Namespace, langserve_url: str, cert: Path) -> int:
         [PilotRemoteRunnable(node="inc", peer="bench-worker") for _ in range(3)]
     )
     gseconds = 1.0 if args.quick else 4.0
-    local_p50 = await graph_p50(local_app, gseconds)
-    remote_p50 = await graph_p50(remote_app, gseconds)
-    per_node = (remote_p50 - local_p50) / 3
     from langchain_core.callbacks import AsyncCallbackHandler
 
     class Counting(AsyncCallbackHandler):
@@ -288,8 +305,18 @@ async def run(args: argparse.Namespace, langserve_url: str, cert: Path) -> int:
             self.ends += 1
 
     cb_config = {"callbacks": [Counting()]}
-    local_cb_p50 = await graph_p50(local_app, gseconds, cb_config)
-    remote_cb_p50 = await graph_p50(remote_app, gseconds, cb_config)
+    g = await interleaved_p50(
+        {
+            "local": graph_call(local_app),
+            "remote": graph_call(remote_app),
+            "local_cb": graph_call(local_app, cb_config),
+            "remote_cb": graph_call(remote_app, cb_config),
+        },
+        gseconds * (2 if args.quick else 4),
+    )
+    local_p50, remote_p50 = g["local"], g["remote"]
+    local_cb_p50, remote_cb_p50 = g["local_cb"], g["remote_cb"]
+    per_node = (remote_p50 - local_p50) / 3
     per_node_cb = (remote_cb_p50 - local_cb_p50) / 3
     print()
     print("| 3-node graph ainvoke | p50 |")
@@ -320,7 +347,7 @@ async def run(args: argparse.Namespace, langserve_url: str, cert: Path) -> int:
 
     items: dict[tuple[str, int], int] = {}
 
-    async def stream_p50(where: str, app: Any, words: int) -> float:
+    def stream_call(where: str, app: Any, words: int) -> Callable[[], Awaitable[None]]:
         async def one() -> None:
             n = 0
             async for _ in app.astream(
@@ -329,17 +356,22 @@ async def run(args: argparse.Namespace, langserve_url: str, cert: Path) -> int:
                 n += 1
             items[(where, words)] = n
 
-        for _ in range(3):
-            await one()
-        _, p50 = await measure(one, 1, gseconds)
-        return p50
+        return one
 
     chat_local_app = chat_graph(RunnableLambda(chat_local))
     chat_remote_app = chat_graph(PilotRemoteRunnable(node="chat_words", peer="bench-worker"))
     many = 201
+    measured = await interleaved_p50(
+        {
+            f"{where}/{words}": stream_call(where, app, words)
+            for where, app in (("local", chat_local_app), ("remote", chat_remote_app))
+            for words in (1, many)
+        },
+        gseconds * (2 if args.quick else 4),
+    )
     figures = {
-        (where, words): await stream_p50(where, app, words)
-        for where, app in (("local", chat_local_app), ("remote", chat_remote_app))
+        (where, words): measured[f"{where}/{words}"]
+        for where in ("local", "remote")
         for words in (1, many)
     }
     extra_many = figures[("remote", many)] - figures[("local", many)]
