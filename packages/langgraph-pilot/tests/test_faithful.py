@@ -534,3 +534,22 @@ async def test_interrupt_in_a_streaming_handler(cluster: Any) -> None:
     assert [i.value for i in out["__interrupt__"]] == ["go on?"]
     out = await app.ainvoke(Command(resume="yes"), cfg)
     assert out["log"] == ["yes"]
+
+
+@pytest.mark.parametrize("header", ["not base64!", "AAAA", "kQE="])
+async def test_a_malformed_config_header_is_invalid_argument(cluster: Any, header: str) -> None:
+    from pilot_langgraph import _runtime
+    from pilot_rpc import InvalidArgument
+
+    await cluster.start_worker("worker-a", [config_echo])
+    client = await _runtime.get_client(cluster.client)
+    with pytest.raises(InvalidArgument) as info:
+        await client.call(
+            "worker-a",
+            5000,
+            "config_echo",
+            LangGraphCodec().encode({}),
+            metadata={"langgraph-config": header},
+            timeout=10,
+        )
+    assert info.value.details["header"] == "langgraph-config"
