@@ -240,7 +240,24 @@ def graph_call(app: Any, config: Any = None) -> Callable[[], Awaitable[None]]:
     return one
 
 
-async def run(args: argparse.Namespace, langserve_url: str, cert: Path) -> int:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_per_call(
+    call: Callable[[], Awaitable[Any]], calls: int, worker_pid: int
+) -> tuple[float, float]:
+    """(client CPU, worker CPU) seconds per call: load on the machine barely moves these."""
+    client0, worker0 = time.process_time(), process_cpu(worker_pid)
+    for _ in range(calls):
+        await call()
+    client1, worker1 = time.process_time(), process_cpu(worker_pid)
+    return (client1 - client0) / calls, (worker1 - worker0) / calls
+
+
+async def run(args: argparse.Namespace, langserve_url: str, cert: Path, worker_pid: int) -> int:
     from langchain_core.runnables import RunnableLambda
     from langserve import RemoteRunnable
     from pilot_langgraph import PilotRemoteRunnable, aclose_default_transport
@@ -328,6 +345,37 @@ async def run(args: argparse.Namespace, langserve_url: str, cert: Path) -> int:
     print(f"| all nodes remote, a callback handler attached | {remote_cb_p50 * 1e6:,.0f} us |")
     print(f"| remote overhead per node, callbacks on | {per_node_cb * 1e6:,.0f} us |")
     print()
+    # CPU per node: what a node costs in CPU on both sides, whatever else runs.
+    calls = 300 if args.quick else 1500
+    cpu = {
+        label: await cpu_per_call(call, calls, worker_pid)
+        for label, call in (
+            ("local", graph_call(local_app)),
+            ("remote", graph_call(remote_app)),
+            ("local_cb", graph_call(local_app, cb_config)),
+            ("remote_cb", graph_call(remote_app, cb_config)),
+        )
+    }
+
+    def cpu_overhead(remote_label: str, local_label: str) -> float:
+        client, worker = cpu[remote_label]
+        return (client + worker - cpu[local_label][0]) / 3
+
+    cpu_node = cpu_overhead("remote", "local")
+    cpu_node_cb = cpu_overhead("remote_cb", "local_cb")
+    print("| CPU per 3-node graph run (client + worker) | client | worker |")
+    print("|---|---|---|")
+    for label, title in (
+        ("local", "all nodes local"),
+        ("remote", "all nodes remote"),
+        ("local_cb", "all nodes local, callbacks on"),
+        ("remote_cb", "all nodes remote, callbacks on"),
+    ):
+        client, worker = cpu[label]
+        print(f"| {title} | {client * 1e6:,.0f} us | {worker * 1e6:,.0f} us |")
+    print(f"| CPU overhead per remote node | {cpu_node * 1e6:,.0f} us | |")
+    print(f"| CPU overhead per remote node, callbacks on | {cpu_node_cb * 1e6:,.0f} us | |")
+    print()
 
     from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
     from langchain_core.messages import AIMessage, HumanMessage
@@ -390,7 +438,8 @@ async def run(args: argparse.Namespace, langserve_url: str, cert: Path) -> int:
     overhead = f"{per_node * 1e6:,.0f} us"
     print(
         f"ratios: c=1 {ratio1:.2f}x, c=64 {ratio64:.2f}x; overhead per remote node {overhead} "
-        f"({per_node_cb * 1e6:,.0f} us with callbacks on); "
+        f"({per_node_cb * 1e6:,.0f} us with callbacks on; CPU {cpu_node * 1e6:,.0f} us, "
+        f"{cpu_node_cb * 1e6:,.0f} us with callbacks on); "
         f"per streamed token {per_token * 1e6:,.1f} us"
     )
     await aclose_default_transport()
@@ -428,7 +477,8 @@ def main() -> int:
                 cluster.start()
                 wait_listening(port, server)
                 print("machine: 2 shared cores; numbers are noisy, ratios are what count")
-                return asyncio.run(run(args, f"https://127.0.0.1:{port}/identity/", cert))
+                pid = cluster.workers["bench-worker"].pid
+                return asyncio.run(run(args, f"https://127.0.0.1:{port}/identity/", cert, pid))
         finally:
             server.terminate()
             try:
