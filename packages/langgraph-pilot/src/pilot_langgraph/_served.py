@@ -393,9 +393,8 @@ class LangGraphMiddleware:
         worker.add_middleware(LangGraphMiddleware(worker))
 
     Args:
-        worker: The worker (used to look up whether a handler streams and
-            whether it declares an ``output_model``); ``None`` treats every
-            call as described by what the handler returns.
+        worker: The worker it is added to (used to look up whether a handler
+            streams and whether it declares an ``output_model``).
         codec: The codec control messages are built with (default: the
             worker's codec when it is a :class:`LangGraphCodec`).
         outbox_size: Control messages one call may have waiting for the
@@ -405,17 +404,24 @@ class LangGraphMiddleware:
     langgraph-pilot) still gets a runnable config, so ``get_config()`` and
     ``get_stream_writer()`` work (the writer then discards what it is given).
     The header is decoded strictly; a malformed one is ``INVALID_ARGUMENT``.
+
+    Raises:
+        ValueError: ``outbox_size`` below 1.
+
+    One instance serves every call of its worker concurrently; it keeps no
+    state between calls. Cancelling a call cancels the handler and drops the
+    control messages still queued for it.
     """
 
     def __init__(
         self,
-        worker: WorkerServer | None = None,
+        worker: WorkerServer,
         *,
         codec: LangGraphCodec | None = None,
         outbox_size: int = DEFAULT_OUTBOX_SIZE,
     ) -> None:
         if codec is None:
-            worker_codec = worker.codec if worker is not None else None
+            worker_codec = worker.codec
             codec = worker_codec if isinstance(worker_codec, LangGraphCodec) else LangGraphCodec()
         if outbox_size < 1:
             raise ValueError(f"outbox_size must be >= 1, got {outbox_size!r}")
@@ -443,15 +449,10 @@ class LangGraphMiddleware:
             )
         return state  # pyright: ignore[reportUnknownVariableType]
 
-    def _can_send_controls(self, handler: str) -> bool:
-        worker = self._worker
-        if worker is None:
-            return True
-        spec = worker.handlers.get(handler)
-        # An output_model checks every stream item: control messages would fail it.
-        return spec is None or spec.output_model is None or not _streams(spec)
+    def _spec(self, handler: str) -> Any:
+        return self._worker.handlers.get(handler)
 
-    def _setup(self, state: Mapping[str, Any], ctx: Context, loop: Any) -> _Call:
+    def _setup(self, state: Mapping[str, Any], loop: Any, *, streams: bool, checked: bool) -> _Call:
         call = _Call()
         sent: Mapping[str, Any] = state.get("config") or {}
         tags = list(sent.get("tags") or [])
@@ -467,7 +468,9 @@ class LangGraphMiddleware:
                 public[key] = sent[key]
         call.public = public
 
-        controls = self._can_send_controls(ctx.handler_name)
+        # A streaming handler's output_model checks every stream item: control
+        # messages would fail it, so none are sent for such a handler.
+        controls = not (streams and checked)
         wants = bool(state.get("events") or state.get("custom") or state.get("lg"))
         outbox = call.outbox = _Outbox(loop, self._outbox_size) if wants and controls else None
 
@@ -528,24 +531,20 @@ class LangGraphMiddleware:
         """Run ``call_next`` as described in the class docstring."""
         state = self._state(ctx.metadata.get(CONFIG_HEADER))
         loop = asyncio.get_running_loop()
-        call = self._setup(state, ctx, loop)
+        spec = self._spec(ctx.handler_name)
+        streams = spec is not None and _streams(spec)
+        checked = spec is not None and spec.output_model is not None
+        call = self._setup(state, loop, streams=streams, checked=checked)
         handler_ctx = ctx.with_config(call.public)
         token = var_child_runnable_config.set(call.config)
         try:
-            if self._streams(ctx.handler_name):
+            if streams:
                 run_context = contextvars.copy_context()
                 source = await call_next(payload, handler_ctx)
                 return self._stream(source, call, run_context)
             return await self._unary(payload, handler_ctx, call_next, call)
         finally:
             var_child_runnable_config.reset(token)
-
-    def _streams(self, handler: str) -> bool:
-        worker = self._worker
-        if worker is None:
-            return False
-        spec = worker.handlers.get(handler)
-        return spec is not None and _streams(spec)
 
     async def _unary(self, payload: Any, ctx: Context, call_next: Any, call: _Call) -> Any:
         outbox = call.outbox
