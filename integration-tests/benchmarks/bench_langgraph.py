@@ -14,7 +14,15 @@ concurrency 1 (with p50 latency) and 64, and the ratio pilot/langserve.
 
 Then a 3-node LangGraph graph (each node adds 1 to a counter) run once with
 local nodes and once with every node a ``PilotRemoteRunnable`` on the worker:
-the remote overhead per node is ``(p50 remote - p50 local) / 3``.
+the remote overhead per node is ``(p50 remote - p50 local) / 3``. The same
+again with a callback handler attached to the run (so the remote nodes
+forward their callback events): the overhead per node with forwarding on.
+
+Last, streamed tokens: a one-node graph whose node runs a streaming chat
+model (``GenericFakeChatModel``) replying with 1 or 201 words, consumed with
+``stream_mode="messages"``, local and remote. The added latency per streamed
+token is ``((remote 201 - local 201) - (remote 1 - local 1)) / (tokens 201 - tokens 1)``
+(a reply of n words streams 2n - 1 tokens: the words and the spaces).
 
 The machine is shared and small: absolute numbers are noisy, ratios are what
 count. The full run alternates the two servers over several rounds and keeps
@@ -39,7 +47,10 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Annotated, Any, TypedDict
+
+from langchain_core.messages import AnyMessage
+from langgraph.graph.message import add_messages
 
 REQUEST: dict[str, Any] = {
     "id": 123456,
@@ -62,6 +73,16 @@ async def identity(value):
 @pilot_handler("inc")
 async def inc(state):
     return {"count": state["count"] + 1}
+
+
+@pilot_handler("chat_words")
+async def chat_words(state):
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    words = int(state["messages"][-1].content)
+    model = GenericFakeChatModel(messages=iter([AIMessage(" ".join(["tok"] * words))]))
+    return {"messages": [await model.ainvoke(state["messages"])]}
 """
 
 
@@ -170,6 +191,10 @@ class Counter(TypedDict):
     count: int
 
 
+class Chat(TypedDict):
+    messages: Annotated[list[AnyMessage], add_messages]
+
+
 def three_node_graph(nodes: list[Any]) -> Any:
     from langgraph.graph import END, START, StateGraph
 
@@ -184,18 +209,55 @@ def three_node_graph(nodes: list[Any]) -> Any:
     return graph.compile()
 
 
-async def graph_p50(app: Any, seconds: float) -> float:
+async def interleaved_p50(
+    calls: dict[str, Callable[[], Awaitable[Any]]], seconds: float, slice_secs: float = 0.25
+) -> dict[str, float]:
+    """p50 latency of each call, measured in turns of ``slice_secs`` each.
+
+    Every call gets the same number of turns, taken in rotation, so a burst of
+    load on this shared machine falls on all of them alike.
+    """
+    latencies: dict[str, list[float]] = {label: [] for label in calls}
+    for call in calls.values():
+        for _ in range(3):
+            await call()  # warm-up
+    turns = max(1, round(seconds / slice_secs))
+    for _ in range(turns):
+        for label, call in calls.items():
+            stop_at = time.perf_counter() + slice_secs
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                await call()
+                latencies[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(values) for label, values in latencies.items()}
+
+
+def graph_call(app: Any, config: Any = None) -> Callable[[], Awaitable[None]]:
     async def one() -> None:
-        out = await app.ainvoke({"count": 0})
+        out = await app.ainvoke({"count": 0}, config)
         assert out["count"] == 3, out
 
-    for _ in range(5):
-        await one()
-    _, p50 = await measure(one, 1, seconds)
-    return p50
+    return one
 
 
-async def run(args: argparse.Namespace, langserve_url: str, cert: Path) -> int:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_per_call(
+    call: Callable[[], Awaitable[Any]], calls: int, worker_pid: int
+) -> tuple[float, float]:
+    """(client CPU, worker CPU) seconds per call: load on the machine barely moves these."""
+    client0, worker0 = time.process_time(), process_cpu(worker_pid)
+    for _ in range(calls):
+        await call()
+    client1, worker1 = time.process_time(), process_cpu(worker_pid)
+    return (client1 - client0) / calls, (worker1 - worker0) / calls
+
+
+async def run(args: argparse.Namespace, langserve_url: str, cert: Path, worker_pid: int) -> int:
     from langchain_core.runnables import RunnableLambda
     from langserve import RemoteRunnable
     from pilot_langgraph import PilotRemoteRunnable, aclose_default_transport
@@ -248,18 +310,138 @@ async def run(args: argparse.Namespace, langserve_url: str, cert: Path) -> int:
         [PilotRemoteRunnable(node="inc", peer="bench-worker") for _ in range(3)]
     )
     gseconds = 1.0 if args.quick else 4.0
-    local_p50 = await graph_p50(local_app, gseconds)
-    remote_p50 = await graph_p50(remote_app, gseconds)
+    from langchain_core.callbacks import AsyncCallbackHandler
+
+    class Counting(AsyncCallbackHandler):
+        """A callback handler that only counts chain ends (callbacks on, nothing slow)."""
+
+        def __init__(self) -> None:
+            self.ends = 0
+
+        async def on_chain_end(self, outputs: Any, **kwargs: Any) -> None:
+            self.ends += 1
+
+    cb_config = {"callbacks": [Counting()]}
+    g = await interleaved_p50(
+        {
+            "local": graph_call(local_app),
+            "remote": graph_call(remote_app),
+            "local_cb": graph_call(local_app, cb_config),
+            "remote_cb": graph_call(remote_app, cb_config),
+        },
+        gseconds * (2 if args.quick else 4),
+    )
+    local_p50, remote_p50 = g["local"], g["remote"]
+    local_cb_p50, remote_cb_p50 = g["local_cb"], g["remote_cb"]
     per_node = (remote_p50 - local_p50) / 3
+    per_node_cb = (remote_cb_p50 - local_cb_p50) / 3
     print()
     print("| 3-node graph ainvoke | p50 |")
     print("|---|---|")
     print(f"| all nodes local | {local_p50 * 1e6:,.0f} us |")
     print(f"| all nodes PilotRemoteRunnable | {remote_p50 * 1e6:,.0f} us |")
     print(f"| remote overhead per node | {per_node * 1e6:,.0f} us |")
+    print(f"| all nodes local, a callback handler attached | {local_cb_p50 * 1e6:,.0f} us |")
+    print(f"| all nodes remote, a callback handler attached | {remote_cb_p50 * 1e6:,.0f} us |")
+    print(f"| remote overhead per node, callbacks on | {per_node_cb * 1e6:,.0f} us |")
+    print()
+    # CPU per node: what a node costs in CPU on both sides, whatever else runs.
+    calls = 300 if args.quick else 1500
+    cpu = {
+        label: await cpu_per_call(call, calls, worker_pid)
+        for label, call in (
+            ("local", graph_call(local_app)),
+            ("remote", graph_call(remote_app)),
+            ("local_cb", graph_call(local_app, cb_config)),
+            ("remote_cb", graph_call(remote_app, cb_config)),
+        )
+    }
+
+    def cpu_overhead(remote_label: str, local_label: str) -> float:
+        client, worker = cpu[remote_label]
+        return (client + worker - cpu[local_label][0]) / 3
+
+    cpu_node = cpu_overhead("remote", "local")
+    cpu_node_cb = cpu_overhead("remote_cb", "local_cb")
+    print("| CPU per 3-node graph run (client + worker) | client | worker |")
+    print("|---|---|---|")
+    for label, title in (
+        ("local", "all nodes local"),
+        ("remote", "all nodes remote"),
+        ("local_cb", "all nodes local, callbacks on"),
+        ("remote_cb", "all nodes remote, callbacks on"),
+    ):
+        client, worker = cpu[label]
+        print(f"| {title} | {client * 1e6:,.0f} us | {worker * 1e6:,.0f} us |")
+    print(f"| CPU overhead per remote node | {cpu_node * 1e6:,.0f} us | |")
+    print(f"| CPU overhead per remote node, callbacks on | {cpu_node_cb * 1e6:,.0f} us | |")
+    print()
+
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langgraph.graph import END, START, StateGraph
+
+    async def chat_local(state: Chat) -> dict[str, Any]:
+        words = int(str(state["messages"][-1].content))
+        model = GenericFakeChatModel(messages=iter([AIMessage(" ".join(["tok"] * words))]))
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    def chat_graph(node: Any) -> Any:
+        graph = StateGraph(Chat)
+        graph.add_node("model", node)
+        graph.add_edge(START, "model")
+        graph.add_edge("model", END)
+        return graph.compile()
+
+    items: dict[tuple[str, int], int] = {}
+
+    def stream_call(where: str, app: Any, words: int) -> Callable[[], Awaitable[None]]:
+        async def one() -> None:
+            n = 0
+            async for _ in app.astream(
+                {"messages": [HumanMessage(str(words))]}, stream_mode="messages"
+            ):
+                n += 1
+            items[(where, words)] = n
+
+        return one
+
+    chat_local_app = chat_graph(RunnableLambda(chat_local))
+    chat_remote_app = chat_graph(PilotRemoteRunnable(node="chat_words", peer="bench-worker"))
+    many = 201
+    measured = await interleaved_p50(
+        {
+            f"{where}/{words}": stream_call(where, app, words)
+            for where, app in (("local", chat_local_app), ("remote", chat_remote_app))
+            for words in (1, many)
+        },
+        gseconds * (2 if args.quick else 4),
+    )
+    figures = {
+        (where, words): measured[f"{where}/{words}"]
+        for where in ("local", "remote")
+        for words in (1, many)
+    }
+    extra_many = figures[("remote", many)] - figures[("local", many)]
+    extra_one = figures[("remote", 1)] - figures[("local", 1)]
+    per_token = (extra_many - extra_one) / ((2 * many - 1) - 1)
+    print("| stream_mode=messages, one chat node | 1 word | 201 words (401 tokens) | items |")
+    print("|---|---|---|---|")
+    for where in ("local", "remote"):
+        one_p50, many_p50 = figures[(where, 1)], figures[(where, many)]
+        print(
+            f"| {where} node | {one_p50 * 1e6:,.0f} us | {many_p50 * 1e6:,.0f} us "
+            f"| {items[(where, many)]} |"
+        )
+    print(f"| added latency per streamed token | | {per_token * 1e6:,.1f} us |")
     print()
     overhead = f"{per_node * 1e6:,.0f} us"
-    print(f"ratios: c=1 {ratio1:.2f}x, c=64 {ratio64:.2f}x; overhead per remote node {overhead}")
+    print(
+        f"ratios: c=1 {ratio1:.2f}x, c=64 {ratio64:.2f}x; overhead per remote node {overhead} "
+        f"({per_node_cb * 1e6:,.0f} us with callbacks on; CPU {cpu_node * 1e6:,.0f} us, "
+        f"{cpu_node_cb * 1e6:,.0f} us with callbacks on); "
+        f"per streamed token {per_token * 1e6:,.1f} us"
+    )
     await aclose_default_transport()
     return 0
 
@@ -295,7 +477,8 @@ def main() -> int:
                 cluster.start()
                 wait_listening(port, server)
                 print("machine: 2 shared cores; numbers are noisy, ratios are what count")
-                return asyncio.run(run(args, f"https://127.0.0.1:{port}/identity/", cert))
+                pid = cluster.workers["bench-worker"].pid
+                return asyncio.run(run(args, f"https://127.0.0.1:{port}/identity/", cert, pid))
         finally:
             server.terminate()
             try:

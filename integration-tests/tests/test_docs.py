@@ -19,9 +19,7 @@ def test_package_readme_links_work_on_pypi(package: Path) -> None:
     """A package README is its PyPI page: a repository-relative link breaks there."""
     text = (package / "README.md").read_text()
     relative = [
-        target
-        for target in LINK.findall(text)
-        if not re.match(r"(https?://|#|mailto:)", target)
+        target for target in LINK.findall(text) if not re.match(r"(https?://|#|mailto:)", target)
     ]
     assert relative == [], f"{package.name}/README.md has relative links: {relative}"
 

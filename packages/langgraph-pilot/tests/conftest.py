@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from pilot_langgraph import LangGraphCodec, aclose_default_transport
+from pilot_langgraph import LangGraphCodec, LangGraphMiddleware, aclose_default_transport
 from pilot_transport import Transport, open_transport
 from pilot_transport.testing import TestPeers, create_test_peers
 from pilot_worker import WorkerConfig, WorkerServer
@@ -39,6 +39,7 @@ class Cluster:
         worker = WorkerServer(
             transport, config or WorkerConfig(port=5000, log_calls=False), codec=LangGraphCodec()
         )
+        worker.add_middleware(LangGraphMiddleware(worker))
         if isinstance(handlers, ModuleType):
             worker.include_module(handlers)
         else:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         aclose_default_transport,
         configure_default_transport,
     )
+    from pilot_langgraph._served import LangGraphMiddleware
     from pilot_langgraph._trust import PeerSpec, ensure_trust
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "DefaultTransportSettings",
     "HandlerInfo",
     "LangGraphCodec",
+    "LangGraphMiddleware",
     "PeerSpec",
     "PilotChannel",
     "PilotCheckpointSaver",
@@ -88,6 +90,7 @@ _LAZY: dict[str, str] = {
     "PilotEchoRunnable": "pilot_langgraph._echo",
     "PilotEventSource": "pilot_langgraph._event_source",
     "PilotFanoutRunnable": "pilot_langgraph._fanout",
+    "LangGraphMiddleware": "pilot_langgraph._served",
     "PilotRemoteRunnable": "pilot_langgraph._remote",
     "RemoteCallOptions": "pilot_langgraph._remote",
     "DefaultTransportSettings": "pilot_langgraph._runtime",

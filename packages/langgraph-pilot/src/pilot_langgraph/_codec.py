@@ -58,9 +58,11 @@ def _langgraph_safe_lists() -> tuple[frozenset[tuple[str, ...]], frozenset[tuple
 # LangGraph's own allowlist of types safe to rebuild (messages, datetimes, Send...).
 _SAFE_TYPES, _SAFE_METHODS = _langgraph_safe_lists()
 
-__all__ = ["ENVELOPE_KEY", "LangGraphCodec", "is_envelope"]
+__all__ = ["CONTROL_KEY", "ENVELOPE_KEY", "ControlMessage", "LangGraphCodec", "is_envelope"]
 
 ENVELOPE_KEY: Final = "$lg"
+CONTROL_KEY: Final = "$lgx"
+BATCH_KIND: Final = "batch"
 
 # LangGraph's extension type codes (langgraph.checkpoint.serde.jsonplus).
 _EXT_CONSTRUCTOR_SINGLE_ARG: Final = 0
@@ -94,6 +96,32 @@ def is_envelope(obj: object) -> bool:
     return isinstance(obj, dict) and len(obj) == 1 and ENVELOPE_KEY in obj  # pyright: ignore[reportUnknownArgumentType]
 
 
+class ControlMessage:
+    """A message of the remote-node protocol sent beside a handler's own values.
+
+    Callback events, custom stream writes, interrupts and resume bookkeeping
+    travel as progress values (unary calls) or stream items (streaming calls)
+    next to what the handler itself sends. On the wire a control message is
+    ``{"$lgx": [kind, envelope]}``; a handler's own values are always
+    ``{"$lg": ...}`` envelopes when the caller uses this codec, so the two
+    cannot be confused. Several messages queued at once travel as one
+    ``{"$lgx": ["batch", [[kind, envelope], ...]]}`` (decoded as a ``batch``
+    message whose body is the list of messages). ``body`` is encoded when the message is built
+    (:meth:`LangGraphCodec.control`), so a value that cannot be sent fails
+    where it is produced, not in the middle of the call.
+    """
+
+    __slots__ = ("body", "encoded", "kind")
+
+    def __init__(self, kind: str, body: Any, encoded: list[Any] | None = None) -> None:
+        self.kind = kind
+        self.body = body
+        self.encoded = encoded
+
+    def __repr__(self) -> str:
+        return f"ControlMessage({self.kind!r}, {self.body!r})"
+
+
 class _Refused(TypeError):
     """Internal: a value the strict encoder refuses (exceptions)."""
 
@@ -110,16 +138,32 @@ def _strict_default(obj: Any) -> Any:
     return _lg_default(obj)
 
 
+_SCALARS: Final = frozenset({str, int, float, bool, bytes, type(None)})
+
+
 def _refuse_nested_exceptions(obj: Any) -> None:
     stack: list[tuple[Any, int]] = [(obj, 0)]
+    push = stack.append
     while stack:
         item, depth = stack.pop()
-        if depth > _MAX_DEPTH:
+        cls = type(item)
+        if cls in _SCALARS or depth > _MAX_DEPTH:
+            continue
+        if cls is dict:
+            for child in item.values():
+                if type(child) not in _SCALARS:
+                    push((child, depth + 1))
+            continue
+        if cls is list or cls is tuple:
+            for child in item:
+                if type(child) not in _SCALARS:
+                    push((child, depth + 1))
             continue
         if isinstance(item, BaseException):
             raise _Refused(f"{type(item).__qualname__} is an exception")
         for _, child in _children(item):
-            stack.append((child, depth + 1))
+            if type(child) not in _SCALARS:
+                push((child, depth + 1))
 
 
 def _children(obj: Any) -> Iterable[tuple[str, Any]]:
@@ -135,7 +179,10 @@ def _children(obj: Any) -> Iterable[tuple[str, Any]]:
         return [(f"{{{i}}}", v) for i, v in enumerate(obj)]  # pyright: ignore[reportUnknownArgumentType]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return [(f".{f.name}", getattr(obj, f.name)) for f in dataclasses.fields(obj)]
-    model_fields = getattr(type(obj), "model_fields", None)
+    cls = type(obj)
+    model_fields = getattr(cls, "__pydantic_fields__", None)
+    if model_fields is None:
+        model_fields = getattr(cls, "model_fields", None)
     if isinstance(model_fields, Mapping):
         names: Iterable[str] = model_fields.keys()  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
         return [(f".{n}", getattr(obj, n, None)) for n in names]
@@ -197,6 +244,9 @@ class LangGraphCodec:
                 allowed.add((item[0], item[1]))
         self._allowed = frozenset(allowed)
         self._allow_imported = allow_imported_data_types
+        # Library types resolved by import (LangGraph's safe list, allowed_types):
+        # stable for the life of the process, so looked up once.
+        self._imported: dict[tuple[str, str], Any] = {}
         self._serde = JsonPlusSerializer(allowed_msgpack_modules=None)
 
     # -- caller side ---------------------------------------------------------
@@ -267,15 +317,73 @@ class LangGraphCodec:
                 raise PilotDecodeError(f"could not rebuild a value: {first!r}") from first
             raise PilotDecodeError(f"corrupt payload: {exc}") from exc
 
+    def control(self, kind: str, body: Any) -> ControlMessage:
+        """Build a :class:`ControlMessage`, encoding ``body`` now.
+
+        Raises:
+            PilotEncodeError: ``body`` holds something that cannot be sent.
+        """
+        return ControlMessage(kind, body, self.encode(body, root=kind)[ENVELOPE_KEY])
+
+    def _control_part(self, message: ControlMessage) -> list[Any]:
+        encoded = message.encoded
+        if encoded is None:
+            encoded = self.encode(message.body, root=message.kind)[ENVELOPE_KEY]
+        return [message.kind, encoded]
+
+    def decode_reply(self, obj: Any) -> Any:
+        """Decode a reply, stream item or progress value on the caller.
+
+        Like :meth:`decode`, plus ``{"$lgx": [kind, envelope]}`` comes back
+        as a :class:`ControlMessage` with its body decoded.
+
+        Raises:
+            PilotDecodeError: as :meth:`decode`, or a malformed control message.
+        """
+        if isinstance(obj, dict) and len(obj) == 1 and CONTROL_KEY in obj:  # pyright: ignore[reportUnknownArgumentType]
+            body = obj[CONTROL_KEY]
+            if (
+                not isinstance(body, (list, tuple))
+                or len(body) != 2  # pyright: ignore[reportUnknownArgumentType]
+                or not isinstance(body[0], str)
+            ):
+                raise PilotDecodeError("malformed control message")
+            if body[0] == BATCH_KIND:
+                parts = body[1]
+                if not isinstance(parts, (list, tuple)):
+                    raise PilotDecodeError("malformed control message batch")
+                return ControlMessage(
+                    BATCH_KIND,
+                    [self.decode_reply({CONTROL_KEY: part}) for part in parts],  # pyright: ignore[reportUnknownVariableType]
+                )
+            return ControlMessage(body[0], self.decode({ENVELOPE_KEY: body[1]}))
+        return self.decode(obj)
+
     # -- worker side (pilot_worker.PayloadCodec) ------------------------------
 
     def decode_request(self, obj: Any) -> Any:
-        """PayloadCodec hook: decode a request on a worker."""
+        """PayloadCodec hook: decode a request on a worker.
+
+        A pydantic model in the request is rebuilt with validation; when the
+        peer's data does not validate, the call fails with pilot-rpc's
+        ``InvalidArgument`` whose details carry pydantic's error locations
+        (``details["errors"]``: ``loc``, ``msg``, ``type``) and the model's name.
+        """
         _caller_used_envelope.set(is_envelope(obj))
-        return self.decode(obj)
+        try:
+            return self.decode(obj)
+        except PilotDecodeError as exc:
+            invalid = _invalid_argument(exc)
+            if invalid is None:
+                raise
+            raise invalid from exc
 
     def encode_response(self, value: Any) -> Any:
         """PayloadCodec hook: encode a reply (or stream chunk) on a worker."""
+        if value.__class__ is ControlMessage:
+            if value.kind == BATCH_KIND:
+                return {CONTROL_KEY: [BATCH_KIND, [self._control_part(m) for m in value.body]]}
+            return {CONTROL_KEY: self._control_part(value)}
         if not _caller_used_envelope.get():
             return value
         return self.encode(value, root="output")
@@ -284,11 +392,16 @@ class LangGraphCodec:
 
     def _resolve(self, module: str, name: str, code: int) -> Any:
         key = (module, name)
+        found = self._imported.get(key)
+        if found is not None:
+            return found
         if key in _SAFE_TYPES or key in self._allowed:
             try:
-                return getattr(importlib.import_module(module), name)
+                found = getattr(importlib.import_module(module), name)
             except (ImportError, AttributeError) as exc:
                 raise PilotDecodeError(f"type {module}.{name} is not available here") from exc
+            self._imported[key] = found
+            return found
         mod = sys.modules.get(module)
         cls = getattr(mod, name, None) if mod is not None else None
         if self._allow_imported and isinstance(cls, type) and _is_data_type(cls, code):
@@ -327,7 +440,11 @@ class LangGraphCodec:
                 method = tup[3] if len(tup) > 3 else None  # pyright: ignore[reportUnknownArgumentType]
                 if (module, name, method) not in _SAFE_METHODS:
                     raise PilotDecodeError(f"refusing to call {module}.{name}.{method}")
-                cls = getattr(importlib.import_module(module), name)
+                cls = self._imported.get((module, name))
+                if cls is None:
+                    cls = self._imported[(module, name)] = getattr(
+                        importlib.import_module(module), name
+                    )
                 return getattr(cls, str(method))(arg)
             cls = self._resolve(module, name, code)
             if code == _EXT_CONSTRUCTOR_SINGLE_ARG:
@@ -339,14 +456,70 @@ class LangGraphCodec:
             if code == _EXT_CONSTRUCTOR_KW_ARGS:
                 return cls(**arg)
             if code in (_EXT_PYDANTIC_V1, _EXT_PYDANTIC_V2):
-                try:
-                    return cls(**arg)
-                except Exception:
-                    construct = getattr(cls, "model_construct", None) or cls.construct
-                    return construct(**arg)
+                return _validated_model(cls, module, name, arg)
             raise PilotDecodeError(f"unsupported extension type code {code}")
 
         return hook
+
+
+def _validated_model(cls: Any, module: str, name: str, arg: Any) -> Any:
+    """Rebuild a pydantic model from a peer's fields, always with validation.
+
+    The constructor is tried first (LangChain's messages and documents do
+    work in ``__init__``); a model whose fields were sent by name but which
+    validates by alias is retried with ``model_validate(by_name=True)``.
+    Never ``model_construct``: data from a peer is never trusted unchecked.
+    """
+    from pydantic import ValidationError
+
+    if not isinstance(arg, dict):
+        raise PilotDecodeError(f"malformed fields for {module}.{name}")
+    try:
+        return cls(**arg)
+    except ValidationError as first:
+        validate = getattr(cls, "model_validate", None)
+        if validate is None:
+            raise _ModelInvalid(module, name, first) from first
+        try:
+            return validate(arg, by_name=True)
+        except TypeError:  # pydantic < 2.11 has no by_name
+            raise _ModelInvalid(module, name, first) from first
+        except ValidationError as exc:
+            raise _ModelInvalid(module, name, exc) from exc
+    except TypeError as exc:
+        raise PilotDecodeError(f"cannot rebuild {module}.{name}: {exc}") from exc
+
+
+class _ModelInvalid(PilotDecodeError):
+    """Internal: a model's fields from a peer do not validate."""
+
+    def __init__(self, module: str, name: str, error: Exception) -> None:
+        super().__init__(f"{module}.{name} does not validate: {error}")
+        self.model = f"{module}.{name}"
+        self.error = error
+
+
+def _invalid_argument(exc: PilotDecodeError) -> Exception | None:
+    """pilot-rpc's InvalidArgument for a model that did not validate, else None."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, _ModelInvalid):
+        cause = cause.__cause__
+    if cause is None:
+        return None
+    from pilot_rpc import InvalidArgument
+    from pydantic import ValidationError
+
+    error = cause.error
+    errors: list[dict[str, Any]] = []
+    if isinstance(error, ValidationError):
+        errors = [
+            {"loc": [str(part) for part in e["loc"]], "msg": e["msg"], "type": e["type"]}
+            for e in error.errors(include_url=False)
+        ]
+    return InvalidArgument(
+        f"invalid payload: {cause.model} does not validate ({len(errors)} error(s))",
+        details={"reason": "invalid_argument", "model": cause.model, "errors": errors},
+    )
 
 
 def _is_data_type(cls: type, code: int) -> bool:

@@ -16,10 +16,17 @@ node and the fan-out label, so a handler that honours the key (or is declared
 
 Callbacks, tags, metadata and run names follow LangChain's rules because the
 calls are wrapped in a chain run (``_callbacks.run_as_chain``, and
-``Runnable._atransform_stream_with_config`` for streams). Inside a LangGraph node, progress reports
-from the handler call ``runtime.heartbeat()`` (idle timeouts stay alive) and
-stream chunks go to ``runtime.stream_writer`` (``stream_mode="custom"``).
-Cancelling the awaiting task cancels the remote call.
+``Runnable._atransform_stream_with_config`` for streams). Every call carries
+the caller's serializable config in the ``langgraph-config`` header
+(:class:`~pilot_langgraph._link.CallerLink`); a worker running
+:class:`~pilot_langgraph.LangGraphMiddleware` answers with control messages
+beside the result: callback events of the handler's runs (replayed into the
+caller's handlers under this chain run), custom stream writes, interrupt
+bookkeeping, and an interrupt as the reply (raised as ``GraphInterrupt``).
+Inside a LangGraph node, everything received calls ``runtime.heartbeat()``
+(idle timeouts stay alive); stream chunks and ``ctx.report_progress`` values
+go to ``runtime.stream_writer`` (``stream_mode="custom"``). Cancelling the
+awaiting task cancels the remote call.
 """
 
 from __future__ import annotations
@@ -42,14 +49,16 @@ from opentelemetry import trace as otel_trace
 
 from pilot_langgraph import _rpc, _runtime
 from pilot_langgraph._callbacks import run_as_chain
-from pilot_langgraph._codec import LangGraphCodec
+from pilot_langgraph._codec import ControlMessage, LangGraphCodec
 from pilot_langgraph._env import DEFAULT_PORT
 from pilot_langgraph._headers import (
+    CONFIG_HEADER,
     FANOUT_LABEL_HEADER,
     NODE_HEADER,
     TASK_ID_HEADER,
     THREAD_ID_HEADER,
 )
+from pilot_langgraph._link import CallerLink
 from pilot_langgraph.errors import (
     PilotRemoteError,
     PilotUsageError,
@@ -141,6 +150,13 @@ def _traceparent() -> str | None:
 
 def _langgraph_runtime(config: RunnableConfig) -> Any:
     return (config.get("configurable") or {}).get(_CONFIG_KEY_RUNTIME)
+
+
+def _run_id(config: RunnableConfig) -> Any:
+    """The caller's run of this node: the chain run's id when callbacks run, else config's."""
+    callbacks = config.get("callbacks")
+    parent = getattr(callbacks, "parent_run_id", None)
+    return parent if parent is not None else config.get("run_id")
 
 
 def _aggregate(chunks: Sequence[Any]) -> Any:
@@ -406,6 +422,17 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
             return True
         return isinstance(exc, RemoteResourceExhaustedError) and len(self.peers) > 1
 
+    def _link(self, config: RunnableConfig, headers: dict[str, str]) -> CallerLink:
+        link = CallerLink(
+            self.codec,
+            self.node,
+            config,
+            run_name=config.get("run_name") or self.get_name(),
+            run_id=_run_id(config),
+        )
+        headers[CONFIG_HEADER] = link.header
+        return link
+
     async def _ainvoke(self, input: Any, config: RunnableConfig) -> Any:
         if self.options.streaming:
             chunks: list[Any] = []
@@ -414,13 +441,9 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
             return _aggregate(chunks)
         payload = self.codec.encode(self._prepare_input(input), root="input")
         key, headers = self._call_identity(config)
-        runtime = _langgraph_runtime(config)
-        heartbeat = getattr(runtime, "heartbeat", None)
-
-        def on_progress(_value: Any) -> None:
-            if heartbeat is not None:
-                heartbeat()
-
+        link = self._link(config, headers)
+        if link.resume_count:
+            key = f"{key}/resume-{link.resume_count}"
         client = await _runtime.get_client(self.client)
         traceparent = _traceparent()
         tried: set[str] = set()
@@ -440,7 +463,7 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
                     metadata=headers,
                     idempotency_key=key,
                     traceparent=traceparent,
-                    on_progress=on_progress,
+                    on_progress=link.on_progress,
                 )
             except PilotRemoteError as exc:
                 if not self._retryable(exc):
@@ -449,7 +472,7 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
                 last = exc
                 continue
             self._ring.mark_up(peer)
-            return self._finish_output(self.codec.decode(reply), peer)
+            return self._finish_output(link.result(self.codec.decode_reply(reply)), peer)
         assert last is not None
         raise last
 
@@ -470,9 +493,10 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
     async def _stream_with_retries(self, input: Any, config: RunnableConfig) -> AsyncIterator[Any]:
         payload = self.codec.encode(self._prepare_input(input), root="input")
         key, headers = self._call_identity(config)
-        runtime = _langgraph_runtime(config)
-        writer = getattr(runtime, "stream_writer", None)
-        heartbeat = getattr(runtime, "heartbeat", None)
+        link = self._link(config, headers)
+        if link.resume_count:
+            key = f"{key}/resume-{link.resume_count}"
+        writer = getattr(_langgraph_runtime(config), "stream_writer", None)
         client = await _runtime.get_client(self.client)
         traceparent = _traceparent()
         tried: set[str] = set()
@@ -496,11 +520,14 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
                 ) as items:
                     async for raw in items:
                         started = True
-                        chunk = self._finish_output(self.codec.decode(raw), peer)
+                        link.heartbeat()
+                        value = self.codec.decode_reply(raw)
+                        if isinstance(value, ControlMessage):
+                            await link.on_control(value)
+                            continue
+                        chunk = self._finish_output(value, peer)
                         if writer is not None:
                             writer(chunk)
-                        if heartbeat is not None:
-                            heartbeat()
                         yield chunk
             except PilotRemoteError as exc:
                 # Once a chunk was delivered a retry would repeat it: not retried.

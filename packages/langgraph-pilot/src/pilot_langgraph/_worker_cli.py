@@ -3,8 +3,11 @@
 Every ``pilot-worker`` option works unchanged (``--handlers``, ``--port``,
 ``--plugin``, ``--metrics-port``, ``--reload``, ``--log-format``,
 ``--drain-timeout``, ``--transport``, ``--ready-file`` ...); handler payloads
-and results cross the wire with LangGraph's typed serializer, and the worker
-also serves ``lg.echo`` for :class:`~pilot_langgraph.PilotEchoRunnable`.
+and results cross the wire with LangGraph's typed serializer, every handler
+runs under :class:`~pilot_langgraph.LangGraphMiddleware` (the caller's
+RunnableConfig, forwarded callback events, the custom stream writer and
+``interrupt()``), and the worker also serves ``lg.echo`` for
+:class:`~pilot_langgraph.PilotEchoRunnable`.
 """
 
 from __future__ import annotations
@@ -12,9 +15,13 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pilot_langgraph._codec import LangGraphCodec
 from pilot_langgraph._env import PILOT_WORKER_HANDLERS
+
+if TYPE_CHECKING:
+    from pilot_worker import PluginContext
 
 __all__ = ["main"]
 
@@ -35,6 +42,13 @@ def worker_argv(argv: Sequence[str]) -> list[str]:
     return [*args, "--handlers", _BUILTIN_MODULE]
 
 
+def install(context: PluginContext) -> None:
+    """Set-up hook: run every handler under :class:`LangGraphMiddleware`."""
+    from pilot_langgraph._served import LangGraphMiddleware
+
+    context.worker.add_middleware(LangGraphMiddleware(context.worker))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pilot-langgraph-worker``; returns the exit code."""
     from pilot_worker.cli import main as worker_main
@@ -44,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker_argv(args),
         codec=LangGraphCodec(),
         prog="pilot-langgraph-worker",
+        setup=install,
         description="Serve LangGraph node handlers to trusted peers (pilot-worker with "
         "LangGraph's serializer).",
     )

@@ -31,6 +31,14 @@ the boundary, so callers only ever need to catch the classes listed here::
         ├── RemoteUnavailableError (ConnectionError)  no peer could be reached
         ├── RemoteDataLossError
         └── RemoteUnauthenticatedError (PermissionError)  the peer is not trusted
+
+Two more, seen where remote work is mirrored rather than called:
+
+    PilotLangGraphError
+    ├── RemoteCallbackError                 the ``error`` of a forwarded ``on_*_error``
+    │                                       callback event; ``.remote_type``
+    └── StreamOverflowError (RuntimeError)  raised on a worker by the custom stream
+                                            writer when the caller is far behind
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ __all__ = [
     "PilotUsageError",
     "RemoteAbortedError",
     "RemoteAlreadyExistsError",
+    "RemoteCallbackError",
     "RemoteCancelledError",
     "RemoteDataLossError",
     "RemoteDeadlineExceededError",
@@ -61,6 +70,7 @@ __all__ = [
     "RemoteUnavailableError",
     "RemoteUnimplementedError",
     "RemoteUnknownError",
+    "StreamOverflowError",
 ]
 
 
@@ -228,6 +238,30 @@ class RemoteUnauthenticatedError(PilotRemoteError, PermissionError):
     """The peer could not be authenticated or does not trust us."""
 
     code = "UNAUTHENTICATED"
+
+
+class RemoteCallbackError(PilotLangGraphError):
+    """The exception a remote run reported through a callback event (``on_*_error``).
+
+    Replayed callback handlers receive this in place of the worker's exception
+    (exceptions are never sent as values). ``remote_type`` names the type the
+    worker raised.
+    """
+
+    def __init__(self, remote_type: str, message: str) -> None:
+        super().__init__(f"{remote_type}: {message}" if message else remote_type)
+        self.remote_type = remote_type
+
+
+class StreamOverflowError(PilotLangGraphError, RuntimeError):
+    """On a worker: a handler wrote to the custom stream from the event loop far
+    faster than the caller reads.
+
+    ``get_stream_writer()``'s writer cannot wait when called on the event loop,
+    so it may run ahead of the caller by a bounded number of items (16 times the
+    outbox size, 1024 by default) and then raises this. Called from a sync
+    handler (a pool thread) the writer waits instead.
+    """
 
 
 _ERRORS_BY_CODE: dict[str, type[PilotRemoteError]] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from pilot_worker._call import IncomingCall, PeerLike
@@ -24,11 +25,11 @@ class Context:
     ``caller_address``, ``request_id``, ``deadline`` (event-loop time at which
     the call fails: the earlier of the caller's deadline and the handler's
     ``timeout_secs``; ``None`` if neither), ``handler_name``, ``metadata``,
-    ``idempotency_key``, ``traceparent``, ``cancelled``. :meth:`step` runs a
-    step that a shared idempotency journal records and replays.
+    ``idempotency_key``, ``traceparent``, ``cancelled``, ``config``. :meth:`step`
+    runs a step that a shared idempotency journal records and replays.
     """
 
-    __slots__ = ("_call", "_deadline", "_encode", "_handler_name", "_loop")
+    __slots__ = ("_call", "_config", "_deadline", "_encode", "_handler_name", "_loop")
 
     def __init__(
         self,
@@ -44,6 +45,31 @@ class Context:
         self._deadline = deadline
         self._loop = loop
         self._encode = encode
+        self._config: Mapping[str, Any] = _EMPTY_CONFIG
+
+    def with_config(self, config: Mapping[str, Any]) -> Context:
+        """A copy of this context whose :attr:`config` is ``config`` (for middleware).
+
+        The copy serves the same call; the original is unchanged.
+        """
+        twin = Context(
+            call=self._call,
+            handler_name=self._handler_name,
+            deadline=self._deadline,
+            loop=self._loop,
+            encode=self._encode,
+        )
+        twin._config = config
+        return twin
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """Framework configuration of the call, set by a middleware (empty by default).
+
+        langgraph-pilot's worker puts the caller's LangChain ``RunnableConfig``
+        here (tags, metadata, configurable, run name ...).
+        """
+        return self._config
 
     @property
     def caller(self) -> PeerLike:
@@ -159,6 +185,9 @@ class Context:
             f"Context(handler={self._handler_name!r}, caller={self.caller_node_id!r}, "
             f"request_id={self.request_id!r})"
         )
+
+
+_EMPTY_CONFIG: Mapping[str, Any] = MappingProxyType({})
 
 
 def _consume_exception(task: asyncio.Task[None]) -> None:

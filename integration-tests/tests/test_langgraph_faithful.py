@@ -1,0 +1,252 @@
+"""A node moved to a worker process behaves as it did in-process (issue 12).
+
+Real ``pilot-langgraph-worker`` processes on tcp:// loopback (``worker-a``
+serving ``_langgraph_faithful.py``, ``state-worker`` keeping checkpoints),
+each with its own identity; the test process is the client. Every check runs
+the same graph twice, once with the node local and once remote, and compares
+what LangGraph's streams show item by item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessageChunk, HumanMessage
+from langchain_core.runnables import RunnableLambda
+from pilot_langgraph import (
+    LangGraphCodec,
+    PilotCheckpointSaver,
+    PilotRemoteRunnable,
+    aclose_default_transport,
+)
+from pilot_langgraph import errors as e
+from pilot_langgraph.testing import LocalCluster
+
+HANDLERS = Path(__file__).with_name("_langgraph_faithful.py")
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("lg_faithful_local", HANDLERS)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+F = _load()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    root = tmp_path_factory.mktemp("lg-faithful")
+    with LocalCluster(root / "keys") as c:
+        c.add_worker("worker-a", handlers=[str(HANDLERS)])
+        c.add_worker(
+            "state-worker",
+            plugins=["checkpoint-sqlite"],
+            extra_args=["--checkpoint-db", f"sqlite:///{root / 'checkpoints.db'}"],
+        )
+        c.start()
+        yield c
+
+
+@pytest.fixture(autouse=True)
+async def _close_default_transport() -> AsyncIterator[None]:
+    yield
+    await aclose_default_transport()
+
+
+def remote(node: str, **kwargs: Any) -> PilotRemoteRunnable:
+    return PilotRemoteRunnable(node=node, peer="worker-a", timeout_secs=30, **kwargs)
+
+
+async def messages(app: Any, *, subgraphs: bool = False) -> list[tuple[str, str, str]]:
+    """(token, graph node, type) of every ``stream_mode="messages"`` item."""
+    out: list[tuple[str, str, str]] = []
+    async for item in app.astream(
+        {"messages": [HumanMessage("hi")]}, stream_mode="messages", subgraphs=subgraphs
+    ):
+        if subgraphs:
+            _ns, item = item
+        chunk, meta = item
+        out.append((str(chunk.content), str(meta["langgraph_node"]), type(chunk).__name__))
+    return out
+
+
+async def test_messages_stream_token_by_token_like_a_local_node(cluster: LocalCluster) -> None:
+    local = await messages(F.one_node(F.MsgState, "model", RunnableLambda(F.chat_node)))
+    got = await messages(F.one_node(F.MsgState, "model", remote("f_chat")))
+    assert len(local) == len(F.TEXT.split(" ")) * 2 - 1  # words and the spaces between
+    assert got == local
+    assert {t for _, _, t in got} == {"AIMessageChunk"}
+
+
+async def test_messages_stream_from_a_remote_node_inside_a_subgraph(
+    cluster: LocalCluster,
+) -> None:
+    local = await messages(F.in_subgraph(RunnableLambda(F.chat_node)), subgraphs=True)
+    got = await messages(F.in_subgraph(remote("f_chat")), subgraphs=True)
+    assert len(local) > 10
+    assert got == local
+
+
+async def test_astream_events_show_the_remote_chat_model(cluster: LocalCluster) -> None:
+    async def chat_events(app: Any) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        async for ev in app.astream_events({"messages": [HumanMessage("hi")]}, version="v2"):
+            if ev["event"].startswith("on_chat_model_"):
+                data = ev["data"]
+                value = data.get("chunk") or data.get("output")
+                out.append((ev["event"], str(getattr(value, "content", ""))))
+        return out
+
+    local = await chat_events(F.one_node(F.MsgState, "model", RunnableLambda(F.chat_node)))
+    got = await chat_events(F.one_node(F.MsgState, "model", remote("f_chat")))
+    assert got[0] == ("on_chat_model_start", "")
+    assert got[-1] == ("on_chat_model_end", F.TEXT)
+    assert got == local
+
+
+async def test_runnable_config_reaches_get_config_and_ctx_config(cluster: LocalCluster) -> None:
+    config: Any = {
+        "tags": ["blue-team"],
+        "metadata": {"team": "blue", "not_sendable": object()},
+        "configurable": {"user_id": "u-42", "lock": object()},
+        "recursion_limit": 17,
+    }
+    local = await F.one_node(F.LogState, "cfg", RunnableLambda(F.config_node)).ainvoke(
+        {"log": []}, config
+    )
+    got = await F.one_node(F.LogState, "cfg", remote("f_config")).ainvoke({"log": []}, config)
+    (seen,) = got["log"]
+    assert seen.pop("ctx_user_id") == "u-42"
+    assert seen.pop("ctx_run_name") == "Pilot:f_config"
+    assert seen == local["log"][0]
+    assert seen["user_id"] == "u-42"
+    assert seen["team"] == "blue"
+    assert "blue-team" in seen["tags"]
+
+
+async def test_unary_progress_and_stream_writer_feed_custom(cluster: LocalCluster) -> None:
+    app = F.one_node(F.LogState, "work", remote("f_progress"))
+    custom = [c async for c in app.astream({"log": []}, stream_mode="custom")]
+    progress = [c for c in custom if isinstance(c, dict) and "progress" in c]
+    assert progress == [{"progress": {"pct": p}, "handler": "f_progress"} for p in (25, 50, 75)]
+    assert {"custom": "written"} in custom
+
+
+async def _client(cluster: LocalCluster, thread: str, action: str) -> dict[str, Any]:
+    """Run one graph step in a separate client process (same client identity)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(HANDLERS),
+        "interrupt-client",
+        thread,
+        action,
+        env={**os.environ, **cluster.client_env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(120):
+            stdout, stderr = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    return json.loads(stdout.decode().strip().splitlines()[-1])
+
+
+async def test_interrupt_in_a_handler_resumed_from_other_processes(
+    cluster: LocalCluster,
+) -> None:
+    from langgraph.types import Command, _interrupt_id  # pyright: ignore[reportPrivateUsage]
+
+    thread = f"ask-{uuid.uuid4().hex[:8]}"
+    first = await _client(cluster, thread, "start")  # process 1: pauses at the first question
+    assert [v for v, _ in first["interrupts"]] == ["first?"]
+
+    saver = PilotCheckpointSaver(peer="state-worker")
+    try:
+        app = F.one_node(F.LogState, "ask", remote("f_ask"), checkpointer=saver)
+        config: Any = {"configurable": {"thread_id": thread}}
+        snapshot = await app.aget_state(config)
+        (task,) = snapshot.tasks
+        ns = f"{task.name}:{task.id}"
+        # The id is LangGraph's own for the task's first interrupt.
+        assert first["interrupts"][0][1] == _interrupt_id(ns, 0)
+        out = await app.ainvoke(Command(resume="A"), config)  # this process: answers it
+        (second,) = out["__interrupt__"]
+        assert second.value == {"q": "second?"}
+        assert second.id == _interrupt_id(ns, 1)
+    finally:
+        saver.close()
+
+    last = await _client(cluster, thread, "B")  # process 2: answers the second question
+    assert last["log"] == ["A", "B"]
+    assert last["interrupts"] == []
+
+
+async def test_forged_invalid_model_is_invalid_argument_with_locations(
+    cluster: LocalCluster,
+) -> None:
+    import ormsgpack
+    from pilot_langgraph import _runtime
+    from pilot_rpc import InvalidArgument
+
+    # A LangChain Document as a hostile peer could send it: wrong types in both fields.
+    fields = {"page_content": 123, "metadata": "DROP TABLE"}
+    blob = ormsgpack.packb(
+        ormsgpack.Ext(
+            5,
+            ormsgpack.packb(
+                ("langchain_core.documents.base", "Document", fields, "model_validate_json")
+            ),
+        )
+    )
+    client = await _runtime.get_client(None)
+    with pytest.raises(InvalidArgument) as info:
+        await client.call("worker-a", 5000, "f_chat", {"$lg": ["msgpack", blob]}, timeout=30)
+    details = info.value.details
+    assert details["reason"] == "invalid_argument"
+    assert details["model"] == "langchain_core.documents.base.Document"
+    assert sorted(err["loc"] for err in details["errors"]) == [["metadata"], ["page_content"]]
+    # Through PilotRemoteRunnable the same refusal is a typed error.
+    with pytest.raises(e.RemoteInvalidArgumentError):
+        await remote("f_chat", codec=_Forging(blob)).ainvoke({"messages": []})
+
+
+class _Forging(LangGraphCodec):
+    """A caller codec that sends a prepared blob instead of the input."""
+
+    def __init__(self, blob: bytes) -> None:
+        super().__init__()
+        self._blob = blob
+
+    def encode(self, value: Any, *, root: str = "value") -> dict[str, list[Any]]:
+        if root == "input":
+            return {"$lg": ["msgpack", self._blob]}
+        return super().encode(value, root=root)
+
+
+async def test_streamed_ai_message_chunks_feed_add_messages(cluster: LocalCluster) -> None:
+    def as_update(message: Any) -> dict[str, Any]:
+        return {"messages": [message]}
+
+    node = remote("f_stream_chunks", streaming=True) | RunnableLambda(as_update)
+    out = await F.one_node(F.MsgState, "model", node).ainvoke({"messages": [HumanMessage("hi")]})
+    assert isinstance(out["messages"][-1], AIMessageChunk)
+    assert out["messages"][-1].content == F.TEXT
