@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessageChunk, HumanMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
 from langchain_core.runnables import RunnableLambda
 from pilot_langgraph import (
     LangGraphCodec,
@@ -248,5 +248,18 @@ async def test_streamed_ai_message_chunks_feed_add_messages(cluster: LocalCluste
 
     node = remote("f_stream_chunks", streaming=True) | RunnableLambda(as_update)
     out = await F.one_node(F.MsgState, "model", node).ainvoke({"messages": [HumanMessage("hi")]})
-    assert isinstance(out["messages"][-1], AIMessageChunk)
-    assert out["messages"][-1].content == F.TEXT
+    # The streamed AIMessageChunks arrive as chunks (before the fix: dicts, and
+    # add_messages raised "Unexpected message type"); their sum goes through
+    # add_messages, which turns a chunk into its message, as it does locally.
+    last = out["messages"][-1]
+    assert type(last) is AIMessage
+    assert last.content == F.TEXT
+
+    seen: list[Any] = []
+    async for chunk in remote("f_stream_chunks", streaming=True).astream(
+        {"messages": [HumanMessage("hi")]}
+    ):
+        seen.append(chunk)
+    assert seen
+    assert all(type(c) is AIMessageChunk for c in seen)
+    assert "".join(str(c.content) for c in seen) == F.TEXT
