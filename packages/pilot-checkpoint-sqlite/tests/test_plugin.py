@@ -65,9 +65,9 @@ def test_plugin_options_parse_into_store_options() -> None:
     assert url == "sqlite:///x.db"
     assert options.shared
     assert options.sqlite_synchronous == "NORMAL"
-    assert options.retention.max_age_seconds == 3600
+    assert options.retention.max_age_secs == 3600
     assert options.retention.max_checkpoints_per_thread == 10
-    assert options.retention.interval_seconds == 60
+    assert options.retention.interval_secs == 60
     default_url, defaults = store_options_from({})
     assert default_url.startswith("sqlite:///")
     assert not defaults.shared

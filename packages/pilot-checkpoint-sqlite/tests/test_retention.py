@@ -136,7 +136,7 @@ async def test_retention_results_are_unchanged(db_url: str) -> None:
     store = await open_store(
         db_url,
         StoreOptions(
-            retention=RetentionPolicy(max_age_seconds=max_age, max_checkpoints_per_thread=keep)
+            retention=RetentionPolicy(max_age_secs=max_age, max_checkpoints_per_thread=keep)
         ),
     )
     service = CheckpointService(store)

@@ -360,7 +360,7 @@ async def test_retention_policy_keeps_the_newest(db_url: str) -> None:
 
 
 async def test_age_retention_never_removes_the_latest(db_url: str) -> None:
-    store = await open_store(db_url, StoreOptions(retention=RetentionPolicy(max_age_seconds=60)))
+    store = await open_store(db_url, StoreOptions(retention=RetentionPolicy(max_age_secs=60)))
     saver = PilotCheckpointSaver(backend=LocalStoreBackend(CheckpointService(store)))
     try:
         configs = await _put_chain(saver, "t", 4)

@@ -81,27 +81,27 @@ class RetentionPolicy:
     history).
 
     Attributes:
-        max_age_seconds: Delete checkpoints (and their writes) stored longer
+        max_age_secs: Delete checkpoints (and their writes) stored longer
             ago than this.
         max_checkpoints_per_thread: Keep at most this many checkpoints per
             thread namespace, the newest ones.
-        interval_seconds: How often the policy runs (default 300).
+        interval_secs: How often the policy runs (default 300).
     """
 
-    max_age_seconds: float | None = None
+    max_age_secs: float | None = None
     max_checkpoints_per_thread: int | None = None
-    interval_seconds: float = 300.0
+    interval_secs: float = 300.0
 
     def __post_init__(self) -> None:
-        _positive("max_age_seconds", self.max_age_seconds, allow_none=True)
-        _positive("interval_seconds", self.interval_seconds)
+        _positive("max_age_secs", self.max_age_secs, allow_none=True)
+        _positive("interval_secs", self.interval_secs)
         m = self.max_checkpoints_per_thread
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise CheckpointConfigError("max_checkpoints_per_thread must be an int >= 1 or None")
 
     @property
     def enabled(self) -> bool:
-        return self.max_age_seconds is not None or self.max_checkpoints_per_thread is not None
+        return self.max_age_secs is not None or self.max_checkpoints_per_thread is not None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -139,11 +139,11 @@ def store_options_from(options: Mapping[str, str | None]) -> tuple[str, StoreOpt
     url = options.get("checkpoint_db") or DEFAULT_DB_URL
     interval = _number(options.get("checkpoint_retention_interval"), "retention interval", float)
     retention = RetentionPolicy(
-        max_age_seconds=_number(options.get("checkpoint_max_age"), "max age", float),
+        max_age_secs=_number(options.get("checkpoint_max_age"), "max age", float),
         max_checkpoints_per_thread=_number(
             options.get("checkpoint_max_per_thread"), "max per thread", int
         ),
-        **({"interval_seconds": interval} if interval is not None else {}),
+        **({"interval_secs": interval} if interval is not None else {}),
     )
     sync = (options.get("checkpoint_sqlite_sync") or "FULL").upper()
     if sync not in ("FULL", "NORMAL"):
@@ -170,7 +170,7 @@ async def _setup(ctx: PluginContext) -> None:
                 ctx.logger.info("checkpoint retention removed %d checkpoints", removed)
 
         ctx.worker.add_periodic(
-            options.retention.interval_seconds, _retention, name="checkpoint-retention"
+            options.retention.interval_secs, _retention, name="checkpoint-retention"
         )
     ctx.logger.info(
         "checkpoint store ready: %s (schema v%d, %s)",

@@ -819,7 +819,7 @@ class CheckpointStore:
         policy = self.options.retention
         if not policy.enabled:
             return 0
-        max_age = policy.max_age_seconds
+        max_age = policy.max_age_secs
         cutoff = None if max_age is None else (now if now is not None else time.time()) - max_age
         keep = policy.max_checkpoints_per_thread
         since = self._retention_since if self._retention_keep == keep else None
