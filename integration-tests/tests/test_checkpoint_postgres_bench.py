@@ -37,5 +37,6 @@ def test_bench_checkpoint_postgres_quick() -> None:
     ):
         assert name in out
     assert "ratios (ours: store worker on PostgreSQL / AsyncPostgresSaver (pool of 16))" in out
+    assert "ratios (ours: store worker on PostgreSQL / AsyncPostgresSaver (one connection))" in out
     assert "group commit" in out
     assert "RATIOS-OK" in out
