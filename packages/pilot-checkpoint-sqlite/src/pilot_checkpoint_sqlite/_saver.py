@@ -125,7 +125,9 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
     Every method is safe to repeat: writes are idempotent in the store. Each
     request is one RPC call retried (with the same idempotency key) by the
     client's retry policy when the store is unreachable: at most
-    ``max_attempts`` attempts (default 3) within ``options.timeout``. Cancelling
+    ``max_attempts`` attempts (default 3) within ``options.timeout``; with
+    several peers those attempts are spread over them, each failed one moving
+    to the next peer (see the README's "Store tier"). Cancelling
     an async call cancels the request (a write that already reached the store
     may still commit; repeating it is a no-op). Errors are the ones in
     ``pilot_checkpoint_sqlite.errors``.
