@@ -170,12 +170,19 @@ async def main(argv: list[str] | None = None) -> int:
         f"3-node graph, ~1 KB state, default durability, PostgreSQL ({rounds} rounds x "
         f"{seconds:.1f}s per cell; shared cores: noisy, compare ratios)"
     )
-    header = f"{'saver':38} {'c=1 inv/s':>10} {'c=1 p50 ms':>11} {f'c={high} inv/s':>12}"
+    header = (
+        f"{'saver':38} {'c=1 inv/s':>10} {'c=1 p50 ms':>11} {f'c={high} inv/s':>12}"
+        f" {f'c={high} CPU ms/inv':>17}"
+    )
     print(header)
     print("-" * len(header))
     for name, _ in opened:
         one, many = rows[1][name], rows[high][name]
-        print(f"{name:38} {one.rate:10.1f} {one.p50_ms:11.2f} {many.rate:12.1f}")
+        print(
+            f"{name:38} {one.rate:10.1f} {one.p50_ms:11.2f} {many.rate:12.1f}"
+            f" {many.cpu_ms_per_op:17.2f}"
+        )
+    print("  (CPU ms/inv: the benchmark process's CPU per invocation; not the store worker's)")
     print()
 
     def ratio(a: float, b: float) -> str:
