@@ -76,6 +76,14 @@ class Result:
     ops: int
     seconds: float
     latencies: list[float] = field(default_factory=list[float])
+    cpu_seconds: float = 0.0
+    """CPU time of this (the client) process over the whole cell, warm-up included."""
+    all_ops: int = 0
+    """Operations completed over the whole cell, warm-up included."""
+
+    @property
+    def cpu_ms_per_op(self) -> float:
+        return self.cpu_seconds * 1000 / self.all_ops if self.all_ops else float("nan")
 
     @property
     def rate(self) -> float:
@@ -103,6 +111,8 @@ class _Window:
         self.stop_at: float | None = None
         self.lock = threading.Lock()
         self.counted = 0
+        self.all_ops = 0
+        self.cpu_start = time.process_time()
         self.latencies: list[float] = []
 
     def first_done(self) -> None:
@@ -117,6 +127,8 @@ class _Window:
         return stop is None or time.perf_counter() < stop
 
     def record(self, t0: float, t1: float) -> None:
+        with self.lock:
+            self.all_ops += 1
         start, stop = self.start_at, self.stop_at
         if start is not None and stop is not None and start <= t1 <= stop:
             with self.lock:
@@ -124,7 +136,8 @@ class _Window:
                 self.latencies.append(t1 - t0)
 
     def result(self) -> Result:
-        return Result(self.counted, self.seconds, self.latencies)
+        cpu = time.process_time() - self.cpu_start
+        return Result(self.counted, self.seconds, self.latencies, cpu, self.all_ops)
 
 
 async def measure_async(
@@ -303,6 +316,8 @@ def merge(into: dict[str, Result], name: str, result: Result) -> None:
     total.ops += result.ops
     total.seconds += result.seconds
     total.latencies.extend(result.latencies)
+    total.cpu_seconds += result.cpu_seconds
+    total.all_ops += result.all_ops
 
 
 async def main(argv: list[str] | None = None) -> int:
@@ -371,12 +386,22 @@ async def main(argv: list[str] | None = None) -> int:
         f"3-node graph, ~1 KB state, default durability ({rounds} rounds x {seconds:.1f}s "
         "per cell; 2 shared cores: noisy, compare ratios)"
     )
-    header = f"{'saver':34} {'c=1 inv/s':>10} {'c=1 p50 ms':>11} {f'c={high} inv/s':>12}"
+    header = (
+        f"{'saver':34} {'c=1 inv/s':>10} {'c=1 p50 ms':>11} {f'c={high} inv/s':>12}"
+        f" {f'c={high} CPU ms/inv':>17}"
+    )
     print(header)
     print("-" * len(header))
     for name, _, _ in opened:
         one, many = graph_rows[1][name], graph_rows[high][name]
-        print(f"{name:34} {one.rate:10.1f} {one.p50_ms:11.2f} {many.rate:12.1f}")
+        print(
+            f"{name:34} {one.rate:10.1f} {one.p50_ms:11.2f} {many.rate:12.1f}"
+            f" {many.cpu_ms_per_op:17.2f}"
+        )
+    print(
+        "  (CPU ms/inv: this process's CPU time per graph invocation; for the remote"
+        " saver the client-side cost, the store worker's CPU not included)"
+    )
     print()
     op_names = ["aput", "aget_tuple", "alist(limit=5)"]
     header = f"{'raw calls/s':34}" + "".join(

@@ -217,3 +217,140 @@ def test_kubernetes_files_are_valid_yaml(path: str) -> None:
     for doc in yaml.safe_load_all((DEPLOY / "kubernetes" / path).read_text()):
         assert "apiVersion" in doc
         assert "kind" in doc
+
+
+# ----------------------------------------------------------------- the pool
+
+
+def _store_tier_db(args: Any) -> str:
+    db = args.plugin__checkpoint_sqlite__checkpoint_db
+    assert db.startswith("postgresql+psycopg://"), db
+    # The password never appears on a command line: libpq reads PGPASSWORD.
+    assert ":" not in db.split("://", 1)[1].split("@", 1)[0], db
+    return db
+
+
+def test_pool_compose() -> None:
+    doc = yaml.safe_load((DEPLOY / "compose" / "pool.yml").read_text())
+    services = doc["services"]
+    workers = {"worker-1", "worker-2", "worker-3"}
+    stores = {"store-a", "store-b"}
+    assert set(services) == workers | stores | {"postgres"}
+    published: list[str] = []
+    identities: set[str] = set()
+    for name in workers | stores:
+        service = services[name]
+        args = _parse_worker_args([str(a) for a in service["command"]])
+        assert service["stop_signal"] == "SIGTERM"
+        grace = int(str(service["stop_grace_period"]).rstrip("s"))
+        assert grace > args.drain_timeout, name
+        (config,) = [str(v) for v in service["volumes"] if str(v).endswith(":/etc/pilot:ro")]
+        identities.add(config.split(":")[0])
+        assert args.identity.startswith("/etc/pilot/")
+        published.extend(str(p).split(":")[0] for p in service["ports"])
+        if name in workers:
+            assert args.plugin is None, name
+            assert args.handlers == ["my_handlers"], name
+    assert len(identities) == len(workers | stores), "every worker has its own identity"
+    assert len(set(published)) == len(published), "host ports collide"
+    urls: set[str] = set()
+    postgres = services["postgres"]
+    for name in stores:
+        service = services[name]
+        args = _parse_worker_args([str(a) for a in service["command"]])
+        assert args.plugin == ["checkpoint-sqlite"]
+        urls.add(_store_tier_db(args))
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert service["env_file"] == postgres["env_file"]
+    (url,) = urls  # one database behind the whole tier
+    assert "@postgres:5432/" in url
+    assert postgres["environment"]["POSTGRES_USER"] == url.split("://")[1].split("@")[0]
+    assert url.rsplit("/", 1)[1] == postgres["environment"]["POSTGRES_DB"]
+    assert "ports" not in postgres, "PostgreSQL stays on the compose network"
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    assert "postgres-data" in doc["volumes"]
+
+
+def _k8s_pool_documents() -> dict[str, dict[str, Any]]:
+    docs: dict[str, dict[str, Any]] = {}
+    for path in sorted((DEPLOY / "kubernetes" / "pool").glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return docs
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_kubernetes_pool_manifests() -> None:
+    pool = DEPLOY / "kubernetes" / "pool"
+    kustomization = yaml.safe_load((pool / "kustomization.yaml").read_text())
+    listed = {p.name for p in pool.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == listed
+    docs = _k8s_pool_documents()
+    for doc in docs.values():
+        assert "apiVersion" in doc
+
+    # Three handler workers.
+    workers = docs["Deployment/pilot-pool-worker"]
+    assert workers["spec"]["replicas"] == 3
+    pod = workers["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (worker,) = pod["containers"]
+    args = _parse_worker_args([str(a) for a in worker["args"]])
+    assert pod["terminationGracePeriodSeconds"] > args.drain_timeout
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert f"Secret/{volumes['identity-secret']['secret']['secretName']}" in docs
+    assert f"ConfigMap/{volumes['trust']['configMap']['name']}" in docs
+    assert (
+        docs["Service/pilot-pool-worker"]["spec"]["selector"]
+        == (workers["spec"]["selector"]["matchLabels"])
+    )
+
+    # Two store workers with stable names, one database.
+    store_set = docs["StatefulSet/pilot-store"]
+    assert store_set["spec"]["replicas"] == 2
+    headless = docs[f"Service/{store_set['spec']['serviceName']}"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == store_set["spec"]["selector"]["matchLabels"]
+    pod = store_set["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (store,) = pod["containers"]
+    args = _parse_worker_args([str(a) for a in store["args"]])
+    assert args.plugin == ["checkpoint-sqlite"]
+    assert pod["terminationGracePeriodSeconds"] > args.drain_timeout
+    url = _store_tier_db(args)
+    postgres_service = docs["Service/pilot-postgres"]
+    host_port = url.split("@", 1)[1].split("/", 1)[0]
+    assert host_port == f"{postgres_service['metadata']['name']}:5432"
+    assert postgres_service["spec"]["ports"][0]["port"] == 5432
+    password = _env(store)["PGPASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert f"Secret/{password['name']}" in docs
+    assert password["key"] in docs[f"Secret/{password['name']}"]["stringData"]
+    ports = {p["name"]: p["containerPort"] for p in store["ports"]}
+    assert args.transport.endswith(f":{ports['pilot']}")
+    assert store["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert ports["metrics"] == args.metrics_port
+    # Each store worker installs its own key: store-N.key for pod pilot-store-N.
+    (init,) = pod["initContainers"]
+    script = init["command"][-1]
+    compile(script, "<init>", "exec")
+    assert "0o600" in script
+    assert _env(init)["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    secret_name = {v["name"]: v for v in pod["volumes"]}["identity-secret"]["secret"]["secretName"]
+    keys = set(docs[f"Secret/{secret_name}"]["stringData"])
+    assert keys == {f"store-{i}.key" for i in range(store_set["spec"]["replicas"])}
+    mounts = {m["name"]: m["mountPath"] for m in store["volumeMounts"]}
+    assert args.identity == f"{mounts['identity']}/identity.key"
+
+    # PostgreSQL: one instance, its password from the same Secret.
+    postgres_set = docs["StatefulSet/pilot-postgres"]
+    (pg,) = postgres_set["spec"]["template"]["spec"]["containers"]
+    pg_env = _env(pg)
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == password
+    assert pg_env["POSTGRES_USER"]["value"] == url.split("://", 1)[1].split("@", 1)[0]
+    assert pg_env["POSTGRES_DB"]["value"] == url.rsplit("/", 1)[1]
+    assert postgres_service["spec"].get("type", "ClusterIP") == "ClusterIP"

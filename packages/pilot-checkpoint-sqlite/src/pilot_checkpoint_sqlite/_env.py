@@ -15,7 +15,10 @@ PILOT_CHECKPOINT_MAX_PER_THREAD = "PILOT_CHECKPOINT_MAX_PER_THREAD"
 """Retention: keep at most this many checkpoints per thread namespace (unset: keep)."""
 
 PILOT_CHECKPOINT_PEER = "PILOT_CHECKPOINT_PEER"
-"""Default peer (trust-store name, node id or address) of the saver's store worker."""
+"""Default peer (trust-store name, node id or address) of the saver's store worker.
+
+A comma-separated list names the store workers of a store tier, in failover order.
+"""
 
 PILOT_CHECKPOINT_PORT = "PILOT_CHECKPOINT_PORT"
 """Default virtual port of the store worker (default 5000)."""

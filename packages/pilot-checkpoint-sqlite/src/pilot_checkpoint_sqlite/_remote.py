@@ -11,6 +11,10 @@ the same translation is in ``_plugin.py``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
 from typing import Any
 
 from pilot_rpc import (
@@ -23,6 +27,8 @@ from pilot_rpc import (
     PermissionDenied,
     PilotClient,
     ResourceExhausted,
+    RetryPolicy,
+    RpcClient,
     RpcError,
     Unauthenticated,
     Unavailable,
@@ -47,7 +53,11 @@ from pilot_checkpoint_sqlite.errors import (
     StoreUnavailableError,
 )
 
-__all__ = ["RemoteBackend", "build_client", "error_from_rpc"]
+__all__ = ["RemoteBackend", "build_client", "error_from_rpc", "failover_safe"]
+
+logger = logging.getLogger(__name__)
+
+_NO_RETRY = RetryPolicy.disabled()
 
 _KINDS: dict[str, type[CheckpointError]] = {
     cls.__name__: cls
@@ -106,13 +116,38 @@ def error_from_rpc(exc: RpcError, method: str) -> CheckpointError:
     return CheckpointStoreError(message)
 
 
+def failover_safe(exc: RpcError, policy: RetryPolicy) -> bool:
+    """Whether a failed store request may be sent again, to the same or another peer.
+
+    The rule of the RPC client's own retries: the call is known not to have
+    reached a handler (``retry_safe``), or it failed with one of the policy's
+    ``idempotent_codes`` (every store request is idempotent).
+    """
+    if isinstance(exc, Unavailable) and exc.retry_safe:
+        return True
+    details: Any = exc.details
+    if isinstance(details, dict) and details.get("retry_safe") is True:
+        return True
+    return exc.code in policy.idempotent_codes
+
+
 class RemoteBackend:
-    """Calls the store handlers of one worker through a :class:`pilot_rpc.PilotClient`.
+    """Calls the store handlers of store workers through a :class:`pilot_rpc.PilotClient`.
 
     The client's connection pool of the calling event loop is used, so async
-    calls never hop threads. Retries happen once, in the RPC client: every
-    store request is idempotent and sent with ``idempotent=True``, under the
-    policy ``options.retry`` (``None``: the client's own policy).
+    calls never hop threads. Every store request is idempotent and sent with
+    ``idempotent=True``; retries happen in one layer only, under the policy
+    ``options.retry`` (``None``: the client's own policy):
+
+    * one peer: the RPC client retries the call itself;
+    * several peers (a store tier on one PostgreSQL database): this backend
+      runs the attempts, each a single RPC attempt, and a request that fails
+      with a retry-safe error moves on to the next peer at once (in list
+      order, wrapping around); coming back to a peer already tried by this
+      request waits the policy's backoff first. ``max_attempts`` counts
+      attempts over all peers together, inside one ``options.timeout``.
+      The peer that last answered is used first by the next request (sticky),
+      so a tier is used as primary and standbys, not round-robin.
     """
 
     loop_agnostic = True
@@ -122,13 +157,16 @@ class RemoteBackend:
         self,
         client: PilotClient | None,
         *,
-        peer: str,
+        peer: str | Sequence[str],
         port: int,
         options: SaverOptions,
         owns_client: bool = False,
     ) -> None:
         self._client = client
-        self._peer = peer
+        self._peers: tuple[str, ...] = (peer,) if isinstance(peer, str) else tuple(peer)
+        if not self._peers:
+            raise CheckpointConfigError("at least one store peer is needed")
+        self._current = 0
         self._port = port
         self._options = options
         self._owns_client = owns_client
@@ -140,27 +178,97 @@ class RemoteBackend:
             return default_client()
         return self._client
 
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """The store workers, in failover order."""
+        return self._peers
+
+    @property
+    def current_peer(self) -> str:
+        """The store worker the next request goes to first (the last one that answered)."""
+        return self._peers[self._current]
+
     async def call(
         self, method: str, payload: dict[str, Any], *, idempotency_key: str | None = None
     ) -> Any:
         try:
             rpc = await self.client.rpc()
-            return await rpc.call(
-                self._peer,
-                self._port,
-                _wire.handler_name(method),
-                payload,
-                timeout=self._options.timeout,
-                idempotency_key=idempotency_key,
-                idempotent=True,
-                retry=self._options.retry,
-            )
+            if len(self._peers) == 1:
+                return await rpc.call(
+                    self._peers[0],
+                    self._port,
+                    _wire.handler_name(method),
+                    payload,
+                    timeout=self._options.timeout,
+                    idempotency_key=idempotency_key,
+                    idempotent=True,
+                    retry=self._options.retry,
+                )
+            policy = self._options.retry if self._options.retry is not None else rpc.options.retry
+            return await self._failover(rpc, policy, method, payload, idempotency_key)
         except RpcError as exc:
             raise error_from_rpc(exc, method) from exc
         except TransportUsageError as exc:
             raise CheckpointConfigError(f"{method}: {exc}") from exc
         except (TransportNetworkError, TransportError, OSError) as exc:
             raise StoreUnavailableError(f"{method}: {exc}") from exc
+
+    async def _failover(
+        self,
+        rpc: RpcClient,
+        policy: RetryPolicy,
+        method: str,
+        payload: dict[str, Any],
+        idempotency_key: str | None,
+    ) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._options.timeout
+        name = _wire.handler_name(method)
+        index = self._current
+        tried: set[int] = set()
+        attempt = 1
+        while True:
+            tried.add(index)
+            try:
+                reply = await rpc.call(
+                    self._peers[index],
+                    self._port,
+                    name,
+                    payload,
+                    timeout=max(deadline - loop.time(), 0.001),
+                    idempotency_key=idempotency_key,
+                    idempotent=True,
+                    retry=_NO_RETRY,
+                )
+            except RpcError as exc:
+                if attempt >= policy.max_attempts or not failover_safe(exc, policy):
+                    raise
+                failed = index
+                index = (index + 1) % len(self._peers)
+                if self._current == failed:
+                    # Later requests skip the failed peer too (until the new one fails).
+                    self._current = index
+                delay = 0.0
+                if index in tried:
+                    # Every peer failed this request once: back off before going round again.
+                    delay = policy.backoff(attempt)
+                    if policy.jitter:
+                        delay *= 1 + random.uniform(-policy.jitter, policy.jitter)
+                    if loop.time() + delay >= deadline:
+                        raise
+                logger.debug(
+                    "store request %s failed on %s (%r); trying %s",
+                    method,
+                    self._peers[failed],
+                    exc,
+                    self._peers[index],
+                )
+                if delay:
+                    await asyncio.sleep(delay)
+                attempt += 1
+                continue
+            self._current = index
+            return reply
 
     async def aclose(self) -> None:
         if self._owns_client and self._client is not None:

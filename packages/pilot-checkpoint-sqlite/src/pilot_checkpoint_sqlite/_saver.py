@@ -87,7 +87,11 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
 
     Args:
         peer: Store worker to reach: a trust-store name, node id or Pilot
-            address. Defaults to ``$PILOT_CHECKPOINT_PEER``.
+            address; or a list of them, the store workers of one store tier
+            (several workers on one PostgreSQL database): a request that
+            fails with a retry-safe error moves on to the next one, and the
+            saver stays with the last one that answered. Defaults to
+            ``$PILOT_CHECKPOINT_PEER`` (a comma-separated list for a tier).
         port: Virtual port of the store worker (default ``$PILOT_CHECKPOINT_PORT``
             or 5000).
         client: The :class:`pilot_rpc.PilotClient` to call through. ``None`` (and
@@ -121,7 +125,9 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
     Every method is safe to repeat: writes are idempotent in the store. Each
     request is one RPC call retried (with the same idempotency key) by the
     client's retry policy when the store is unreachable: at most
-    ``max_attempts`` attempts (default 3) within ``options.timeout``. Cancelling
+    ``max_attempts`` attempts (default 3) within ``options.timeout``; with
+    several peers those attempts are spread over them, each failed one moving
+    to the next peer (see the README's "Store tier"). Cancelling
     an async call cancels the request (a write that already reached the store
     may still commit; repeating it is a no-op). Errors are the ones in
     ``pilot_checkpoint_sqlite.errors``.
@@ -129,7 +135,7 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
 
     def __init__(
         self,
-        peer: str | None = None,
+        peer: str | Sequence[str] | None = None,
         *,
         port: int | None = None,
         client: PilotClient | None = None,
@@ -154,17 +160,14 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
             if not isinstance(backend, CheckpointBackend):  # pyright: ignore[reportUnnecessaryIsInstance] - runtime check of user input
                 raise CheckpointConfigError("backend must implement CheckpointBackend")
             self.peer: str | None = None
+            self.peers: tuple[str, ...] = ()
             self.port: int | None = None
             self._backend: CheckpointBackend = backend
             self._client: PilotClient | None = None
         else:
-            peer = peer if peer is not None else os.environ.get(_env.PILOT_CHECKPOINT_PEER)
-            if not peer:
-                raise CheckpointConfigError(
-                    "PilotCheckpointSaver needs peer= (the store worker) or "
-                    f"${_env.PILOT_CHECKPOINT_PEER}, or backend="
-                )
-            self.peer = peer
+            peers = _resolve_peers(peer)
+            self.peer = peers[0]
+            self.peers = peers
             self.port = _resolve_port(port)
             from pilot_checkpoint_sqlite._remote import RemoteBackend, build_client
 
@@ -181,7 +184,7 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
                 owns = client is not None
             self._client = client
             self._backend = RemoteBackend(
-                client, peer=peer, port=self.port, options=self.options, owns_client=owns
+                client, peer=peers, port=self.port, options=self.options, owns_client=owns
             )
         # A loop-agnostic backend (the remote one, an in-process store) is called on
         # the caller's own loop; anything else on one private loop.
@@ -202,6 +205,17 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
 
         backend = self._backend
         return backend.client if isinstance(backend, RemoteBackend) else None
+
+    @property
+    def current_peer(self) -> str | None:
+        """The store worker the next request goes to first: the last one that answered.
+
+        ``None`` for a saver over a ``backend=``. With one peer, always that peer.
+        """
+        from pilot_checkpoint_sqlite._remote import RemoteBackend
+
+        backend = self._backend
+        return backend.current_peer if isinstance(backend, RemoteBackend) else None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -773,6 +787,27 @@ def _serializer(
 
 def _lease_request(thread_id: str, holder: str, ttl: float) -> dict[str, Any]:
     return {"thread_id": str(thread_id), "holder": str(holder), "ttl": ttl}
+
+
+def _resolve_peers(peer: str | Sequence[str] | None) -> tuple[str, ...]:
+    if peer is None:
+        peer = os.environ.get(_env.PILOT_CHECKPOINT_PEER, "")
+        names = [p.strip() for p in peer.split(",")]
+        peers = tuple(p for p in names if p)
+    elif isinstance(peer, str):
+        peers = (peer,) if peer else ()
+    else:
+        peers = tuple(peer)
+        if not all(isinstance(p, str) and p for p in peers):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise CheckpointConfigError("peer= must be a name or a list of non-empty names")
+        if len(set(peers)) != len(peers):
+            raise CheckpointConfigError(f"peer= names a store worker twice: {list(peers)}")
+    if not peers:
+        raise CheckpointConfigError(
+            "PilotCheckpointSaver needs peer= (the store worker, or a list of them) or "
+            f"${_env.PILOT_CHECKPOINT_PEER}, or backend="
+        )
+    return peers
 
 
 def _resolve_port(port: int | None) -> int:
