@@ -138,7 +138,7 @@ class WorkerLifecycle:
         # The ACL is decided on a call's first piece, before pilot-rpc buffers
         # anything of its request: a peer may not pin memory with calls it may
         # not make. The pipeline checks again (rate limits, draining) per call.
-        rpc = RpcServer(options=server_options(self._config), authorize=self._registry.authorize)
+        rpc = RpcServer(options=server_options(self._config), authorize=self._pipeline.authorize)
         listener = await self._transport.listen(self._config.port)
         try:
             if self._config.metrics_port is not None:

@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
 import traceback
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -56,6 +57,7 @@ from opentelemetry import trace
 from pilot_rpc import (
     CallContext,
     DeadlineExceeded,
+    ErrorInfo,
     Internal,
     InvalidArgument,
     PermissionDenied,
@@ -63,6 +65,7 @@ from pilot_rpc import (
     RpcError,
     Unavailable,
 )
+from pilot_transport import PeerInfo
 from pydantic import BaseModel, ValidationError
 
 from pilot_worker._call import IncomingCall
@@ -71,7 +74,7 @@ from pilot_worker._context import Context
 from pilot_worker._handler import CallStyle, HandlerKind
 from pilot_worker._limits import ConcurrencyGate, GateFull
 from pilot_worker._pool import SyncPool
-from pilot_worker._recording import CallRecorder
+from pilot_worker._recording import NO_SPAN, CallRecorder
 from pilot_worker._registry import HandlerEntry, HandlerRegistry
 from pilot_worker._slots import Running, release_when_done
 from pilot_worker._steps import IdempotencyStore
@@ -414,6 +417,31 @@ class CallPipeline:
 
     # ------------------------------------------------------------- the steps
 
+    def authorize(self, method: str, peer: PeerInfo) -> None:
+        """pilot-rpc's first-piece hook: refuse a call the peer's ACL does not allow.
+
+        Runs before pilot-rpc buffers any of the request, so a peer cannot pin
+        memory with calls it may not make. The refusal is counted and logged
+        like any other call (status ``PERMISSION_DENIED``, reason ``acl``).
+        An unknown method is left to pilot-rpc (it answers ``NOT_FOUND``).
+
+        Raises:
+            pilot_rpc.PermissionDenied: ``peer`` may not call ``method``.
+        """
+        entry = self._registry.entries.get(method)
+        if entry is None or self._registry.allows(entry, peer.node_id):
+            return
+        entry.stats.reject("acl")
+        err = PermissionDenied(
+            f"node {peer.node_id} is not allowed to call {method!r}",
+            details={"reason": "acl", "handler": method},
+            info=ErrorInfo("ACL_DENIED", "pilot-worker", {"handler": method}),
+        )
+        refused = _RefusedCall(peer, f"refused-{next(_refused_ids)}")
+        self._recorder.record(entry, refused, "PERMISSION_DENIED", "acl", err.message, 0.0,
+                              NO_SPAN, None)  # fmt: skip
+        raise err
+
     def _admit(self, entry: HandlerEntry, node_id: str, now: float) -> None:
         spec = entry.spec
         if not self.accepting:
@@ -686,3 +714,16 @@ def _link(mw: Middleware, call_next: CallNext) -> CallNext:
         return result
 
     return step
+
+
+_refused_ids = itertools.count(1)
+
+
+class _RefusedCall:
+    """What the call log needs of a call refused before it was set up."""
+
+    __slots__ = ("peer", "request_id")
+
+    def __init__(self, peer: PeerInfo, request_id: str) -> None:
+        self.peer = peer
+        self.request_id = request_id

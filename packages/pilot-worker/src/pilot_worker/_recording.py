@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from opentelemetry import trace
 
-from pilot_worker._call import IncomingCall
+from pilot_worker._call import IncomingCall, PeerLike
 from pilot_worker._logging import CallLogWriter
 from pilot_worker._registry import HandlerEntry
 from pilot_worker._tracing import end_span, start_server_span
@@ -16,6 +17,18 @@ __all__ = ["CallRecorder"]
 call_logger = logging.getLogger("pilot_worker.calls")
 
 _NO_SPAN: trace.Span = trace.INVALID_SPAN
+NO_SPAN = _NO_SPAN
+"""Stands for no span: :meth:`CallRecorder.record` then ends none."""
+
+
+class _Identified(Protocol):
+    """What :meth:`CallRecorder.record` reads of a call (``IncomingCall`` has it)."""
+
+    @property
+    def peer(self) -> PeerLike: ...
+
+    @property
+    def request_id(self) -> str: ...
 
 
 class CallRecorder:
@@ -71,7 +84,7 @@ class CallRecorder:
     def record(
         self,
         entry: HandlerEntry,
-        call: IncomingCall,
+        call: _Identified,
         code: str,
         reason: str | None,
         message: str | None,

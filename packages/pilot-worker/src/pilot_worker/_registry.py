@@ -14,8 +14,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from pilot_rpc import ErrorInfo, MethodKind, NotFound, PermissionDenied, RpcServer
-from pilot_transport import PeerInfo
+from pilot_rpc import MethodKind, NotFound, RpcServer
 from pydantic import TypeAdapter
 
 from pilot_worker._config import WorkerConfig
@@ -139,25 +138,6 @@ class HandlerRegistry:
         if found is None:
             raise NotFound(f"no handler named {name!r}", details={"reason": "no_such_handler"})
         return found
-
-    def authorize(self, method: str, peer: PeerInfo) -> None:
-        """pilot-rpc's first-piece hook: refuse a call the peer's ACL does not allow.
-
-        Runs before any of the request is buffered. An unknown method is left to
-        pilot-rpc (it answers ``NOT_FOUND`` itself).
-
-        Raises:
-            pilot_rpc.PermissionDenied: ``peer`` may not call ``method`` (reason ``acl``).
-        """
-        entry = self.entries.get(method)
-        if entry is None or self.allows(entry, peer.node_id):
-            return
-        entry.stats.reject("acl")
-        raise PermissionDenied(
-            f"node {peer.node_id} is not allowed to call {method!r}",
-            details={"reason": "acl", "handler": method},
-            info=ErrorInfo("ACL_DENIED", "pilot-worker", {"handler": method}),
-        )
 
     def allows(self, entry: HandlerEntry, node_id: str) -> bool:
         """Whether ``node_id`` may call ``entry`` (its ``allow`` list or the default policy)."""
