@@ -259,7 +259,9 @@ def _mapping(payload: Any) -> Mapping[str, Any]:
 
 
 def _config_of(payload: Mapping[str, Any], key: str = "config") -> dict[str, Any]:
-    raw = payload.get(key) or {}
+    raw = payload.get(key)
+    if raw is None:
+        raw = {}
     if not isinstance(raw, Mapping):
         raise _bad(f"{key} must be a mapping")
     config = dict(cast("Mapping[str, Any]", raw))
