@@ -69,7 +69,14 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> Iterator[LocalCluster]:
+def store_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("rg-store") / "store.db"
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, shared: Path, store_db: Path
+) -> Iterator[LocalCluster]:
     root = tmp_path_factory.mktemp("rg-cluster")
     graphs = ["planner", "nested", "approval", "double_approval", "slow"]
     args: list[str] = []
@@ -80,6 +87,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> Iterator[
         c.add_worker("graph-worker", extra_args=args, env={"LG_TEST_DIR": str(shared)})
         spare = [*args[:-1], f"sqlite:///{root / 'spare.db'}"]
         c.add_worker("spare-worker", extra_args=spare, env={"LG_TEST_DIR": str(shared)})
+        c.add_worker(
+            "state-worker",
+            plugins=["checkpoint-sqlite"],
+            extra_args=["--checkpoint-db", f"sqlite:///{store_db}"],
+        )
+        c.add_worker(
+            "peer-graph-worker",
+            extra_args=[
+                "--graph",
+                f"planner={GRAPHS}:planner",
+                "--checkpoint-peer",
+                "state-worker",
+            ],
+        )
         c.start()
         yield c
 
@@ -362,3 +383,15 @@ async def test_failover_to_the_next_peer_when_one_is_down(cluster: LocalCluster)
     out = await remote.ainvoke({"task": "f"}, _thread())
     assert out["verdict"] == "ok"
     assert (await remote.aget_state(_thread())).values == {}
+
+
+async def test_checkpoints_on_a_store_peer(cluster: LocalCluster, store_db: Path) -> None:
+    remote = PilotRemoteGraph("planner", peer="peer-graph-worker")
+    config = _thread()
+    out = await remote.ainvoke({"task": "stored"}, config)
+    assert out["verdict"] == "ok"
+    assert (await remote.aget_state(config)).values == out
+    # the checkpoints went to state-worker's database (scoped to the graph worker)
+    thread_id = config["configurable"]["thread_id"].encode()
+    files = [p for p in store_db.parent.iterdir() if p.name.startswith(store_db.name)]
+    assert any(thread_id in p.read_bytes() for p in files)
