@@ -63,6 +63,13 @@ async def _await_for(predicate: Callable[[], bool], timeout: float = 60.0) -> No
         await asyncio.sleep(0.02)
 
 
+def _close_background_transport() -> None:
+    """Close the default transport sync calls use, so the next one reads this cluster's env."""
+    from pilot_langgraph import _runtime
+
+    _runtime.run_sync(aclose_default_transport, transport=None)
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("rg-shared")
@@ -83,6 +90,7 @@ def cluster(
     for name in graphs:
         args += ["--graph", f"{name}={GRAPHS}:{name}"]
     args += ["--checkpoint-db", f"sqlite:///{root / 'graphs.db'}"]
+    _close_background_transport()  # opened by an earlier module for its own cluster
     with LocalCluster(root / "keys") as c:
         c.add_worker("graph-worker", extra_args=args, env={"LG_TEST_DIR": str(shared)})
         spare = [*args[:-1], f"sqlite:///{root / 'spare.db'}"]
@@ -102,7 +110,10 @@ def cluster(
             ],
         )
         c.start()
-        yield c
+        try:
+            yield c
+        finally:
+            _close_background_transport()
 
 
 @pytest.fixture(autouse=True)
@@ -306,6 +317,32 @@ async def test_nested_interrupt_then_parent_resume_completes(
     # resuming the parent resumed the one remote thread tied to the task: it ran once
     snapshot = await app.aget_state(config)
     assert snapshot.next == ()
+
+
+def test_nested_in_a_sync_parent_interrupt_then_resume(cluster: LocalCluster) -> None:
+    parent = StateGraph(G.PlanState)
+    parent.add_node("remote", PilotRemoteGraph("approval", peer="graph-worker"))
+    parent.add_edge(START, "remote")
+    parent.add_edge("remote", END)
+    app = parent.compile(checkpointer=InMemorySaver())
+    config = _thread()
+    first = app.invoke({"task": "sync-nest"}, config)
+    assert first["__interrupt__"][0].value == {"question": "approve sync-nest?"}
+    out = app.invoke(Command(resume="ok"), config)
+    assert out["answer"] == "sync-nest approved=ok"
+
+
+async def test_chat_model_tokens_stream_through_messages(cluster: LocalCluster) -> None:
+    remote = PilotRemoteGraph("planner", peer="graph-worker")
+    tokens = [
+        message.content
+        async for message, meta in remote.astream(
+            {"task": "tok"}, _thread(), stream_mode="messages"
+        )
+        if meta["langgraph_node"] == "verifier"
+    ]
+    assert len(tokens) > 1  # token by token, not one message
+    assert "".join(tokens) == "all three steps verified"
 
 
 async def test_nested_interrupt_streams_inner_steps_to_parent(cluster: LocalCluster) -> None:

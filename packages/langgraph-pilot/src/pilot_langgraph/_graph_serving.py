@@ -347,6 +347,10 @@ class GraphHost:
         gate.waiting += 1
         try:
             await gate.lock.acquire()
+        except BaseException:
+            if not gate.lock.locked() and gate.waiting == 1:
+                self._gates.pop((name, thread_id), None)
+            raise
         finally:
             gate.waiting -= 1
         try:
