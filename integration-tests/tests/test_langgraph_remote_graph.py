@@ -93,6 +93,8 @@ def cluster(
     _close_background_transport()  # opened by an earlier module for its own cluster
     with LocalCluster(root / "keys") as c:
         c.add_worker("graph-worker", extra_args=args, env={"LG_TEST_DIR": str(shared)})
+        # the same database file: runs on one thread exclude each other across both
+        c.add_worker("twin-worker", extra_args=args, env={"LG_TEST_DIR": str(shared)})
         spare = [*args[:-1], f"sqlite:///{root / 'spare.db'}"]
         c.add_worker("spare-worker", extra_args=spare, env={"LG_TEST_DIR": str(shared)})
         c.add_worker(
@@ -401,6 +403,29 @@ async def test_reject_and_enqueue_under_two_concurrent_callers(
     assert await remote.acancel_run(second_id)
     with pytest.raises(e.RemoteCancelledError):
         await second
+
+
+async def test_reject_across_two_workers_sharing_a_store(
+    cluster: LocalCluster, shared: Path
+) -> None:
+    here = PilotRemoteGraph("slow", peer="graph-worker")
+    there = PilotRemoteGraph("slow", peer="twin-worker")
+    config = _thread()
+    run_id = str(uuid.uuid4())
+    first = asyncio.create_task(here.ainvoke({"task": "x1"}, config, run_id=run_id))
+    await _await_for(lambda: (shared / "x1.started").exists())
+    with pytest.raises(RunRejectedError):
+        await there.ainvoke({"task": "x2"}, config)
+    assert not (shared / "x2.started").exists()
+    # another thread on the twin is not affected
+    other = str(uuid.uuid4())
+    second = asyncio.create_task(there.ainvoke({"task": "x3"}, _thread(), run_id=other))
+    await _await_for(lambda: (shared / "x3.started").exists())
+    assert await here.acancel_run(run_id)
+    assert await there.acancel_run(other)
+    for task in (first, second):
+        with pytest.raises(e.RemoteCancelledError):
+            await task
 
 
 async def test_unknown_graph_and_bad_modes_are_typed_errors(cluster: LocalCluster) -> None:

@@ -26,10 +26,11 @@ The handlers (all take ``{"graph": NAME, ...}``) are:
 Runs on one thread are serialised by a per-thread lock in this worker:
 ``multitask_strategy="reject"`` refuses a run while another one holds the
 thread (``ABORTED``), ``"enqueue"`` waits for it (at most
-:data:`MAX_WAITERS_PER_THREAD` waiting runs per thread). The lock is per
-worker process; several workers sharing one store must be fronted by one
-worker per thread, or the graphs wrapped with pilot-checkpoint-sqlite's
-``exclusive_runs`` lease.
+:data:`MAX_WAITERS_PER_THREAD` waiting runs per thread). With a
+pilot-checkpoint-sqlite store (``--checkpoint-db`` or ``--checkpoint-peer``)
+every run also holds its thread's lease in the store (``exclusive_runs``), so
+the exclusion holds across all workers sharing that store (and the same
+store scope); with the in-memory saver it is per worker.
 """
 
 from __future__ import annotations
@@ -277,10 +278,15 @@ class GraphHost:
 
     Args:
         graphs: Served graphs by name.
+        lease_saver: A ``PilotCheckpointSaver`` whose store keeps thread leases:
+            every run then also holds its thread's lease there
+            (pilot-checkpoint-sqlite's ``exclusive_runs``), so runs on one thread
+            exclude each other across every worker sharing that store.
     """
 
-    def __init__(self, graphs: Mapping[str, AnyPregel]) -> None:
+    def __init__(self, graphs: Mapping[str, AnyPregel], *, lease_saver: Any = None) -> None:
         self.graphs = dict(graphs)
+        self.lease_saver = lease_saver
         self.runs: dict[str, _Run] = {}
         self._gates: dict[tuple[str, str], _ThreadGate] = {}
 
@@ -364,6 +370,7 @@ class GraphHost:
                 config,
                 modes=modes,
                 subgraphs=subgraphs,
+                strategy=strategy,
                 kwargs={
                     "context": req.get("context"),
                     "interrupt_before": req.get("interrupt_before"),
@@ -387,18 +394,28 @@ class GraphHost:
         *,
         modes: list[str],
         subgraphs: bool,
+        strategy: str,
         kwargs: dict[str, Any],
     ) -> AsyncIterator[Any]:
-        from pilot_rpc.errors import Cancelled
+        from pilot_rpc.errors import Aborted, Cancelled
 
         queue: asyncio.Queue[list[Any]] = asyncio.Queue(_QUEUE_ITEMS)
 
+        runner: Any = graph
+        extra: dict[str, Any] = {}
+        if self.lease_saver is not None:
+            from pilot_checkpoint_sqlite import exclusive_runs
+
+            runner = exclusive_runs(graph, self.lease_saver)
+            extra["multitask_strategy"] = strategy
+
         async def produce() -> None:
-            stream = graph.astream(  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+            stream = runner.astream(
                 graph_input,
-                cast("Any", config),
-                stream_mode=cast("Any", modes),
+                config,
+                stream_mode=modes,
                 subgraphs=subgraphs,
+                **extra,
                 **kwargs,
             )
             async for item in stream:  # pyright: ignore[reportUnknownVariableType]
@@ -426,6 +443,14 @@ class GraphHost:
                     raise Cancelled(f"run {run_id} was cancelled", details={"run_id": run_id})
                 exc = task.exception()
                 if exc is not None:
+                    from pilot_checkpoint_sqlite.errors import ThreadBusyError
+
+                    if isinstance(exc, ThreadBusyError):
+                        raise Aborted(
+                            f"thread {thread_id} of graph {name!r} is busy with another run "
+                            "(held by another worker)",
+                            details={"reason": "thread_busy", "thread_id": thread_id},
+                        ) from exc
                     raise exc
                 return
         finally:
@@ -649,7 +674,10 @@ def graph_plugin(
             if close is not None:
                 await close()
             raise
-        host = GraphHost(graphs)
+        from pilot_checkpoint_sqlite import PilotCheckpointSaver
+
+        lease_saver = checkpointer if isinstance(checkpointer, PilotCheckpointSaver) else None
+        host = GraphHost(graphs, lease_saver=lease_saver)
         for spec in handler_specs(host):
             ctx.worker.register(spec)
 
