@@ -108,7 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         codec=LangGraphCodec(),
         prog="pilot-langgraph-worker",
         description="Serve LangGraph node handlers to trusted peers (pilot-worker with "
-        "LangGraph's serializer).",
+        "LangGraph's serializer). --graph NAME=module:attr (repeatable) also serves a whole "
+        "graph to PilotRemoteGraph, checkpointed to --checkpoint-db URL (a store in this "
+        "process) or --checkpoint-peer NAME (a store worker), else in memory.",
     )
 
 
