@@ -380,6 +380,17 @@ async def test_cancel_by_id_from_another_process_stops_the_node(
     assert not await remote.acancel_run(run_id)  # gone: safe to repeat
 
 
+async def test_breaking_off_a_stream_cancels_the_remote_run(
+    cluster: LocalCluster, shared: Path
+) -> None:
+    remote = PilotRemoteGraph("slow", peer="graph-worker")
+    stream = remote.astream({"task": "b1"}, _thread(), stream_mode="values")
+    assert await anext(stream) == {"task": "b1", "results": []}
+    await _await_for(lambda: (shared / "b1.started").exists())
+    await stream.aclose()  # pyright: ignore[reportAttributeAccessIssue]
+    await _await_for(lambda: (shared / "b1.cancelled").exists())
+
+
 async def test_reject_and_enqueue_under_two_concurrent_callers(
     cluster: LocalCluster, shared: Path
 ) -> None:
