@@ -57,3 +57,11 @@ def test_multi_agent_research() -> None:
     out = _run("multi_agent_research.py")
     assert "verdict: accept" in out
     assert out.count("researcher: notes on") == 3
+
+
+@pytest.mark.slow
+def test_remote_graph() -> None:
+    out = _run("remote_graph.py")
+    assert "[remote] {'plan':" in out
+    assert "paused: publish 1.2.0?" in out
+    assert "final: 1.2.0 published, approved by alice (announced locally)" in out

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from pilot_langgraph._event_source import PilotEventSource
     from pilot_langgraph._fanout import PilotFanoutRunnable
     from pilot_langgraph._remote import PilotRemoteRunnable, RemoteCallOptions
+    from pilot_langgraph._remote_graph import PilotRemoteGraph, RunRejectedError
     from pilot_langgraph._runtime import (
         DefaultTransportSettings,
         aclose_default_transport,
@@ -64,9 +65,11 @@ __all__ = [
     "PilotLangGraphError",
     "PilotPublisher",
     "PilotRemoteError",
+    "PilotRemoteGraph",
     "PilotRemoteRunnable",
     "PilotUsageError",
     "RemoteCallOptions",
+    "RunRejectedError",
     "aclose_default_transport",
     "configure_default_transport",
     "describe_handlers",
@@ -93,6 +96,8 @@ _LAZY: dict[str, str] = {
     "LangGraphMiddleware": "pilot_langgraph._served",
     "PilotRemoteRunnable": "pilot_langgraph._remote",
     "RemoteCallOptions": "pilot_langgraph._remote",
+    "PilotRemoteGraph": "pilot_langgraph._remote_graph",
+    "RunRejectedError": "pilot_langgraph._remote_graph",
     "DefaultTransportSettings": "pilot_langgraph._runtime",
     "aclose_default_transport": "pilot_langgraph._runtime",
     "configure_default_transport": "pilot_langgraph._runtime",

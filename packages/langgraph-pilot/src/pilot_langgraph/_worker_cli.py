@@ -8,6 +8,10 @@ runs under :class:`~pilot_langgraph.LangGraphMiddleware` (the caller's
 RunnableConfig, forwarded callback events, the custom stream writer and
 ``interrupt()``), and the worker also serves ``lg.echo`` for
 :class:`~pilot_langgraph.PilotEchoRunnable`.
+
+``--graph NAME=module:attr`` (repeatable) serves whole graphs to
+:class:`~pilot_langgraph.PilotRemoteGraph`, checkpointed to ``--checkpoint-db URL``
+(a store in this process) or ``--checkpoint-peer NAME`` (a store worker).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pilot_langgraph._codec import LangGraphCodec
 from pilot_langgraph._env import PILOT_WORKER_HANDLERS
@@ -49,18 +53,78 @@ def install(context: PluginContext) -> None:
     context.worker.add_middleware(LangGraphMiddleware(context.worker))
 
 
+def _take_option(args: list[str], flag: str, *, keep: bool = False) -> list[str]:
+    """Values of every ``flag VALUE`` / ``flag=VALUE`` in ``args`` (removed unless ``keep``)."""
+    values: list[str] = []
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == flag and i + 1 < len(args):
+            values.append(args[i + 1])
+            if keep:
+                out += args[i : i + 2]
+            i += 2
+            continue
+        if arg.startswith(flag + "="):
+            values.append(arg[len(flag) + 1 :])
+            if keep:
+                out.append(arg)
+            i += 1
+            continue
+        out.append(arg)
+        i += 1
+    args[:] = out
+    return values
+
+
+def graph_options(args: list[str]) -> Any:
+    """Take ``--graph``/``--checkpoint-peer`` (and read ``--checkpoint-db``) out of ``args``.
+
+    Returns the plugin serving the graphs, or ``None`` when no ``--graph`` was given.
+    ``--checkpoint-db`` stays in ``args`` when the checkpoint-sqlite plugin is loaded
+    too (it serves the same store to peers).
+
+    Raises:
+        ValueError: a malformed ``--graph`` value.
+    """
+    from pilot_langgraph._graph_serving import graph_plugin, parse_graph_option
+
+    graphs = _take_option(args, "--graph")
+    if not graphs:
+        return None
+    peers = _take_option(args, "--checkpoint-peer")
+    store_plugin = any("checkpoint-sqlite" in a for a in args) or "checkpoint-sqlite" in (
+        os.environ.get("PILOT_WORKER_PLUGINS") or ""
+    )
+    dbs = _take_option(args, "--checkpoint-db", keep=store_plugin)
+    return graph_plugin(
+        [parse_graph_option(g) for g in graphs],
+        checkpoint_db=dbs[-1] if dbs else None,
+        checkpoint_peer=peers[-1] if peers else None,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pilot-langgraph-worker``; returns the exit code."""
     from pilot_worker.cli import main as worker_main
 
     args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        plugin = graph_options(args)
+    except ValueError as exc:
+        print(f"pilot-langgraph-worker: error: {exc}", file=sys.stderr)
+        return 2
     return worker_main(
         worker_argv(args),
+        plugins=[plugin] if plugin is not None else (),
         codec=LangGraphCodec(),
         prog="pilot-langgraph-worker",
         setup=install,
         description="Serve LangGraph node handlers to trusted peers (pilot-worker with "
-        "LangGraph's serializer).",
+        "LangGraph's serializer). --graph NAME=module:attr (repeatable) also serves a whole "
+        "graph to PilotRemoteGraph, checkpointed to --checkpoint-db URL (a store in this "
+        "process) or --checkpoint-peer NAME (a store worker), else in memory.",
     )
 
 
