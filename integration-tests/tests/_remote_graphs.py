@@ -144,3 +144,50 @@ def _build_double() -> StateGraph[PlanState]:
 
 double_approval = _build_double()
 """Two interrupts one after the other."""
+
+
+def _step_marker(state: PlanState, step: str) -> Path | None:
+    """Count one execution of ``step`` in ``$LG_TEST_DIR/<task>.count`` (if set)."""
+    root = os.environ.get("LG_TEST_DIR")
+    if root is None:
+        return None
+    with (Path(root) / f"{state['task']}.count").open("a") as out:
+        out.write(f"{step} {os.getpid()}\n")
+    return Path(root)
+
+
+def _step_one(state: PlanState) -> dict[str, Any]:
+    _step_marker(state, "one")
+    return {"plan": [f"{state['task']}:a", f"{state['task']}:b"], "results": ["one"]}
+
+
+async def _step_two(state: PlanState) -> dict[str, Any]:
+    root = _step_marker(state, "two")
+    if root is not None and (root / f"{state['task']}.hold").exists():
+        pid_file = root / f"{state['task']}.two.pid"
+        if not pid_file.exists():  # the first worker to get here waits to be killed
+            pid_file.write_text(str(os.getpid()))
+            await asyncio.Event().wait()
+    return {"results": ["two"]}
+
+
+def _step_three(state: PlanState) -> dict[str, Any]:
+    _step_marker(state, "three")
+    return {"results": ["three"], "verdict": "ok", "answer": "+".join(state["plan"])}
+
+
+def _build_steps() -> StateGraph[PlanState]:
+    g = StateGraph(PlanState)
+    g.add_node("one", _step_one)
+    g.add_node("two", _step_two)
+    g.add_node("three", _step_three)
+    g.add_edge(START, "one")
+    g.add_edge("one", "two")
+    g.add_edge("two", "three")
+    g.add_edge("three", END)
+    return g
+
+
+steps = _build_steps()
+"""Three steps; with ``<task>.hold`` present, the first worker to reach step two
+writes its pid to ``<task>.two.pid`` and waits there (to be killed)."""

@@ -114,6 +114,11 @@ def cluster(
                 "state-worker",
             ],
         )
+        # a pool: two workers serving the same graph over one store file
+        pool = ["--graph", f"steps={GRAPHS}:steps", "--graph", f"slow={GRAPHS}:slow"]
+        pool += ["--checkpoint-db", f"sqlite:///{root / 'pool.db'}"]
+        for name in ("pool-a", "pool-b"):
+            c.add_worker(name, extra_args=pool, env={"LG_TEST_DIR": str(shared)})
         c.start()
         try:
             yield c
@@ -471,3 +476,135 @@ async def test_checkpoints_on_a_store_peer(cluster: LocalCluster, store_db: Path
     thread_id = config["configurable"]["thread_id"].encode()
     files = [p for p in store_db.parent.iterdir() if p.name.startswith(store_db.name)]
     assert any(thread_id in p.read_bytes() for p in files)
+
+
+def _counts(shared: Path, task: str) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for line in (shared / f"{task}.count").read_text().splitlines():
+        step, pid = line.split()
+        out.setdefault(step, []).append(int(pid))
+    return out
+
+
+async def test_a_run_survives_kill_9_of_its_worker(cluster: LocalCluster, shared: Path) -> None:
+    task = "k1"
+    (shared / f"{task}.hold").write_text("")
+    remote = PilotRemoteGraph("steps", peer=["pool-a", "pool-b"])
+    config = _thread()
+    seen: list[Any] = []
+
+    async def run() -> None:
+        async for mode, chunk in remote.astream(
+            {"task": task}, config, stream_mode=["updates", "values"]
+        ):
+            seen.append((mode, chunk))
+
+    runner = asyncio.create_task(run())
+    pid_file = shared / f"{task}.two.pid"
+    await _await_for(lambda: pid_file.exists() and bool(pid_file.read_text()))
+    pid = int(pid_file.read_text())
+    # LangGraph saves a step's checkpoint in the background while the next step
+    # starts: kill once step one's checkpoint is in the store
+    survivor_view = PilotRemoteGraph("steps", peer="pool-b")
+
+    async def checkpointed() -> bool:
+        return (await survivor_view.aget_state(config)).next == ("two",)
+
+    deadline = time.monotonic() + 60
+    while not await checkpointed():
+        assert time.monotonic() < deadline, "step one's checkpoint never reached the store"
+        await asyncio.sleep(0.02)
+    victim = next(n for n in ("pool-a", "pool-b") if cluster.workers[n].proc.pid == pid)
+    cluster.kill(victim)
+    await asyncio.wait_for(runner, timeout=120)
+    survivor = "pool-b" if victim == "pool-a" else "pool-a"
+
+    local = await _local("steps").ainvoke({"task": task}, _thread())
+    final = [c for m, c in seen if m == "values"][-1]
+    assert final == local
+    assert (await remote.aget_state(config)).values == local
+    counts = _counts(shared, task)
+    # the completed step before the last checkpoint ran once; the interrupted one again
+    assert counts["one"] == [pid]
+    assert counts["two"][0] == pid
+    assert len(counts["two"]) == 2
+    assert counts["two"][1] == counts["three"][0] == cluster.workers[survivor].proc.pid
+    assert len(counts["three"]) == 1
+    # each node's update reached the caller once
+    assert [next(iter(c)) for m, c in seen if m == "updates"] == ["one", "two", "three"]
+    threads = await PilotRemoteGraph("steps", peer=survivor).alist_threads(limit=1000)
+    assert config["configurable"]["thread_id"] in [t["thread_id"] for t in threads["threads"]]
+
+
+async def _held_run(
+    remote: PilotRemoteGraph, shared: Path, task: str, config: dict[str, Any]
+) -> asyncio.Task[Any]:
+    """A run of ``steps`` that waits in step two (after step one's checkpoint)."""
+    (shared / f"{task}.hold").write_text("")
+    first = asyncio.create_task(remote.ainvoke({"task": task}, config))
+    await _await_for(lambda: (shared / f"{task}.two.pid").exists())
+    return first
+
+
+async def test_interrupt_strategy_cancels_the_running_run_and_keeps_its_state(
+    cluster: LocalCluster, shared: Path
+) -> None:
+    remote = PilotRemoteGraph("steps", peer="pool-b")  # pool-a is killed above
+    config = _thread()
+    first = await _held_run(remote, shared, "i1", config)
+    second = await remote.ainvoke({"task": "i1"}, config, multitask_strategy="interrupt")
+    with pytest.raises(e.RemoteCancelledError):
+        await first
+    # started from the state the cancelled run left: step one's result is there twice
+    assert second["results"] == ["one", "one", "two", "three"]
+    assert not await remote.alist_runs()
+
+
+async def test_rollback_strategy_deletes_the_cancelled_runs_checkpoints(
+    cluster: LocalCluster, shared: Path
+) -> None:
+    remote = PilotRemoteGraph("steps", peer="pool-b")  # pool-a is killed above
+    config = _thread()
+    first = await _held_run(remote, shared, "rb1", config)
+    runs = await remote.alist_runs()
+    assert [r["thread_id"] for r in runs] == [config["configurable"]["thread_id"]]
+    second = await remote.ainvoke({"task": "rb1"}, config, multitask_strategy="rollback")
+    with pytest.raises(e.RemoteCancelledError):
+        await first
+    assert second["results"] == ["one", "two", "three"]
+    history = [s async for s in remote.aget_state_history(config)]
+    assert {s.metadata["run_id"] for s in history if s.metadata} == {  # pyright: ignore[reportTypedDictNotRequiredAccess]
+        history[0].metadata["run_id"]  # pyright: ignore[reportOptionalSubscript, reportTypedDictNotRequiredAccess]
+    }
+
+
+def test_discover_prints_served_graphs_with_their_schemas(cluster: LocalCluster) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pilot_langgraph._cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **cluster.client_env},
+            check=False,
+        )
+
+    table = cli("discover", "pool-b")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    header = lines.index("2 graph(s) served (pilot_langgraph.PilotRemoteGraph):")
+    assert lines[header + 1].split() == ["GRAPH", "INPUT", "OUTPUT", "CONTEXT"]
+    steps_row = next(ln for ln in lines[header:] if ln.startswith("steps "))
+    assert "task" in steps_row
+    assert "verdict" in steps_row
+    as_json = cli("discover", "pool-b", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    entry = next(h for h in json.loads(as_json.stdout) if h["name"] == "lg.graph.schemas")
+    local = _local("steps")
+    assert sorted(entry["graphs"]) == ["slow", "steps"]
+    assert entry["graphs"]["steps"]["input_schema"] == local.get_input_jsonschema()
+    assert entry["graphs"]["steps"]["output_schema"] == local.get_output_jsonschema()
+    # a worker serving no graphs prints no graph section
+    plain = cli("discover", "state-worker")
+    assert plain.returncode == 0, plain.stderr
+    assert "graph(s) served" not in plain.stdout

@@ -187,7 +187,7 @@ async def test_host_rejects_bad_requests_with_typed_errors() -> None:
         "not a mapping",
         {"graph": 3},
         {"graph": "g", "stream_mode": ["bogus"]},
-        {"graph": "g", "multitask_strategy": "rollback"},
+        {"graph": "g", "multitask_strategy": "cancel-everything"},
         {"graph": "g", "run_id": "not-a-uuid"},
         {"graph": "g", "command": {"resume": 1}},
         {"graph": "g", "config": []},

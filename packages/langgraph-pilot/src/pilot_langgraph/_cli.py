@@ -7,7 +7,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from pilot_langgraph._env import DEFAULT_PORT
 from pilot_langgraph.errors import PilotLangGraphError, PilotUsageError
@@ -117,18 +117,31 @@ def _acl(info: Any) -> str:
 
 
 async def _discover(args: argparse.Namespace) -> int:
-    from pilot_langgraph._discover import describe_handlers
+    from pilot_langgraph._discover import (
+        GRAPH_SCHEMAS_HANDLER,
+        describe_graphs,
+        describe_handlers,
+    )
     from pilot_langgraph._runtime import aclose_default_transport, configure_default_transport
 
     configure_default_transport(url=args.transport, identity=args.identity, trust=args.trust)
+    graphs: dict[str, dict[str, Any]] = {}
     try:
         handlers = await describe_handlers(args.peer, port=args.port, timeout_secs=args.timeout)
+        if any(h.name == GRAPH_SCHEMAS_HANDLER for h in handlers):
+            graphs = await describe_graphs(args.peer, port=args.port, timeout_secs=args.timeout)
     finally:
         await aclose_default_transport()
     if args.json:
+        # the served graphs' schemas ride on the entry of their schemas handler
         print(
             json.dumps(
-                [dict(h.raw) | {"rtt_ms": round(h.rtt_ms, 3)} for h in handlers],
+                [
+                    dict(h.raw)
+                    | {"rtt_ms": round(h.rtt_ms, 3)}
+                    | ({"graphs": graphs} if h.name == GRAPH_SCHEMAS_HANDLER else {})
+                    for h in handlers
+                ],
                 indent=2,
                 default=str,
             )
@@ -164,7 +177,31 @@ async def _discover(args: argparse.Namespace) -> int:
     rtt = handlers[0].rtt_ms if handlers else 0.0
     print(f"{args.peer} port {args.port}: {len(handlers)} handler(s), round trip {rtt:.2f} ms")
     print(_format_table(rows))
+    if graphs:
+        print(f"\n{len(graphs)} graph(s) served (pilot_langgraph.PilotRemoteGraph):")
+        graph_rows = [["GRAPH", "INPUT", "OUTPUT", "CONTEXT"]]
+        for name in sorted(graphs):
+            schemas = graphs[name]
+            graph_rows.append(
+                [
+                    name,
+                    _schema_summary(schemas.get("input_schema")),
+                    _schema_summary(schemas.get("output_schema")),
+                    _schema_summary(schemas.get("context_schema")),
+                ]
+            )
+        print(_format_table(graph_rows))
     return 0
+
+
+def _schema_summary(schema: Any) -> str:
+    """``Title{field, ...}`` of a JSON Schema (``-`` for none)."""
+    if not isinstance(schema, dict):
+        return "-"
+    typed = cast("dict[str, Any]", schema)
+    props = typed.get("properties")
+    fields = ", ".join(sorted(cast("dict[str, Any]", props))) if isinstance(props, dict) else ""
+    return f"{typed.get('title', 'object')}{{{fields}}}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

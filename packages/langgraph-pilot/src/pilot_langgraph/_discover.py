@@ -14,7 +14,7 @@ from pilot_langgraph.errors import PilotDecodeError
 if TYPE_CHECKING:
     from pilot_rpc import PilotClient, TransportLike
 
-__all__ = ["HandlerInfo", "describe_handlers"]
+__all__ = ["GRAPH_SCHEMAS_HANDLER", "HandlerInfo", "describe_graphs", "describe_handlers"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,3 +114,47 @@ async def describe_handlers(
     )
     rtt_ms = (time.perf_counter() - started) * 1000.0
     return [_to_info(e, rtt_ms) for e in _entries(reply)]
+
+
+GRAPH_SCHEMAS_HANDLER = "lg.graph.schemas"
+
+
+async def describe_graphs(
+    peer: str,
+    *,
+    port: int = DEFAULT_PORT,
+    transport: TransportLike | None = None,
+    timeout_secs: float = 10.0,
+    client: PilotClient | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The graphs a ``pilot-langgraph-worker --graph`` serves, with their JSON Schemas.
+
+    Returns ``{name: {"input_schema", "output_schema", "context_schema"}}`` (a
+    schema LangGraph cannot express is ``None``). Safe to repeat.
+
+    Raises:
+        PilotRemoteError: the worker could not be reached or serves no graphs
+            (``RemoteNotFoundError``).
+        PilotDecodeError: the reply was not a table of schemas.
+    """
+    rpc = await _runtime.get_client(_runtime.client_for(client, transport))
+    reply = await _rpc.call_unary(
+        rpc,
+        peer=peer,
+        port=port,
+        node=GRAPH_SCHEMAS_HANDLER,
+        payload=None,
+        timeout=timeout_secs,
+        metadata={},
+        idempotency_key=None,
+        traceparent=None,
+        on_progress=None,
+    )
+    if not isinstance(reply, Mapping):
+        raise PilotDecodeError(f"unexpected {GRAPH_SCHEMAS_HANDLER} reply: {type(reply).__name__}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, schemas in reply.items():  # pyright: ignore[reportUnknownVariableType]
+        if not isinstance(name, str) or not isinstance(schemas, Mapping):
+            raise PilotDecodeError(f"unexpected {GRAPH_SCHEMAS_HANDLER} reply entry: {name!r}")
+        out[name] = dict(schemas)  # pyright: ignore[reportUnknownArgumentType]
+    return out

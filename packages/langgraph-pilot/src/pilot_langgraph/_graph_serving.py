@@ -22,15 +22,31 @@ The handlers (all take ``{"graph": NAME, ...}``) are:
 * ``lg.graph.get_graph`` (the drawable graph as JSON) and ``lg.graph.schemas``
   (input/output/context JSON Schemas of one graph, or of all).
 * ``lg.graph.runs``: the runs in progress on this worker.
+* ``lg.graph.threads``: the threads in the checkpoint store with their latest
+  root checkpoint's metadata, newest first, paged (``limit``/``offset``).
 
 Runs on one thread are serialised by a per-thread lock in this worker:
 ``multitask_strategy="reject"`` refuses a run while another one holds the
 thread (``ABORTED``), ``"enqueue"`` waits for it (at most
-:data:`MAX_WAITERS_PER_THREAD` waiting runs per thread). With a
+:data:`MAX_WAITERS_PER_THREAD` waiting runs per thread). ``"interrupt"``
+cancels the run in progress on the thread in this worker and starts from the
+thread's state as that run left it; ``"rollback"`` also deletes the
+checkpoints the cancelled run wrote (the saver's ``adelete_for_runs``) first,
+so the new run starts from the state before it. With a
 pilot-checkpoint-sqlite store (``--checkpoint-db`` or ``--checkpoint-peer``)
 every run also holds its thread's lease in the store (``exclusive_runs``), so
 the exclusion holds across all workers sharing that store (and the same
-store scope); with the in-memory saver it is per worker.
+store scope); with the in-memory saver it is per worker. ``interrupt`` and
+``rollback`` cancel runs of this worker only: a run held by another worker
+makes them fail like ``reject``.
+
+Every run records its id in its checkpoints' metadata (``run_id``). A run
+re-issued with the same id on a thread that has checkpoints of it continues
+from its last checkpoint (LangGraph's re-entry rule) instead of starting
+again: this is how a client resumes a run whose worker died. The lease of a
+run expires :data:`GRAPH_LEASE_TTL` seconds after its last renewal (renewed
+every third of that), so a worker killed mid-run blocks its thread for at
+most that long.
 """
 
 from __future__ import annotations
@@ -55,6 +71,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GRAPH_HANDLERS",
+    "GRAPH_LEASE_TTL",
+    "MAX_THREADS_PAGE",
     "MAX_WAITERS_PER_THREAD",
     "STREAM_MODES",
     "GraphHost",
@@ -70,6 +88,11 @@ STREAM_MODES: Final = frozenset(
 )
 MAX_WAITERS_PER_THREAD: Final = 64
 """Runs that may wait (``enqueue``) for one thread on one worker."""
+GRAPH_LEASE_TTL: Final = 6.0
+"""Seconds a run's thread lease outlives its worker's last renewal."""
+MAX_THREADS_PAGE: Final = 1000
+"""Most threads one ``lg.graph.threads`` call returns."""
+STRATEGIES: Final = ("reject", "enqueue", "interrupt", "rollback")
 _QUEUE_ITEMS: Final = 64  # stream items buffered between the graph and the wire
 _CANCEL_WAIT_SECS: Final = 10.0
 
@@ -77,6 +100,7 @@ GRAPH_HANDLERS: Final = {
     "run": "lg.graph.run",
     "cancel_run": "lg.graph.cancel_run",
     "runs": "lg.graph.runs",
+    "threads": "lg.graph.threads",
     "get_state": "lg.graph.get_state",
     "get_state_history": "lg.graph.get_state_history",
     "update_state": "lg.graph.update_state",
@@ -282,11 +306,19 @@ class GraphHost:
             every run then also holds its thread's lease there
             (pilot-checkpoint-sqlite's ``exclusive_runs``), so runs on one thread
             exclude each other across every worker sharing that store.
+        lease_ttl: Seconds a run's lease outlives its last renewal.
     """
 
-    def __init__(self, graphs: Mapping[str, AnyPregel], *, lease_saver: Any = None) -> None:
+    def __init__(
+        self,
+        graphs: Mapping[str, AnyPregel],
+        *,
+        lease_saver: Any = None,
+        lease_ttl: float = GRAPH_LEASE_TTL,
+    ) -> None:
         self.graphs = dict(graphs)
         self.lease_saver = lease_saver
+        self.lease_ttl = lease_ttl
         self.runs: dict[str, _Run] = {}
         self._gates: dict[tuple[str, str], _ThreadGate] = {}
 
@@ -324,8 +356,8 @@ class GraphHost:
             modes.append("updates")
         subgraphs = bool(req.get("subgraphs", False))
         strategy = req.get("multitask_strategy") or "reject"
-        if strategy not in ("reject", "enqueue"):
-            raise _bad("multitask_strategy must be 'reject' or 'enqueue'")
+        if strategy not in STRATEGIES:
+            raise _bad(f"multitask_strategy must be one of {list(STRATEGIES)}")
         run_id = str(req.get("run_id") or uuid.uuid4())
         try:
             run_uuid = uuid.UUID(run_id)
@@ -340,9 +372,17 @@ class GraphHost:
         thread_id = str(config["configurable"].get("thread_id") or uuid.uuid4())
         config["configurable"]["thread_id"] = thread_id
         config["run_id"] = run_uuid
+        metadata = config.get("metadata")
+        config["metadata"] = {
+            **(cast("Mapping[str, Any]", metadata) if isinstance(metadata, Mapping) else {}),
+            "run_id": run_id,
+        }
 
         gate = self._gates.setdefault((name, thread_id), _ThreadGate())
+        if gate.lock.locked() and strategy in ("interrupt", "rollback"):
+            await self._displace(name, graph, thread_id, rollback=strategy == "rollback")
         if gate.lock.locked():
+            # interrupt/rollback: the cancelled run's stream releases the thread as it unwinds
             if strategy == "reject":
                 raise Aborted(
                     f"thread {thread_id} of graph {name!r} is busy with another run",
@@ -406,8 +446,8 @@ class GraphHost:
         if self.lease_saver is not None:
             from pilot_checkpoint_sqlite import exclusive_runs
 
-            runner = exclusive_runs(graph, self.lease_saver)
-            extra["multitask_strategy"] = strategy
+            runner = exclusive_runs(graph, self.lease_saver, lease_ttl=self.lease_ttl)
+            extra["multitask_strategy"] = "enqueue" if strategy == "enqueue" else "reject"
 
         async def produce() -> None:
             stream = runner.astream(
@@ -418,10 +458,12 @@ class GraphHost:
                 **extra,
                 **kwargs,
             )
-            async for item in stream:  # pyright: ignore[reportUnknownVariableType]
-                parts = cast("tuple[Any, ...]", item)
-                ns, mode, chunk = parts if subgraphs else ((), *parts)
-                await queue.put(["ev", list(ns), mode, chunk])
+            # closed here even when cancelled between items, so the thread's lease is freed
+            async with contextlib.aclosing(stream):
+                async for item in stream:  # pyright: ignore[reportUnknownVariableType]
+                    parts = cast("tuple[Any, ...]", item)
+                    ns, mode, chunk = parts if subgraphs else ((), *parts)
+                    await queue.put(["ev", list(ns), mode, chunk])
 
         task = asyncio.get_running_loop().create_task(produce(), name=f"lg-graph-run-{run_id}")
         self.runs[run_id] = _Run(run_id=run_id, graph=name, thread_id=thread_id, task=task)
@@ -460,6 +502,27 @@ class GraphHost:
                 # wait for the graph to stop without swallowing our own cancellation
                 await asyncio.wait({task}, timeout=_CANCEL_WAIT_SECS)
 
+    async def _displace(
+        self, name: str, graph: AnyPregel, thread_id: str, *, rollback: bool
+    ) -> None:
+        """Cancel this worker's runs on the thread (``interrupt``); ``rollback``
+        also deletes the checkpoints they wrote."""
+        victims = [r for r in self.runs.values() if r.graph == name and r.thread_id == thread_id]
+        for run in victims:
+            run.task.cancel()
+        if victims:
+            await asyncio.wait({r.task for r in victims}, timeout=_CANCEL_WAIT_SECS)
+        if rollback and victims:
+            saver: Any = graph.checkpointer
+            try:
+                await saver.adelete_for_runs([r.run_id for r in victims])
+            except (AttributeError, NotImplementedError):
+                from pilot_rpc.errors import FailedPrecondition
+
+                raise FailedPrecondition(
+                    "this worker's checkpointer cannot delete a run's checkpoints (rollback)"
+                ) from None
+
     async def cancel_run(self, payload: Any) -> dict[str, Any]:
         """Cancel a run by id; ``{"cancelled": bool}`` says whether it was running here."""
         req = _mapping(payload)
@@ -481,6 +544,46 @@ class GraphHost:
             for r in self.runs.values()
             if wanted is None or r.graph == wanted
         ]
+
+    async def list_threads(self, payload: Any) -> dict[str, Any]:
+        """Threads in the checkpoint store with their latest root checkpoint, newest first.
+
+        ``{"graph", "limit", "offset"}`` in; ``{"threads": [...], "total": N}`` out,
+        each thread ``{"thread_id", "checkpoint_id", "metadata", "created_at"}``.
+        Reads every root checkpoint the store holds for the caller's scope.
+        """
+        req = _mapping(payload)
+        _, graph = self.graph(req)
+        limit = req.get("limit", 100)
+        offset = req.get("offset", 0)
+        for key, value in (("limit", limit), ("offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise _bad(f"{key} must be a non-negative int")
+        limit = min(cast("int", limit), MAX_THREADS_PAGE)
+        saver: Any = graph.checkpointer
+        latest: dict[str, Any] = {}
+        async for tup in saver.alist(None):
+            conf = tup.config.get("configurable") or {}
+            if conf.get("checkpoint_ns"):
+                continue
+            thread_id = str(conf.get("thread_id"))
+            seen = latest.get(thread_id)
+            if seen is None or str(tup.checkpoint["id"]) > str(seen.checkpoint["id"]):
+                latest[thread_id] = tup
+        ordered = sorted(latest.values(), key=lambda t: str(t.checkpoint["id"]), reverse=True)
+        page = ordered[cast("int", offset) : cast("int", offset) + limit]
+        return {
+            "threads": [
+                {
+                    "thread_id": str(t.config["configurable"]["thread_id"]),
+                    "checkpoint_id": str(t.checkpoint["id"]),
+                    "metadata": dict(t.metadata or {}),
+                    "created_at": t.checkpoint.get("ts"),
+                }
+                for t in page
+            ],
+            "total": len(ordered),
+        }
 
     # -- state -----------------------------------------------------------------
 
@@ -583,6 +686,9 @@ def handler_specs(host: GraphHost) -> list[HandlerSpec]:
     async def runs(payload: Any) -> list[dict[str, Any]]:
         return host.list_runs(payload)
 
+    async def threads(payload: Any) -> dict[str, Any]:
+        return await host.list_threads(payload)
+
     async def get_state(payload: Any) -> dict[str, Any]:
         return await host.get_state(payload)
 
@@ -607,6 +713,7 @@ def handler_specs(host: GraphHost) -> list[HandlerSpec]:
         ("run", run, None, f"Run a served graph ({served}), streaming its items"),
         ("cancel_run", cancel_run, 30.0, "Cancel a run of a served graph by id"),
         ("runs", runs, 10.0, "Runs of served graphs in progress on this worker"),
+        ("threads", threads, 60.0, "Threads of a served graph with their latest checkpoint"),
         ("get_state", get_state, 30.0, "State of a thread of a served graph"),
         ("get_state_history", get_state_history, 60.0, "Checkpoint history of a thread"),
         ("update_state", update_state, 30.0, "Update the state of a thread"),

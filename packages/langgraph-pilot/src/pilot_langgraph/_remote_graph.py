@@ -15,6 +15,16 @@ prefixes the namespace, ``version="v2"`` yields ``StreamPart`` dicts).
 Sequences inside chunks arrive as lists (msgpack has no tuples), except the
 namespace, message tuples and ``__interrupt__`` values, which are rebuilt.
 
+A run survives the loss of its worker when ``peer`` lists several workers
+sharing one checkpoint store: if the stream breaks with the worker
+unavailable after the run started, the run is re-issued on the next peer
+with the same run id. The worker records the run id in the run's checkpoints,
+so LangGraph continues from the run's last checkpoint (the original input is
+ignored; with no checkpoint of the run yet it starts from that input).
+Stream items equal to ones already delivered since the last root ``values``
+item (the last checkpoint's state) are skipped while the re-issued stream
+repeats them; see :meth:`PilotRemoteGraph.astream` for what may repeat.
+
 Used as a node of a local parent graph, the remote run is tied to the parent
 task: when the parent has a checkpointer, the remote thread id is derived from
 the parent's ``thread_id`` and the task's ``checkpoint_ns`` (stable across a
@@ -74,6 +84,8 @@ _RESUMES_KEY: Final = "pilot_parent_resumes"
 """Checkpoint metadata on a tied remote thread: parent resume values already sent."""
 
 _CODEC = LangGraphCodec()
+
+MultitaskStrategy = Literal["reject", "enqueue", "interrupt", "rollback"]
 
 
 class RunRejectedError(RemoteAbortedError):
@@ -239,6 +251,38 @@ class PilotRemoteGraph(PregelProtocol[Any, Any, Any, Any]):
         assert last is not None
         raise last
 
+    async def _stream_on(
+        self,
+        peer: str,
+        key: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float | None,  # noqa: ASYNC109 - a deadline sent with the call
+    ) -> AsyncIterator[Any]:
+        """One streaming call to one peer, decoded."""
+        client = await _Link.client(self.client)
+        body = _CODEC.encode({"graph": self.graph, **payload}, root="payload")
+        try:
+            async with _rpc.call_streaming(
+                client,
+                peer=peer,
+                port=self.port,
+                node=GRAPH_HANDLERS[key],
+                payload=body,
+                timeout=timeout,
+                metadata={},
+                idempotency_key=None,
+                traceparent=None,
+            ) as items:
+                async for raw in items:
+                    yield _CODEC.decode(raw)
+        except RemoteAbortedError as exc:
+            if exc.details.get("reason") == "thread_busy":
+                raise RunRejectedError(
+                    str(exc), peer=peer, node=GRAPH_HANDLERS[key], details=exc.details
+                ) from exc
+            raise
+
     async def _streaming(
         self,
         key: str,
@@ -246,39 +290,57 @@ class PilotRemoteGraph(PregelProtocol[Any, Any, Any, Any]):
         *,
         timeout: float | None,  # noqa: ASYNC109 - a deadline sent with the call
     ) -> AsyncIterator[Any]:
-        client = await _Link.client(self.client)
-        body = _CODEC.encode({"graph": self.graph, **payload}, root="payload")
+        """A streaming call on the first reachable peer (failover before any item)."""
         last: Exception | None = None
         for peer in self.peers:
             started = False
             try:
-                async with _rpc.call_streaming(
-                    client,
-                    peer=peer,
-                    port=self.port,
-                    node=GRAPH_HANDLERS[key],
-                    payload=body,
-                    timeout=timeout,
-                    metadata={},
-                    idempotency_key=None,
-                    traceparent=None,
-                ) as items:
-                    async for raw in items:
-                        started = True
-                        yield _CODEC.decode(raw)
+                async for item in self._stream_on(peer, key, payload, timeout=timeout):
+                    started = True
+                    yield item
                 return
             except RemoteUnavailableError as exc:
                 if started:
                     raise
                 last = exc
-            except RemoteAbortedError as exc:
-                if exc.details.get("reason") == "thread_busy":
-                    raise RunRejectedError(
-                        str(exc), peer=peer, node=GRAPH_HANDLERS[key], details=exc.details
-                    ) from exc
-                raise
         assert last is not None
         raise last
+
+    async def _run_items(self, payload: dict[str, Any]) -> AsyncIterator[Any]:
+        """The items of one run, failing over to the next peer (see the module notes)."""
+        delivered: list[Any] = []  # items since the last root ``values`` item
+        replay: list[Any] | None = None  # while a re-issued run repeats them
+        started = False
+        for index, peer in enumerate(self.peers):
+            try:
+                async for item in self._stream_on(peer, "run", payload, timeout=None):
+                    if isinstance(item, list) and item and item[0] == "meta":
+                        meta = cast("list[Any]", item)[1]
+                        if isinstance(meta, Mapping) and not started:
+                            thread_id = cast("Mapping[str, Any]", meta).get("thread_id")
+                            conf = dict(payload["config"].get(_CONF) or {})
+                            conf["thread_id"] = thread_id
+                            payload = {**payload, "config": {**payload["config"], _CONF: conf}}
+                        started = True
+                        continue
+                    if replay is not None:
+                        if item in replay:
+                            replay.remove(item)
+                            continue
+                        replay = None
+                    if _is_root_values(item):
+                        delivered = []
+                    delivered.append(item)
+                    yield item
+                return
+            except RemoteUnavailableError:
+                if index + 1 == len(self.peers):
+                    raise
+                if started:
+                    # resume: the same run id continues from the run's last checkpoint,
+                    # waiting out the lease the lost worker held on the thread
+                    payload = {**payload, "multitask_strategy": "enqueue"}
+                    replay = list(delivered)
 
     # -- introspection -----------------------------------------------------------
 
@@ -428,6 +490,52 @@ class PilotRemoteGraph(PregelProtocol[Any, Any, Any, Any]):
 
     # -- runs ----------------------------------------------------------------------
 
+    async def alist_threads(self, *, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        """Threads in the worker's checkpoint store, newest first, one page.
+
+        Returns ``{"threads": [...], "total": N}``; each thread is
+        ``{"thread_id", "checkpoint_id", "metadata", "created_at"}`` of its latest
+        root checkpoint. Pages hold at most 1000 threads. Safe to repeat.
+
+        Raises:
+            PilotRemoteError: the call failed (``RemoteInvalidArgumentError``
+                for a negative ``limit``/``offset``).
+        """
+        out = await self._unary("threads", {"limit": limit, "offset": offset})
+        return cast("dict[str, Any]", out)
+
+    def list_threads(self, *, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        """Sync :meth:`alist_threads`."""
+        return _Link.run_sync(lambda: self.alist_threads(limit=limit, offset=offset), self.client)
+
+    async def alist_runs(self) -> list[dict[str, Any]]:
+        """Runs of this graph in progress on every reachable peer.
+
+        Each is ``{"run_id", "graph", "thread_id", "peer"}``. Safe to repeat.
+        """
+        client = await _Link.client(self.client)
+        found: list[dict[str, Any]] = []
+        for peer in self.peers:
+            try:
+                reply = await _rpc.call_unary(
+                    client,
+                    peer=peer,
+                    port=self.port,
+                    node=GRAPH_HANDLERS["runs"],
+                    payload=_CODEC.encode({"graph": self.graph}, root="payload"),
+                    timeout=self.timeout_secs,
+                    metadata={},
+                    idempotency_key=None,
+                    traceparent=None,
+                    on_progress=None,
+                )
+            except RemoteUnavailableError:
+                continue
+            for run in cast("list[Any]", _CODEC.decode(reply) or []):
+                if isinstance(run, Mapping):
+                    found.append({**cast("Mapping[str, Any]", run), "peer": peer})
+        return found
+
     async def acancel_run(self, run_id: str) -> bool:
         """Cancel a run by id on whichever of the peers runs it; True if one did.
 
@@ -514,7 +622,10 @@ class PilotRemoteGraph(PregelProtocol[Any, Any, Any, Any]):
             "command": command,
             "config": sanitized,
             "context": context,
-            "stream_mode": modes,
+            # the last root values item marks a checkpoint for failover's replay check
+            "stream_mode": modes
+            if len(self.peers) == 1 or "values" in modes
+            else [*modes, "values"],
             "subgraphs": subgraphs,
             "interrupt_before": interrupt_before,
             "interrupt_after": interrupt_after,
@@ -522,7 +633,7 @@ class PilotRemoteGraph(PregelProtocol[Any, Any, Any, Any]):
             "multitask_strategy": multitask_strategy,
         }
         pending: list[Interrupt] = []
-        async for item in self._streaming("run", payload, timeout=None):
+        async for item in self._run_items(payload):
             if not isinstance(item, list) or not item:
                 continue
             parts = cast("list[Any]", item)
@@ -563,7 +674,7 @@ class PilotRemoteGraph(PregelProtocol[Any, Any, Any, Any]):
         subgraphs: bool = False,
         version: Literal["v1", "v2"] = "v1",
         run_id: str | None = None,
-        multitask_strategy: Literal["reject", "enqueue"] = "reject",
+        multitask_strategy: MultitaskStrategy = "reject",
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
         """Run the served graph and stream its items, shaped like a local graph's.
@@ -575,6 +686,25 @@ class PilotRemoteGraph(PregelProtocol[Any, Any, Any, Any]):
             PilotRemoteError: the worker failed the run or could not be reached.
 
         Breaking off the iteration cancels the remote run.
+
+        ``multitask_strategy`` when the thread has a run in progress:
+        ``"reject"`` raises :class:`RunRejectedError`, ``"enqueue"`` waits for
+        it, ``"interrupt"`` cancels it and starts from the state it left,
+        ``"rollback"`` cancels it and deletes its checkpoints first.
+        ``interrupt`` and ``rollback`` reach runs on the same worker only.
+
+        With several peers, a run whose worker is lost mid-run (the stream
+        fails with the worker unavailable) continues on the next peer from
+        its last checkpoint, after the lost worker's thread lease expires
+        (at most six seconds). What the caller sees then: items equal to
+        the ones delivered since the last checkpoint are skipped as the
+        resumed run repeats them; the first item that differs, and all after
+        it, are delivered. The node that was running when the worker died
+        runs again from its start, so its side effects happen twice, and
+        ``custom``/``messages`` items it produces again that differ from the
+        ones already delivered (timestamps, generated ids) are delivered
+        again. Nodes that finished before the last checkpoint do not run
+        again.
         """
         if kwargs:
             raise PilotUsageError(f"unsupported arguments: {sorted(kwargs)}")
@@ -640,7 +770,7 @@ class PilotRemoteGraph(PregelProtocol[Any, Any, Any, Any]):
         subgraphs: bool = False,
         version: Literal["v1", "v2"] = "v1",
         run_id: str | None = None,
-        multitask_strategy: Literal["reject", "enqueue"] = "reject",
+        multitask_strategy: MultitaskStrategy = "reject",
         **kwargs: Any,
     ) -> Iterator[Any]:
         """Sync :meth:`astream` (one item at a time; closing it cancels the run)."""
@@ -671,7 +801,7 @@ class PilotRemoteGraph(PregelProtocol[Any, Any, Any, Any]):
         interrupt_after: Any = None,
         version: Literal["v1", "v2"] = "v1",
         run_id: str | None = None,
-        multitask_strategy: Literal["reject", "enqueue"] = "reject",
+        multitask_strategy: MultitaskStrategy = "reject",
         **kwargs: Any,
     ) -> Any:
         """Run the served graph to the end and return its final state.
@@ -721,7 +851,7 @@ class PilotRemoteGraph(PregelProtocol[Any, Any, Any, Any]):
         interrupt_after: Any = None,
         version: Literal["v1", "v2"] = "v1",
         run_id: str | None = None,
-        multitask_strategy: Literal["reject", "enqueue"] = "reject",
+        multitask_strategy: MultitaskStrategy = "reject",
         **kwargs: Any,
     ) -> Any:
         """Sync :meth:`ainvoke`."""
@@ -739,6 +869,16 @@ class PilotRemoteGraph(PregelProtocol[Any, Any, Any, Any]):
             ),
             self.client,
         )
+
+
+def _is_root_values(item: Any) -> bool:
+    return (
+        isinstance(item, list)
+        and len(cast("list[Any]", item)) == 4
+        and item[0] == "ev"
+        and not item[1]
+        and item[2] == "values"
+    )
 
 
 def _caller_ns(config: RunnableConfig) -> tuple[str, ...]:
