@@ -572,6 +572,11 @@ async def test_rollback_strategy_deletes_the_cancelled_runs_checkpoints(
     with pytest.raises(e.RemoteCancelledError):
         await first
     assert second["results"] == ["one", "two", "three"]
+    page = await remote.alist_threads(limit=1)
+    assert len(page["threads"]) == 1
+    assert page["total"] >= 1
+    assert page["threads"][0]["thread_id"] == config["configurable"]["thread_id"]
+    assert page["threads"][0]["metadata"]["step"] == 3
     history = [s async for s in remote.aget_state_history(config)]
     assert {s.metadata["run_id"] for s in history if s.metadata} == {  # pyright: ignore[reportTypedDictNotRequiredAccess]
         history[0].metadata["run_id"]  # pyright: ignore[reportOptionalSubscript, reportTypedDictNotRequiredAccess]

@@ -232,6 +232,40 @@ async def test_reject_enqueue_and_cancel_by_id() -> None:
     assert host.runs == {}
 
 
+async def test_interrupt_cancels_the_running_run_and_rollback_needs_a_deleting_saver() -> None:
+    from pilot_rpc.errors import FailedPrecondition
+
+    host = _host()
+    _gate["victim"] = asyncio.Event()
+    _gate["next"] = asyncio.Event()
+    _gate["next"].set()
+    config = {"configurable": {"thread_id": "displaced"}}
+    req = {"graph": "hold", "config": config, "stream_mode": ["values"]}
+    victim_id = str(uuid.uuid4())
+    victim = asyncio.create_task(
+        _collect(host.run({**req, "input": {"text": "victim"}, "run_id": victim_id}, _Ctx()))  # pyright: ignore[reportArgumentType]
+    )
+    while victim_id not in host.runs:
+        await asyncio.sleep(0)
+    # InMemorySaver cannot delete a run's checkpoints: refused, the run goes on
+    with pytest.raises(FailedPrecondition):
+        await _collect(
+            host.run({**req, "input": {"text": "next"}, "multitask_strategy": "rollback"}, _Ctx())  # pyright: ignore[reportArgumentType]
+        )
+    assert not victim.done()
+    items = await _collect(
+        host.run({**req, "input": {"text": "next"}, "multitask_strategy": "interrupt"}, _Ctx())  # pyright: ignore[reportArgumentType]
+    )
+    with pytest.raises(Cancelled):
+        await victim
+    assert items[-1][3]["answer"] == "next"
+    threads = await host.list_threads({"graph": "hold", "limit": 10})
+    assert [t["thread_id"] for t in threads["threads"]] == ["displaced"]
+    assert threads["threads"][0]["metadata"]["run_id"] == items[0][1]["run_id"]
+    with pytest.raises(InvalidArgument):
+        await host.list_threads({"graph": "hold", "limit": -1})
+
+
 def test_handler_specs_cover_every_operation() -> None:
     names = {spec.name for spec in handler_specs(_host())}
     assert {

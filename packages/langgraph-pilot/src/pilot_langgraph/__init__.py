@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from pilot_worker import Context, pilot_handler
 
     from pilot_langgraph._codec import LangGraphCodec
-    from pilot_langgraph._discover import HandlerInfo, describe_handlers
+    from pilot_langgraph._discover import HandlerInfo, describe_graphs, describe_handlers
     from pilot_langgraph._echo import PilotEchoRunnable
     from pilot_langgraph._event_source import PilotEventSource
     from pilot_langgraph._fanout import PilotFanoutRunnable
@@ -72,6 +72,7 @@ __all__ = [
     "RunRejectedError",
     "aclose_default_transport",
     "configure_default_transport",
+    "describe_graphs",
     "describe_handlers",
     "ensure_trust",
     "pilot_handler",
@@ -89,6 +90,7 @@ _LAZY: dict[str, str] = {
     "PilotCheckpointSaver": "pilot_checkpoint_sqlite",
     "LangGraphCodec": "pilot_langgraph._codec",
     "HandlerInfo": "pilot_langgraph._discover",
+    "describe_graphs": "pilot_langgraph._discover",
     "describe_handlers": "pilot_langgraph._discover",
     "PilotEchoRunnable": "pilot_langgraph._echo",
     "PilotEventSource": "pilot_langgraph._event_source",

@@ -508,20 +508,20 @@ class GraphHost:
         """Cancel this worker's runs on the thread (``interrupt``); ``rollback``
         also deletes the checkpoints they wrote."""
         victims = [r for r in self.runs.values() if r.graph == name and r.thread_id == thread_id]
+        saver: Any = graph.checkpointer
+        if rollback and victims and not _deletes_runs(saver):
+            from pilot_rpc.errors import FailedPrecondition
+
+            raise FailedPrecondition(
+                "rollback needs a checkpointer that deletes a run's checkpoints "
+                f"({type(saver).__name__} does not); use 'interrupt'"
+            )
         for run in victims:
             run.task.cancel()
         if victims:
             await asyncio.wait({r.task for r in victims}, timeout=_CANCEL_WAIT_SECS)
         if rollback and victims:
-            saver: Any = graph.checkpointer
-            try:
-                await saver.adelete_for_runs([r.run_id for r in victims])
-            except (AttributeError, NotImplementedError):
-                from pilot_rpc.errors import FailedPrecondition
-
-                raise FailedPrecondition(
-                    "this worker's checkpointer cannot delete a run's checkpoints (rollback)"
-                ) from None
+            await saver.adelete_for_runs([r.run_id for r in victims])
 
     async def cancel_run(self, payload: Any) -> dict[str, Any]:
         """Cancel a run by id; ``{"cancelled": bool}`` says whether it was running here."""
@@ -656,6 +656,14 @@ class GraphHost:
             _, graph = self.graph(cast("Mapping[str, Any]", req))
             return _schemas_of(graph)
         return {name: _schemas_of(g) for name, g in self.graphs.items()}
+
+
+def _deletes_runs(saver: Any) -> bool:
+    """Whether ``saver`` implements ``adelete_for_runs`` (the base class raises)."""
+    from langgraph.checkpoint.base import BaseCheckpointSaver
+
+    method = getattr(type(saver), "adelete_for_runs", None)
+    return method is not None and method is not BaseCheckpointSaver.adelete_for_runs
 
 
 def _schemas_of(graph: AnyPregel) -> dict[str, Any]:
