@@ -119,6 +119,21 @@ def cluster(
         pool += ["--checkpoint-db", f"sqlite:///{root / 'pool.db'}"]
         for name in ("pool-a", "pool-b"):
             c.add_worker(name, extra_args=pool, env={"LG_TEST_DIR": str(shared)})
+        # and a pool over one store worker shared by every identity
+        c.add_worker(
+            "shared-state-worker",
+            plugins=["checkpoint-sqlite"],
+            extra_args=[
+                "--checkpoint-db",
+                f"sqlite:///{root / 'shared-store.db'}",
+                "--checkpoint-shared",
+                "true",
+            ],
+        )
+        peer_pool = ["--graph", f"steps={GRAPHS}:steps", "--graph-lease-ttl", "4"]
+        peer_pool += ["--checkpoint-peer", "shared-state-worker"]
+        for name in ("peer-pool-a", "peer-pool-b"):
+            c.add_worker(name, extra_args=peer_pool, env={"LG_TEST_DIR": str(shared)})
         c.start()
         try:
             yield c
@@ -486,10 +501,16 @@ def _counts(shared: Path, task: str) -> dict[str, list[int]]:
     return out
 
 
-async def test_a_run_survives_kill_9_of_its_worker(cluster: LocalCluster, shared: Path) -> None:
-    task = "k1"
+@pytest.mark.parametrize(
+    ("task", "pool"),
+    [("k1", ("pool-a", "pool-b")), ("k2", ("peer-pool-a", "peer-pool-b"))],
+    ids=["shared-sqlite-file", "shared-store-worker"],
+)
+async def test_a_run_survives_kill_9_of_its_worker(
+    cluster: LocalCluster, shared: Path, task: str, pool: tuple[str, str]
+) -> None:
     (shared / f"{task}.hold").write_text("")
-    remote = PilotRemoteGraph("steps", peer=["pool-a", "pool-b"])
+    remote = PilotRemoteGraph("steps", peer=list(pool))
     config = _thread()
     seen: list[Any] = []
 
@@ -505,7 +526,7 @@ async def test_a_run_survives_kill_9_of_its_worker(cluster: LocalCluster, shared
     pid = int(pid_file.read_text())
     # LangGraph saves a step's checkpoint in the background while the next step
     # starts: kill once step one's checkpoint is in the store
-    survivor_view = PilotRemoteGraph("steps", peer="pool-b")
+    survivor_view = PilotRemoteGraph("steps", peer=pool[1])
 
     async def checkpointed() -> bool:
         return (await survivor_view.aget_state(config)).next == ("two",)
@@ -514,10 +535,10 @@ async def test_a_run_survives_kill_9_of_its_worker(cluster: LocalCluster, shared
     while not await checkpointed():
         assert time.monotonic() < deadline, "step one's checkpoint never reached the store"
         await asyncio.sleep(0.02)
-    victim = next(n for n in ("pool-a", "pool-b") if cluster.workers[n].proc.pid == pid)
+    victim = next(n for n in pool if cluster.workers[n].proc.pid == pid)
     cluster.kill(victim)
     await asyncio.wait_for(runner, timeout=120)
-    survivor = "pool-b" if victim == "pool-a" else "pool-a"
+    survivor = pool[1] if victim == pool[0] else pool[0]
 
     local = await _local("steps").ainvoke({"task": task}, _thread())
     final = [c for m, c in seen if m == "values"][-1]

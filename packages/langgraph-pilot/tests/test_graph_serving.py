@@ -112,6 +112,12 @@ def test_graph_options_take_flags_out_of_the_worker_argv() -> None:
     assert graph_options(args) is None
     with pytest.raises(ValueError, match="unique"):
         graph_options(["--graph", "a=m:x", "--graph", "a=m:y"])
+    args = ["--graph", "a=m:x", "--graph-lease-ttl", "2.5", "--port", "7"]
+    assert graph_options(args) is not None
+    assert args == ["--port", "7"]
+    for bad in ("0", "-1", "soon", "3601"):
+        with pytest.raises(ValueError, match="--graph-lease-ttl"):
+            graph_options(["--graph", "a=m:x", "--graph-lease-ttl", bad])
 
 
 def test_load_graph_accepts_builders_compiled_graphs_and_factories() -> None:

@@ -770,9 +770,13 @@ async def _open_checkpointer(
 
 
 def graph_plugin(
-    sources: Sequence[GraphSource], *, checkpoint_db: str | None, checkpoint_peer: str | None
+    sources: Sequence[GraphSource],
+    *,
+    checkpoint_db: str | None,
+    checkpoint_peer: str | None,
+    lease_ttl: float = GRAPH_LEASE_TTL,
 ) -> Plugin:
-    """The worker plugin that serves ``sources``."""
+    """The worker plugin that serves ``sources`` (``lease_ttl``: see :class:`GraphHost`)."""
     from pilot_worker import Plugin
 
     names = [s.name for s in sources]
@@ -792,7 +796,7 @@ def graph_plugin(
         from pilot_checkpoint_sqlite import PilotCheckpointSaver
 
         lease_saver = checkpointer if isinstance(checkpointer, PilotCheckpointSaver) else None
-        host = GraphHost(graphs, lease_saver=lease_saver)
+        host = GraphHost(graphs, lease_saver=lease_saver, lease_ttl=lease_ttl)
         for spec in handler_specs(host):
             ctx.worker.register(spec)
 

@@ -88,7 +88,7 @@ def graph_options(args: list[str]) -> Any:
     Raises:
         ValueError: a malformed ``--graph`` value.
     """
-    from pilot_langgraph._graph_serving import graph_plugin, parse_graph_option
+    from pilot_langgraph._graph_serving import GRAPH_LEASE_TTL, graph_plugin, parse_graph_option
 
     graphs = _take_option(args, "--graph")
     if not graphs:
@@ -98,10 +98,20 @@ def graph_options(args: list[str]) -> Any:
         os.environ.get("PILOT_WORKER_PLUGINS") or ""
     )
     dbs = _take_option(args, "--checkpoint-db", keep=store_plugin)
+    ttls = _take_option(args, "--graph-lease-ttl")
+    lease_ttl = GRAPH_LEASE_TTL
+    if ttls:
+        try:
+            lease_ttl = float(ttls[-1])
+        except ValueError:
+            lease_ttl = -1.0
+        if not 0 < lease_ttl <= 3600:
+            raise ValueError(f"--graph-lease-ttl expects seconds in (0, 3600], got {ttls[-1]!r}")
     return graph_plugin(
         [parse_graph_option(g) for g in graphs],
         checkpoint_db=dbs[-1] if dbs else None,
         checkpoint_peer=peers[-1] if peers else None,
+        lease_ttl=lease_ttl,
     )
 
 
@@ -124,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Serve LangGraph node handlers to trusted peers (pilot-worker with "
         "LangGraph's serializer). --graph NAME=module:attr (repeatable) also serves a whole "
         "graph to PilotRemoteGraph, checkpointed to --checkpoint-db URL (a store in this "
-        "process) or --checkpoint-peer NAME (a store worker), else in memory.",
+        "process) or --checkpoint-peer NAME (a store worker), else in memory; "
+        "--graph-lease-ttl SECS (default 6) bounds how long a killed worker's run keeps "
+        "its thread.",
     )
 
 
