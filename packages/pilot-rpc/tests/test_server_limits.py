@@ -313,3 +313,93 @@ async def test_closing_a_connection_does_not_swallow_the_callers_cancellation() 
     assert closing.cancelled()
     await conn.aclose(flush_timeout=0.01)
     await server_end.aclose()
+
+
+# -- the deadline is answered whatever the handler does -------------------------------------------
+
+
+async def _read_frames(stream: MemoryStream, core: P.Connection, until: Any) -> list[P.Event]:
+    """Feed what ``stream`` delivers to ``core`` until ``until(events)`` holds."""
+    events: list[P.Event] = []
+    async with asyncio.timeout(TIMEOUT):
+        while not until(events):
+            data = await stream.read(65536)
+            assert data, "the server closed the connection"
+            events.extend(core.receive_data(data))
+    return events
+
+
+@pytest.mark.parametrize("kind", ["unary", "server_streaming"])
+async def test_a_deadline_is_answered_while_a_stubborn_handler_keeps_running(kind: str) -> None:
+    from pilot_rpc._types import MethodKind
+    from pilot_rpc.errors import StatusCode
+
+    server = RpcServer()
+    release = asyncio.Event()
+    caught: list[str] = []
+    ended: list[str] = []
+
+    async def stubborn() -> None:
+        # Catches every cancellation and carries on until the test releases it.
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                caught.append("cancelled")
+
+    @server.unary("stubborn")
+    async def stubborn_unary(request: Any, ctx: CallContext) -> Any:
+        await stubborn()
+        ended.append("unary")
+        return "late result"
+
+    @server.server_streaming("stubborn_stream")
+    async def stubborn_stream(request: Any, ctx: CallContext) -> Any:
+        await stubborn()
+        ended.append("stream")
+        yield "late item"
+
+    try:
+        listener = QueueListener()
+        async with server.serve_in_background(listener):
+            client_end, server_end = memory_stream_pair(fake_peer("caller"), fake_peer("server"))
+            listener.queue.put_nowait(server_end)
+            core = P.Connection(P.Role.CLIENT)
+            await client_end.write(core.data_to_send())
+            await _read_frames(
+                client_end, core, lambda evs: any(isinstance(e, P.HelloReceived) for e in evs)
+            )
+            if kind == "unary":
+                call_id = core.start_call("stubborn", MethodKind.UNARY, None, timeout=0.05)
+            else:
+                call_id = core.start_call(
+                    "stubborn_stream", MethodKind.SERVER_STREAMING, None, timeout=0.05
+                )
+            await client_end.write(core.data_to_send())
+
+            def answered(events: list[P.Event]) -> bool:
+                return any(getattr(e, "call_id", None) == call_id for e in events)
+
+            events = await _read_frames(client_end, core, answered)
+            (status,) = [e for e in events if getattr(e, "call_id", None) == call_id]
+            assert isinstance(status, P.ErrorReceived)
+            assert status.code == StatusCode.DEADLINE_EXCEEDED
+            # Answered while the handler still runs, having swallowed its cancellation.
+            assert caught == ["cancelled"]
+            assert ended == []
+            release.set()
+            async with asyncio.timeout(TIMEOUT):
+                while not ended:
+                    await asyncio.sleep(0)
+            assert ended == ["unary" if kind == "unary" else "stream"]
+            # The late result is discarded: a ping's round trip brings nothing more for the
+            # call, and the connection still serves.
+            core.ping(b"late-res")
+            await client_end.write(core.data_to_send())
+            events = await _read_frames(
+                client_end, core, lambda evs: any(isinstance(e, P.PongReceived) for e in evs)
+            )
+            assert not [e for e in events if getattr(e, "call_id", None) == call_id]
+            await client_end.aclose()
+    finally:
+        release.set()  # a failed test must not leave the handler running forever

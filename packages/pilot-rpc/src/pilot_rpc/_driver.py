@@ -772,6 +772,7 @@ class ServerCall(_InboundItems):
 
     __slots__ = (
         "_cancel_event",
+        "answered",
         "call_id",
         "cancel_reason",
         "conn",
@@ -793,6 +794,8 @@ class ServerCall(_InboundItems):
         self._cancel_event: asyncio.Event | None = None
         self.send_waiter: asyncio.Future[None] | None = None
         self.request_done = False
+        # The call's status went out before its handler ended (its deadline fired).
+        self.answered = False
 
     # The CallContext control protocol.
     @property
@@ -948,7 +951,7 @@ class ServerConnection(_ConnectionBase):
         loop = self.loop
         if event.timeout is not None:
             deadline = loop.time() + event.timeout
-            call.timer = loop.call_at(deadline, call.cancel, _DEADLINE)
+            call.timer = loop.call_at(deadline, self._deadline_fired, call)
         ctx = CallContext(
             peer=self.peer,
             method=event.method,
@@ -1025,7 +1028,14 @@ class ServerConnection(_ConnectionBase):
         finally:
             self._call_done(call)
         if call.cancel_reason is not None:
-            self._cancelled(call)  # the handler swallowed its cancellation: the status stands
+            # The handler swallowed its cancellation: the status stands (at a deadline it
+            # went out when the deadline fired) and the late result is discarded.
+            if call.answered:
+                logger.debug(
+                    "handler of %r returned after its call's deadline; result discarded",
+                    ctx.method,
+                )
+            self._cancelled(call)
             return
         try:
             core.send_reply(call_id, result)
@@ -1160,10 +1170,24 @@ class ServerConnection(_ConnectionBase):
             if self._idle_waiters:
                 self._on_call_done()
 
+    def _deadline_fired(self, call: ServerCall) -> None:
+        """The call's deadline: cancel its handler and answer DEADLINE_EXCEEDED at once.
+
+        The status does not wait for the handler to end: one that catches its
+        cancellation and keeps running cannot hold the caller past the deadline. Its
+        late result (or error) is discarded when it ends; the call stays counted as
+        in flight until then.
+        """
+        call.timer = None
+        call.cancel(_DEADLINE)
+        self._cancelled(call)
+
     def _cancelled(self, call: ServerCall) -> None:
         reason = call.cancel_reason
         if reason == _DEADLINE:
-            self._send_status(call, DeadlineExceeded("deadline exceeded on the server"))
+            if not call.answered:
+                call.answered = True
+                self._send_status(call, DeadlineExceeded("deadline exceeded on the server"))
         elif reason == _DRAIN:
             self._send_status(call, Unavailable("the server shut down before the call finished"))
         # _PEER_CANCEL: the client has forgotten the call. _LOST: nobody to tell.
