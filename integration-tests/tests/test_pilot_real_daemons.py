@@ -398,12 +398,6 @@ async def test_a_new_transport_works_soon_after_the_worker_daemon_is_killed(
     assert took <= 3.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pilot-rpc keeps a pooled connection whose remote stream died with the worker's "
-    "daemon: the local daemon never reports it closed, and a call that exceeds its deadline "
-    "does not retire it (follow-up in pilot-rpc's pool)",
-)
 async def test_a_warm_pool_works_soon_after_the_worker_daemon_is_killed(tmp_path: Path) -> None:
     took = await _kill_restart_and_time_recovery(tmp_path, 1, fresh=False, budget=8.0)
     assert took <= 3.0

@@ -403,3 +403,50 @@ async def test_a_deadline_is_answered_while_a_stubborn_handler_keeps_running(kin
             await client_end.aclose()
     finally:
         release.set()  # a failed test must not leave the handler running forever
+
+
+# -- a connection the remote side forgot ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("answered_meanwhile", [False, True])
+async def test_a_call_given_up_on_a_silent_connection_retires_it(answered_meanwhile: bool) -> None:
+    """A call that times out with nothing received since it was sent retires its pooled
+    connection (new calls dial afresh); a frame received meanwhile keeps it."""
+    from pilot_rpc._driver import ClientConnection
+    from pilot_rpc._types import MethodKind
+
+    client_end, server_end = memory_stream_pair(fake_peer("client"), fake_peer("server"))
+    server_core = P.Connection(P.Role.SERVER)
+    await server_end.write(server_core.data_to_send())  # hello, then silence
+    conn = ClientConnection(
+        client_end, P.Connection(P.Role.CLIENT), keepalive_interval=None,
+        keepalive_timeout=5.0, max_calls=8,
+    )  # fmt: skip
+    conn.start()
+    await conn.hello
+    call = conn.start_call("m", MethodKind.UNARY, b"x", None, None)
+    if answered_meanwhile:
+        # The server is alive: a pong arrives after the call was sent.
+        async with asyncio.timeout(TIMEOUT):
+            while not any(
+                isinstance(e, P.CallReceived)
+                for e in server_core.receive_data(await server_end.read(65536))
+            ):
+                pass
+        conn.core.ping(b"probe123")
+        conn.kick()
+        async with asyncio.timeout(TIMEOUT):
+            while True:  # until the server core answers the ping with its pong
+                server_core.receive_data(await server_end.read(65536))
+                pong = server_core.data_to_send()
+                if pong:
+                    await server_end.write(pong)
+                    break
+        async with asyncio.timeout(TIMEOUT):
+            while conn._last_recv < call.sent_at:  # pyright: ignore[reportPrivateUsage]
+                await asyncio.sleep(0)
+    conn.cancel(call)  # the caller gave up (its own deadline)
+    assert conn.going_away is (not answered_meanwhile)
+    assert conn.usable is answered_meanwhile
+    await conn.aclose(flush_timeout=0.1)
+    await server_end.aclose()

@@ -457,6 +457,7 @@ class ClientCall(_InboundItems):
         "future",
         "on_progress",
         "send_waiter",
+        "sent_at",
         "timer",
         "unacked",
     )
@@ -473,6 +474,7 @@ class ClientCall(_InboundItems):
         self.error: BaseException | None = None
         # Consumed item bytes not yet reported to the protocol (reported in batches).
         self.unacked = 0
+        self.sent_at = 0.0
 
 
 class ClientConnection(_ConnectionBase):
@@ -549,6 +551,7 @@ class ClientConnection(_ConnectionBase):
         except P.LocalProtocolError as exc:
             raise Unavailable(str(exc), retry_safe=True) from exc
         call = ClientCall(self, call_id)
+        call.sent_at = self.loop.time()
         calls = self.calls
         calls[call_id] = call
         if timeout is not None:
@@ -564,6 +567,7 @@ class ClientConnection(_ConnectionBase):
             return
         self.core.cancel_call(call.call_id)
         self.kick()
+        self._retire_if_silent(call)
         self._finish(call, DeadlineExceeded(f"deadline exceeded (budget {timeout:.3g} s)"))
 
     def cancel(self, call: ClientCall) -> None:
@@ -572,7 +576,23 @@ class ClientConnection(_ConnectionBase):
             return
         self.core.cancel_call(call.call_id)
         self.kick()
+        self._retire_if_silent(call)
         self._finish(call, Cancelled("call cancelled by the caller"))
+
+    def _retire_if_silent(self, call: ClientCall) -> None:
+        """A call given up with no frame received since it was sent: retire the connection.
+
+        The remote end may have forgotten the connection without a word (its host or
+        daemon restarted, a tunnel stalled): new calls go to a fresh connection, and
+        this one closes once its remaining calls end (or keepalive gives up on it).
+        A healthy but silent connection costs one new dial.
+        """
+        if not self.going_away and self._last_recv < call.sent_at:
+            logger.debug(
+                "retiring the connection to %s: nothing received since a call it gave up on",
+                _peer_name(self.peer),
+            )
+            self.going_away = True
 
     def _finish(self, call: ClientCall, error: BaseException | None, result: Any = None) -> None:
         call.done = True
