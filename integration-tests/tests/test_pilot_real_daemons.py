@@ -406,13 +406,6 @@ async def test_a_warm_pool_works_soon_after_the_worker_daemon_is_killed(tmp_path
 DRAIN_HANDLERS = str(Path(__file__).with_name("_pilot_drain_handlers.py"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pilot-worker's drain ends when the handlers return, then closes the connections "
-    "while the replies (16 x 2 MiB, more than the daemons move in that time) are still being "
-    "written; over pilot:// the unsent rest is lost (follow-up in pilot-worker/pilot-rpc: "
-    "wait until every reply is written, then close the streams gracefully)",
-)
 async def test_drain_delivers_every_in_flight_reply(net: PilotNet, tmp_path: Path) -> None:
     # SIGTERM while 16 slow calls with 2 MiB replies are in flight: the worker
     # drains, and every reply must arrive whole over the two daemons.

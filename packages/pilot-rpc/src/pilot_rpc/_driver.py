@@ -115,6 +115,8 @@ class _ConnectionBase:
         self._read_pause_above = 1 << 62
         self._reader_writes = False
         self._unfinished_timer: asyncio.TimerHandle | None = None
+        # Woken after every batch read (credit may have arrived) and when the connection ends.
+        self._read_waiters: list[asyncio.Future[None]] = []
 
     def start(self) -> None:
         self._reader = self.loop.create_task(self._read_loop())
@@ -237,6 +239,13 @@ class _ConnectionBase:
         except Exception as exc:
             self._lost(map_transport_error(exc, "connection lost while writing"))
 
+    def _wake_read_waiters(self) -> None:
+        waiters = self._read_waiters
+        self._read_waiters = []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     def _wake_drain_waiters(self) -> None:
         waiters = self._drain_waiters
         self._drain_waiters = []
@@ -286,6 +295,8 @@ class _ConnectionBase:
                         await self.wait_writable()
                 if core.unfinished_bytes and self._unfinished_timer is None:
                     self._watch_unfinished()
+                if self._read_waiters:
+                    self._wake_read_waiters()
                 if not data or core.closed:
                     break
         except asyncio.CancelledError:
@@ -366,6 +377,7 @@ class _ConnectionBase:
         self.closed.set_result(None)
         self.fail_all(self.close_error)
         self._wake_drain_waiters()
+        self._wake_read_waiters()
         self._shutdown = self.loop.create_task(self._shutdown_stream(abort=True))
 
     def fail_all(self, error: RpcError) -> None:
@@ -1262,6 +1274,34 @@ class ServerConnection(_ConnectionBase):
         tasks = [call.task for call in self.calls.values() if call.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+
+    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait (bounded) until every reply and status queued is written into the stream.
+
+        Replies still waiting for the peer's credit count too (they leave as the peer
+        reads). Returns True when everything went out, False on timeout or when the
+        connection ended first. Cancellation propagates.
+        """
+        core = self.core
+        loop = self.loop
+        try:
+            async with asyncio.timeout(timeout):
+                while not self.closed.done():
+                    if core.pending_output or self._inline is not None:
+                        waiter = loop.create_future()
+                        self._drain_waiters.append(waiter)
+                        self.kick()
+                        await waiter
+                    elif core.active_calls:
+                        # Parts of replies wait for the peer's credit: wait for its next frames.
+                        waiter = loop.create_future()
+                        self._read_waiters.append(waiter)
+                        await waiter
+                    else:
+                        return True
+        except TimeoutError:
+            return False
+        return False
 
 
 class _ItemRejected(Exception):
