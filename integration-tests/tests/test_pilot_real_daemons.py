@@ -398,12 +398,6 @@ async def test_a_new_transport_works_soon_after_the_worker_daemon_is_killed(
     assert took <= 3.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pilot-rpc keeps a pooled connection whose remote stream died with the worker's "
-    "daemon: the local daemon never reports it closed, and a call that exceeds its deadline "
-    "does not retire it (follow-up in pilot-rpc's pool)",
-)
 async def test_a_warm_pool_works_soon_after_the_worker_daemon_is_killed(tmp_path: Path) -> None:
     took = await _kill_restart_and_time_recovery(tmp_path, 1, fresh=False, budget=8.0)
     assert took <= 3.0
@@ -412,40 +406,39 @@ async def test_a_warm_pool_works_soon_after_the_worker_daemon_is_killed(tmp_path
 DRAIN_HANDLERS = str(Path(__file__).with_name("_pilot_drain_handlers.py"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pilot-worker's drain ends when the handlers return, then closes the connections "
-    "while the replies (16 x 2 MiB, more than the daemons move in that time) are still being "
-    "written; over pilot:// the unsent rest is lost (follow-up in pilot-worker/pilot-rpc: "
-    "wait until every reply is written, then close the streams gracefully)",
-)
-async def test_drain_delivers_every_in_flight_reply(net: PilotNet, tmp_path: Path) -> None:
+async def test_drain_delivers_every_in_flight_reply(tmp_path: Path) -> None:
     # SIGTERM while 16 slow calls with 2 MiB replies are in flight: the worker
-    # drains, and every reply must arrive whole over the two daemons.
+    # drains, and every reply must arrive whole over the two daemons. Its own
+    # network: the module's worker holds port 5000 on the shared one.
     from pilot_langgraph import PilotRemoteRunnable
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _pilot_drain_handlers import reply_for
 
-    worker = PilotWorker(net, tmp_path, DRAIN_HANDLERS, ("--drain-timeout", "30"))
-    worker.start()
-    try:
-        client = worker.peers["client"]
-        async with open_transport(
-            f"pilot://{net.daemons[0].socket}", identity=client.identity, trust=client.trust
-        ) as transport:
-            big = PilotRemoteRunnable(
-                node="big_slow", peer="worker", transport=transport, timeout_secs=60, max_retries=0
-            )
-            tags = [f"r{i}" for i in range(16)]
-            calls = [asyncio.create_task(big.ainvoke(tag)) for tag in tags]
-            async with asyncio.timeout(60):
-                while not all((tmp_path / f"{t}.started").exists() for t in tags):
-                    await asyncio.sleep(0.02)
-            assert worker.proc is not None
-            worker.proc.send_signal(signal.SIGTERM)
-            results = await asyncio.gather(*calls, return_exceptions=True)
-        lost = [t for t, r in zip(tags, results, strict=True) if r != reply_for(t)]
-        assert lost == [], [repr(r)[:200] for r in results if isinstance(r, BaseException)]
-    finally:
-        worker.stop()
+    with PilotNet(tmp_path / "net", count=2) as own:
+        worker = PilotWorker(own, tmp_path, DRAIN_HANDLERS, ("--drain-timeout", "30"))
+        worker.start()
+        try:
+            client = worker.peers["client"]
+            async with open_transport(
+                f"pilot://{own.daemons[0].socket}", identity=client.identity, trust=client.trust
+            ) as transport:
+                big = PilotRemoteRunnable(
+                    node="big_slow",
+                    peer="worker",
+                    transport=transport,
+                    timeout_secs=60,
+                    max_retries=0,
+                )
+                tags = [f"r{i}" for i in range(16)]
+                calls = [asyncio.create_task(big.ainvoke(tag)) for tag in tags]
+                async with asyncio.timeout(60):
+                    while not all((tmp_path / f"{t}.started").exists() for t in tags):
+                        await asyncio.sleep(0.02)
+                assert worker.proc is not None
+                worker.proc.send_signal(signal.SIGTERM)
+                results = await asyncio.gather(*calls, return_exceptions=True)
+            lost = [t for t, r in zip(tags, results, strict=True) if r != reply_for(t)]
+            assert lost == [], [repr(r)[:200] for r in results if isinstance(r, BaseException)]
+        finally:
+            worker.stop()

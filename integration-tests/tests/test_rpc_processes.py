@@ -32,6 +32,9 @@ from pilot_transport import Transport, open_transport
 from pilot_transport.errors import StreamResetError
 from pilot_transport.testing import TestPeers, create_test_peers
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _raw_rpc_peer import SERVER_FRAME, WINDOW, MiB, RawPeer
+
 SERVER_SCRIPT = Path(__file__).with_name("_rpc_server.py")
 PORT = 5000
 TIMEOUT = 30.0
@@ -300,70 +303,8 @@ async def test_fifty_megabyte_message(
 # What a trusted peer cannot do to the server
 # =================================================================================================
 
-_FRAME = struct.Struct(">IBBI")
-_SERVER_FRAME = 256 * 1024  # the server's default max_frame_size
-_WINDOW = 256 * 1024  # the server's default initial_window
-MiB = 1024 * 1024
-
-
-class RawPeer:
-    """One connection speaking literal frames (the attacker), with the client core for HELLO."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.buffer = b""
-        self.frames: list[tuple[int, int, int, bytes]] = []
-
-    @classmethod
-    async def open(cls, transport: Transport) -> RawPeer:
-        stream = await transport.connect("server", PORT, timeout=10)
-        peer = cls(stream)
-        await stream.write(P.Connection(P.Role.CLIENT).data_to_send())
-        async with asyncio.timeout(TIMEOUT):
-            while not peer.frames:  # the server's HELLO
-                await peer.read_some()
-        assert peer.frames[0][0] == 0x01
-        peer.frames.clear()
-        return peer
-
-    async def read_some(self) -> None:
-        data = await self.stream.read(1 << 20)
-        if not data:
-            raise EOFError("the server closed the connection")
-        self.buffer += data
-        pos = 0
-        while len(self.buffer) - pos >= 10:
-            length, kind, flags, call_id = _FRAME.unpack_from(self.buffer, pos)
-            if len(self.buffer) - pos - 10 < length:
-                break
-            self.frames.append((kind, flags, call_id, self.buffer[pos + 10 : pos + 10 + length]))
-            pos += 10 + length
-        self.buffer = self.buffer[pos:]
-
-    async def send(self, kind: int, call_id: int, payload: bytes = b"", flags: int = 0) -> None:
-        await self.stream.write(_FRAME.pack(len(payload), kind, flags, call_id) + payload)
-
-    async def start_split_call(self, call_id: int, method: str, size: int) -> None:
-        """The first piece of a unary CALL whose ``size``-byte request never finishes."""
-        header = msgpack.packb([method, 1, None, None])
-        prefix = struct.pack(">H", len(header)) + header + b"\xc6" + struct.pack(">I", size)
-        body = prefix + b"a" * (_SERVER_FRAME - len(prefix))
-        await self.send(0x02, call_id, body, 0x02 | 0x01)  # CALL, END_STREAM | MORE
-
-    async def ping_pong(self) -> None:
-        """A round trip: every frame the server sends for what we sent so far is in."""
-        payload = os.urandom(8)
-        await self.send(0x0A, 0, payload)
-        async with asyncio.timeout(TIMEOUT):
-            while not any(k == 0x0B and p == payload for k, _, _, p in self.frames):
-                await self.read_some()
-
-    def errors(self) -> dict[int, list[Any]]:
-        return {c: msgpack.unpackb(p) for k, _, c, p in self.frames if k == 0x07}
-
-    async def aclose(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.stream.aclose()
+_SERVER_FRAME = SERVER_FRAME
+_WINDOW = WINDOW
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pilot_rpc import (
 )
 from pilot_rpc import _protocol as P
 from pilot_transport import Transport, open_transport
-from pilot_transport.errors import StreamResetError
+from pilot_transport.errors import PeerRevokedError, StreamResetError
 from pilot_transport.testing import TestPeers, create_test_peers
 
 PORT = 5000
@@ -188,3 +188,80 @@ async def test_keepalive_detects_a_silent_peer(net: tuple[Net, Transport, Transp
         task.cancel()
         for stream in accepted:
             await stream.aclose()
+
+
+# -- trust revocation -----------------------------------------------------------------------------
+
+
+def hanging_server(started: asyncio.Event, cancelled: asyncio.Event) -> RpcServer:
+    server = RpcServer()
+
+    @server.unary("hang")
+    async def hang(request: Any, ctx: Any) -> Any:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    return server
+
+
+@pytest.mark.parametrize("carrier", ["tcp"])
+async def test_revoking_the_server_fails_pending_calls_with_peer_revoked(
+    net: tuple[Net, Transport, Transport], peers: TestPeers
+) -> None:
+    """The caller removes the server from its trust store while a call is in flight:
+    the call fails with Unauthenticated (reason PEER_REVOKED), not a generic connection
+    loss, and the server's handler is cancelled when its connection is cut."""
+    n, server_transport, client_transport = net
+    started, cancelled = asyncio.Event(), asyncio.Event()
+    server = hanging_server(started, cancelled)
+    listener = await listen(n, server_transport)
+    options = ClientOptions(retry=RetryPolicy.disabled())
+    async with (
+        server.serve_in_background(listener),
+        RpcClient(client_transport, options=options) as client,
+    ):
+        pending = asyncio.ensure_future(client.call("server", PORT, "hang", 1, timeout=60))
+        async with asyncio.timeout(10):
+            await started.wait()
+        peers["client"].trust.remove("server")
+        with pytest.raises(Unauthenticated) as info:
+            async with asyncio.timeout(10):  # a failure bound: checked every 0.25 s
+                await pending
+        assert info.value.info.reason == "PEER_REVOKED"
+        assert isinstance(info.value.__cause__, PeerRevokedError)
+        async with asyncio.timeout(10):
+            await cancelled.wait()
+
+
+@pytest.mark.parametrize("carrier", ["tcp"])
+async def test_revoking_a_caller_cancels_its_running_handlers(
+    net: tuple[Net, Transport, Transport], peers: TestPeers
+) -> None:
+    """The server removes the caller from its trust store: the caller's running handler
+    is cancelled, its call fails (the caller only sees its connection cut), and new
+    calls are refused at the handshake."""
+    n, server_transport, client_transport = net
+    started, cancelled = asyncio.Event(), asyncio.Event()
+    server = hanging_server(started, cancelled)
+    listener = await listen(n, server_transport)
+    options = ClientOptions(retry=RetryPolicy.disabled())
+    async with (
+        server.serve_in_background(listener),
+        RpcClient(client_transport, options=options) as client,
+    ):
+        pending = asyncio.ensure_future(client.call("server", PORT, "hang", 1, timeout=60))
+        async with asyncio.timeout(10):
+            await started.wait()
+        peers["server"].trust.remove("client")
+        async with asyncio.timeout(10):  # a failure bound: checked every 0.25 s
+            await cancelled.wait()
+        with pytest.raises(Unavailable):
+            async with asyncio.timeout(10):
+                await pending
+        with pytest.raises(Unauthenticated):
+            await client.call("server", PORT, "hang", 1, timeout=10)
+        assert server.inflight == 0

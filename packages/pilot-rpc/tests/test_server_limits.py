@@ -313,3 +313,140 @@ async def test_closing_a_connection_does_not_swallow_the_callers_cancellation() 
     assert closing.cancelled()
     await conn.aclose(flush_timeout=0.01)
     await server_end.aclose()
+
+
+# -- the deadline is answered whatever the handler does -------------------------------------------
+
+
+async def _read_frames(stream: MemoryStream, core: P.Connection, until: Any) -> list[P.Event]:
+    """Feed what ``stream`` delivers to ``core`` until ``until(events)`` holds."""
+    events: list[P.Event] = []
+    async with asyncio.timeout(TIMEOUT):
+        while not until(events):
+            data = await stream.read(65536)
+            assert data, "the server closed the connection"
+            events.extend(core.receive_data(data))
+    return events
+
+
+@pytest.mark.parametrize("kind", ["unary", "server_streaming"])
+async def test_a_deadline_is_answered_while_a_stubborn_handler_keeps_running(kind: str) -> None:
+    from pilot_rpc._types import MethodKind
+    from pilot_rpc.errors import StatusCode
+
+    server = RpcServer()
+    release = asyncio.Event()
+    caught: list[str] = []
+    ended: list[str] = []
+
+    async def stubborn() -> None:
+        # Catches every cancellation and carries on until the test releases it.
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                caught.append("cancelled")
+
+    @server.unary("stubborn")
+    async def stubborn_unary(request: Any, ctx: CallContext) -> Any:
+        await stubborn()
+        ended.append("unary")
+        return "late result"
+
+    @server.server_streaming("stubborn_stream")
+    async def stubborn_stream(request: Any, ctx: CallContext) -> Any:
+        await stubborn()
+        ended.append("stream")
+        yield "late item"
+
+    try:
+        listener = QueueListener()
+        async with server.serve_in_background(listener):
+            client_end, server_end = memory_stream_pair(fake_peer("caller"), fake_peer("server"))
+            listener.queue.put_nowait(server_end)
+            core = P.Connection(P.Role.CLIENT)
+            await client_end.write(core.data_to_send())
+            await _read_frames(
+                client_end, core, lambda evs: any(isinstance(e, P.HelloReceived) for e in evs)
+            )
+            if kind == "unary":
+                call_id = core.start_call("stubborn", MethodKind.UNARY, None, timeout=0.05)
+            else:
+                call_id = core.start_call(
+                    "stubborn_stream", MethodKind.SERVER_STREAMING, None, timeout=0.05
+                )
+            await client_end.write(core.data_to_send())
+
+            def answered(events: list[P.Event]) -> bool:
+                return any(getattr(e, "call_id", None) == call_id for e in events)
+
+            events = await _read_frames(client_end, core, answered)
+            (status,) = [e for e in events if getattr(e, "call_id", None) == call_id]
+            assert isinstance(status, P.ErrorReceived)
+            assert status.code == StatusCode.DEADLINE_EXCEEDED
+            # Answered while the handler still runs, having swallowed its cancellation.
+            assert caught == ["cancelled"]
+            assert ended == []
+            release.set()
+            async with asyncio.timeout(TIMEOUT):
+                while not ended:
+                    await asyncio.sleep(0)
+            assert ended == ["unary" if kind == "unary" else "stream"]
+            # The late result is discarded: a ping's round trip brings nothing more for the
+            # call, and the connection still serves.
+            core.ping(b"late-res")
+            await client_end.write(core.data_to_send())
+            events = await _read_frames(
+                client_end, core, lambda evs: any(isinstance(e, P.PongReceived) for e in evs)
+            )
+            assert not [e for e in events if getattr(e, "call_id", None) == call_id]
+            await client_end.aclose()
+    finally:
+        release.set()  # a failed test must not leave the handler running forever
+
+
+# -- a connection the remote side forgot ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("answered_meanwhile", [False, True])
+async def test_a_call_given_up_on_a_silent_connection_retires_it(answered_meanwhile: bool) -> None:
+    """A call that times out with nothing received since it was sent retires its pooled
+    connection (new calls dial afresh); a frame received meanwhile keeps it."""
+    from pilot_rpc._driver import ClientConnection
+    from pilot_rpc._types import MethodKind
+
+    client_end, server_end = memory_stream_pair(fake_peer("client"), fake_peer("server"))
+    server_core = P.Connection(P.Role.SERVER)
+    await server_end.write(server_core.data_to_send())  # hello, then silence
+    conn = ClientConnection(
+        client_end, P.Connection(P.Role.CLIENT), keepalive_interval=None,
+        keepalive_timeout=5.0, max_calls=8,
+    )  # fmt: skip
+    conn.start()
+    await conn.hello
+    call = conn.start_call("m", MethodKind.UNARY, b"x", None, None)
+    if answered_meanwhile:
+        # The server is alive: a pong arrives after the call was sent.
+        async with asyncio.timeout(TIMEOUT):
+            while not any(
+                isinstance(e, P.CallReceived)
+                for e in server_core.receive_data(await server_end.read(65536))
+            ):
+                pass
+        conn.core.ping(b"probe123")
+        conn.kick()
+        async with asyncio.timeout(TIMEOUT):
+            while True:  # until the server core answers the ping with its pong
+                server_core.receive_data(await server_end.read(65536))
+                pong = server_core.data_to_send()
+                if pong:
+                    await server_end.write(pong)
+                    break
+        async with asyncio.timeout(TIMEOUT):
+            while conn._last_recv < call.sent_at:  # pyright: ignore[reportPrivateUsage]
+                await asyncio.sleep(0)
+    conn.cancel(call)  # the caller gave up (its own deadline)
+    assert conn.going_away is (not answered_meanwhile)
+    assert conn.usable is answered_meanwhile
+    await conn.aclose(flush_timeout=0.1)
+    await server_end.aclose()

@@ -115,6 +115,8 @@ class _ConnectionBase:
         self._read_pause_above = 1 << 62
         self._reader_writes = False
         self._unfinished_timer: asyncio.TimerHandle | None = None
+        # Woken after every batch read (credit may have arrived) and when the connection ends.
+        self._read_waiters: list[asyncio.Future[None]] = []
 
     def start(self) -> None:
         self._reader = self.loop.create_task(self._read_loop())
@@ -237,6 +239,13 @@ class _ConnectionBase:
         except Exception as exc:
             self._lost(map_transport_error(exc, "connection lost while writing"))
 
+    def _wake_read_waiters(self) -> None:
+        waiters = self._read_waiters
+        self._read_waiters = []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     def _wake_drain_waiters(self) -> None:
         waiters = self._drain_waiters
         self._drain_waiters = []
@@ -286,6 +295,8 @@ class _ConnectionBase:
                         await self.wait_writable()
                 if core.unfinished_bytes and self._unfinished_timer is None:
                     self._watch_unfinished()
+                if self._read_waiters:
+                    self._wake_read_waiters()
                 if not data or core.closed:
                     break
         except asyncio.CancelledError:
@@ -366,6 +377,7 @@ class _ConnectionBase:
         self.closed.set_result(None)
         self.fail_all(self.close_error)
         self._wake_drain_waiters()
+        self._wake_read_waiters()
         self._shutdown = self.loop.create_task(self._shutdown_stream(abort=True))
 
     def fail_all(self, error: RpcError) -> None:
@@ -457,6 +469,7 @@ class ClientCall(_InboundItems):
         "future",
         "on_progress",
         "send_waiter",
+        "sent_at",
         "timer",
         "unacked",
     )
@@ -473,6 +486,7 @@ class ClientCall(_InboundItems):
         self.error: BaseException | None = None
         # Consumed item bytes not yet reported to the protocol (reported in batches).
         self.unacked = 0
+        self.sent_at = 0.0
 
 
 class ClientConnection(_ConnectionBase):
@@ -549,6 +563,7 @@ class ClientConnection(_ConnectionBase):
         except P.LocalProtocolError as exc:
             raise Unavailable(str(exc), retry_safe=True) from exc
         call = ClientCall(self, call_id)
+        call.sent_at = self.loop.time()
         calls = self.calls
         calls[call_id] = call
         if timeout is not None:
@@ -564,6 +579,7 @@ class ClientConnection(_ConnectionBase):
             return
         self.core.cancel_call(call.call_id)
         self.kick()
+        self._retire_if_silent(call)
         self._finish(call, DeadlineExceeded(f"deadline exceeded (budget {timeout:.3g} s)"))
 
     def cancel(self, call: ClientCall) -> None:
@@ -572,7 +588,23 @@ class ClientConnection(_ConnectionBase):
             return
         self.core.cancel_call(call.call_id)
         self.kick()
+        self._retire_if_silent(call)
         self._finish(call, Cancelled("call cancelled by the caller"))
+
+    def _retire_if_silent(self, call: ClientCall) -> None:
+        """A call given up with no frame received since it was sent: retire the connection.
+
+        The remote end may have forgotten the connection without a word (its host or
+        daemon restarted, a tunnel stalled): new calls go to a fresh connection, and
+        this one closes once its remaining calls end (or keepalive gives up on it).
+        A healthy but silent connection costs one new dial.
+        """
+        if not self.going_away and self._last_recv < call.sent_at:
+            logger.debug(
+                "retiring the connection to %s: nothing received since a call it gave up on",
+                _peer_name(self.peer),
+            )
+            self.going_away = True
 
     def _finish(self, call: ClientCall, error: BaseException | None, result: Any = None) -> None:
         call.done = True
@@ -772,6 +804,7 @@ class ServerCall(_InboundItems):
 
     __slots__ = (
         "_cancel_event",
+        "answered",
         "call_id",
         "cancel_reason",
         "conn",
@@ -793,6 +826,8 @@ class ServerCall(_InboundItems):
         self._cancel_event: asyncio.Event | None = None
         self.send_waiter: asyncio.Future[None] | None = None
         self.request_done = False
+        # The call's status went out before its handler ended (its deadline fired).
+        self.answered = False
 
     # The CallContext control protocol.
     @property
@@ -948,7 +983,7 @@ class ServerConnection(_ConnectionBase):
         loop = self.loop
         if event.timeout is not None:
             deadline = loop.time() + event.timeout
-            call.timer = loop.call_at(deadline, call.cancel, _DEADLINE)
+            call.timer = loop.call_at(deadline, self._deadline_fired, call)
         ctx = CallContext(
             peer=self.peer,
             method=event.method,
@@ -1025,7 +1060,14 @@ class ServerConnection(_ConnectionBase):
         finally:
             self._call_done(call)
         if call.cancel_reason is not None:
-            self._cancelled(call)  # the handler swallowed its cancellation: the status stands
+            # The handler swallowed its cancellation: the status stands (at a deadline it
+            # went out when the deadline fired) and the late result is discarded.
+            if call.answered:
+                logger.debug(
+                    "handler of %r returned after its call's deadline; result discarded",
+                    ctx.method,
+                )
+            self._cancelled(call)
             return
         try:
             core.send_reply(call_id, result)
@@ -1160,10 +1202,24 @@ class ServerConnection(_ConnectionBase):
             if self._idle_waiters:
                 self._on_call_done()
 
+    def _deadline_fired(self, call: ServerCall) -> None:
+        """The call's deadline: cancel its handler and answer DEADLINE_EXCEEDED at once.
+
+        The status does not wait for the handler to end: one that catches its
+        cancellation and keeps running cannot hold the caller past the deadline. Its
+        late result (or error) is discarded when it ends; the call stays counted as
+        in flight until then.
+        """
+        call.timer = None
+        call.cancel(_DEADLINE)
+        self._cancelled(call)
+
     def _cancelled(self, call: ServerCall) -> None:
         reason = call.cancel_reason
         if reason == _DEADLINE:
-            self._send_status(call, DeadlineExceeded("deadline exceeded on the server"))
+            if not call.answered:
+                call.answered = True
+                self._send_status(call, DeadlineExceeded("deadline exceeded on the server"))
         elif reason == _DRAIN:
             self._send_status(call, Unavailable("the server shut down before the call finished"))
         # _PEER_CANCEL: the client has forgotten the call. _LOST: nobody to tell.
@@ -1218,6 +1274,34 @@ class ServerConnection(_ConnectionBase):
         tasks = [call.task for call in self.calls.values() if call.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+
+    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait (bounded) until every reply and status queued is written into the stream.
+
+        Replies still waiting for the peer's credit count too (they leave as the peer
+        reads). Returns True when everything went out, False on timeout or when the
+        connection ended first. Cancellation propagates.
+        """
+        core = self.core
+        loop = self.loop
+        try:
+            async with asyncio.timeout(timeout):
+                while not self.closed.done():
+                    if core.pending_output or self._inline is not None:
+                        waiter = loop.create_future()
+                        self._drain_waiters.append(waiter)
+                        self.kick()
+                        await waiter
+                    elif core.active_calls:
+                        # Parts of replies wait for the peer's credit: wait for its next frames.
+                        waiter = loop.create_future()
+                        self._read_waiters.append(waiter)
+                        await waiter
+                    else:
+                        return True
+        except TimeoutError:
+            return False
+        return False
 
 
 class _ItemRejected(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pilot_transport import errors as transport_errors
 
 from pilot_rpc.errors import (
+    ErrorInfo,
     InvalidArgument,
     RpcError,
     Unauthenticated,
@@ -23,6 +24,14 @@ def map_transport_error(exc: BaseException, context: str, *, retry_safe: bool = 
     error: RpcError
     if isinstance(exc, RpcError):
         return exc
+    if isinstance(exc, transport_errors.PeerRevokedError):
+        # Our trust store no longer holds the peer: not a network failure to retry.
+        error = Unauthenticated(
+            f"{context}: the peer was removed from the trust store: {exc}",
+            info=ErrorInfo("PEER_REVOKED"),
+        )
+        error.__cause__ = exc
+        return error
     if isinstance(
         exc,
         transport_errors.PeerNotTrustedError

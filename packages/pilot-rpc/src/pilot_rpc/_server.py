@@ -349,7 +349,10 @@ class RpcServer:
         (clients send further calls elsewhere, and calls that crossed the GOAWAY
         are refused with a retry-safe ``Unavailable``). In-flight calls have up
         to ``timeout`` seconds; those still running are cancelled and their
-        callers get ``Unavailable``. Safe to call more than once; afterwards
+        callers get ``Unavailable``. Replies are then written out completely
+        (including parts waiting for the caller's credit) before each connection is
+        closed gracefully (the stream's ``aclose()``), within what is left of
+        ``timeout`` (at least 1 s). Safe to call more than once; afterwards
         the server serves no new connections (build a new one to serve again).
         Cancelling ``drain`` leaves the calls running; call :meth:`aclose`.
 
@@ -363,6 +366,7 @@ class RpcServer:
             conn.core.goaway(0, "server draining")
             conn.kick()
         loop = asyncio.get_running_loop()
+        ends = loop.time() + timeout
         if self.inflight:
             waiter = loop.create_future()
             self._idle_waiters.append(waiter)
@@ -374,6 +378,10 @@ class RpcServer:
             cut += conn.cancel_all(DRAIN_REASON)
         # Let the cut handlers send their status before the connections close.
         await asyncio.gather(*(conn.wait_calls(1.0) for conn in conns))
+        # Every reply (and status) is written out before its connection closes, within
+        # what is left of the drain window (at least a moment for the statuses of cut calls).
+        left = max(ends - loop.time(), 1.0)
+        await asyncio.gather(*(conn.flush(left) for conn in conns))
         await self._close_connections()
         return cut
 
