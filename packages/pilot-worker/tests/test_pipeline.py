@@ -208,6 +208,10 @@ async def test_rate_per_caller_sliding_window() -> None:
         assert details["reason"] == "rate_limit"
         assert details["limit"] == 2
         assert 0 < details["retry_after_secs"] <= 60
+        # The same facts as one structured ErrorInfo.
+        assert info.value.info.domain == "pilot-worker"
+        assert info.value.info.reason == "RATE_LIMIT"
+        assert info.value.info.metadata["limit"] == "2"
         # Another caller has its own window.
         assert await client.call("limited", 4, caller="bob") == 4
 

@@ -211,7 +211,7 @@ class CallPipeline:
             return result
         except RpcError as exc:
             code, message = exc.code.name, exc.message
-            reason = exc.details.get("reason")
+            reason = _attach_info(exc)
             raise
         except asyncio.CancelledError:
             code = self._cancel_code(call)
@@ -396,7 +396,7 @@ class CallPipeline:
                 yield self._encode(entry, self._check_output(entry, item))
         except RpcError as exc:
             code, message = exc.code.name, exc.message
-            reason = exc.details.get("reason")
+            reason = _attach_info(exc)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             code = self._cancel_code(call)
@@ -727,3 +727,30 @@ class _RefusedCall:
     def __init__(self, peer: PeerInfo, request_id: str) -> None:
         self.peer = peer
         self.request_id = request_id
+
+
+def _attach_info(exc: RpcError) -> str | None:
+    """Give a worker error its structured ``ErrorInfo``; return its reason.
+
+    The worker's own refusals name their cause in ``details["reason"]``
+    (``acl``, ``rate_limit``, ``timeout`` ...); they leave with
+    ``ErrorInfo(REASON, "pilot-worker", {scalar details as text})`` so a caller
+    matches on one structured field. An error that already carries an
+    ``ErrorInfo`` of its own (a handler's, pilot-rpc's) keeps it.
+    """
+    reason = exc.details.get("reason")
+    if not isinstance(reason, str) or not reason:
+        return None
+    info = exc.info
+    if info.domain == "pilot-rpc" and info.reason == exc.code.name and not info.metadata:
+        metadata = {
+            key: str(value)
+            for key, value in exc.details.items()
+            if key != "reason" and isinstance(value, str | int | float | bool)
+        }
+        exc.info = ErrorInfo(reason.upper()[:256], WORKER_ERROR_DOMAIN, metadata)
+    return reason
+
+
+WORKER_ERROR_DOMAIN = "pilot-worker"
+"""``ErrorInfo.domain`` of the worker's own refusals."""
