@@ -47,7 +47,10 @@ HANDLERS = str(Path(__file__).with_name("_journal_pool_handlers.py"))
 ROUNDS = 20
 WAIT = 60.0  # a failure bound only
 LEASE_SECS = 1.0
-SPARES = 1  # per worker name: it has a round or more to start before it is needed
+# Spare processes per worker name: enough that a spare has a few rounds to
+# start before it is needed (with two workers the same name is killed every
+# other round): 2 spares each with two workers, 1 with three.
+SPARES_ROUNDS = 4
 
 
 class State(TypedDict, total=False):
@@ -110,7 +113,8 @@ class Pool:
 
     def start_spares(self) -> None:
         for name in self.names:
-            self.spares[name] = [self.launch(name) for _ in range(SPARES)]
+            count = max(1, SPARES_ROUNDS // len(self.names))
+            self.spares[name] = [self.launch(name) for _ in range(count)]
 
     async def replace(self, name: str) -> None:
         """Swap the oldest spare of ``name`` in (once it serves) and start another."""
