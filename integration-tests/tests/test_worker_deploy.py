@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -123,6 +125,14 @@ def test_dockerfile() -> None:
     # The wheels it installs are workspace packages that exist.
     for dist in re.findall(r"--package (\S+)", (DEPLOY / "Dockerfile").read_text()):
         assert (DEPLOY.parent / "packages" / dist / "pyproject.toml").is_file(), dist
+    # pilot-worker comes with the extra the pool's --idempotency-store needs.
+    (install,) = [r for r in by_word["RUN"] if r.startswith("pip install")]
+    (worker_wheel,) = [w for w in shlex.split(install) if "pilot_worker-" in w]
+    assert worker_wheel.endswith("[journal-postgres]"), worker_wheel
+    extras = tomllib.loads(
+        (DEPLOY.parent / "packages" / "pilot-worker" / "pyproject.toml").read_text()
+    )["project"]["optional-dependencies"]
+    assert any(dep.startswith("psycopg") for dep in extras["journal-postgres"])
 
 
 def test_docker_compose() -> None:
@@ -230,6 +240,20 @@ def _store_tier_db(args: Any) -> str:
     return db
 
 
+def _journal_in_store_db(args: Any, store_db: str) -> None:
+    """The handler workers' journal lives in the store tier's database, no password."""
+    assert args.idempotency_store, "the pool's workers share an idempotency journal"
+    journal, store = urlsplit(args.idempotency_store), urlsplit(store_db)
+    assert journal.scheme in ("postgresql", "postgresql+psycopg"), journal  # psycopg 3
+    assert journal.password is None, "libpq reads PGPASSWORD"
+    assert (journal.username, journal.hostname, journal.port, journal.path) == (
+        store.username,
+        store.hostname,
+        store.port,
+        store.path,
+    )
+
+
 def test_pool_compose() -> None:
     doc = yaml.safe_load((DEPLOY / "compose" / "pool.yml").read_text())
     services = doc["services"]
@@ -264,6 +288,11 @@ def test_pool_compose() -> None:
         assert service["env_file"] == postgres["env_file"]
     (url,) = urls  # one database behind the whole tier
     assert "@postgres:5432/" in url
+    for name in workers:
+        service = services[name]
+        _journal_in_store_db(_parse_worker_args([str(a) for a in service["command"]]), url)
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert service["env_file"] == postgres["env_file"]
     assert postgres["environment"]["POSTGRES_USER"] == url.split("://")[1].split("@")[0]
     assert url.rsplit("/", 1)[1] == postgres["environment"]["POSTGRES_DB"]
     assert "ports" not in postgres, "PostgreSQL stays on the compose network"
@@ -354,3 +383,7 @@ def test_kubernetes_pool_manifests() -> None:
     assert pg_env["POSTGRES_USER"]["value"] == url.split("://", 1)[1].split("@", 1)[0]
     assert pg_env["POSTGRES_DB"]["value"] == url.rsplit("/", 1)[1]
     assert postgres_service["spec"].get("type", "ClusterIP") == "ClusterIP"
+
+    # The handler workers' idempotency journal: the same database and password.
+    _journal_in_store_db(_parse_worker_args([str(a) for a in worker["args"]]), url)
+    assert _env(worker)["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == password
