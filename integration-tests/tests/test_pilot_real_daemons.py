@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -28,6 +27,7 @@ from pilot_transport.errors import (
     StreamResetError,
 )
 from pilot_transport.testing import create_test_peers
+from pilot_worker.testing import WorkerProcess, start_worker_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _pilot_daemons import PilotNet, daemon_version, pilot_binaries
@@ -200,17 +200,15 @@ class PilotWorker:
         self.handlers = handlers
         self.extra = extra
         self.peers = create_test_peers(root / "keys", ["client", "worker"])
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: WorkerProcess | None = None
         self.ready = root / "worker.ready"
         self.log = root / "worker.log"
 
     def start(self, timeout: float = 120.0) -> None:
         self.peers.set_address("worker", self.net.daemons[1].address)
         worker = self.peers["worker"]
-        argv = [
-            sys.executable,
-            "-m",
-            "pilot_langgraph._worker_cli",
+        assert worker.identity.node_id
+        args = [
             "--transport",
             f"pilot://{self.net.daemons[1].socket}",
             "--identity",
@@ -219,34 +217,26 @@ class PilotWorker:
             str(self.root / "keys" / "worker" / "trust.json"),
             "--port",
             "5000",
-            "--ready-file",
-            str(self.ready),
             "--handlers",
             self.handlers,
             *self.extra,
         ]
-        assert worker.identity.node_id
         env = {k: v for k, v in os.environ.items() if not k.startswith("PILOT_")}
         env.update({"LG_WORKER": "pilot-worker", "LG_TEST_DIR": str(self.root)})
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-            )
-        deadline = time.monotonic() + timeout
-        while not (self.ready.exists() and self.ready.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
+        self.proc = start_worker_process(
+            args,
+            ready_file=self.ready,
+            module="pilot_langgraph._worker_cli",
+            env=env,
+            log_file=self.log,
+            name="pilot-worker",
+            capture=False,
+        )
+        self.proc.wait_ready_blocking(timeout)
 
     def stop(self) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        if self.proc is not None:
+            self.proc.stop_blocking(15)
 
 
 @pytest.fixture(scope="module")
