@@ -38,8 +38,15 @@ def to_jsonable(value: Any) -> Any:
 
 
 def _emit(record: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(record) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The demo that started this process has gone (its --timeout ran out):
+        # nobody is left to read, so leave quietly instead of with a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(1) from None
 
 
 async def _run(mode: str, thread_id: str, goal: str) -> None:

@@ -228,15 +228,18 @@ async def _main(workdir: Path, workers: list[WorkerProcess], deadline: float) ->
 
     env = _client_env(workdir)
     crash_thread = "demo-run-2"
-    children: list[_Child] = []
+    # Both graph processes load their code while the workers boot; each waits
+    # for a "go" before touching the network. The resuming one never sees the
+    # killed one: all it gets is the thread id. The spawns run as tasks of their
+    # own so that a --timeout landing mid-spawn still leaves a process handle to
+    # stop (a cancelled spawn would orphan a started process).
+    spawns = [
+        asyncio.ensure_future(_Child.spawn(mode, crash_thread, env, wait_for_go=True))
+        for mode in ("run", "resume")
+    ]
     try:
-        # Both graph processes load their code while the workers boot; each waits
-        # for a "go" before touching the network. The resuming one never sees the
-        # killed one: all it gets is the thread id.
-        crasher = await _Child.spawn("run", crash_thread, env, wait_for_go=True)
-        children.append(crasher)
-        resumer = await _Child.spawn("resume", crash_thread, env, wait_for_go=True)
-        children.append(resumer)
+        await asyncio.wait(spawns)
+        crasher, resumer = (task.result() for task in spawns)
         workers[:] = _start_workers(workdir)
         # Load the graph code while the workers boot, on a thread of its own: an import
         # cannot be cancelled, and --timeout must not wait for one.
@@ -286,8 +289,10 @@ async def _main(workdir: Path, workers: list[WorkerProcess], deadline: float) ->
         _phase("[4/4] same final state as a purely local run of the graph?")
         return _compare(resumer.final, to_jsonable(await _local_run()))
     finally:
-        for child in children:
-            await child.stop()
+        await asyncio.wait(spawns)
+        for task in spawns:
+            if not task.cancelled() and task.exception() is None:
+                await task.result().stop()
 
 
 def _short(value: Any, width: int = 44) -> str:
