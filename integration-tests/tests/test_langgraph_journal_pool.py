@@ -1,6 +1,9 @@
-"""A pool of ``pilot-langgraph-worker`` processes sharing one SQLite idempotency journal.
+"""A pool of ``pilot-langgraph-worker`` processes sharing one idempotency journal.
 
-Two and three workers (their own identities, on tcp:// loopback), one
+The journal is a SQLite file (the workers of one host) and, when
+``PILOT_TEST_POSTGRES_URL`` is set (``scripts/_postgres.sh`` in CI), a fresh
+PostgreSQL schema (the workers of many hosts). Two and three workers (their
+own identities, on tcp:// loopback), one
 ``PilotRemoteRunnable`` over the pool inside a LangGraph graph, and an
 ``idempotent=True`` handler whose idempotency key is LangGraph's task id.
 Twenty rounds each of:
@@ -29,7 +32,7 @@ import json
 import operator
 import os
 import signal
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
@@ -38,6 +41,7 @@ import pytest
 from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
+from pilot_checkpoint_sqlite.testing import scratch_postgres_schema
 from pilot_langgraph import PilotRemoteRunnable
 from pilot_transport import open_transport
 from pilot_transport.testing import TestPeers, create_test_peers
@@ -51,6 +55,11 @@ LEASE_SECS = 1.0
 # start before it is needed (with two workers the same name is killed every
 # other round): 2 spares each with two workers, 1 with three.
 SPARES_ROUNDS = 4
+POSTGRES_ENV = "PILOT_TEST_POSTGRES_URL"
+_NEEDS_POSTGRES = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(not os.environ.get(POSTGRES_ENV), reason=f"needs ${POSTGRES_ENV}"),
+]
 
 
 class State(TypedDict, total=False):
@@ -139,19 +148,42 @@ class Pool:
         return found
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2-workers", "3-workers"])
+@contextlib.contextmanager
+def journal_url(kind: str, tmp: Path) -> Generator[str]:
+    """The journal the pool shares: a SQLite file, or a fresh PostgreSQL schema."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp / 'journal.db'}"
+        return
+    with scratch_postgres_schema(os.environ[POSTGRES_ENV], prefix="journal_pool") as url:
+        yield url
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param((2, "sqlite"), id="2-workers"),
+        pytest.param((3, "sqlite"), id="3-workers"),
+        pytest.param((2, "postgres"), id="2-workers-postgres", marks=_NEEDS_POSTGRES),
+        pytest.param((3, "postgres"), id="3-workers-postgres", marks=_NEEDS_POSTGRES),
+    ],
+)
 def pool(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pool]:
-    size: int = request.param
-    tmp = tmp_path_factory.mktemp(f"journal-pool-{size}")
+    size, kind = request.param
+    tmp = tmp_path_factory.mktemp(f"journal-pool-{size}-{kind}")
     names = tuple(f"w{i + 1}" for i in range(size))
+    with journal_url(kind, tmp) as journal:
+        yield from _run_pool(tmp, names, journal)
+
+
+def _run_pool(tmp: Path, names: tuple[str, ...], journal: str) -> Iterator[Pool]:
     pool = Pool(
         tmp=tmp,
         peers=create_test_peers(tmp / "peers", ["client", *names]),
         names=names,
         effects=tmp / "effects.jsonl",
-        journal=f"sqlite:///{tmp / 'journal.db'}",
+        journal=journal,
     )
     try:
         first = [pool.launch(name) for name in names]

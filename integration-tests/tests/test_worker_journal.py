@@ -1,4 +1,4 @@
-"""Two real worker processes sharing one SQLite idempotency journal.
+"""Two real worker processes sharing one idempotency journal (SQLite, and PostgreSQL).
 
 (a) kill -9 of a worker after a recorded step: the retry on the other worker
     replays the step (its side effect ran once) and the caller gets the result;
@@ -6,7 +6,9 @@
 (c) two concurrent duplicates, one per worker, run the handler once.
 
 Side effects are lines appended to a file by the handler, so the test counts
-what really ran in which process.
+what really ran in which process. Every test runs on a SQLite journal file
+and, when ``PILOT_TEST_POSTGRES_URL`` is set (``scripts/_postgres.sh`` in CI),
+on a fresh PostgreSQL schema.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import json
 import os
 import signal
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pilot_checkpoint_sqlite.testing import scratch_postgres_schema
 from pilot_rpc import RpcClient, RpcError
 from pilot_transport import open_transport
 from pilot_transport.testing import TestPeers, create_test_peers
@@ -62,6 +65,7 @@ async def charge(req, ctx: Context):
 """
 
 WAIT = 60.0
+POSTGRES_ENV = "PILOT_TEST_POSTGRES_URL"
 
 
 @dataclass
@@ -100,20 +104,43 @@ class Pool:
         return found
 
 
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param(
+            "postgres",
+            marks=[
+                pytest.mark.postgres,
+                pytest.mark.skipif(
+                    not os.environ.get(POSTGRES_ENV), reason=f"needs ${POSTGRES_ENV}"
+                ),
+            ],
+        ),
+    ]
+)
+def journal_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The journal the workers share: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'journal.db'}"
+        return
+    with scratch_postgres_schema(os.environ[POSTGRES_ENV], prefix="journal") as url:
+        yield url
+
+
 @pytest.fixture
-def pool(tmp_path: Path) -> Pool:
+def pool(tmp_path: Path, journal_url: str) -> Pool:
     (tmp_path / "journal_handlers.py").write_text(textwrap.dedent(HANDLERS))
     peers = create_test_peers(tmp_path / "peers", ["client", "w1", "w2"])
     return Pool(
         tmp=tmp_path,
         peers=peers,
-        journal=f"sqlite:///{tmp_path / 'journal.db'}",
+        journal=journal_url,
         effects=tmp_path / "effects.jsonl",
     )
 
 
 @contextlib.asynccontextmanager
-async def worker(pool: Pool, name: str) -> AsyncIterator[WorkerProcess]:
+async def worker(pool: Pool, name: str) -> AsyncGenerator[WorkerProcess]:
     env = {**os.environ, "JOURNAL_TEST_EFFECTS": str(pool.effects)}
     async with run_worker_process(
         pool.args(name), ready_file=pool.tmp / f"{name}.ready", cwd=pool.tmp, env=env
@@ -123,7 +150,7 @@ async def worker(pool: Pool, name: str) -> AsyncIterator[WorkerProcess]:
 
 
 @contextlib.asynccontextmanager
-async def client_of(pool: Pool) -> AsyncIterator[RpcClient]:
+async def client_of(pool: Pool) -> AsyncGenerator[RpcClient]:
     peer = pool.peers["client"]
     async with open_transport(
         "tcp://127.0.0.1:0", identity=peer.identity_path, trust=peer.trust_path
