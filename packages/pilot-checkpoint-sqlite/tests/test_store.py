@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from langchain_core.runnables import RunnableConfig
@@ -23,9 +23,11 @@ from pilot_checkpoint_sqlite import (
     open_store,
 )
 from pilot_checkpoint_sqlite._schema import SCHEMA_VERSION, migrations_table
+from pilot_checkpoint_sqlite._store import WritesRecord
 from pilot_checkpoint_sqlite.errors import (
     CheckpointConfigError,
     CheckpointProtocolError,
+    CheckpointStoreError,
     CheckpointUsageError,
     StoreClosedError,
     StoreOverloadedError,
@@ -166,6 +168,58 @@ async def test_concurrent_writes_are_grouped_into_one_transaction(
         tup = await saver.aget_tuple(_config(f"{thread}-{i}"))
         assert tup is not None
         assert tup.checkpoint["channel_values"] == {"i": i}
+
+
+async def test_a_failing_write_in_a_grouped_batch_fails_alone(
+    saver: PilotCheckpointSaver, store: CheckpointStore
+) -> None:
+    # On PostgreSQL a batch of puts and pending writes is sent as one pipeline;
+    # a statement the database refuses must fail only its own request, with a
+    # store error, and every other request of the batch must still commit.
+    before = store.stats
+    gate = _Gate(store)
+    thread = str(uuid.uuid4())
+    good = [
+        asyncio.create_task(
+            saver.aput(
+                _config(f"{thread}-{i}"),
+                _checkpoint({"i": i}),
+                {"source": "loop", "step": 0},
+                {"i": 1},
+            )
+        )
+        for i in range(3)
+    ]
+    bad_record = WritesRecord(
+        thread_id=thread,
+        checkpoint_ns="",
+        checkpoint_id="cp",
+        task_id="task",
+        task_path="",
+        writes=[(0, cast(str, None), "json", b"{}")],  # channel is NOT NULL
+    )
+    bad = asyncio.create_task(store.put_writes("local", bad_record))
+    async with asyncio.timeout(WAIT):
+        while store._writer._queue.qsize() < 4:
+            await asyncio.sleep(0.005)
+    gate.release.set()
+    await asyncio.wait_for(asyncio.gather(*good), WAIT)
+    with pytest.raises(CheckpointStoreError):
+        await asyncio.wait_for(bad, WAIT)
+    after = store.stats
+    assert after["write_requests"] - before["write_requests"] == 5
+    for i in range(3):
+        tup = await saver.aget_tuple(_config(f"{thread}-{i}"))
+        assert tup is not None
+        assert tup.checkpoint["channel_values"] == {"i": i}
+    # The writer is healthy after the failure: the next write commits.
+    config = await saver.aput(
+        _config(thread), _checkpoint({"k": 1}), {"source": "loop", "step": 0}, {"k": 1}
+    )
+    await saver.aput_writes(config, [("k", 2)], "task")
+    tup = await saver.aget_tuple(config)
+    assert tup is not None
+    assert tup.pending_writes == [("task", "k", 2)]
 
 
 async def test_reads_are_not_blocked_by_an_open_write_transaction(

@@ -146,6 +146,14 @@ class _Db:
         if rows:
             self._ensure().executemany(statement.sql, [statement.params(r) for r in rows])
 
+    def send(self, statement: Compiled, values: Mapping[str, Any]) -> None:
+        """Execute a statement that returns no rows, without reading a result.
+
+        Inside a pipelined transaction (see :meth:`transaction`) this does not
+        wait for the server: the statement travels with the rest of the batch.
+        """
+        self._ensure().execute(statement.sql, statement.params(values))
+
     def execute(self, sql: str) -> None:
         self._ensure().execute(sql)
 
@@ -162,13 +170,28 @@ class _Db:
         except Exception:
             self.invalidate()
 
-    def transaction(self, begin: str, fn: Callable[[_Db], T]) -> T:
-        """Run ``fn`` in one transaction; translate driver errors."""
+    def transaction(self, begin: str, fn: Callable[[_Db], T], *, pipeline: bool = False) -> T:
+        """Run ``fn`` in one transaction; translate driver errors.
+
+        ``pipeline`` (PostgreSQL only; ``fn`` must only :meth:`send` and
+        :meth:`run_many`, never read rows): ``BEGIN``, every statement and
+        ``COMMIT`` go to the server in one pipeline, one round trip for the
+        whole transaction instead of one per statement. The server still runs
+        them in order in one transaction; an error in any of them aborts it
+        and surfaces here, before the transaction is reported committed.
+        """
         try:
-            self.execute(begin)
             try:
-                result = fn(self)
-                self.execute("COMMIT")
+                if pipeline and self.sql.name == "postgresql":
+                    self._ensure()
+                    with self._raw.driver_connection.pipeline():
+                        self.execute(begin)
+                        result = fn(self)
+                        self.execute("COMMIT")
+                else:
+                    self.execute(begin)
+                    result = fn(self)
+                    self.execute("COMMIT")
             except BaseException:
                 self.rollback_quietly()
                 raise
@@ -208,10 +231,12 @@ class _Db:
 
 
 class _Op:
-    __slots__ = ("fn", "future")
+    __slots__ = ("blind", "fn", "future")
 
-    def __init__(self, fn: Callable[[_Db], Any]) -> None:
+    def __init__(self, fn: Callable[[_Db], Any], *, blind: bool = False) -> None:
         self.fn = fn
+        self.blind = blind
+        """``fn`` only sends statements and reads nothing back: it may be pipelined."""
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
 
@@ -230,8 +255,10 @@ class _Writer:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[_Db], T]) -> concurrent.futures.Future[T]:
-        op = _Op(fn)
+    def submit(
+        self, fn: Callable[[_Db], T], *, blind: bool = False
+    ) -> concurrent.futures.Future[T]:
+        op = _Op(fn, blind=blind)
         with self._lock:
             if self._closed:
                 raise StoreClosedError("the checkpoint store is closed")
@@ -279,8 +306,11 @@ class _Writer:
         def _all(db: _Db) -> list[Any]:
             return [op.fn(db) for op in live]
 
+        # A batch of writes that read nothing back (puts, pending writes) goes
+        # to PostgreSQL as one pipeline: one round trip per transaction.
+        pipeline = all(op.blind for op in live)
         try:
-            results = self._db.transaction(self._begin, _all)
+            results = self._db.transaction(self._begin, _all, pipeline=pipeline)
         except BaseException as exc:
             if len(live) == 1:
                 live[0].future.set_exception(self._as_error(exc))
@@ -288,7 +318,7 @@ class _Writer:
             logger.debug("grouped write transaction failed (%s); retrying one by one", exc)
             for op in live:
                 try:
-                    result = self._db.transaction(self._begin, op.fn)
+                    result = self._db.transaction(self._begin, op.fn, pipeline=op.blind)
                 except BaseException as one_exc:
                     op.future.set_exception(self._as_error(one_exc))
                 else:
@@ -619,10 +649,12 @@ class CheckpointStore:
                     relay = self._relays[loop] = _Relay(loop)
         return relay
 
-    async def _write(self, fn: Callable[[_Db], T]) -> T:
+    async def _write(self, fn: Callable[[_Db], T], *, blind: bool = False) -> T:
+        # ``blind``: ``fn`` only sends statements (``_Db.send``/``run_many``) and
+        # reads no rows, so its transaction may be pipelined.
         if self._closed:
             raise StoreClosedError("the checkpoint store is closed")
-        return await self._relay().watch(self._writer.submit(fn))
+        return await self._relay().watch(self._writer.submit(fn, blind=blind))
 
     async def _read(self, fn: Callable[[_Db], T]) -> T:
         if self._closed:
@@ -669,9 +701,9 @@ class CheckpointStore:
             # Stamped on the writer, in commit order (retention relies on it).
             row["created_at"] = time.time()
             db.run_many(insert_blob, blob_rows)
-            db.run(insert_checkpoint, row)
+            db.send(insert_checkpoint, row)
 
-        await self._write(_op)
+        await self._write(_op, blind=True)
 
     async def put_writes(self, scope: str, record: WritesRecord) -> None:
         """Store a task's writes; existing ``(task_id, idx)`` are kept (special ones replaced)."""
@@ -700,7 +732,7 @@ class CheckpointStore:
         def _op(db: _Db) -> None:
             db.run_many(statement, rows)
 
-        await self._write(_op)
+        await self._write(_op, blind=True)
 
     async def delete_thread(self, scope: str, thread_id: str) -> None:
         """Delete every row of a thread (all namespaces). Idempotent."""
