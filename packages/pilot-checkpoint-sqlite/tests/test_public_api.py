@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import subprocess
+import sys
 
 import pilot_checkpoint_sqlite
 from pilot_checkpoint_sqlite import errors
@@ -20,6 +22,26 @@ def test_all_names_exist_and_every_public_name_is_listed() -> None:
         if not name.startswith("_") and not inspect.ismodule(value)
     }
     assert public == exported
+
+
+def test_a_process_that_only_runs_the_saver_loads_no_store_side_code() -> None:
+    # SQLAlchemy and pilot-worker are for the store worker; a graph process with
+    # the saver must not import them (start-up time, and objects its garbage
+    # collector scans on every full collection).
+    probe = (
+        "import sys\n"
+        "from pilot_checkpoint_sqlite import PilotCheckpointSaver, SaverOptions\n"
+        "PilotCheckpointSaver(\n"
+        "    peer='store', transport='tcp://127.0.0.1:0', options=SaverOptions()\n"
+        ")\n"
+        "print(sorted(m for m in ('sqlalchemy', 'pilot_worker') if m in sys.modules))\n"
+        "from pilot_checkpoint_sqlite import CheckpointStore\n"
+        "print(CheckpointStore.__module__, 'sqlalchemy' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.splitlines()
+    assert out == ["[]", "pilot_checkpoint_sqlite._store True"]
 
 
 def test_errors_module_lists_every_error_and_has_one_root() -> None:

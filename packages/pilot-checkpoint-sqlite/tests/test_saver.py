@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import uuid
@@ -320,3 +321,50 @@ def test_close_is_idempotent_and_final(sync_store: CheckpointStore) -> None:
     saver.close()
     with pytest.raises(StoreClosedError):
         saver.get_tuple(_config("t"))
+
+
+@pytest.mark.parametrize("peers", [["store"], ["store", "standby"]], ids=["one-peer", "tier"])
+async def test_a_remote_store_that_never_answers_times_out(
+    tmp_path: Path, peers: list[str]
+) -> None:
+    # The remote saver sets no timer of its own: the RPC deadline alone must end
+    # the request with StoreTimeoutError, on one peer and over a tier.
+    from pilot_checkpoint_sqlite import _wire
+    from pilot_transport import open_transport
+    from pilot_transport.testing import create_test_peers
+    from pilot_worker import HandlerSpec, WorkerConfig, WorkerServer
+
+    made = create_test_peers(tmp_path, ["graph", *peers])
+    hub = f"memory://saver-timeout-{uuid.uuid4().hex}"
+    entered: list[str] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for name in peers:
+            transport = await stack.enter_async_context(
+                open_transport(hub, identity=made[name].identity, trust=made[name].trust)
+            )
+            worker = WorkerServer(transport, WorkerConfig(port=5000))
+
+            async def hang(request: Any, ctx: Any, name: str = name) -> Any:
+                entered.append(name)
+                await asyncio.Event().wait()
+
+            worker.register(
+                HandlerSpec(name=_wire.handler_name(_wire.GET_TUPLE), fn=hang, timeout_secs=None)
+            )
+            await worker.start()
+            stack.push_async_callback(worker.aclose)
+        client = await stack.enter_async_context(
+            open_transport(hub, identity=made["graph"].identity, trust=made["graph"].trust)
+        )
+        saver = PilotCheckpointSaver(
+            peer=peers if len(peers) > 1 else peers[0],
+            port=5000,
+            transport=client,
+            options=SaverOptions(timeout=0.5),
+        )
+        stack.push_async_callback(saver.aclose)
+        async with asyncio.timeout(WAIT):  # a failure bound only
+            with pytest.raises(StoreTimeoutError):
+                await saver.aget_tuple(_config("t"))
+        assert entered
+        assert set(entered) <= set(peers)

@@ -22,11 +22,11 @@ from pilot_checkpoint_sqlite._options import (
 )
 from pilot_checkpoint_sqlite._saver import PilotCheckpointSaver
 from pilot_checkpoint_sqlite._serde import AllowlistSerializer
-from pilot_checkpoint_sqlite._service import CheckpointService
-from pilot_checkpoint_sqlite._store import CheckpointStore, open_store
 
 if _TYPE_CHECKING:
     from pilot_checkpoint_sqlite._plugin import register_store_handlers
+    from pilot_checkpoint_sqlite._service import CheckpointService
+    from pilot_checkpoint_sqlite._store import CheckpointStore, open_store
 
 __all__ = [
     "AllowlistSerializer",
@@ -48,11 +48,22 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # The worker-side helper imports pilot-worker; load it only when asked, so
-    # a process that only runs the saver does not pay for it.
-    if name == "register_store_handlers":
+    # The store side (SQLAlchemy) and the worker-side helper (pilot-worker) load
+    # only when asked: a process that only runs graphs with the saver does not
+    # pay for them, in start-up time nor in objects the garbage collector scans.
+    if name in ("CheckpointStore", "open_store"):
+        from pilot_checkpoint_sqlite import _store
+
+        value: object = getattr(_store, name)
+    elif name == "CheckpointService":
+        from pilot_checkpoint_sqlite._service import CheckpointService
+
+        value = CheckpointService
+    elif name == "register_store_handlers":
         from pilot_checkpoint_sqlite._plugin import register_store_handlers
 
-        globals()[name] = register_store_handlers
-        return register_store_handlers
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = register_store_handlers
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value

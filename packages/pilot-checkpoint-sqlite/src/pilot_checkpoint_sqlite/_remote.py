@@ -153,6 +153,16 @@ class RemoteBackend:
     loop_agnostic = True
     """The client keeps one connection pool per event loop: callable from any loop."""
 
+    bounded_by_timeout = True
+    """Every call ends within ``options.timeout`` (``StoreTimeoutError`` past it).
+
+    The RPC deadline covers reaching the store worker, every attempt and the
+    backoff between them (one peer: the RPC client's own; several: this
+    backend's), so the saver adds no timer of its own around it. Only opening
+    the client's transport on its first use runs under the transport's own
+    limits.
+    """
+
     def __init__(
         self,
         client: PilotClient | None,

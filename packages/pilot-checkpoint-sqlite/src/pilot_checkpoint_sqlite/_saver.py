@@ -189,6 +189,9 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
         # A loop-agnostic backend (the remote one, an in-process store) is called on
         # the caller's own loop; anything else on one private loop.
         self._direct = bool(getattr(self._backend, "loop_agnostic", False))
+        # A backend whose calls end within ``options.timeout`` by themselves (the
+        # remote one: the RPC deadline spans every attempt) needs no second timer.
+        self._self_bounded = bool(getattr(self._backend, "bounded_by_timeout", False))
         if backend is not None:
             from pilot_rpc import PilotClient
 
@@ -230,6 +233,9 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
         return await runner.run_async(lambda: self._invoke(method, payload, key))
 
     async def _invoke(self, method: str, payload: dict[str, Any], key: str | None) -> Any:
+        if self._self_bounded:
+            # Hot path: one timer per request (the RPC deadline), not two.
+            return await self._backend.call(method, payload, idempotency_key=key)
         try:
             async with asyncio.timeout(self.options.timeout):
                 return await self._backend.call(method, payload, idempotency_key=key)
