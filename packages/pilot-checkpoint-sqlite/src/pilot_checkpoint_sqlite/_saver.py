@@ -226,6 +226,9 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
         if self._closed:
             raise StoreClosedError("the checkpoint saver is closed")
         if self._direct:
+            if self._self_bounded:
+                # Hot path: one timer per request (the RPC deadline), not two.
+                return await self._backend.call(method, payload, idempotency_key=key)
             return await self._invoke(method, payload, key)
         runner = self._runner
         assert runner is not None
