@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import sqlite3
 import statistics
 import sys
@@ -80,10 +81,18 @@ class Result:
     """CPU time of this (the client) process over the whole cell, warm-up included."""
     all_ops: int = 0
     """Operations completed over the whole cell, warm-up included."""
+    store_cpu_seconds: float | None = None
+    """CPU time of the store worker process over the cell (remote savers, on Linux)."""
 
     @property
     def cpu_ms_per_op(self) -> float:
         return self.cpu_seconds * 1000 / self.all_ops if self.all_ops else float("nan")
+
+    @property
+    def store_cpu_ms_per_op(self) -> float:
+        if self.store_cpu_seconds is None or not self.all_ops:
+            return float("nan")
+        return self.store_cpu_seconds * 1000 / self.all_ops
 
     @property
     def rate(self) -> float:
@@ -188,6 +197,32 @@ def measure_threads(
 
 # ----------------------------------------------------------------- savers
 
+STORE_PIDS: dict[int, int] = {}
+"""id() of a remote saver -> PID of its store worker process (for its CPU time)."""
+
+
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has used so far; None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure_cell(
+    saver: object,
+    run: Callable[[], Awaitable[Result]],
+) -> Result:
+    """Run one cell; for a remote saver, add its store worker's CPU time over it."""
+    pid = STORE_PIDS.get(id(saver))
+    before = None if pid is None else process_cpu(pid)
+    result = await run()
+    after = None if pid is None else process_cpu(pid)
+    if before is not None and after is not None:
+        result.store_cpu_seconds = after - before
+    return result
+
 
 @asynccontextmanager
 async def remote_saver(workdir: Path) -> AsyncIterator[PilotCheckpointSaver]:
@@ -209,6 +244,7 @@ async def remote_saver(workdir: Path) -> AsyncIterator[PilotCheckpointSaver]:
             identity=peers["bench-client"].identity_path,
             trust=peers["bench-client"].trust_path,
         )
+        STORE_PIDS[id(saver)] = worker.pid
         try:
             yield saver
             info = await saver._acall("info", {})
@@ -311,6 +347,10 @@ def raw_ops(saver: BaseCheckpointSaver[Any]) -> dict[str, Callable[[int, int], A
     return {"aput": put, "aget_tuple": get, "alist(limit=5)": lst}
 
 
+def fmt_ms(value: float) -> str:
+    return f"{value:.2f}" if math.isfinite(value) else "-"
+
+
 def merge(into: dict[str, Result], name: str, result: Result) -> None:
     total = into.setdefault(name, Result(0, 0.0))
     total.ops += result.ops
@@ -318,6 +358,8 @@ def merge(into: dict[str, Result], name: str, result: Result) -> None:
     total.latencies.extend(result.latencies)
     total.cpu_seconds += result.cpu_seconds
     total.all_ops += result.all_ops
+    if result.store_cpu_seconds is not None:
+        total.store_cpu_seconds = (total.store_cpu_seconds or 0.0) + result.store_cpu_seconds
 
 
 async def main(argv: list[str] | None = None) -> int:
@@ -357,9 +399,12 @@ async def main(argv: list[str] | None = None) -> int:
                 ops = {name: graph_op(saver, is_async) for name, saver, is_async in opened}
                 for r in range(rounds):
                     order = opened[r % len(opened) :] + opened[: r % len(opened)]
-                    for name, _, is_async in order:
+                    for name, saver, is_async in order:
                         if is_async:
-                            result = await measure_async(ops[name], c, seconds, warmup)
+                            result = await measure_cell(
+                                saver,
+                                lambda name=name: measure_async(ops[name], c, seconds, warmup),  # noqa: B023
+                            )
                         else:
                             result = await asyncio.to_thread(
                                 measure_threads, ops[name], c, seconds, warmup
@@ -388,7 +433,7 @@ async def main(argv: list[str] | None = None) -> int:
     )
     header = (
         f"{'saver':34} {'c=1 inv/s':>10} {'c=1 p50 ms':>11} {f'c={high} inv/s':>12}"
-        f" {f'c={high} CPU ms/inv':>17}"
+        f" {f'c={high} CPU ms/inv':>17} {'store CPU ms/inv':>17}"
     )
     print(header)
     print("-" * len(header))
@@ -396,11 +441,11 @@ async def main(argv: list[str] | None = None) -> int:
         one, many = graph_rows[1][name], graph_rows[high][name]
         print(
             f"{name:34} {one.rate:10.1f} {one.p50_ms:11.2f} {many.rate:12.1f}"
-            f" {many.cpu_ms_per_op:17.2f}"
+            f" {many.cpu_ms_per_op:17.2f} {fmt_ms(many.store_cpu_ms_per_op):>17}"
         )
     print(
         "  (CPU ms/inv: this process's CPU time per graph invocation; for the remote"
-        " saver the client-side cost, the store worker's CPU not included)"
+        " saver the client-side cost. store CPU ms/inv: the store worker process's)"
     )
     print()
     op_names = ["aput", "aget_tuple", "alist(limit=5)"]
