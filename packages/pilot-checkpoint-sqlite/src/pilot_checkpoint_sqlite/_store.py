@@ -146,6 +146,27 @@ class _Db:
         if rows:
             self._ensure().executemany(statement.sql, [statement.params(r) for r in rows])
 
+    def run_batch(self, items: Sequence[tuple[Compiled, Mapping[str, Any]]]) -> list[list[Any]]:
+        """Run independent statements; their rows, in order.
+
+        On PostgreSQL they travel as one pipeline (one round trip for all, each
+        on its own cursor) inside the current transaction; elsewhere they run
+        one after another.
+        """
+        if self.sql.name != "postgresql" or len(items) < 2:
+            return [self.run(statement, values) for statement, values in items]
+        self._ensure()
+        conn = self._raw.driver_connection
+        cursors = [conn.cursor() for _ in items]
+        try:
+            with conn.pipeline():
+                for cursor, (statement, values) in zip(cursors, items, strict=True):
+                    cursor.execute(statement.sql, statement.params(values))
+            return [c.fetchall() if c.description is not None else [] for c in cursors]
+        finally:
+            for cursor in cursors:
+                cursor.close()
+
     def send(self, statement: Compiled, values: Mapping[str, Any]) -> None:
         """Execute a statement that returns no rows, without reading a result.
 
@@ -1170,6 +1191,21 @@ class CheckpointStore:
     def _full_row(self, db: _Db, scope: str, row: Sequence[Any]) -> dict[str, Any]:
         (thread_id, ns, cid, parent, cp_type, cp, md_type, md, versions_json) = row
         where = {"scope": scope, "thread_id": thread_id, "checkpoint_ns": ns}
+        # One blob lookup per channel and the writes query are independent: one
+        # batch (a single round trip on PostgreSQL).
+        versions = _versions(versions_json)
+        blob = self._sql.blob()
+        items: list[tuple[Compiled, Mapping[str, Any]]] = [
+            (blob, {**where, "channel": channel, "version": version})
+            for channel, version in versions.items()
+        ]
+        items.append((self._sql.writes_of(), {**where, "checkpoint_id": cid}))
+        *blob_rows, write_rows = db.run_batch(items)
+        blobs_out = [
+            [channel, found[0][0], bytes(found[0][1])]
+            for channel, found in zip(versions, blob_rows, strict=True)
+            if found
+        ]
         return {
             "thread_id": thread_id,
             "checkpoint_ns": ns,
@@ -1177,8 +1213,8 @@ class CheckpointStore:
             "parent_checkpoint_id": parent,
             "checkpoint": [cp_type, bytes(cp)],
             "metadata": [md_type, bytes(md)],
-            "blobs": [list(b) for b in self._load_blobs(db, where, _versions(versions_json))],
-            "writes": [list(w) for w in self._load_writes(db, {**where, "checkpoint_id": cid})],
+            "blobs": blobs_out,
+            "writes": [list(w) for w in _sorted_writes(write_rows)],
         }
 
     def _load_blobs(
@@ -1193,11 +1229,14 @@ class CheckpointStore:
         return out
 
     def _load_writes(self, db: _Db, where: Mapping[str, Any]) -> list[tuple[str, str, str, bytes]]:
-        rows = db.run(self._sql.writes_of(), where)
-        # writes_sort_key order, computed here (not in SQL) so it is the same
-        # bytewise string order on every database and collation.
-        rows.sort(key=lambda r: (r[0], r[1], r[2]))
-        return [(r[1], r[3], r[4], bytes(r[5])) for r in rows]
+        return _sorted_writes(db.run(self._sql.writes_of(), where))
+
+
+def _sorted_writes(rows: list[Any]) -> list[tuple[str, str, str, bytes]]:
+    # writes_sort_key order, computed here (not in SQL) so it is the same
+    # bytewise string order on every database and collation.
+    rows.sort(key=lambda r: (r[0], r[1], r[2]))
+    return [(r[1], r[3], r[4], bytes(r[5])) for r in rows]
 
 
 def _versions(raw: str) -> dict[str, str]:
