@@ -124,6 +124,10 @@ class _Db:
         self._raw: Any = None
         self._cursor: Any = None
         self._dbapi: Any = engine.dialect.loaded_dbapi
+        # Inside a pipelined read transaction: every run() is a SELECT whose
+        # rows are fetched explicitly (a pipelined cursor has no description
+        # until its result is fetched).
+        self._piped_reads = False
 
     def _ensure(self) -> Any:
         if self._cursor is None:
@@ -138,6 +142,8 @@ class _Db:
     def run(self, statement: Compiled, values: Mapping[str, Any]) -> list[Any]:
         cursor = self._ensure()
         cursor.execute(statement.sql, statement.params(values))
+        if self._piped_reads:
+            return cursor.fetchall()
         if cursor.description is None:
             return []
         return cursor.fetchall()
@@ -159,6 +165,11 @@ class _Db:
         conn = self._raw.driver_connection
         cursors = [conn.cursor() for _ in items]
         try:
+            if self._piped_reads:
+                # Already in a pipeline: queue them all, then fetch (one flush).
+                for cursor, (statement, values) in zip(cursors, items, strict=True):
+                    cursor.execute(statement.sql, statement.params(values))
+                return [c.fetchall() for c in cursors]
             with conn.pipeline():
                 for cursor, (statement, values) in zip(cursors, items, strict=True):
                     cursor.execute(statement.sql, statement.params(values))
@@ -191,7 +202,14 @@ class _Db:
         except Exception:
             self.invalidate()
 
-    def transaction(self, begin: str, fn: Callable[[_Db], T], *, pipeline: bool = False) -> T:
+    def transaction(
+        self,
+        begin: str,
+        fn: Callable[[_Db], T],
+        *,
+        pipeline: bool = False,
+        reads: bool = False,
+    ) -> T:
         """Run ``fn`` in one transaction; translate driver errors.
 
         ``pipeline`` (PostgreSQL only; ``fn`` must only :meth:`send` and
@@ -200,15 +218,24 @@ class _Db:
         whole transaction instead of one per statement. The server still runs
         them in order in one transaction; an error in any of them aborts it
         and surfaces here, before the transaction is reported committed.
+
+        ``reads`` (PostgreSQL only; ``fn`` must only :meth:`run` SELECTs and
+        :meth:`run_batch`): the transaction runs in a pipeline too; each
+        ``run`` fetches its rows (one round trip, ``BEGIN`` riding along with
+        the first), and ``COMMIT`` goes with the pipeline's end.
         """
         try:
             try:
-                if pipeline and self.sql.name == "postgresql":
+                if (pipeline or reads) and self.sql.name == "postgresql":
                     self._ensure()
                     with self._raw.driver_connection.pipeline():
-                        self.execute(begin)
-                        result = fn(self)
-                        self.execute("COMMIT")
+                        self._piped_reads = reads
+                        try:
+                            self.execute(begin)
+                            result = fn(self)
+                            self.execute("COMMIT")
+                        finally:
+                            self._piped_reads = False
                 else:
                     self.execute(begin)
                     result = fn(self)
@@ -405,7 +432,7 @@ class _Readers:
                 if not op.future.set_running_or_notify_cancel():
                     continue
                 try:
-                    result = db.transaction(self._begin, op.fn)
+                    result = db.transaction(self._begin, op.fn, reads=True)
                 except BaseException as exc:
                     op.future.set_exception(
                         exc if isinstance(exc, Exception) else db.translate(exc)
