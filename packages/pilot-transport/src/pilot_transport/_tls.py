@@ -89,7 +89,11 @@ _READ_CHUNK = 256 * 1024
 _WRITE_CHUNK = 256 * 1024
 """Plaintext encrypted per carrier write: bounds memory, lets backpressure act."""
 _MAX_READ = 1024 * 1024
-"""Largest single read: ``SSLObject.read(n)`` allocates ``n`` bytes up front."""
+"""Largest single read."""
+_RECORD_READ = 16 * 1024
+"""Plaintext asked of one ``SSLObject.read`` call. A call returns at most one TLS
+record (at most 16 KiB of plaintext) but allocates its whole ``n`` up front: a
+256 KiB request costs about 17 us against 2 us for 16 KiB, per record."""
 _CLOSE_NOTIFY_TIMEOUT = 1.0
 _IGNORE_UNEXPECTED_EOF: int = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
 _TRUNCATION_REASONS = frozenset(
@@ -637,7 +641,7 @@ class SecureStream:
                 # SSL_read that can only fail with WANT_READ.
                 await self._receive()
             try:
-                data = sslobj.read(max_bytes)
+                data = sslobj.read(min(max_bytes, _RECORD_READ))
             except ssl.SSLWantReadError:
                 continue  # a partial record: OpenSSL kept it, fetch the rest
             except ssl.SSLZeroReturnError:
@@ -650,7 +654,7 @@ class SecureStream:
             if not data:
                 self._eof_received = True
                 return b""
-            if len(data) < max_bytes and incoming.pending:
+            if len(data) < max_bytes and (incoming.pending or sslobj.pending()):
                 data = self._gather(data, max_bytes)
             return data
 
@@ -681,7 +685,7 @@ class SecureStream:
         incoming = self._incoming
         while size < max_bytes and (incoming.pending or sslobj.pending()):
             try:
-                more = sslobj.read(max_bytes - size)
+                more = sslobj.read(min(max_bytes - size, _RECORD_READ))
             except ssl.SSLWantReadError:
                 break  # a partial record: the next read fetches the rest
             except ssl.SSLZeroReturnError:
@@ -794,7 +798,7 @@ class SecureStream:
         if self._incoming.pending and not self._read_lock.locked():
             while True:
                 try:
-                    more = self._sslobj.read(_READ_CHUNK)
+                    more = self._sslobj.read(_RECORD_READ)
                 except ssl.SSLError:
                     break
                 if not more:
