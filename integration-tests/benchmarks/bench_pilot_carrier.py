@@ -421,38 +421,52 @@ async def main(quick: bool, double: bool) -> None:
         # The concurrent streams are opened once per variant and reused every round:
         # the daemon admits only about 8 new connections a second after a burst.
         pacer = _DialPacer(48, 6.0)
-        concurrent: dict[str, list[Pair]] = {}
-        for name, opener in variants.items():
+
+        async def open_many(opener: Callable[[], Awaitable[Pair]]) -> list[Pair]:
             pairs: list[Pair] = []
             for _ in range(many):
                 await pacer.acquire()
                 pairs.append(await opener())
-            concurrent[name] = pairs
+            return pairs
+
+        concurrent: dict[str, list[Pair]] = {}
+        for name, opener in variants.items():
+            concurrent[name] = await open_many(opener)
         order = list(variants.items())
         failures: list[str] = []
+
+        async def measured(label: str, figure: Awaitable[float]) -> float | None:
+            # Under heavy load the daemon has now and then ended a stream mid-run
+            # (seen with raw streams to the bare server): report it, keep going.
+            try:
+                return await figure
+            except (StreamError, EOFError) as exc:
+                failures.append(f"round {round_number + 1}: {label} failed: {exc!r}")
+                return None
+
         for round_number in range(rounds):
             # rotate the order each round so no variant always runs first or last
             shift = round_number % len(order)
             for name, opener in order[shift:] + order[:shift]:
                 await pacer.acquire()
                 pair = await opener()
-                rt = await ping_pong(pair, seconds)
+                rt = await measured(f"{name} c=1", ping_pong(pair, seconds))
                 await pair.close()
-                rt_many = await ping_pong_many(concurrent[name], seconds)
+                rt_many = await measured(
+                    f"{name} c={many}", ping_pong_many(concurrent[name], seconds)
+                )
+                if rt_many is None:  # a stream of the set broke: a fresh set next round
+                    for broken in concurrent[name]:
+                        await broken.close()
+                    concurrent[name] = await open_many(opener)
                 await pacer.acquire()
                 pair = await opener()
-                try:
-                    mb = await bulk(pair, bulk_total)
-                except (StreamError, EOFError) as exc:
-                    # Seen once with the raw stream to the bare server under heavy load
-                    # (the daemon ended the stream mid-transfer): report, keep going.
-                    failures.append(f"round {round_number + 1}: {name} bulk failed: {exc!r}")
-                    mb = 0.0
+                mb = await measured(f"{name} bulk", bulk(pair, bulk_total))
                 await pair.close()
                 best = results[name]
-                best.rt_s = max(best.rt_s, rt)
-                best.rt_many = max(best.rt_many, rt_many)
-                best.mb_s = max(best.mb_s, mb)
+                best.rt_s = max(best.rt_s, rt or 0.0)
+                best.rt_many = max(best.rt_many, rt_many or 0.0)
+                best.mb_s = max(best.mb_s, mb or 0.0)
             best = results[rpc_name]
             best.rt_s = max(best.rt_s, await rpc_calls(rpc_client, 1, seconds))
             best.rt_many = max(best.rt_many, await rpc_calls(rpc_client, many, seconds))
