@@ -134,6 +134,45 @@ async def test_stream_conformance(net: Net) -> None:
     await check_stream_conformance(make_pair, large_size=1024 * 1024)
 
 
+async def test_ping_pong_never_sends_a_grant_on_its_own(net: Net) -> None:
+    # A credit grant sent as its own Send, followed by the next data Send, is a
+    # Nagle stall in the real daemon (6-40 ms every 64 KiB read): grants must
+    # ride on data. 2,000 round trips of 200 bytes cross the grant threshold
+    # (a quarter of the 256 KiB window) several times on each side.
+    await net.echo_server(5000)
+    stream = await net.ca.dial(net.target(), 5000)
+    for i in range(2000):
+        message = hashlib.sha256(b"%d" % i).digest() * 6 + b"12345678"
+        await stream.write(message)
+        assert await read_exactly(stream, len(message)) == message
+    assert net.a.nagle_stalls == 0
+    assert net.b.nagle_stalls == 0
+    await stream.aclose()
+
+
+async def test_the_double_counts_a_small_send_that_follows_an_unanswered_one(
+    net: Net,
+) -> None:
+    net.a.nagle_window = 3600.0  # no time limit: the pattern alone counts
+    listener = await net.cb.bind(5000)
+    client = await net.ca.dial(net.target(), 5000)
+    server = await listener.accept()
+    await client.write(b"one")  # carries the client's first grant: one Send
+    assert await read_exactly(server, 3) == b"one"
+    assert net.a.nagle_stalls == 0
+    await client.write(b"two")  # the server has sent nothing since "one"
+    assert await read_exactly(server, 3) == b"two"
+    assert net.a.nagle_stalls == 1
+    await server.write(b"ack")
+    assert await read_exactly(client, 3) == b"ack"
+    await client.write(b"three")  # answered by "ack": not held
+    assert await read_exactly(server, 5) == b"three"
+    assert net.a.nagle_stalls == 1
+    assert net.b.nagle_stalls == 0
+    await client.aclose()
+    await server.aclose()
+
+
 async def test_many_streams_no_cross_talk(net: Net) -> None:
     await net.echo_server(5000)
 
@@ -232,6 +271,9 @@ async def test_a_reader_that_stops_holds_back_only_its_own_writer(net: Net) -> N
     other_writer = asyncio.create_task(fast_client.write(other))
     assert await read_exactly(fast_server, len(other)) == other
     await other_writer
+    # A reader that never writes still grants its whole window (its grants wait
+    # for a write of its own only while the writer has half the window left).
+    await eventually(lambda: slow_server._rx_bytes == net.cb.options.stream_window)
     assert not writer.done(), "the writer should be waiting for credit"
     assert slow_server._rx_bytes <= net.cb.options.stream_window
     assert await read_exactly(slow_server, len(data)) == data

@@ -250,3 +250,24 @@ async def test_failed_handshake_logs_nothing_secret(caplog: pytest.LogCaptureFix
     caplog.set_level(logging.DEBUG)
     await _shake(TLSConfig(MALLORY, _store(("bob", BOB))), TLSConfig(BOB, _store()))
     assert "PRIVATE KEY" not in caplog.text
+
+
+async def test_a_large_read_returns_every_record_already_received() -> None:
+    # OpenSSL hands out one record (at most 16 KiB) per call; a read asking for
+    # more gathers the records already buffered into one result.
+    client, server = await _shake(
+        TLSConfig(ALICE, _store(("bob", BOB))), TLSConfig(BOB, _store(("alice", ALICE)))
+    )
+    assert isinstance(client, SecureStream)
+    assert isinstance(server, SecureStream)
+    data = bytes(range(256)) * 400  # 100 KiB: seven records
+    await client.write(data)
+    await client.write_eof()
+    got = await server.read(1 << 20)
+    assert len(got) > 16 * 1024
+    rest = bytearray()
+    while more := await server.read(1 << 20):
+        rest += more
+    assert got + rest == data
+    await client.aclose()
+    await server.aclose()

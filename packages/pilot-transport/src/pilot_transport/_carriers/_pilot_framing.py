@@ -141,6 +141,20 @@ class FramingDecoder:
         self.eof = False
         self.eof_acked = False
 
+    def feed_plain(self, chunk: bytes) -> bool:
+        """Take ``chunk`` as it is if it is nothing but data (the common case).
+
+        Returns True when ``chunk`` holds no escape, nothing is held back from
+        the previous chunk and it cannot end inside an escape: the chunk is then
+        the data, unchanged, and the decoder's state is updated as :meth:`feed`
+        would update it. Returns False, with nothing changed, otherwise: call
+        :meth:`feed` instead.
+        """
+        if not chunk or self._pending or self.eof or ESC in chunk or chunk.endswith((b"S", b"SA")):
+            return False
+        self._noops = 0
+        return True
+
     def feed(self, chunk: bytes) -> Decoded:
         """Decode one chunk.
 

@@ -87,6 +87,7 @@ MAX_DATAGRAM = 65_535
 """Largest ``SendTo`` payload; the daemon drops bigger ones with an async Error."""
 
 _HEADER = struct.Struct(">IB")
+_SEND_HEADER = struct.Struct(">IBI")  # length, command, conn id: a Send frame's first 9 bytes
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _ACCEPT = struct.Struct(">HIHIH")  # local_port, conn_id, remote net, remote node, remote port
@@ -219,6 +220,12 @@ class FrameDecoder:
         if self._broken:
             raise IpcProtocolError("decoder used after a framing error")
         buf = self._buf
+        if not buf and len(data) >= 5:
+            # The common case: nothing held back and the read is exactly one
+            # whole frame. Slice it straight out (one copy, no buffering).
+            (length,) = _U32.unpack_from(data)
+            if length == len(data) - 4 and 0 < length <= self.max_frame:
+                return [Frame(data[4], bytes(data[5:]))]
         buf += data
         frames: list[Frame] = []
         pos = 0
@@ -359,7 +366,7 @@ def dial(address: Address, port: int) -> bytes:
 
 def send(conn_id: int, data: bytes | bytearray | memoryview) -> bytes:
     """One ``Send`` frame; ``data`` must be at most :data:`MAX_SEND_DATA` bytes."""
-    return _HEADER.pack(5 + len(data), Cmd.SEND) + _U32.pack(conn_id) + data
+    return _SEND_HEADER.pack(5 + len(data), Cmd.SEND, conn_id) + data
 
 
 def close(conn_id: int) -> bytes:

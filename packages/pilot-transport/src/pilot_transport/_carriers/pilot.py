@@ -106,6 +106,8 @@ DEFAULT_SOCKET_PATH: Final = "/tmp/pilot.sock"  # noqa: S108  # the daemon's doc
 """Where the Pilot daemon listens unless configured otherwise."""
 
 _U32 = struct.Struct(">I")
+_RECV_HEAD = struct.Struct(">IBI")  # length, command, conn id: a Recv frame's first 9 bytes
+_RECV = int(ipc.Cmd.RECV)
 _MAX_FRAMED_CHUNK = (ipc.MAX_SEND_DATA - len(NOOP)) * 3 // 4
 """Data bytes whose encoding (at most 4/3 of them, plus a no-op) fits one Send frame,
 so every Send carries a whole encoded chunk and nothing can land inside an escape."""
@@ -286,6 +288,11 @@ class _IpcConnection(asyncio.Protocol):
             raise DaemonUnavailableError(_LOST)
         self._transport.write(frame)
 
+    @property
+    def paused(self) -> bool:
+        """Whether the socket's write buffer is above its high-water mark."""
+        return self._paused
+
     async def drain(self) -> None:
         """Wait while the socket's write buffer is above its high-water mark."""
         while self._paused and not self.closed:
@@ -353,6 +360,23 @@ class _StreamHost(_IpcConnection):
         self.bound_port: int | None = None
         self.stray_errors = 0
 
+    def data_received(self, data: bytes) -> None:
+        # Fast path: a read that is exactly one whole Recv frame with nothing held
+        # back (one ping, one reply): hand its data over without the decoder.
+        if (
+            len(data) > 9
+            and data[4] == _RECV
+            and not self._decoder.buffered
+            and self.lost_error is None
+        ):
+            length, _, conn_id = _RECV_HEAD.unpack_from(data)
+            if length == len(data) - 4 and length <= ipc.MAX_FRAME:
+                stream = self.streams.get(conn_id)
+                if stream is not None:
+                    stream._on_segment(data[9:])
+                return
+        super().data_received(data)
+
     def handle_frames(self, frames: list[ipc.Frame]) -> None:
         # Consecutive Recv frames of one stream (one per <= 4096-byte segment)
         # are joined and handed over at once: one decode, one buffer entry.
@@ -377,7 +401,7 @@ class _StreamHost(_IpcConnection):
     def _deliver(self, conn_id: int, pieces: list[memoryview]) -> None:
         stream = self.streams.get(conn_id)
         if stream is not None:
-            stream._on_segment(b"".join(pieces))
+            stream._on_segment(pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces))
 
     def handle(self, msg: ipc.Message) -> None:
         if isinstance(msg, ipc.Recv):
@@ -515,8 +539,14 @@ class PilotStream(CarrierStream):
         self._decoder = FramingDecoder() if framed else None
         self._send_credit = INITIAL_CREDIT
         self._consumed = 0
+        # Credit we grant rides on our next data write (see _owe_credit); on its
+        # own it would be a separate small Send, and the daemon's Nagle holds a
+        # Send that follows an unacknowledged one (a 6-40 ms stall per grant).
+        self._owed = 0  # KiB granted by our reader but not yet sent
+        self._peer_credit = INITIAL_CREDIT  # bytes the peer may still send, as far as we know
+        self._low_water = INITIAL_CREDIT // 2  # send owed credit at once below this
         if framed and self._window > INITIAL_CREDIT:
-            self._send_control(credit_controls((self._window - INITIAL_CREDIT) // CREDIT_UNIT))
+            self._owed = (self._window - INITIAL_CREDIT) // CREDIT_UNIT
 
     def __repr__(self) -> str:
         state = "closed" if self._local_closed else ("reset" if self._error else "open")
@@ -530,9 +560,10 @@ class PilotStream(CarrierStream):
     def _on_segment(self, data: bytes) -> None:
         if self._error is not None or (self._local_closed and not self._lingering):
             return
-        if self._decoder is not None:
+        decoder = self._decoder
+        if decoder is not None and (self._lingering or not decoder.feed_plain(data)):
             try:
-                decoded = self._decoder.feed(data)
+                decoded = decoder.feed(data)
             except FramingError as exc:
                 self._abort_now(StreamResetError(f"peer broke the pilot stream encoding: {exc}"))
                 return
@@ -555,8 +586,9 @@ class PilotStream(CarrierStream):
                 # still writing can reach its own end-of-stream.
                 self._consumed += len(data)
                 if data and self._consumed >= max(self._window // 4, CREDIT_UNIT):
-                    kib = self._consumed // CREDIT_UNIT
-                    self._consumed -= kib * CREDIT_UNIT
+                    kib = self._consumed // CREDIT_UNIT + self._owed
+                    self._consumed -= (kib - self._owed) * CREDIT_UNIT
+                    self._owed = 0
                     with contextlib.suppress(DaemonUnavailableError):
                         self._host.write(ipc.send(self.conn_id, credit_controls(kib)))
                 return
@@ -564,6 +596,10 @@ class PilotStream(CarrierStream):
             self._rx.append(data)
             self._rx_bytes += len(data)
             self._readable.set()
+            if decoder is not None:
+                self._peer_credit -= len(data)
+                if self._owed and self._peer_credit < self._low_water:
+                    self._flush_credit()
             if self._rx_bytes > self._window:
                 what = (
                     "the peer sent beyond its flow-control credit"
@@ -604,6 +640,40 @@ class PilotStream(CarrierStream):
             self._remote_closed = True
             self._send_close()
         self._release()
+
+    def _owe_credit(self, kib: int) -> None:
+        """Grant ``kib`` KiB to the peer: with our next write, or now if it runs low.
+
+        The peer may still send ``_peer_credit`` bytes. While that stays at or
+        above half the window (a quarter of the initial credit before our first
+        grant) the grant waits for our next data write; below it, it goes out
+        at once, so a peer that is only sending never waits on us.
+        """
+        self._owed += kib
+        if self._peer_credit < self._low_water:
+            self._flush_credit()
+
+    def _take_owed(self) -> bytes:
+        """The owed credit as controls to send with our data now (or b"")."""
+        kib = self._owed
+        if not kib:
+            return b""
+        self._owed = 0
+        self._peer_credit += kib * CREDIT_UNIT
+        self._low_water = self._window // 2
+        return credit_controls(kib)
+
+    def _with_owed(self, wire: bytes) -> bytes:
+        """``wire`` with the owed credit in front, if both fit in one Send."""
+        if self._owed:
+            controls = self._take_owed()
+            if len(controls) + len(wire) <= ipc.MAX_SEND_DATA:
+                return controls + wire
+            self._send_control(controls)
+        return wire
+
+    def _flush_credit(self) -> None:
+        self._send_control(self._take_owed())
 
     def _send_control(self, payload: bytes) -> None:
         if payload and self._alive and not self._host.closed:
@@ -671,7 +741,7 @@ class PilotStream(CarrierStream):
             if self._consumed >= max(self._window // 4, CREDIT_UNIT):
                 kib = self._consumed // CREDIT_UNIT
                 self._consumed -= kib * CREDIT_UNIT
-                self._send_control(credit_controls(kib))
+                self._owe_credit(kib)
         return data
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -685,7 +755,29 @@ class PilotStream(CarrierStream):
         if self._eof_sent and not self._local_closed:
             raise StreamClosedError("write after write_eof")
         self._raise_if_broken()
-        if not view:
+        size = len(view)
+        if not size:
+            return
+        if (
+            size <= self._chunk
+            and not self._write_lock.locked()
+            and (not self.framed or size <= min(self._send_credit, _MAX_FRAMED_CHUNK))
+        ):
+            # Fast path: one Send, queued before anything can suspend, so no
+            # other writer can come between; nobody holds the lock, so no
+            # earlier write is still in progress.
+            plain = data if type(data) is bytes else view.tobytes()
+            if self.framed:
+                self._send_credit -= size
+                plain = self._with_owed(encode_data(plain))
+            host = self._host
+            try:
+                host.write(ipc.send(self.conn_id, plain))
+                if host.paused:
+                    await host.drain()
+            except DaemonUnavailableError as exc:
+                self._fail(StreamResetError(f"{_LOST}; stream to {self.remote} is gone"))
+                raise StreamResetError(str(self._error or exc)) from exc
             return
         async with self._write_lock:
             pos = 0
@@ -701,7 +793,7 @@ class PilotStream(CarrierStream):
                         self._raise_if_broken()
                     n = min(total - pos, self._send_credit, self._chunk, _MAX_FRAMED_CHUNK)
                     self._send_credit -= n
-                    wire = encode_data(bytes(view[pos : pos + n]))
+                    wire = self._with_owed(encode_data(bytes(view[pos : pos + n])))
                 else:
                     n = min(total - pos, self._chunk)
                     wire = bytes(view[pos : pos + n])
@@ -737,7 +829,7 @@ class PilotStream(CarrierStream):
             self._eof_sent = True
             try:
                 if self.framed:
-                    self._host.write(ipc.send(self.conn_id, EOF_MARKER))
+                    self._host.write(ipc.send(self.conn_id, self._with_owed(EOF_MARKER)))
                 else:
                     self._host.write(ipc.close(self.conn_id))
             except DaemonUnavailableError as exc:
@@ -761,6 +853,7 @@ class PilotStream(CarrierStream):
             return
         self._local_closed = True
         self._rx.clear()
+        self._consumed += self._rx_bytes  # discarded unread: credited back while lingering
         self._rx_bytes = 0
         try:
             if self._may_linger():
@@ -769,7 +862,7 @@ class PilotStream(CarrierStream):
             if not self._remote_closed and self._error is None and not self._host.closed:
                 with contextlib.suppress(DaemonUnavailableError):
                     if self.framed and not self._eof_sent:
-                        self._host.write(ipc.send(self.conn_id, EOF_MARKER))
+                        self._host.write(ipc.send(self.conn_id, self._with_owed(EOF_MARKER)))
                     self._host.write(ipc.close(self.conn_id))
             self._eof_sent = True
             self._lingering = False
@@ -791,12 +884,19 @@ class PilotStream(CarrierStream):
     async def _linger(self) -> None:
         """Send our end-of-stream and wait, bounded, for the peer's acknowledgement."""
         self._lingering = True
-        if not self._eof_sent:
-            try:
-                self._host.write(ipc.send(self.conn_id, EOF_MARKER))
-            except DaemonUnavailableError:
-                return
-            self._eof_sent = True
+        # Everything is credited back now, so a peer waiting for credit can
+        # reach its own end-of-stream.
+        kib = self._consumed // CREDIT_UNIT
+        self._consumed -= kib * CREDIT_UNIT
+        self._owed += kib
+        try:
+            if not self._eof_sent:
+                self._host.write(ipc.send(self.conn_id, self._with_owed(EOF_MARKER)))
+                self._eof_sent = True
+            elif self._owed:
+                self._host.write(ipc.send(self.conn_id, self._take_owed()))
+        except DaemonUnavailableError:
+            return
         try:
             async with asyncio.timeout(self._host.carrier.options.close_linger):
                 while not (
