@@ -129,6 +129,9 @@ class CallPipeline:
         self._codec = codec
         # The default codec is inlined (no call per value); a subclass is not.
         self._identity_codec = type(codec) is IdentityCodec
+        # A codec's own control messages (PayloadCodec.is_control) skip output_model.
+        is_control: Any = getattr(codec, "is_control", None)
+        self._is_control: Callable[[Any], Any] | None = is_control if callable(is_control) else None
         self._pool = pool
         self._idempotency = idempotency
         self._recorder = recorder
@@ -215,6 +218,8 @@ class CallPipeline:
             raise
         except asyncio.CancelledError:
             code = self._cancel_code(call)
+            if code == "DEADLINE_EXCEEDED":
+                reason = "timeout"
             raise
         except Exception as exc:
             err = self._internal(entry, exc)
@@ -237,8 +242,15 @@ class CallPipeline:
         try:
             ctx = self._context(entry, call, deadline)
             timer = self._timer_deadline(call, deadline)
+            if (
+                timer is not None
+                and isinstance(call, CallContext)
+                and call.shorten_deadline(timer, self._timeout_error(entry, call, timer))
+            ):
+                # pilot-rpc now answers at the handler's own deadline too.
+                timer = None
             if timer is None:
-                # pilot-rpc cancels this task at the caller's deadline.
+                # pilot-rpc cancels this task at the call's deadline.
                 if self.middleware:
                     result = await self._run_chain(entry, payload, ctx, running)
                 else:
@@ -295,6 +307,18 @@ class CallPipeline:
                 running.task = task
                 self._detached.add(task)
                 task.add_done_callback(self._detached.discard)
+
+    def _timeout_error(
+        self, entry: HandlerEntry, call: IncomingCall, deadline: float
+    ) -> Callable[[], RpcError]:
+        """What pilot-rpc answers at the handler's own deadline (built only then)."""
+
+        def make() -> RpcError:
+            err = self._deadline_error(entry, call, deadline, "while running", by_caller=False)
+            _attach_info(err)
+            return err
+
+        return make
 
     def _swallowed(
         self, entry: HandlerEntry, call: IncomingCall, deadline: float | None
@@ -393,7 +417,11 @@ class CallPipeline:
                 if step.expired() or call.cancelled:
                     # The generator caught its cancellation and produced an item anyway.
                     raise self._swallowed(entry, call, deadline)
-                yield self._encode(entry, self._check_output(entry, item))
+                if entry.output_adapter is not None and not (
+                    self._is_control is not None and self._is_control(item)
+                ):
+                    item = self._check_output(entry, item)
+                yield self._encode(entry, item)
         except RpcError as exc:
             code, message = exc.code.name, exc.message
             reason = _attach_info(exc)
@@ -613,10 +641,17 @@ class CallPipeline:
         return deadline
 
     def _deadline_error(
-        self, entry: HandlerEntry, call: IncomingCall, deadline: float | None, stage: str
+        self,
+        entry: HandlerEntry,
+        call: IncomingCall,
+        deadline: float | None,
+        stage: str,
+        *,
+        by_caller: bool | None = None,
     ) -> RpcError:
         spec = entry.spec
-        by_caller = call.deadline is not None and call.deadline == deadline
+        if by_caller is None:
+            by_caller = call.deadline is not None and call.deadline == deadline
         who = (
             "the caller's deadline"
             if by_caller or spec.timeout_secs is None
