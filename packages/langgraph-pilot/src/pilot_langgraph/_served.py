@@ -428,6 +428,7 @@ class LangGraphMiddleware:
         self._worker = worker
         self._codec = codec
         self._outbox_size = outbox_size
+        self._controls_unchecked = callable(getattr(worker.codec, "is_control", None))
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -450,7 +451,7 @@ class LangGraphMiddleware:
         return state  # pyright: ignore[reportUnknownVariableType]
 
     def _spec(self, handler: str) -> Any:
-        return self._worker.handlers.get(handler)
+        return self._worker.handler_spec(handler)
 
     def _setup(self, state: Mapping[str, Any], loop: Any, *, streams: bool, checked: bool) -> _Call:
         call = _Call()
@@ -468,9 +469,9 @@ class LangGraphMiddleware:
                 public[key] = sent[key]
         call.public = public
 
-        # A streaming handler's output_model checks every stream item: control
-        # messages would fail it, so none are sent for such a handler.
-        controls = not (streams and checked)
+        # A streaming handler's output_model checks every stream item; the worker
+        # skips control messages only when its codec tells them apart (is_control).
+        controls = not (streams and checked) or self._controls_unchecked
         wants = bool(state.get("events") or state.get("custom") or state.get("lg"))
         outbox = call.outbox = _Outbox(loop, self._outbox_size) if wants and controls else None
 
