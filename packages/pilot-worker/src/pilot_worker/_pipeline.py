@@ -242,19 +242,28 @@ class CallPipeline:
         try:
             ctx = self._context(entry, call, deadline)
             timer = self._timer_deadline(call, deadline)
-            if (
+            shortened = (
                 timer is not None
                 and isinstance(call, CallContext)
                 and call.shorten_deadline(timer, self._timeout_error(entry, call, timer))
-            ):
-                # pilot-rpc now answers at the handler's own deadline too.
+            )
+            if shortened:
+                # pilot-rpc now answers at the handler's own deadline too, and cancels
+                # this task then: no timer task of ours.
                 timer = None
             if timer is None:
                 # pilot-rpc cancels this task at the call's deadline.
-                if self.middleware:
-                    result = await self._run_chain(entry, payload, ctx, running)
-                else:
-                    result = await self._invoke(entry, payload, ctx, running)
+                try:
+                    if self.middleware:
+                        result = await self._run_chain(entry, payload, ctx, running)
+                    else:
+                        result = await self._invoke(entry, payload, ctx, running)
+                except Exception:
+                    if shortened and running is None and call.cancelled:
+                        raise self._overran(entry, call, deadline) from None
+                    raise
+                if shortened and running is None and call.cancelled:
+                    raise self._overran(entry, call, deadline)
             else:
                 if running is None:
                     running = Running()
@@ -307,6 +316,27 @@ class CallPipeline:
                 running.task = task
                 self._detached.add(task)
                 task.add_done_callback(self._detached.discard)
+
+    def _overran(self, entry: HandlerEntry, call: IncomingCall, deadline: float | None) -> RpcError:
+        """An async handler ended (returned or raised) after its call was answered.
+
+        Logged and counted as the worker's own deadline enforcement always
+        has (``pilot_worker_deadline_overruns_total``); its outcome is discarded.
+        """
+        now = self._loop_time()
+        timed_out = deadline is not None and now >= deadline
+        entry.stats.overruns += 1
+        handler_logger.warning(
+            "handler %r kept running %.3fs after its call was answered %s; its result is discarded",
+            entry.spec.name,
+            now - deadline if deadline is not None and timed_out else 0.0,
+            "DEADLINE_EXCEEDED (past its deadline)" if timed_out else "CANCELLED",
+        )
+        if timed_out:
+            return self._deadline_error(entry, call, deadline, "while running", by_caller=False)
+        from pilot_rpc import Cancelled
+
+        return Cancelled("the call was cancelled", details={"reason": "cancelled"})
 
     def _timeout_error(
         self, entry: HandlerEntry, call: IncomingCall, deadline: float
