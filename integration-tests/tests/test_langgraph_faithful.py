@@ -301,3 +301,32 @@ async def test_a_streaming_handler_with_an_output_model_forwards_events_and_writ
         ):
             pass
     assert info.value.details["reason"] == "invalid_output"
+
+
+async def test_astream_events_v3_shows_the_remote_chat_model_events(
+    cluster: LocalCluster,
+) -> None:
+    """``astream_events(version="v3")``: the remote model's content-block events, as locally."""
+    import warnings
+
+    async def v3_messages(app: Any) -> list[tuple[str, str, str]]:
+        out: list[tuple[str, str, str]] = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the v3 protocol is marked experimental
+            run = await app.astream_events({"messages": [HumanMessage("hi")]}, version="v3")
+        async for ev in run:
+            if ev.get("method") != "messages":
+                continue
+            event, meta = ev["params"]["data"]
+            delta = event.get("delta") or {}
+            out.append((str(event["event"]), str(delta.get("text", "")), meta["langgraph_node"]))
+        return out
+
+    local = await v3_messages(F.one_node(F.MsgState, "model", RunnableLambda(F.chat_node)))
+    got = await v3_messages(F.one_node(F.MsgState, "model", remote("f_chat")))
+    assert got[0][0] == "message-start"
+    assert got[-1][0] == "message-finish"
+    deltas = [text for kind, text, _ in got if kind == "content-block-delta"]
+    assert "".join(deltas) == F.TEXT
+    assert len(deltas) == len(F.TEXT.split(" ")) * 2 - 1
+    assert got == local

@@ -51,7 +51,7 @@ from langgraph.runtime import Runtime
 from pilot_rpc import InvalidArgument
 
 from pilot_langgraph._codec import BATCH_KIND, ENVELOPE_KEY, ControlMessage, LangGraphCodec
-from pilot_langgraph._events import encode_event
+from pilot_langgraph._events import V2_STREAMING, encode_event
 from pilot_langgraph._headers import CONFIG_HEADER
 from pilot_langgraph.errors import StreamOverflowError
 
@@ -305,6 +305,23 @@ class _StreamingForwarder(_Forwarder):
         return output
 
 
+def _v2_forwarder_class() -> type[_Forwarder] | None:
+    marker: Any = V2_STREAMING
+    if marker is None:  # pragma: no cover - a langchain-core without the v3 protocol
+        return None
+
+    class _V2Forwarder(_StreamingForwarder, marker):
+        """A forwarder that asks chat models for ``on_stream_event`` (the caller reads v3)."""
+
+        async def on_stream_event(self, *args: Any, **kwargs: Any) -> None:
+            await self._send("on_stream_event", args, kwargs)
+
+    return _V2Forwarder
+
+
+_V2_FORWARDER: Final = _v2_forwarder_class()
+
+
 # ----------------------------------------------------------------------------- interrupts
 
 
@@ -478,11 +495,12 @@ class LangGraphMiddleware:
         config_configurable: dict[str, Any] = dict(configurable)
         callbacks: Any = None
         if outbox is not None and state.get("events"):
-            forwarder = (
-                _StreamingForwarder(outbox, self._codec)
-                if state.get("streaming")
-                else _Forwarder(outbox, self._codec)
-            )
+            kind: type[_Forwarder] = _Forwarder
+            if state.get("v2") and _V2_FORWARDER is not None:
+                kind = _V2_FORWARDER
+            elif state.get("streaming"):
+                kind = _StreamingForwarder
+            forwarder = kind(outbox, self._codec)
             callbacks = AsyncCallbackManager(
                 handlers=[forwarder],
                 inheritable_handlers=[forwarder],
