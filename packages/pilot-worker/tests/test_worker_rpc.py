@@ -273,3 +273,24 @@ async def test_own_timeout_over_rpc_answers_at_once_without_a_timer_task(tmp_pat
         owners = [getattr(t.get_coro(), "__qualname__", "") for t in tasks if t is not None]
         assert len(owners) == 2
         assert not any(owner.startswith("CallPipeline.") for owner in owners), owners
+
+
+async def test_an_idempotent_handlers_timeout_reaches_its_waiting_twin(tmp_path: Path) -> None:
+    """A duplicate waiting on a run that hits its own timeout gets that error; no second run."""
+    runs: list[int] = []
+
+    @pilot_handler("idem_slow", timeout_secs=0.3, idempotent=True)
+    async def idem_slow(payload: Any) -> str:
+        runs.append(payload)
+        await asyncio.sleep(30)
+        return "never"
+
+    async for env in _env(tmp_path, WorkerConfig(port=5000), [idem_slow]):
+        first = asyncio.create_task(env.call("idem_slow", 1, timeout=30, idempotency_key="k"))
+        async with asyncio.timeout(10):
+            while not runs:
+                await asyncio.sleep(0.01)
+        second = asyncio.create_task(env.call("idem_slow", 2, timeout=30, idempotency_key="k"))
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        assert all(isinstance(r, DeadlineExceeded) for r in results), results
+        assert runs == [1]  # the twin was not handed the work

@@ -200,7 +200,9 @@ class CallPipeline:
             if spec.idempotent and call.idempotency_key:
                 result, replayed = await self._idempotency.run(
                     (spec.name, node_id, call.idempotency_key),
-                    lambda: self._run_unary(entry, payload, call, deadline),
+                    # Own timer kept: a twin waiting on this run gets its timeout error
+                    # (a cancelled run would hand the work over to the twin instead).
+                    lambda: self._run_unary(entry, payload, call, deadline, shorten=False),
                     deadline=deadline,
                 )
                 if replayed:
@@ -232,7 +234,13 @@ class CallPipeline:
             recorder.record(entry, call, code, reason, message, end - start, span, token)
 
     async def _run_unary(
-        self, entry: HandlerEntry, payload: Any, call: IncomingCall, deadline: float | None
+        self,
+        entry: HandlerEntry,
+        payload: Any,
+        call: IncomingCall,
+        deadline: float | None,
+        *,
+        shorten: bool = True,
     ) -> Any:
         gate = entry.gate
         if gate is not None and not gate.try_acquire():
@@ -244,7 +252,8 @@ class CallPipeline:
             ctx = self._context(entry, call, deadline)
             timer = self._timer_deadline(call, deadline)
             shortened = (
-                timer is not None
+                shorten
+                and timer is not None
                 and isinstance(call, CallContext)
                 and call.shorten_deadline(timer, self._timeout_error(entry, call, timer))
             )
