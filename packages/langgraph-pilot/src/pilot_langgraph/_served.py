@@ -446,12 +446,17 @@ class LangGraphMiddleware:
         self._codec = codec
         self._outbox_size = outbox_size
         self._controls_unchecked = callable(getattr(worker.codec, "is_control", None))
+        # Decoded headers of plain calls (a run name and limits, nothing else), by header.
+        self._plain_states: dict[str, Mapping[str, Any]] = {}
 
     # -- set-up -----------------------------------------------------------------------------
 
     def _state(self, raw: str | None) -> Mapping[str, Any]:
         if raw is None:
             return {}
+        plain = self._plain_states.get(raw)
+        if plain is not None:
+            return plain
         try:
             blob = base64.b64decode(raw)
             state = self._codec.decode({ENVELOPE_KEY: ["msgpack", blob]})
@@ -465,6 +470,11 @@ class LangGraphMiddleware:
                 f"malformed {CONFIG_HEADER} header: not a mapping",
                 details={"reason": "invalid_argument", "header": CONFIG_HEADER},
             )
+        if _is_plain(state):  # pyright: ignore[reportUnknownArgumentType]
+            # Only scalars and empty sections, which _setup copies: safe to share.
+            if len(self._plain_states) >= _PLAIN_STATES_MAX:
+                self._plain_states.clear()
+            self._plain_states[raw] = state  # pyright: ignore[reportUnknownArgumentType]
         return state  # pyright: ignore[reportUnknownVariableType]
 
     def _spec(self, handler: str) -> Any:
@@ -679,6 +689,26 @@ async def _flush(outbox: _Outbox) -> None:
     await asyncio.wait([sender])
     if not sender.cancelled() and (error := sender.exception()) is not None:
         logger.debug("sending control messages failed: %r", error)
+
+
+_PLAIN_STATES_MAX: Final = 256
+_PLAIN_SCALARS: Final = (str, int, type(None))
+
+
+def _is_plain(state: Mapping[str, Any]) -> bool:
+    """A header state of only scalars besides empty tags/metadata/configurable."""
+    if len(state) != 1:
+        return False
+    part = state.get("config")
+    if not isinstance(part, dict):
+        return False
+    for name, value in cast("dict[str, Any]", part).items():
+        if name in ("tags", "metadata", "configurable"):
+            if value:
+                return False
+        elif value.__class__ not in _PLAIN_SCALARS:
+            return False
+    return True
 
 
 def _streams(spec: Any) -> bool:
