@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypedDict
 
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, AnyMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, AnyMessage
 from langgraph.config import get_config, get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
@@ -104,6 +104,25 @@ async def f_progress(_: Any, ctx: Context) -> dict[str, Any]:
 async def f_stream_chunks(state: dict[str, Any]) -> AsyncIterator[Any]:
     async for chunk in model().astream(state["messages"]):
         yield chunk
+
+
+async def checked_chunks(state: dict[str, Any]) -> AsyncIterator[Any]:
+    get_stream_writer()({"custom": "before the model"})
+    async for chunk in model().astream(state["messages"]):
+        yield chunk
+
+
+@pilot_handler("f_stream_checked", timeout_secs=30, output_model=AIMessageChunk)
+async def f_stream_checked(state: dict[str, Any]) -> AsyncIterator[Any]:
+    async for chunk in checked_chunks(state):
+        yield chunk
+
+
+@pilot_handler("f_stream_checked_bad", timeout_secs=30, output_model=AIMessageChunk)
+async def f_stream_checked_bad(state: dict[str, Any]) -> AsyncIterator[Any]:
+    async for chunk in checked_chunks(state):
+        yield chunk
+    yield {"not": "a chunk"}
 
 
 # -- graphs ---------------------------------------------------------------------------------

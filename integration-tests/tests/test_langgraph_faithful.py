@@ -263,3 +263,70 @@ async def test_streamed_ai_message_chunks_feed_add_messages(cluster: LocalCluste
     assert seen
     assert all(type(c) is AIMessageChunk for c in seen)
     assert "".join(str(c.content) for c in seen) == F.TEXT
+
+
+async def test_a_streaming_handler_with_an_output_model_forwards_events_and_writes(
+    cluster: LocalCluster,
+) -> None:
+    """Control messages pass a streaming handler's ``output_model``; its own items do not."""
+
+    def as_update(message: Any) -> dict[str, Any]:
+        return {"messages": [message]}
+
+    async def observed(node: Any) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        app = F.one_node(F.MsgState, "model", node | RunnableLambda(as_update))
+        async for mode, item in app.astream(
+            {"messages": [HumanMessage("hi")]}, stream_mode=["custom", "messages"]
+        ):
+            if mode == "custom":
+                if isinstance(item, dict):  # the handler's own write (chunks are written too)
+                    out.append(("custom", json.dumps(item, sort_keys=True)))
+            else:
+                chunk, _meta = item
+                out.append((type(chunk).__name__, str(chunk.content)))
+        return out
+
+    local = await observed(RunnableLambda(F.checked_chunks))
+    got = await observed(remote("f_stream_checked", streaming=True))
+    tokens = [text for kind, text in got if kind == "AIMessageChunk"]
+    assert "".join(tokens) == F.TEXT
+    assert len(tokens) == len(F.TEXT.split(" ")) * 2 - 1  # token by token, as locally
+    assert got[0] == ("custom", json.dumps({"custom": "before the model"}))
+    assert got == local, (got, local)
+
+    with pytest.raises(e.RemoteInternalError) as info:
+        async for _ in remote("f_stream_checked_bad", streaming=True).astream(
+            {"messages": [HumanMessage("hi")]}
+        ):
+            pass
+    assert info.value.details["reason"] == "invalid_output"
+
+
+async def test_astream_events_v3_shows_the_remote_chat_model_events(
+    cluster: LocalCluster,
+) -> None:
+    """``astream_events(version="v3")``: the remote model's content-block events, as locally."""
+    import warnings
+
+    async def v3_messages(app: Any) -> list[tuple[str, str, str]]:
+        out: list[tuple[str, str, str]] = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the v3 protocol is marked experimental
+            run = await app.astream_events({"messages": [HumanMessage("hi")]}, version="v3")
+        async for ev in run:
+            if ev.get("method") != "messages":
+                continue
+            event, meta = ev["params"]["data"]
+            delta = event.get("delta") or {}
+            out.append((str(event["event"]), str(delta.get("text", "")), meta["langgraph_node"]))
+        return out
+
+    local = await v3_messages(F.one_node(F.MsgState, "model", RunnableLambda(F.chat_node)))
+    got = await v3_messages(F.one_node(F.MsgState, "model", remote("f_chat")))
+    assert got[0][0] == "message-start"
+    assert got[-1][0] == "message-finish"
+    deltas = [text for kind, text, _ in got if kind == "content-block-delta"]
+    assert "".join(deltas) == F.TEXT
+    assert len(deltas) == len(F.TEXT.split(" ")) * 2 - 1
+    assert got == local

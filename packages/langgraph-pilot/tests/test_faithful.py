@@ -553,3 +553,34 @@ async def test_a_malformed_config_header_is_invalid_argument(cluster: Any, heade
             timeout=10,
         )
     assert info.value.details["header"] == "langgraph-config"
+
+
+@pilot_handler("config_mutator")
+async def config_mutator(_: Any, ctx: Context) -> dict[str, Any]:
+    config = get_config()
+    seen = {
+        "tags": list(config.get("tags") or []),
+        "metadata": dict(config.get("metadata") or {}),
+        "ctx_configurable": dict(ctx.config["configurable"]),
+        "run_name": ctx.config.get("run_name"),
+    }
+    # A handler scribbling on its config must not leak into the next call.
+    config["tags"].append("scribbled")
+    config["metadata"]["scribbled"] = True
+    ctx.config["configurable"]["scribbled"] = True
+    return seen
+
+
+async def test_repeated_plain_calls_each_get_a_fresh_config(cluster: Any) -> None:
+    """Calls outside a graph send the same header every time; each still gets its own config."""
+    await cluster.start_worker("worker-a", [config_mutator])
+    remote = PilotRemoteRunnable(node="config_mutator", peer="worker-a", transport=cluster.client)
+    first = await remote.ainvoke(None)
+    for _ in range(3):
+        assert await remote.ainvoke(None) == first
+    assert first == {
+        "tags": [],
+        "metadata": {},
+        "ctx_configurable": {},
+        "run_name": "Pilot:config_mutator",
+    }

@@ -275,3 +275,32 @@ def test_a_loop_shutting_down_closes_its_transport(
     asyncio.run(use())
     assert client.transports_opened == 2
     client.close()
+
+
+async def test_default_client_follows_the_environment_and_closing(
+    monkeypatch: pytest.MonkeyPatch, peers: TestPeers, hub: str, tmp_path: Path
+) -> None:
+    """The no-argument lookup is remembered, but never across a change that matters."""
+    monkeypatch.setenv("PILOT_TRANSPORT_URL", hub)
+    monkeypatch.setenv("PILOT_IDENTITY", str(peers["client"].identity_path))
+    monkeypatch.setenv("PILOT_TRUST", str(peers["client"].trust_path))
+    try:
+        first = default_client()
+        assert default_client() is first
+        monkeypatch.setenv("PILOT_TRUST", str(tmp_path / "elsewhere.json"))
+        moved = default_client()
+        assert moved is not first
+        monkeypatch.setenv("PILOT_TRUST", str(peers["client"].trust_path))
+        assert default_client() is first
+        monkeypatch.setenv("PILOT_CONFIG_DIR", str(tmp_path))
+        assert default_client() is first  # the explicit files still win
+        monkeypatch.setenv("PILOT_TRANSPORT_URL", "tcp://127.0.0.1:3")
+        assert default_client() is not first
+        monkeypatch.setenv("PILOT_TRANSPORT_URL", hub)
+        assert default_client() is first
+        await first.aclose()
+        fresh = default_client()
+        assert fresh is not first
+        assert not fresh.closed
+    finally:
+        await aclose_default_clients()

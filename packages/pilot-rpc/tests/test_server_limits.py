@@ -8,6 +8,7 @@ messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import struct
@@ -22,6 +23,7 @@ from pilot_rpc import (
     Internal,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     RetryPolicy,
     RpcClient,
     RpcServer,
@@ -450,3 +452,62 @@ async def test_a_call_given_up_on_a_silent_connection_retires_it(answered_meanwh
     assert conn.usable is answered_meanwhile
     await conn.aclose(flush_timeout=0.1)
     await server_end.aclose()
+
+
+async def test_a_shortened_deadline_is_answered_with_the_servers_error() -> None:
+    """``CallContext.shorten_deadline``: the earlier deadline fires like the caller's would,
+    answering with the given error while a handler that swallows cancellation runs on."""
+    from pilot_rpc._types import MethodKind
+    from pilot_rpc.errors import StatusCode
+
+    server = RpcServer()
+    release = asyncio.Event()
+    ended: list[str] = []
+    moved: list[bool] = []
+
+    @server.unary("stubborn")
+    async def stubborn(request: Any, ctx: CallContext) -> Any:
+        loop = asyncio.get_running_loop()
+        assert ctx.deadline is not None
+        moved.append(ctx.shorten_deadline(ctx.deadline + 5))  # later: ignored
+        moved.append(
+            ctx.shorten_deadline(
+                loop.time() + 0.05, lambda: ResourceExhausted("budget", details={"why": "own"})
+            )
+        )
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+        ended.append("unary")
+        return "late result"
+
+    try:
+        listener = QueueListener()
+        async with server.serve_in_background(listener):
+            client_end, server_end = memory_stream_pair(fake_peer("caller"), fake_peer("server"))
+            listener.queue.put_nowait(server_end)
+            core = P.Connection(P.Role.CLIENT)
+            await client_end.write(core.data_to_send())
+            await _read_frames(
+                client_end, core, lambda evs: any(isinstance(e, P.HelloReceived) for e in evs)
+            )
+            call_id = core.start_call("stubborn", MethodKind.UNARY, None, timeout=60)
+            await client_end.write(core.data_to_send())
+
+            def answered(events: list[P.Event]) -> bool:
+                return any(getattr(e, "call_id", None) == call_id for e in events)
+
+            events = await _read_frames(client_end, core, answered)
+            (status,) = [e for e in events if getattr(e, "call_id", None) == call_id]
+            assert isinstance(status, P.ErrorReceived)
+            assert status.code == StatusCode.RESOURCE_EXHAUSTED
+            assert status.details == {"why": "own"}
+            assert moved == [False, True]
+            assert ended == []  # answered while the handler still runs
+            release.set()
+            async with asyncio.timeout(TIMEOUT):
+                while not ended:
+                    await asyncio.sleep(0)
+            await client_end.aclose()
+    finally:
+        release.set()

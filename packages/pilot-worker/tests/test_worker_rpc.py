@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -221,3 +222,75 @@ async def test_periodic_tasks_and_shutdown_hooks(tmp_path: Path) -> None:
         assert [p.task.done() for p in worker._lifecycle.periodic] == [True, True]  # type: ignore[union-attr]
         assert len(runs) == count
         assert order == ["second registered", "first registered"]
+
+
+async def test_own_timeout_over_rpc_answers_at_once_without_a_timer_task(tmp_path: Path) -> None:
+    """A handler timeout earlier than the caller's deadline is enforced by pilot-rpc itself.
+
+    The handler runs on the call's own task (no child task per call); at its
+    timeout the call is answered with the worker's DEADLINE_EXCEEDED even
+    though the handler catches its cancellation, and it keeps its slot until
+    it really returns.
+    """
+    release = asyncio.Event()
+    tasks: list[asyncio.Task[Any] | None] = []
+    returned: list[str] = []
+
+    @pilot_handler("stubborn", timeout_secs=0.2)
+    async def stubborn(payload: Any) -> str:
+        tasks.append(asyncio.current_task())
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):  # carries on regardless
+                await release.wait()
+        returned.append("returned")
+        return "late"
+
+    @pilot_handler("quick", timeout_secs=5.0)
+    async def quick(payload: Any) -> Any:
+        tasks.append(asyncio.current_task())
+        return payload
+
+    async for env in _env(tmp_path, WorkerConfig(port=5000), [stubborn, quick]):
+        assert await env.call("quick", 7, timeout=30) == 7
+        with pytest.raises(DeadlineExceeded) as info:
+            await env.call("stubborn", timeout=30)
+        assert info.value.details["reason"] == "timeout"
+        assert info.value.details["timeout_secs"] == 0.2
+        assert "its 0.2s timeout" in info.value.message
+        assert info.value.info.domain == "pilot-worker"
+        assert returned == []  # answered while the handler still runs
+        stats = env.worker._registry.stats["stubborn"]  # pyright: ignore[reportPrivateUsage]
+        assert stats.in_flight == 1  # it keeps its slot
+        release.set()
+        async with asyncio.timeout(10):
+            while stats.in_flight:
+                await asyncio.sleep(0.01)
+        assert returned == ["returned"]
+        assert stats.overruns == 1
+        assert stats.codes == {"DEADLINE_EXCEEDED": 1}
+        # Both handlers ran on pilot-rpc's task of their call, not on a task of the worker's.
+        assert len(tasks) == 2
+        owners = [getattr(t.get_coro(), "__qualname__", "") for t in tasks if t is not None]
+        assert len(owners) == 2
+        assert not any(owner.startswith("CallPipeline.") for owner in owners), owners
+
+
+async def test_an_idempotent_handlers_timeout_reaches_its_waiting_twin(tmp_path: Path) -> None:
+    """A duplicate waiting on a run that hits its own timeout gets that error; no second run."""
+    runs: list[int] = []
+
+    @pilot_handler("idem_slow", timeout_secs=0.3, idempotent=True)
+    async def idem_slow(payload: Any) -> str:
+        runs.append(payload)
+        await asyncio.sleep(30)
+        return "never"
+
+    async for env in _env(tmp_path, WorkerConfig(port=5000), [idem_slow]):
+        first = asyncio.create_task(env.call("idem_slow", 1, timeout=30, idempotency_key="k"))
+        async with asyncio.timeout(10):
+            while not runs:
+                await asyncio.sleep(0.01)
+        second = asyncio.create_task(env.call("idem_slow", 2, timeout=30, idempotency_key="k"))
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        assert all(isinstance(r, DeadlineExceeded) for r in results), results
+        assert runs == [1]  # the twin was not handed the work

@@ -378,6 +378,15 @@ class LangGraphCodec:
                 raise
             raise invalid from exc
 
+    def is_control(self, value: Any) -> bool:
+        """PayloadCodec hook: ``value`` is a control message, not the handler's output.
+
+        pilot-worker then does not check it against a streaming handler's
+        ``output_model`` (callback events and custom writes travel between
+        the handler's items).
+        """
+        return value.__class__ is ControlMessage
+
     def encode_response(self, value: Any) -> Any:
         """PayloadCodec hook: encode a reply (or stream chunk) on a worker."""
         if value.__class__ is ControlMessage:

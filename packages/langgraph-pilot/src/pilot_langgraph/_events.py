@@ -34,7 +34,24 @@ from langchain_core.outputs import (
 from pilot_langgraph._codec import ControlMessage, LangGraphCodec
 from pilot_langgraph.errors import PilotEncodeError, RemoteCallbackError
 
-__all__ = ["IGNORE_CONDITIONS", "decode_event", "encode_event"]
+__all__ = ["IGNORE_CONDITIONS", "V2_STREAMING", "decode_event", "encode_event", "wants_v2_events"]
+
+try:  # LangChain's marker of handlers fed by on_stream_event (astream_events version="v3")
+    from langchain_core.tracers._streaming import (  # pyright: ignore[reportPrivateUsage]
+        _V2StreamingCallbackHandler as _V2Marker,  # pyright: ignore[reportPrivateUsage]
+    )
+except ImportError:  # pragma: no cover - a langchain-core without the v3 protocol
+    _V2Marker = None
+
+V2_STREAMING: Final[type | None] = _V2Marker
+"""LangChain's marker class of handlers that want ``on_stream_event`` (``None`` if absent)."""
+
+
+def wants_v2_events(handlers: Sequence[Any]) -> bool:
+    """Whether a chat model run under ``handlers`` would emit ``on_stream_event``."""
+    marker = V2_STREAMING
+    return marker is not None and any(isinstance(h, marker) for h in handlers)
+
 
 logger = logging.getLogger("pilot_langgraph.events")
 
@@ -58,6 +75,7 @@ IGNORE_CONDITIONS: Final[Mapping[str, str | None]] = {
     "on_retriever_error": "ignore_retriever",
     "on_text": None,
     "on_custom_event": "ignore_custom_event",
+    "on_stream_event": "ignore_llm",
 }
 
 _GEN: Final = "$gen"

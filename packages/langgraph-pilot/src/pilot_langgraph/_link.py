@@ -31,7 +31,7 @@ from langchain_core.callbacks.manager import ahandle_event
 from langchain_core.runnables import RunnableConfig
 
 from pilot_langgraph._codec import BATCH_KIND, ENVELOPE_KEY, ControlMessage, LangGraphCodec
-from pilot_langgraph._events import IGNORE_CONDITIONS, decode_event
+from pilot_langgraph._events import IGNORE_CONDITIONS, decode_event, wants_v2_events
 from pilot_langgraph.errors import PilotDecodeError, PilotEncodeError
 
 __all__ = ["CallerLink", "progress_item"]
@@ -94,6 +94,8 @@ class CallerLink:
             state["events"] = True
             state["parent_run_id"] = manager.parent_run_id if manager is not None else None
             state["streaming"] = any(hasattr(h, "tap_output_aiter") for h in self._handlers)
+            if wants_v2_events(self._handlers):
+                state["v2"] = True
         if self._writer is not None:
             state["custom"] = True
         context = getattr(runtime, "context", None)

@@ -32,6 +32,8 @@ awaiting task cancels the remote call.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import random
 import threading
 import time
@@ -137,6 +139,29 @@ class _PeerRing:
 
     def mark_up(self, peer: str) -> None:
         self._down_until.pop(peer, None)
+
+
+class _CallKeys:
+    """Unique keys for calls made outside a LangGraph task (no stable task id).
+
+    A random prefix per process (renewed in a forked child) and a counter:
+    as unique as a fresh UUID per call, without reading the OS random source
+    on every call.
+    """
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self._prefix = f"call-{uuid.uuid4().hex}-"
+        self._counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):x}"
+
+
+_fresh_call_key = _CallKeys()
 
 
 def _traceparent() -> str | None:
@@ -395,7 +420,7 @@ class PilotRemoteRunnable(Runnable[Any, Any]):
             parts = [str(task_id), str(graph_node or ""), self.node]
             headers[TASK_ID_HEADER] = str(task_id)
         else:
-            parts = [f"call-{uuid.uuid4().hex}", self.node]
+            parts = [_fresh_call_key(), self.node]
         if graph_node is not None:
             headers[NODE_HEADER] = str(graph_node)
         if (thread_id := configurable.get("thread_id")) is not None:

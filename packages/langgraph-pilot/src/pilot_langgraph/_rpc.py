@@ -32,6 +32,18 @@ def translate_error(exc: BaseException, *, peer: str, node: str) -> PilotRemoteE
     return RemoteUnknownError(f"{type(exc).__name__}: {exc}", peer=peer, node=node)
 
 
+_NO_RETRIES: list[Any] = []
+
+
+def _no_retries() -> Any:
+    """pilot-rpc's "no retries" policy (built once: it is immutable)."""
+    if not _NO_RETRIES:
+        from pilot_rpc import RetryPolicy
+
+        _NO_RETRIES.append(RetryPolicy.disabled())
+    return _NO_RETRIES[0]
+
+
 def _is_lower_layer_error(exc: BaseException) -> bool:
     from pilot_rpc import RpcError
 
@@ -62,8 +74,6 @@ async def call_unary(
     The RPC layer does not retry here: the caller (``PilotRemoteRunnable``) fails
     over between peers itself, so retries happen in one layer.
     """
-    from pilot_rpc import RetryPolicy
-
     try:
         return await client.call(
             peer,
@@ -76,7 +86,7 @@ async def call_unary(
             traceparent=traceparent,
             idempotent=idempotency_key is not None,
             on_progress=on_progress,
-            retry=RetryPolicy.disabled(),
+            retry=_no_retries(),
         )
     except Exception as exc:
         if _is_lower_layer_error(exc):

@@ -51,7 +51,7 @@ from langgraph.runtime import Runtime
 from pilot_rpc import InvalidArgument
 
 from pilot_langgraph._codec import BATCH_KIND, ENVELOPE_KEY, ControlMessage, LangGraphCodec
-from pilot_langgraph._events import encode_event
+from pilot_langgraph._events import V2_STREAMING, encode_event
 from pilot_langgraph._headers import CONFIG_HEADER
 from pilot_langgraph.errors import StreamOverflowError
 
@@ -305,6 +305,23 @@ class _StreamingForwarder(_Forwarder):
         return output
 
 
+def _v2_forwarder_class() -> type[_Forwarder] | None:
+    marker: Any = V2_STREAMING
+    if marker is None:  # pragma: no cover - a langchain-core without the v3 protocol
+        return None
+
+    class _V2Forwarder(_StreamingForwarder, marker):
+        """A forwarder that asks chat models for ``on_stream_event`` (the caller reads v3)."""
+
+        async def on_stream_event(self, *args: Any, **kwargs: Any) -> None:
+            await self._send("on_stream_event", args, kwargs)
+
+    return _V2Forwarder
+
+
+_V2_FORWARDER: Final = _v2_forwarder_class()
+
+
 # ----------------------------------------------------------------------------- interrupts
 
 
@@ -428,12 +445,18 @@ class LangGraphMiddleware:
         self._worker = worker
         self._codec = codec
         self._outbox_size = outbox_size
+        self._controls_unchecked = callable(getattr(worker.codec, "is_control", None))
+        # Decoded headers of plain calls (a run name and limits, nothing else), by header.
+        self._plain_states: dict[str, Mapping[str, Any]] = {}
 
     # -- set-up -----------------------------------------------------------------------------
 
     def _state(self, raw: str | None) -> Mapping[str, Any]:
         if raw is None:
             return {}
+        plain = self._plain_states.get(raw)
+        if plain is not None:
+            return plain
         try:
             blob = base64.b64decode(raw)
             state = self._codec.decode({ENVELOPE_KEY: ["msgpack", blob]})
@@ -447,10 +470,15 @@ class LangGraphMiddleware:
                 f"malformed {CONFIG_HEADER} header: not a mapping",
                 details={"reason": "invalid_argument", "header": CONFIG_HEADER},
             )
+        if _is_plain(state):  # pyright: ignore[reportUnknownArgumentType]
+            # Only scalars and empty sections, which _setup copies: safe to share.
+            if len(self._plain_states) >= _PLAIN_STATES_MAX:
+                self._plain_states.clear()
+            self._plain_states[raw] = state  # pyright: ignore[reportUnknownArgumentType]
         return state  # pyright: ignore[reportUnknownVariableType]
 
     def _spec(self, handler: str) -> Any:
-        return self._worker.handlers.get(handler)
+        return self._worker.handler_spec(handler)
 
     def _setup(self, state: Mapping[str, Any], loop: Any, *, streams: bool, checked: bool) -> _Call:
         call = _Call()
@@ -468,20 +496,21 @@ class LangGraphMiddleware:
                 public[key] = sent[key]
         call.public = public
 
-        # A streaming handler's output_model checks every stream item: control
-        # messages would fail it, so none are sent for such a handler.
-        controls = not (streams and checked)
+        # A streaming handler's output_model checks every stream item; the worker
+        # skips control messages only when its codec tells them apart (is_control).
+        controls = not (streams and checked) or self._controls_unchecked
         wants = bool(state.get("events") or state.get("custom") or state.get("lg"))
         outbox = call.outbox = _Outbox(loop, self._outbox_size) if wants and controls else None
 
         config_configurable: dict[str, Any] = dict(configurable)
         callbacks: Any = None
         if outbox is not None and state.get("events"):
-            forwarder = (
-                _StreamingForwarder(outbox, self._codec)
-                if state.get("streaming")
-                else _Forwarder(outbox, self._codec)
-            )
+            kind: type[_Forwarder] = _Forwarder
+            if state.get("v2") and _V2_FORWARDER is not None:
+                kind = _V2_FORWARDER
+            elif state.get("streaming"):
+                kind = _StreamingForwarder
+            forwarder = kind(outbox, self._codec)
             callbacks = AsyncCallbackManager(
                 handlers=[forwarder],
                 inheritable_handlers=[forwarder],
@@ -660,6 +689,26 @@ async def _flush(outbox: _Outbox) -> None:
     await asyncio.wait([sender])
     if not sender.cancelled() and (error := sender.exception()) is not None:
         logger.debug("sending control messages failed: %r", error)
+
+
+_PLAIN_STATES_MAX: Final = 256
+_PLAIN_SCALARS: Final = (str, int, type(None))
+
+
+def _is_plain(state: Mapping[str, Any]) -> bool:
+    """A header state of only scalars besides empty tags/metadata/configurable."""
+    if len(state) != 1:
+        return False
+    part = state.get("config")
+    if not isinstance(part, dict):
+        return False
+    for name, value in cast("dict[str, Any]", part).items():
+        if name in ("tags", "metadata", "configurable"):
+            if value:
+                return False
+        elif value.__class__ not in _PLAIN_SCALARS:
+            return False
+    return True
 
 
 def _streams(spec: Any) -> bool:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pilot_rpc._types import IDEMPOTENCY_KEY, REQUEST_ID, TRACEPARENT
+
+if TYPE_CHECKING:
+    from pilot_rpc.errors import RpcError
 
 __all__ = ["CallContext"]
 
@@ -18,6 +21,8 @@ class _CallControl(Protocol):
     def cancel_event(self) -> asyncio.Event: ...
 
     def is_cancelled(self) -> bool: ...
+
+    def expire_at(self, deadline: float, error: Callable[[], RpcError] | None) -> None: ...
 
     async def send_progress(self, value: Any) -> None: ...
 
@@ -84,6 +89,28 @@ class CallContext:
         if self.deadline is None:
             return None
         return max(0.0, self.deadline - self._loop.time())
+
+    def shorten_deadline(
+        self, deadline: float, error: Callable[[], RpcError] | None = None
+    ) -> bool:
+        """Bring the call's deadline forward to ``deadline`` (event-loop time).
+
+        At the new deadline the server does what it does at the caller's: it
+        cancels the handler and answers at once, even if the handler catches
+        its cancellation. The answer is ``error()`` when given (called then),
+        else ``DEADLINE_EXCEEDED``. For a server that bounds a handler more
+        tightly than its caller did, without a timer task of its own.
+
+        Returns:
+            True if the deadline moved; False (nothing changes) when
+            ``deadline`` is not earlier than the current one or the call is
+            already cancelled. Safe to repeat.
+        """
+        if (self.deadline is not None and deadline >= self.deadline) or self.cancelled:
+            return False
+        self.deadline = deadline
+        self._control.expire_at(deadline, error)
+        return True
 
     async def wait_cancelled(self) -> None:
         """Wait until the call is cancelled (by the caller, its deadline or a lost connection).

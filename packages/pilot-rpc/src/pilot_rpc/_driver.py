@@ -808,6 +808,7 @@ class ServerCall(_InboundItems):
         "call_id",
         "cancel_reason",
         "conn",
+        "deadline_error",
         "kind",
         "request_done",
         "send_waiter",
@@ -822,6 +823,8 @@ class ServerCall(_InboundItems):
         self.kind = kind
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        # What to answer at the deadline instead of DEADLINE_EXCEEDED (shorten_deadline).
+        self.deadline_error: Callable[[], RpcError] | None = None
         self.cancel_reason: str | None = None
         self._cancel_event: asyncio.Event | None = None
         self.send_waiter: asyncio.Future[None] | None = None
@@ -855,6 +858,15 @@ class ServerCall(_InboundItems):
         self.wake()
         if self.send_waiter is not None and not self.send_waiter.done():
             self.send_waiter.set_result(None)
+
+    def expire_at(self, deadline: float, error: Callable[[], RpcError] | None) -> None:
+        if self.cancel_reason is not None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.deadline_error = error
+        conn = self.conn
+        self.timer = conn.loop.call_at(deadline, conn.deadline_fired, self)
 
     async def send_progress(self, value: Any) -> None:
         if self.kind not in (MethodKind.UNARY, MethodKind.CLIENT_STREAMING):
@@ -983,7 +995,7 @@ class ServerConnection(_ConnectionBase):
         loop = self.loop
         if event.timeout is not None:
             deadline = loop.time() + event.timeout
-            call.timer = loop.call_at(deadline, self._deadline_fired, call)
+            call.timer = loop.call_at(deadline, self.deadline_fired, call)
         ctx = CallContext(
             peer=self.peer,
             method=event.method,
@@ -1202,7 +1214,7 @@ class ServerConnection(_ConnectionBase):
             if self._idle_waiters:
                 self._on_call_done()
 
-    def _deadline_fired(self, call: ServerCall) -> None:
+    def deadline_fired(self, call: ServerCall) -> None:
         """The call's deadline: cancel its handler and answer DEADLINE_EXCEEDED at once.
 
         The status does not wait for the handler to end: one that catches its
@@ -1219,7 +1231,13 @@ class ServerConnection(_ConnectionBase):
         if reason == _DEADLINE:
             if not call.answered:
                 call.answered = True
-                self._send_status(call, DeadlineExceeded("deadline exceeded on the server"))
+                make = call.deadline_error
+                self._send_status(
+                    call,
+                    make()
+                    if make is not None
+                    else DeadlineExceeded("deadline exceeded on the server"),
+                )
         elif reason == _DRAIN:
             self._send_status(call, Unavailable("the server shut down before the call finished"))
         # _PEER_CANCEL: the client has forgotten the call. _LOST: nobody to tell.

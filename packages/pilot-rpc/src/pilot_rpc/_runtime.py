@@ -574,9 +574,10 @@ def configure_default_client(
     ``None`` here means "from the environment" (``pilot_transport.config``).
     Clients already handed out keep their configuration. Safe to repeat.
     """
-    global _defaults
+    global _defaults, _last_default
     with _registry_lock:
         _defaults = _Settings(url=url, identity=identity, trust=trust)
+        _last_default = None
 
 
 def default_client(
@@ -591,6 +592,14 @@ def default_client(
     """
     from pilot_transport import config
 
+    # Fast path of the common call (no arguments): the same configured defaults and
+    # the same environment as last time resolve to the same client.
+    env = None
+    if url is None and identity is None and trust is None:
+        env = tuple(map(os.environ.get, _RESOLVE_ENV))
+        last = _last_default
+        if last is not None and last[0] is _defaults and last[1] == env and not last[2].closed:
+            return last[2]
     settings = _settings_for(url, identity, trust)
     resolved = config.resolve(
         settings.url,
@@ -612,11 +621,34 @@ def default_client(
             )
             client._resolved = resolved
             _registry[key] = client
+        if env is not None:
+            _remember_default(env, client)
         return client
 
 
+_RESOLVE_ENV = (
+    "PILOT_TRANSPORT_URL",
+    "PILOT_TRANSPORT",
+    "PILOT_IDENTITY",
+    "PILOT_TRUST",
+    "PILOT_CONFIG_DIR",
+    "XDG_CONFIG_HOME",
+    "HOME",
+)
+"""What ``pilot_transport.config.resolve`` reads from the environment."""
+_last_default: tuple[_Settings, tuple[str | None, ...], PilotClient] | None = None
+
+
+def _remember_default(env: tuple[str | None, ...], client: PilotClient) -> None:
+    global _last_default
+    _last_default = (_defaults, env, client)
+
+
 def _forget(client: PilotClient) -> None:
+    global _last_default
     with _registry_lock:
+        if _last_default is not None and _last_default[2] is client:
+            _last_default = None
         for key, value in list(_registry.items()):
             if value is client:
                 del _registry[key]
@@ -627,9 +659,11 @@ async def aclose_default_clients() -> None:
 
     The next :func:`default_client` call builds fresh ones.
     """
+    global _last_default
     with _registry_lock:
         clients = list(_registry.values())
         _registry.clear()
+        _last_default = None
     for client in clients:
         await client.aclose()
 

@@ -23,6 +23,12 @@ class PayloadCodec(Protocol):
     against ``output_model``, it does not convert it) and returns a
     msgpack-able value; a failure is ``INTERNAL``. Both run on the event loop
     and must not block.
+
+    A codec may also define ``is_control(value) -> bool``: true for a value
+    that is not the handler's output but a message the codec's own
+    middleware sends beside it (a streaming handler's ``output_model`` is
+    then not applied to that item). Optional; without it every item is
+    checked.
     """
 
     def decode_request(self, obj: Any) -> Any: ...

@@ -51,6 +51,7 @@ import itertools
 import logging
 import traceback
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from types import CoroutineType
 from typing import Any
 
 from opentelemetry import trace
@@ -129,6 +130,9 @@ class CallPipeline:
         self._codec = codec
         # The default codec is inlined (no call per value); a subclass is not.
         self._identity_codec = type(codec) is IdentityCodec
+        # A codec's own control messages (PayloadCodec.is_control) skip output_model.
+        is_control: Any = getattr(codec, "is_control", None)
+        self._is_control: Callable[[Any], Any] | None = is_control if callable(is_control) else None
         self._pool = pool
         self._idempotency = idempotency
         self._recorder = recorder
@@ -196,7 +200,9 @@ class CallPipeline:
             if spec.idempotent and call.idempotency_key:
                 result, replayed = await self._idempotency.run(
                     (spec.name, node_id, call.idempotency_key),
-                    lambda: self._run_unary(entry, payload, call, deadline),
+                    # Own timer kept: a twin waiting on this run gets its timeout error
+                    # (a cancelled run would hand the work over to the twin instead).
+                    lambda: self._run_unary(entry, payload, call, deadline, shorten=False),
                     deadline=deadline,
                 )
                 if replayed:
@@ -215,6 +221,8 @@ class CallPipeline:
             raise
         except asyncio.CancelledError:
             code = self._cancel_code(call)
+            if code == "DEADLINE_EXCEEDED":
+                reason = "timeout"
             raise
         except Exception as exc:
             err = self._internal(entry, exc)
@@ -226,7 +234,13 @@ class CallPipeline:
             recorder.record(entry, call, code, reason, message, end - start, span, token)
 
     async def _run_unary(
-        self, entry: HandlerEntry, payload: Any, call: IncomingCall, deadline: float | None
+        self,
+        entry: HandlerEntry,
+        payload: Any,
+        call: IncomingCall,
+        deadline: float | None,
+        *,
+        shorten: bool = True,
     ) -> Any:
         gate = entry.gate
         if gate is not None and not gate.try_acquire():
@@ -237,12 +251,29 @@ class CallPipeline:
         try:
             ctx = self._context(entry, call, deadline)
             timer = self._timer_deadline(call, deadline)
+            shortened = (
+                shorten
+                and timer is not None
+                and isinstance(call, CallContext)
+                and call.shorten_deadline(timer, self._timeout_error(entry, call, timer))
+            )
+            if shortened:
+                # pilot-rpc now answers at the handler's own deadline too, and cancels
+                # this task then: no timer task of ours.
+                timer = None
             if timer is None:
-                # pilot-rpc cancels this task at the caller's deadline.
-                if self.middleware:
-                    result = await self._run_chain(entry, payload, ctx, running)
-                else:
-                    result = await self._invoke(entry, payload, ctx, running)
+                # pilot-rpc cancels this task at the call's deadline.
+                try:
+                    if self.middleware:
+                        result = await self._run_chain(entry, payload, ctx, running)
+                    else:
+                        result = await self._invoke(entry, payload, ctx, running)
+                except Exception:
+                    if shortened and running is None and call.cancelled:
+                        raise self._overran(entry, call, deadline) from None
+                    raise
+                if shortened and running is None and call.cancelled:
+                    raise self._overran(entry, call, deadline)
             else:
                 if running is None:
                     running = Running()
@@ -295,6 +326,39 @@ class CallPipeline:
                 running.task = task
                 self._detached.add(task)
                 task.add_done_callback(self._detached.discard)
+
+    def _overran(self, entry: HandlerEntry, call: IncomingCall, deadline: float | None) -> RpcError:
+        """An async handler ended (returned or raised) after its call was answered.
+
+        Logged and counted as the worker's own deadline enforcement always
+        has (``pilot_worker_deadline_overruns_total``); its outcome is discarded.
+        """
+        now = self._loop_time()
+        timed_out = deadline is not None and now >= deadline
+        entry.stats.overruns += 1
+        handler_logger.warning(
+            "handler %r kept running %.3fs after its call was answered %s; its result is discarded",
+            entry.spec.name,
+            now - deadline if deadline is not None and timed_out else 0.0,
+            "DEADLINE_EXCEEDED (past its deadline)" if timed_out else "CANCELLED",
+        )
+        if timed_out:
+            return self._deadline_error(entry, call, deadline, "while running", by_caller=False)
+        from pilot_rpc import Cancelled
+
+        return Cancelled("the call was cancelled", details={"reason": "cancelled"})
+
+    def _timeout_error(
+        self, entry: HandlerEntry, call: IncomingCall, deadline: float
+    ) -> Callable[[], RpcError]:
+        """What pilot-rpc answers at the handler's own deadline (built only then)."""
+
+        def make() -> RpcError:
+            err = self._deadline_error(entry, call, deadline, "while running", by_caller=False)
+            _attach_info(err)
+            return err
+
+        return make
 
     def _swallowed(
         self, entry: HandlerEntry, call: IncomingCall, deadline: float | None
@@ -393,7 +457,11 @@ class CallPipeline:
                 if step.expired() or call.cancelled:
                     # The generator caught its cancellation and produced an item anyway.
                     raise self._swallowed(entry, call, deadline)
-                yield self._encode(entry, self._check_output(entry, item))
+                if entry.output_adapter is not None and not (
+                    self._is_control is not None and self._is_control(item)
+                ):
+                    item = self._check_output(entry, item)
+                yield self._encode(entry, item)
         except RpcError as exc:
             code, message = exc.code.name, exc.message
             reason = _attach_info(exc)
@@ -613,10 +681,17 @@ class CallPipeline:
         return deadline
 
     def _deadline_error(
-        self, entry: HandlerEntry, call: IncomingCall, deadline: float | None, stage: str
+        self,
+        entry: HandlerEntry,
+        call: IncomingCall,
+        deadline: float | None,
+        stage: str,
+        *,
+        by_caller: bool | None = None,
     ) -> RpcError:
         spec = entry.spec
-        by_caller = call.deadline is not None and call.deadline == deadline
+        if by_caller is None:
+            by_caller = call.deadline is not None and call.deadline == deadline
         who = (
             "the caller's deadline"
             if by_caller or spec.timeout_secs is None
@@ -709,7 +784,8 @@ class CallPipeline:
 def _link(mw: Middleware, call_next: CallNext) -> CallNext:
     async def step(payload: Any, ctx: Context) -> Any:
         result = mw(payload, ctx, call_next)
-        while inspect.isawaitable(result):
+        # A coroutine (the usual async middleware) is checked first: cheaper than the ABC.
+        while result.__class__ is CoroutineType or inspect.isawaitable(result):
             result = await result
         return result
 

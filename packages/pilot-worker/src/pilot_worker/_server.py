@@ -175,6 +175,15 @@ class WorkerServer:
         """Registered handlers by name (read-only view, built-ins included)."""
         return self._registry.specs()
 
+    def handler_spec(self, name: str) -> HandlerSpec | None:
+        """The handler served as ``name`` (built-ins included), or ``None``.
+
+        Cheaper than ``handlers.get(name)`` (no view is built): for middleware
+        that looks its handler up on every call.
+        """
+        entry = self._registry.entries.get(name)
+        return entry.spec if entry is not None else None
+
     @property
     def state(self) -> State:
         """``"new"``, ``"serving"``, ``"draining"`` or ``"closed"``."""
