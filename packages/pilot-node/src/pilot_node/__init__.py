@@ -1,0 +1,3 @@
+"""A Pilot Protocol network node in pure Python."""
+
+__all__: list[str] = []
