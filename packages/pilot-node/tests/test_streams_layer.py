@@ -57,8 +57,8 @@ class Link:
 async def pair() -> AsyncIterator[tuple[Link, StreamLayer, StreamLayer]]:
     link = Link()
     config = StreamConfig(initial_rto=0.3, min_rto=0.05, close_linger=60.0)
-    a = StreamLayer(link.sender(), A, config=config)
-    b = StreamLayer(link.sender(), B, config=config)
+    a = StreamLayer(link.sender(), A, config=config, echo=False)
+    b = StreamLayer(link.sender(), B, config=config, echo=False)
     link.layers = {A.node: a, B.node: b}
     yield link, a, b
     await a.aclose()
@@ -184,7 +184,7 @@ async def test_data_to_an_unknown_stream_is_reset(
     link.cut = True
     await b.aclose()
     link.cut = False
-    link.layers[B.node] = fresh = StreamLayer(link.sender(), B)
+    link.layers[B.node] = fresh = StreamLayer(link.sender(), B, echo=False)
     await client.write(b"hello?")
     with pytest.raises(StreamResetError):
         await _read_all(client)
@@ -261,3 +261,22 @@ async def test_layer_close_fails_streams_and_stops(
         await reader
     with pytest.raises(StreamClosedError):
         await a.connect(B, 7)
+
+
+async def test_the_built_in_echo_answers_on_port_7() -> None:
+    link = Link()
+    a = StreamLayer(link.sender(), A, echo=False)
+    b = StreamLayer(link.sender(), B)  # echo on by default
+    link.layers = {A.node: a, B.node: b}
+    try:
+        stream = await a.connect(B, 7)
+        payload = random.Random(9).randbytes(300_000)
+        writer = asyncio.create_task(stream.write(payload))
+        assert await stream.readexactly(len(payload)) == payload
+        await writer
+        await stream.write_eof()
+        assert await stream.read() == b""  # the echo ends when we end
+        await stream.aclose()
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -91,6 +91,7 @@ WINDOW_UNIT: Final = 1024
 
 _MASK: Final = 0xFFFFFFFF
 EPHEMERAL_MIN: Final = 49152
+ECHO_PORT: Final = 7
 
 
 class StreamError(PilotNodeError, ConnectionError):
@@ -141,7 +142,8 @@ class StreamConfig:
         time_wait: how long a closed connection still answers retransmitted FINs.
         zero_window_probe: first zero-window probe interval (doubling up to 30 s).
         dial_burst, dial_rate: per-destination-node dial token bucket.
-        accept_backlog: inbound streams waiting for ``accept`` per listener.
+        accept_backlog: inbound streams waiting for ``accept`` per listener (and
+            streams the built-in echo serves at once).
         max_connections: connections per layer; further SYNs are answered with RST.
     """
 
@@ -1284,7 +1286,8 @@ class StreamLayer:
         config: limits and timers.
         clock: monotonic seconds (tests may pass a fake).
 
-    The node calls :meth:`on_packet` for every stream packet addressed to it.
+    The node calls :meth:`on_packet` for every stream packet addressed to it. With
+    ``echo`` (the default) the layer serves the echo service on port 7 itself.
     """
 
     def __init__(
@@ -1294,6 +1297,7 @@ class StreamLayer:
         *,
         config: StreamConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        echo: bool = True,
     ) -> None:
         self._send = send
         self.local_address = local_address
@@ -1311,14 +1315,41 @@ class StreamLayer:
         self._rst_budget = 50.0
         self._rst_at = clock()
         self.stats = {"rst_sent": 0, "refused_syn": 0, "dropped": 0}
+        self._echo_listener = self.listen(ECHO_PORT) if echo else None
+        self._echo_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------- plumbing
 
     def _ensure_timer(self) -> None:
         if self._timer is None and not self._closed:
-            self._timer = asyncio.get_running_loop().create_task(
-                self._timer_loop(), name="pilot-streams-timer"
-            )
+            loop = asyncio.get_running_loop()
+            self._timer = loop.create_task(self._timer_loop(), name="pilot-streams-timer")
+            if self._echo_listener is not None:
+                task = loop.create_task(self._echo_accept(self._echo_listener), name="pilot-echo")
+                self._echo_tasks.add(task)
+
+    async def _echo_accept(self, listener: PilotListener) -> None:
+        # The built-in echo service: at most ``accept_backlog`` streams at once.
+        while True:
+            try:
+                stream = await listener.accept()
+            except StreamClosedError:
+                return
+            if len(self._echo_tasks) > self.config.accept_backlog:
+                stream.abort()
+                continue
+            task = asyncio.get_running_loop().create_task(self._echo_one(stream))
+            self._echo_tasks.add(task)
+            task.add_done_callback(self._echo_tasks.discard)
+
+    @staticmethod
+    async def _echo_one(stream: PilotStream) -> None:
+        try:
+            while data := await stream.read(65536):
+                await stream.write(data)
+            await stream.aclose()
+        except StreamError:
+            stream.abort()
 
     def kick(self, conn: Connection) -> None:
         """Flush a connection's packets after a local operation and re-arm the timer."""
@@ -1555,6 +1586,10 @@ class StreamLayer:
             stream._notify()  # pyright: ignore[reportPrivateUsage]
         self._conns.clear()
         self._streams.clear()
+        for task in list(self._echo_tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self._timer is not None:
             self._timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
