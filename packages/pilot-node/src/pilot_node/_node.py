@@ -57,6 +57,9 @@ _EPHEMERAL_MIN = 49152
 _MAX_PENDING = 256
 _MAX_RETIRED_KEYS = 8
 _STALE_AFTER = 6.0
+_REANNOUNCE_AFTER = 2.0
+_UNKNOWN_PER_SECOND = 8
+_MAX_PEERS = 4096
 _REPLY_MIN_INTERVAL = 1.0
 _FAILURES_BEFORE_REANNOUNCE = 3
 
@@ -176,7 +179,9 @@ class Node:
         self._probes: dict[tuple[int, int], asyncio.Future[float]] = {}
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._auth_inflight: set[int] = set()
+        self._unknown_window = 0.0
+        self._unknown_count = 0
+        self._auth_inflight: set[tuple[int, bytes, bytes]] = set()
         self._discover_waiter: asyncio.Future[tuple[str, int]] | None = None
         self.stream_layer: _StreamLayer | None = None
         self._started = False
@@ -218,6 +223,7 @@ class Node:
             if self._beacon_addr is not None:
                 await self._discover()
             await self._register()
+            self._announce_to_beacon()
             self._attach_stream_layer()
             self._spawn(self._heartbeat_loop())
             self._spawn(self._poll_loop())
@@ -308,9 +314,15 @@ class Node:
             await self.registry.set_visibility(False)
         self.stats["registrations"] = self.stats.get("registrations", 0) + 1
 
+    def _announce_to_beacon(self) -> None:
+        # The beacon relays to the endpoint it last saw a discover from for our node id.
+        if self._beacon_addr is not None and self._transport is not None and not self._closed:
+            self._transport.sendto(beacon.discover(self.node_id), self._beacon_addr)
+
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
+            self._announce_to_beacon()
             try:
                 await self.registry.heartbeat()
             except RegistryRefusedError:
@@ -592,11 +604,20 @@ class Node:
             return
         peer = self._peer(node_id)
         plain = packet.encode()
-        if peer.crypto is None:
+        crypto = peer.crypto
+        if crypto is None:
             peer.pending.append(plain)
             self._establish(peer)
             return
-        self._transmit(peer, peer.crypto.seal(self.node_id, plain))
+        now = time.monotonic()
+        if (
+            now - max(peer.last_rx, crypto.created_at) > _REANNOUNCE_AFTER
+            and now - peer.last_announce > _REPLY_MIN_INTERVAL
+        ):
+            # Nothing heard from the peer lately: it may have restarted and lost our key.
+            # Announcing again costs one frame; a peer that still has the key ignores it.
+            self._announce(peer)
+        self._transmit(peer, crypto.seal(self.node_id, plain))
 
     def _transmit(self, peer: _Peer, frame: bytes) -> None:
         if self._transport is None or self._closed:
@@ -731,13 +752,14 @@ class Node:
         if isinstance(frame, SecureFrame):
             self._on_secure(frame, addr)
         elif isinstance(frame, AuthFrame):
-            if frame.node_id == self.node_id or frame.node_id in self._auth_inflight:
+            ident = (frame.node_id, frame.x25519, frame.signature)
+            if frame.node_id == self.node_id or ident in self._auth_inflight:
                 self._count("handshakes_coalesced")
                 return
             if len(self._auth_inflight) >= 64:
                 self._count("handshakes_shed")
                 return
-            self._auth_inflight.add(frame.node_id)
+            self._auth_inflight.add(ident)
             self._spawn(self._on_auth(frame, addr))
         else:
             self._spawn(self._on_unauth(frame))
@@ -747,8 +769,12 @@ class Node:
         now = time.monotonic()
         if peer is None or peer.crypto is None:
             self._count("no_key_dropped")
-            if peer is not None and now - peer.last_announce > _REPLY_MIN_INTERVAL:
-                # The peer has a key for us that we no longer hold: announce ours again.
+            if peer is None and not self._take_unknown_budget(now):
+                return
+            peer = self._peer(frame.node_id)
+            if now - peer.last_announce > _REPLY_MIN_INTERVAL:
+                # The sender holds a key for us that we do not (we restarted, or it is a
+                # stranger): announce ours. The registry decides whether it resolves.
                 self._establish(peer)
             return
         try:
@@ -779,6 +805,18 @@ class Node:
             self._count("misaddressed_dropped")
             return
         self._dispatch(packet)
+
+    def _take_unknown_budget(self, now: float) -> bool:
+        # At most _UNKNOWN_PER_SECOND key exchanges a second started by frames from
+        # unknown senders, so forged frames cannot turn into a flood of registry calls.
+        if now - self._unknown_window > 1.0:
+            self._unknown_window = now
+            self._unknown_count = 0
+        if self._unknown_count >= _UNKNOWN_PER_SECOND or len(self._peers) >= _MAX_PEERS:
+            self._count("unknown_senders_shed")
+            return False
+        self._unknown_count += 1
+        return True
 
     def _dispatch(self, packet: Packet) -> None:
         if packet.protocol == PacketProtocol.DATAGRAM:
@@ -852,7 +890,7 @@ class Node:
                 return
             self._install(frame, addr)
         finally:
-            self._auth_inflight.discard(frame.node_id)
+            self._auth_inflight.discard((frame.node_id, frame.x25519, frame.signature))
 
     def _install(self, frame: AuthFrame, addr: tuple[str, int] | None) -> None:
         peer = self._peer(frame.node_id)
