@@ -370,3 +370,69 @@ async def test_a_peer_cannot_claim_another_nodes_address_inside_its_tunnel(
         await mallory.send_datagram(node.node_id, 5000, b"honest")
         await wait_for(lambda: bool(got), 10.0, "the honest datagram")
     assert [(d.src.node, d.payload) for d in got] == [(mallory.node_id, b"honest")]
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+
+async def test_cli_run_lookup_and_ping(net: PilotNet, tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    d0 = net.daemons[0]
+    base = [
+        sys.executable,
+        "-m",
+        "pilot_node._cli",
+        "--registry",
+        f"127.0.0.1:{net.registry_port}",
+        "--beacon",
+        f"127.0.0.1:{net.beacon_port}",
+    ]
+    identity = tmp_path / "cli-id.json"
+    proc = subprocess.Popen(
+        [*base, "--identity", str(identity), "run", "--hostname", "cli-node"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30.0)
+        started = json.loads(line)
+        assert started["fingerprint"] == NodeIdentity.load(identity).fingerprint
+        found = await ctl(net, 0, "find", "cli-node")
+        assert found["address"] == started["address"]
+
+        other = [*base, "--identity", str(tmp_path / "other-id.json")]
+        looked = await asyncio.to_thread(
+            subprocess.run,
+            [*other, "lookup", "cli-node"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert json.loads(looked.stdout)["address"] == started["address"]
+        pinged = await asyncio.to_thread(
+            subprocess.run,
+            [*other, "ping", d0.address, "--count", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert pinged.returncode == 0, pinged.stdout + pinged.stderr
+        rtts = [json.loads(row)["rtt_ms"] for row in pinged.stdout.splitlines()]
+        assert len(rtts) == 2
+        assert all(rtt > 0 for rtt in rtts)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert proc.returncode == 0
