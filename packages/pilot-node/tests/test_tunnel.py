@@ -161,3 +161,17 @@ def test_replay_window_never_accepts_a_counter_twice(counters: list[int]) -> Non
             assert window.highest - counter < REPLAY_WINDOW or counter > window.highest
             window.record(counter)
             accepted.add(counter)
+
+
+def test_an_older_dialect_frame_is_recognised() -> None:
+    ours, theirs = pair()
+    nonce = ours.nonce_prefix + struct.pack(">Q", 1)
+    # Sealed without the sender id as associated data, as older builds did.
+    old = SecureFrame(42, nonce, AESGCM(ours.key).encrypt(nonce, b"hello", None))
+    with pytest.raises(FrameError):
+        theirs.open(old, 1.0)
+    assert "older tunnel dialect" in theirs.older_dialect(old)
+    current = parse_frame(ours.seal(42, b"x"))
+    assert isinstance(current, SecureFrame)
+    forged = SecureFrame(42, current.nonce, os.urandom(len(current.ciphertext)))
+    assert theirs.older_dialect(forged) == ""

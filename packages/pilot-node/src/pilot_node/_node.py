@@ -506,6 +506,8 @@ class Node:
         if node_id == self.node_id:
             raise PeerUnreachableError("cannot open a tunnel to ourselves")
         peer = self._peer(node_id)
+        if peer.incompatible:
+            raise IncompatiblePeerError(node_id, peer.incompatible)
         if peer.crypto is not None:
             return
         self._establish(peer)
@@ -781,6 +783,12 @@ class Node:
             plain = peer.crypto.open(frame, now)
         except FrameError:
             self._count("auth_failed_dropped")
+            if peer.crypto.last_ok == 0.0 and not peer.incompatible:
+                reason = peer.crypto.older_dialect(frame)
+                if reason:
+                    peer.incompatible = reason
+                    self._count("older_peers_refused")
+                    _log.warning("refusing node %d: %s", frame.node_id, reason)
             if (
                 peer.crypto.failures >= _FAILURES_BEFORE_REANNOUNCE
                 and now - peer.last_announce > _REPLY_MIN_INTERVAL

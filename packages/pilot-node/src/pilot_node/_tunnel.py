@@ -266,3 +266,18 @@ class PeerCrypto:
         self.failures = 0
         self.last_ok = now
         return plain
+
+    def older_dialect(self, frame: SecureFrame) -> str:
+        """Why ``frame`` (which failed :meth:`open`) looks like an older peer's, or ``""``.
+
+        Older builds sealed frames without the sender id as associated data; such a frame
+        opens under the same key with no associated data.
+        """
+        try:
+            self.aead.decrypt(frame.nonce, frame.ciphertext, None)
+        except InvalidTag:
+            return ""
+        return (
+            "its frames are sealed without the sender node id as associated data (an older "
+            "tunnel dialect than pilotprotocol 1.18.0's); upgrade the peer"
+        )
