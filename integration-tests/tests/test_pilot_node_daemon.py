@@ -436,3 +436,30 @@ async def test_cli_run_lookup_and_ping(net: PilotNet, tmp_path: Path) -> None:
         if proc.stdout is not None:
             proc.stdout.close()
     assert proc.returncode == 0
+
+
+# -- beacon relay -----------------------------------------------------------------------------
+
+
+async def test_key_exchange_and_datagrams_through_the_beacon_relay(tmp_path: Path) -> None:
+    with PilotNet(tmp_path / "net", count=1, trust=False) as net:
+        await ctl(net, 0, "set-private")
+        d0 = net.daemons[0]
+        async with Node(node_config(net, public=False)) as n:
+            # Neither side may resolve the other: the key exchange goes through the beacon.
+            with pytest.raises(RegistryRefusedError):
+                await n.registry.resolve(d0.node_id)
+            await n.connect(d0.node_id, timeout=10.0)
+            assert n.stats.get("tunnels_established") == 1
+            assert n.peer_info(d0.node_id)["via_relay"] is True
+            # (The private daemon refuses datagrams from an untrusted node; ours does not.)
+            got: list[Datagram] = []
+            n.on_datagram(5000, got.append)
+            raw = DaemonDatagrams(d0.socket)
+            try:
+                raw.send_to(n.address, 5000, b"relayed")
+                await wait_for(lambda: bool(got), 10.0, "the relayed datagram")
+                assert got[0].payload == b"relayed"
+                assert got[0].src == Address(0, d0.node_id)
+            finally:
+                raw.close()
