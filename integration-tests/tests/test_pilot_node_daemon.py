@@ -463,3 +463,33 @@ async def test_key_exchange_and_datagrams_through_the_beacon_relay(tmp_path: Pat
                 assert got[0].src == Address(0, d0.node_id)
             finally:
                 raw.close()
+
+
+async def test_a_replayed_key_exchange_from_before_a_restart_is_dropped(
+    net: PilotNet, tmp_path: Path
+) -> None:
+    async with Node(node_config(net)) as alice:
+        got: list[Datagram] = []
+        alice.on_datagram(5000, got.append)
+        config = node_config(net, identity_path=tmp_path / "bob.json")
+        async with Node(config) as bob:
+            await bob.send_datagram(alice.node_id, 5000, b"first")
+            await wait_for(lambda: len(got) == 1, 10.0, "bob's first datagram")
+            old_announcement = build_auth_frame(bob.identity, bob.node_id, bob._kx.public)  # pyright: ignore[reportPrivateUsage]
+        async with Node(config) as bob_again:
+            assert bob_again.node_id == bob.node_id
+            await bob_again.send_datagram(alice.node_id, 5000, b"second")
+            await wait_for(lambda: len(got) == 2, 10.0, "the restarted bob's datagram")
+            assert alice.stats.get("peer_rekeyed") == 1
+            # Someone replays bob's announcement from before the restart.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.sendto(old_announcement, alice.endpoint)
+            await wait_for(
+                lambda: alice.stats.get("handshakes_replayed_dropped", 0) >= 1,
+                10.0,
+                "the replay to be dropped",
+            )
+            await bob_again.send_datagram(alice.node_id, 5000, b"third")
+            await wait_for(lambda: len(got) == 3, 10.0, "a datagram after the replay")
+            assert [d.payload for d in got] == [b"first", b"second", b"third"]
+            assert alice.stats.get("peer_rekeyed") == 1
