@@ -497,9 +497,13 @@ class Node:
         """Establish (or confirm) the encrypted tunnel to ``target``. Safe to repeat.
 
         Raises:
-            PeerUnreachableError: no answer within ``timeout`` (default: the key-exchange
-                timeout), or the registry does not know how to reach the node.
+            PilotTimeoutError: no tunnel within ``timeout`` (default: the key-exchange
+                timeout).
+            PeerUnreachableError: the key exchange gave up (no answer, or no route: the
+                node cannot be resolved and no beacon is configured).
             IncompatiblePeerError: the peer speaks another tunnel dialect.
+
+        Cancelling it stops waiting; the key exchange carries on in the background.
         """
         self._check_open()
         node_id = await self.resolve_node(target)
