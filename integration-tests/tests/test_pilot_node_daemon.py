@@ -493,3 +493,47 @@ async def test_a_replayed_key_exchange_from_before_a_restart_is_dropped(
             await wait_for(lambda: len(got) == 3, 10.0, "a datagram after the replay")
             assert [d.payload for d in got] == [b"first", b"second", b"third"]
             assert alice.stats.get("peer_rekeyed") == 1
+
+
+async def test_require_trust_drops_strangers_and_the_trust_file_survives_a_restart(
+    net: PilotNet, tmp_path: Path
+) -> None:
+    d0 = net.daemons[0]
+    config = node_config(
+        net,
+        require_trust=True,
+        trust_path=tmp_path / "trust.json",
+        identity_path=tmp_path / "id.json",
+    )
+    raw = DaemonDatagrams(d0.socket)
+    try:
+        async with Node(config) as n:
+            got: list[Datagram] = []
+            n.on_datagram(5000, got.append)
+            await n.connect(d0.node_id)
+            raw.send_to(n.address, 5000, b"stranger")
+            await wait_for(
+                lambda: n.stats.get("untrusted_dropped", 0) >= 1, 10.0, "the stranger's drop"
+            )
+            assert got == []
+            await n.trust(d0.node_id, "please")
+            await wait_for_pending(net, 0, n.node_id)
+            await ctl(net, 0, "approve", str(n.node_id))
+            await wait_for(lambda: d0.node_id in n.trusted, 30.0, "the approval")
+            raw.send_to(n.address, 5000, b"friend")
+            await wait_for(lambda: bool(got), 10.0, "the trusted datagram")
+            assert [d.payload for d in got] == [b"friend"]
+        assert (tmp_path / "trust.json").stat().st_mode & 0o077 == 0
+        async with Node(config) as again:
+            assert d0.node_id in again.trusted
+            got2: list[Datagram] = []
+            again.on_datagram(5000, got2.append)
+            await again.connect(d0.node_id)
+            deadline = time.monotonic() + 10.0
+            while not got2 and time.monotonic() < deadline:
+                raw.send_to(again.address, 5000, b"still a friend")
+                await asyncio.sleep(0.2)
+            assert got2
+            assert got2[0].payload == b"still a friend"
+    finally:
+        raw.close()

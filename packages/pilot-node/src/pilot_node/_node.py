@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
 import os
 import secrets
@@ -99,6 +100,10 @@ class NodeConfig:
         poll_interval: seconds between polls of the relayed handshake inbox.
         key_exchange_timeout: how long to try reaching a peer before giving up.
         auto_approve: approve every relayed trust request.
+        require_trust: deliver datagrams and stream packets only from trusted nodes
+            (key exchanges and answers to our own pings still pass).
+        trust_path: a JSON file (mode 0600) that keeps the trusted node ids across
+            restarts; ``None`` keeps them in memory only.
     """
 
     registry: str
@@ -112,6 +117,8 @@ class NodeConfig:
     key_exchange_timeout: float = 5.0
     announce_interval: float = 0.5
     auto_approve: bool = False
+    require_trust: bool = False
+    trust_path: str | os.PathLike[str] | None = None
 
 
 @dataclass(slots=True)
@@ -169,7 +176,7 @@ class Node:
         self.endpoint: tuple[str, int] = ("", 0)
         self.observed_endpoint: tuple[str, int] | None = None
         self.stats: dict[str, int] = {}
-        self.trusted: set[int] = set()
+        self.trusted: set[int] = _load_trust(config.trust_path)
         self.pending_trust: dict[int, str] = {}
         self._outgoing_trust: set[int] = set()
         self._trust_events: dict[int, asyncio.Event] = {}
@@ -354,15 +361,20 @@ class Node:
             for peer_id, accepted in inbox.responses:
                 self._outgoing_trust.discard(peer_id)
                 if accepted:
-                    self.trusted.add(peer_id)
+                    self._add_trusted(peer_id)
                 event = self._trust_events.pop(peer_id, None)
                 if event is not None:
                     event.set()
 
+    def _add_trusted(self, peer_id: int) -> None:
+        if peer_id not in self.trusted:
+            self.trusted.add(peer_id)
+            _save_trust(self.config.trust_path, self.trusted)
+
     async def _accept_trust(self, peer_id: int) -> None:
         self.pending_trust.pop(peer_id, None)
         self._outgoing_trust.discard(peer_id)
-        self.trusted.add(peer_id)
+        self._add_trusted(peer_id)
         with contextlib.suppress(RegistryError, PilotTimeoutError):
             await self.registry.respond_handshake(peer_id, True)
         with contextlib.suppress(RegistryError, PilotTimeoutError):
@@ -831,6 +843,11 @@ class Node:
         return True
 
     def _dispatch(self, packet: Packet) -> None:
+        if self.config.require_trust and packet.src.node not in self.trusted:
+            probe = self._probes.get((packet.src.node, packet.dst_port))
+            if probe is None or packet.protocol != PacketProtocol.STREAM:
+                self._count("untrusted_dropped")
+                return
         if packet.protocol == PacketProtocol.DATAGRAM:
             handler = self._handlers.get(packet.dst_port)
             if handler is None:
@@ -957,3 +974,34 @@ class Node:
             )
             self._count("handshakes_unauthenticated_refused")
             self._announce(peer)
+
+
+def _load_trust(path: str | os.PathLike[str] | None) -> set[int]:
+    if path is None:
+        return set()
+    target = Path(path)
+    try:
+        doc = json.loads(target.read_text())
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as exc:
+        raise PilotNodeError(f"cannot read the trust file {target}: {exc}") from exc
+    entries = cast(dict[str, Any], doc).get("trusted") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise PilotNodeError(f"trust file {target} has no 'trusted' list")
+    return {int(entry) for entry in cast(list[Any], entries)}
+
+
+def _save_trust(path: str | os.PathLike[str] | None, trusted: set[int]) -> None:
+    if path is None:
+        return
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"trusted": sorted(trusted)}, fh)
+        os.replace(tmp, target)
+    except OSError as exc:
+        _log.error("cannot write the trust file %s: %s", target, exc)
