@@ -157,6 +157,17 @@ class Node:
     """
 
     def __init__(self, config: NodeConfig, *, identity: NodeIdentity | None = None) -> None:
+        """Prepare a node (nothing is opened until :meth:`start`).
+
+        Args:
+            config: how to join the network.
+            identity: the node's identity; default: ``config.identity_path`` (created
+                when missing), or a throwaway one.
+
+        Raises:
+            IdentityError: the identity file is unusable.
+            PilotNodeError: a malformed registry, beacon or trust file.
+        """
         self.config = config
         if identity is not None:
             self.identity = identity
@@ -553,6 +564,8 @@ class Node:
         Raises:
             PilotTimeoutError: no answer within ``timeout``.
             PeerUnreachableError: no tunnel.
+
+        Safe to repeat and to run concurrently; cancelling it abandons the probe.
         """
         self._check_open()
         node_id = await self.resolve_node(target)
