@@ -508,3 +508,20 @@ def test_config_is_validated() -> None:
         StreamConfig(mss=0)
     with pytest.raises(ValueError, match="recv_buffer"):
         StreamConfig(recv_buffer=100)
+
+
+def test_the_pacing_deadline_does_not_move_with_the_clock() -> None:
+    conn = _established(StreamConfig(mss=100, initial_cwnd_segments=4))
+    conn.write(b"p" * 400, 0.0)
+    conn.flush(0.0)
+    conn.take_outbox()
+    conn.on_packet(_go(Flags.ACK, seq=_peer_seq(0), ack=_our_seq(400)), 0.01)  # RTT sample
+    conn.write(b"q" * 2000, 0.01)
+    conn.flush(0.01)
+    conn.take_outbox()
+    first = conn.next_deadline(0.01)
+    assert first is not None
+    # Asking again later (before it is due) must not push it further away.
+    assert conn.next_deadline((0.01 + first) / 2) == first
+    conn.poll(first)
+    assert _data(conn.take_outbox())

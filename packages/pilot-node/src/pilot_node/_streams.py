@@ -126,7 +126,9 @@ class StreamConfig:
     Attributes:
         mss: payload bytes per data segment we send.
         recv_buffer: bytes buffered for the reader (in order and out of order);
-            it is what we advertise as our window.
+            it is what we advertise as our window. The daemon bursts up to the
+            window; a window larger than the UDP socket's receive buffer turns those
+            bursts into losses it repairs one segment per RTO, so keep the two matched.
         send_buffer: bytes accepted from the writer and not yet acknowledged.
         max_ooo_segments: out-of-order segments kept per connection.
         initial_rto, min_rto, max_rto: retransmission timeout (RFC 6298).
@@ -148,7 +150,7 @@ class StreamConfig:
     """
 
     mss: int = 1024
-    recv_buffer: int = 1024 * 1024
+    recv_buffer: int = 256 * 1024
     send_buffer: int = 1024 * 1024
     max_ooo_segments: int = 1024
     initial_rto: float = 1.0
@@ -246,6 +248,7 @@ class Connection:
         self._dupacks = 0
         self._recovery_point: int | None = None
         self._epoch = 0
+        self._highest_sacked = 0
         self.lost_bytes = 0  # bytes written that a failure discarded unacknowledged
         self._pace_tokens = float(config.initial_cwnd_segments)
         self._pace_at = now
@@ -423,6 +426,10 @@ class Connection:
 
     def on_packet(self, packet: Packet, now: float) -> None:
         """Process one stream packet of this connection."""
+        self._on_packet(packet, now)
+        self._maybe_finish(now)
+
+    def _on_packet(self, packet: Packet, now: float) -> None:
         if self.state is ConnState.CLOSED:
             # Time-wait: answer a retransmitted FIN so the peer can finish; data to a
             # stream we closed gets a reset so the writer learns at once.
@@ -487,6 +494,11 @@ class Connection:
             self.send_ack(now)
         self.flush(now)
 
+    def _maybe_finish(self, now: float) -> None:
+        if self.state is ConnState.ESTABLISHED and self.finished:
+            self.state = ConnState.CLOSED
+            self.closed_at = now
+
     def _set_peer_window(self, units: int) -> None:
         self.peer_window = units * WINDOW_UNIT
 
@@ -534,6 +546,12 @@ class Connection:
         self._dupacks = 0
         if sample is not None:
             self._rtt_sample(sample)
+        elif self.srtt is not None:
+            # Forward progress ends a timeout back-off (as Linux does), sample or not.
+            self.rto = min(
+                self.config.max_rto,
+                max(self.config.min_rto, self.srtt + max(0.01, 4 * self.rttvar)),
+            )
         if self._recovery_point is not None:
             if ack_off >= self._recovery_point:
                 self._recovery_point = None
@@ -605,6 +623,7 @@ class Connection:
             highest = max(highest, right)
         if highest < 0:
             return
+        self._highest_sacked = max(self._highest_sacked, highest)
         holes: list[int] = []
         for offset, seg in self._inflight.items():
             if offset >= highest:
@@ -836,7 +855,9 @@ class Connection:
         if self.srtt is None or self._pace_tokens >= 1.0 - 1e-9:
             return None
         rate = 2.0 * max(self.cwnd, self.config.mss) / self.config.mss / max(self.srtt, 1e-4)
-        return now + (1.0 - self._pace_tokens) / rate + 1e-6
+        # From the last refill, not from ``now``: a deadline that moved with the
+        # clock would never come due.
+        return self._pace_at + (1.0 - self._pace_tokens) / rate + 1e-6
 
     def flush(self, now: float) -> None:
         """Send whatever the windows and pacing allow: retransmissions first, then new data,
@@ -988,6 +1009,12 @@ class Connection:
             oldest.lost = True
             oldest.epoch = self._epoch
             oldest.sent_at = now  # restart its timer even if pacing delays the resend
+            # Every other hole the peer's SACKs revealed is lost as well.
+            for offset in self._inflight:
+                if offset >= self._highest_sacked:
+                    break
+                if offset != oldest.offset:
+                    self._mark_lost(offset)
         if (
             self.fin_offset is not None
             and not self.fin_acked
