@@ -19,6 +19,7 @@ from pilot_node._packet import (
     encode_sack,
 )
 from pilot_node._streams import (
+    ADVERTISE_UNIT,
     WINDOW_UNIT,
     Connection,
     ConnState,
@@ -213,23 +214,20 @@ def test_duplicates_and_overlaps_are_trimmed() -> None:
 
 
 def test_the_receive_buffer_is_bounded_and_advertised() -> None:
-    config = StreamConfig(recv_buffer=4 * WINDOW_UNIT)
+    unit = ADVERTISE_UNIT  # the daemon's segment size, our advertising unit
+    config = StreamConfig(recv_buffer=4 * unit)
     conn = _established(config)
-    seg = b"q" * WINDOW_UNIT
+    seg = b"q" * unit
     for i in range(4):
-        conn.on_packet(
-            _go(Flags.ACK, seq=_peer_seq(i * WINDOW_UNIT), ack=_our_seq(0), payload=seg), 0.1
-        )
+        conn.on_packet(_go(Flags.ACK, seq=_peer_seq(i * unit), ack=_our_seq(0), payload=seg), 0.1)
     acks = conn.take_outbox()
     assert [a.window for a in acks] == [2, 0]  # an ACK every second segment
     # A fifth segment does not fit: dropped, and our window re-advertised.
-    conn.on_packet(
-        _go(Flags.ACK, seq=_peer_seq(4 * WINDOW_UNIT), ack=_our_seq(0), payload=seg), 0.2
-    )
+    conn.on_packet(_go(Flags.ACK, seq=_peer_seq(4 * unit), ack=_our_seq(0), payload=seg), 0.2)
     (again,) = conn.take_outbox()
-    assert again.ack == _peer_seq(4 * WINDOW_UNIT)
+    assert again.ack == _peer_seq(4 * unit)
     # Reading opens the window and tells the peer at once (it was told 0).
-    assert len(conn.read(4 * WINDOW_UNIT, 0.3)) == 4 * WINDOW_UNIT
+    assert len(conn.read(4 * unit, 0.3)) == 4 * unit
     (update,) = conn.take_outbox()
     assert update.window == 4
 

@@ -7,10 +7,12 @@ paces dials and hands out :class:`PilotStream` objects.
 
 Behaviour, and the Go daemon (``pilotprotocol`` 1.18.0) facts it is built around:
 
-* Sequence numbers count bytes; SYN and FIN each take one. The window field is in
-  units of 1,024 bytes (the daemon's segment size) and the daemon honours a window
-  of 0 as "stop" (not "no limit" as the specification says), so we never
-  advertise 0 unless our buffer is full.
+* Sequence numbers count bytes; SYN and FIN each take one. The window field counts
+  segments: the 1.18.0 daemon sends up to 1,152 payload bytes per segment and reads
+  our window in those units, so we advertise in 1,152-byte units and read the
+  peer's in 1,024-byte units (safe both ways). The daemon honours a window of 0 as
+  "stop" (not "no limit" as the specification says), so we never advertise 0
+  unless our buffer is full.
 * The daemon's keepalive probe is a pure ACK that carries window 0; a pure ACK
   that acknowledges nothing new while nothing is in flight does not shrink our
   view of the peer's window. A real zero window is probed with one byte of data
@@ -69,6 +71,7 @@ from ._packet import (
 from .errors import PilotNodeError, PilotTimeoutError
 
 __all__ = [
+    "ADVERTISE_UNIT",
     "WINDOW_UNIT",
     "ConnState",
     "Connection",
@@ -87,7 +90,12 @@ __all__ = [
 _log = logging.getLogger("pilot_node.streams")
 
 WINDOW_UNIT: Final = 1024
-"""Bytes per unit of the header's window field (the Go daemon's segment size)."""
+"""Bytes we assume per unit of a peer's window field (the smaller of the two segment sizes
+in use: 1,024 in older daemons and ours, 1,152 in the 1.18.0 daemon)."""
+
+ADVERTISE_UNIT: Final = 1152
+"""Bytes per unit when we advertise our window: the 1.18.0 daemon multiplies our window by
+its 1,152-byte segment size, so a smaller unit would invite more than we can hold."""
 
 _MASK: Final = 0xFFFFFFFF
 EPHEMERAL_MIN: Final = 49152
@@ -175,7 +183,7 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.mss <= 65535 - 64:
             raise ValueError(f"mss={self.mss} is outside 1..65471")
-        if self.recv_buffer < 2 * WINDOW_UNIT or self.send_buffer < self.mss:
+        if self.recv_buffer < 2 * ADVERTISE_UNIT or self.send_buffer < self.mss:
             raise ValueError("recv_buffer must be >= 2048 and send_buffer >= mss")
 
 
@@ -293,7 +301,7 @@ class Connection:
 
     def _window_units(self) -> int:
         free = self.config.recv_buffer - len(self._ready) - self._ooo_bytes
-        return max(0, min(0xFFFF, free // WINDOW_UNIT))
+        return max(0, min(0xFFFF, free // ADVERTISE_UNIT))
 
     def _packet(self, flags: Flags, *, seq: int, payload: bytes = b"") -> Packet:
         window = self._window_units()
@@ -783,7 +791,7 @@ class Connection:
                 self._last_adv_window == 0
                 or (
                     after - self._last_adv_window
-                    >= max(2, (self.config.recv_buffer // WINDOW_UNIT) // 4)
+                    >= max(2, (self.config.recv_buffer // ADVERTISE_UNIT) // 4)
                     and after > before
                 )
             ):
