@@ -83,9 +83,11 @@ class DaemonDatagrams:
         self.buffer = bytearray()
 
     def send_to(self, address: Address, port: int, payload: bytes) -> None:
-        self.sock.setblocking(True)
-        self.sock.sendall(ipc.send_to(TransportAddress.parse(str(address)), port, payload))
-        self.sock.setblocking(False)
+        self.sock.settimeout(5.0)
+        try:
+            self.sock.sendall(ipc.send_to(TransportAddress.parse(str(address)), port, payload))
+        finally:
+            self.sock.setblocking(False)
 
     def received(self) -> list[tuple[int, int, bytes]]:
         """(source node, destination port, payload) of every RecvFrom so far."""
@@ -333,6 +335,7 @@ async def test_spoofed_packets_and_forged_handshakes_are_dropped(net: PilotNet, 
         "the forged handshakes to be rejected",
     )
     assert node.stats.get("unauthenticated_dropped", 0) >= 1
+    assert node.stats.get("handshakes_unauthenticated_dropped", 0) >= 1
     assert node.stats.get("auth_failed_dropped", 0) >= 1
     assert node.stats.get("peer_rekeyed", 0) == 0
     assert got == []

@@ -793,7 +793,7 @@ class Node:
             self._auth_inflight.add(ident)
             self._spawn(self._on_auth(frame, addr))
         else:
-            self._spawn(self._on_unauth(frame))
+            self._on_unauth(frame)
 
     def _on_secure(self, frame: SecureFrame, addr: tuple[str, int] | None) -> None:
         peer = self._peers.get(frame.node_id)
@@ -971,21 +971,14 @@ class Node:
             self._transmit(peer, peer.crypto.seal(self.node_id, peer.pending.popleft()))
         peer.ready.set()
 
-    async def _on_unauth(self, frame: UnauthFrame) -> None:
-        try:
-            key = await self._peer_key(frame.node_id)
-        except (RegistryError, PilotTimeoutError):
-            self._count("handshakes_unverifiable")
-            return
-        peer = self._peer(frame.node_id)
-        if key:
-            # A node with a registered key that announces without signing speaks an older
-            # tunnel dialect: refuse it with a clear error, and offer our signed key.
-            peer.incompatible = (
-                "it sent an unauthenticated key exchange (PILK); this node only accepts "
-                "signed key exchanges (PILA), as pilotprotocol 1.18.0 daemons send"
-            )
-            self._count("handshakes_unauthenticated_refused")
+    def _on_unauth(self, frame: UnauthFrame) -> None:
+        # Unsigned key exchanges are never installed: nothing proves who sent them. The
+        # 1.18.0 daemon sends one now and then alongside its signed one; answering with
+        # our signed key (at most once a second) is what it expects from a peer with an
+        # identity.
+        self._count("handshakes_unauthenticated_dropped")
+        peer = self._peers.get(frame.node_id)
+        if peer is not None and time.monotonic() - peer.last_announce > _REPLY_MIN_INTERVAL:
             self._announce(peer)
 
 
