@@ -3,7 +3,8 @@
 pilot-transport finds this carrier through the ``pilot_transport.carriers`` entry
 point that pilot-node declares, so neither distribution depends on the other: this is
 the only module of ``pilot_node`` that imports ``pilot_transport``, and only when it is
-imported itself (pilot-transport must be installed to use it). The carrier only moves
+imported itself (pilot-transport must be installed to use it: the ``transport`` extra,
+``pip install "pilot-node[transport]"``). The carrier only moves
 bytes: TLS 1.3 with pinned identities runs on top of every stream, as over any carrier
 (a Pilot address is not an authentication).
 
