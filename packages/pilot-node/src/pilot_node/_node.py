@@ -59,6 +59,7 @@ _MAX_PENDING = 256
 _MAX_RETIRED_KEYS = 8
 _STALE_AFTER = 6.0
 _REANNOUNCE_AFTER = 2.0
+_PROBE_RETRY = 0.5
 _UNKNOWN_PER_SECOND = 8
 _MAX_PEERS = 4096
 _REPLY_MIN_INTERVAL = 1.0
@@ -574,30 +575,36 @@ class Node:
         port = self._free_probe_port(node_id)
         fut: asyncio.Future[float] = loop.create_future()
         self._probes[(node_id, port)] = fut
-        seq = secrets.randbits(32)
-        started = time.monotonic()
+        syn = Packet(
+            flags=Flags.SYN,
+            protocol=PacketProtocol.STREAM,
+            src=self.address,
+            dst=Address(0, node_id),
+            src_port=port,
+            dst_port=ECHO_PORT,
+            seq=secrets.randbits(32),
+            window=64,
+        )
+        deadline = time.monotonic() + timeout
         try:
-            self.send_packet(
-                Packet(
-                    flags=Flags.SYN,
-                    protocol=PacketProtocol.STREAM,
-                    src=self.address,
-                    dst=Address(0, node_id),
-                    src_port=port,
-                    dst_port=ECHO_PORT,
-                    seq=seq,
-                    window=64,
-                )
-            )
-            try:
-                answered = await asyncio.wait_for(fut, timeout)
-            except TimeoutError:
-                raise PilotTimeoutError(
-                    f"ping to node {node_id}: no answer in {timeout} s"
-                ) from None
-            return answered - started
+            # The daemon admits a limited rate of new connections and drops the rest
+            # silently: repeat the probe until it is answered. The round trip is timed from
+            # the probe that was answered (the last one sent).
+            while True:
+                sent = time.monotonic()
+                self.send_packet(syn)
+                wait = min(_PROBE_RETRY, deadline - sent)
+                if wait <= 0:
+                    raise PilotTimeoutError(f"ping to node {node_id}: no answer in {timeout} s")
+                try:
+                    answered = await asyncio.wait_for(asyncio.shield(fut), wait)
+                except TimeoutError:
+                    continue
+                return answered - sent
         finally:
             self._probes.pop((node_id, port), None)
+            if not fut.done():
+                fut.cancel()
 
     def _free_probe_port(self, node_id: int) -> int:
         while True:
