@@ -540,3 +540,13 @@ async def test_require_trust_drops_strangers_and_the_trust_file_survives_a_resta
             assert got2[0].payload == b"still a friend"
     finally:
         raw.close()
+
+
+async def test_trust_requests_to_unknown_nodes_fail_typed_and_repeats_are_fine(
+    net: PilotNet, node: Node
+) -> None:
+    with pytest.raises(RegistryRefusedError, match="not found"):
+        await node.trust(424242, "nobody")
+    d0 = net.daemons[0]
+    assert await node.trust(d0.node_id, "once") is False
+    assert await node.trust(d0.node_id, "twice") is False  # still pending: not an error

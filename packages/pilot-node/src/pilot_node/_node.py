@@ -446,9 +446,13 @@ class Node:
             return True
         event = self._trust_events.setdefault(peer_id, asyncio.Event())
         self._outgoing_trust.add(peer_id)
-        with contextlib.suppress(RegistryRefusedError):
-            # "already pending" is fine: the earlier request still stands.
+        try:
             await self.registry.request_handshake(peer_id, justification)
+        except RegistryRefusedError as exc:
+            # "already pending" is fine: the earlier request still stands.
+            if "already pending" not in exc.message:
+                self._outgoing_trust.discard(peer_id)
+                raise
         if timeout is None:
             return False
         with contextlib.suppress(asyncio.TimeoutError):
