@@ -256,6 +256,9 @@ class PilotNet:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PILOT_")}
         env["PILOT_SOCKET"] = self.daemons[index].socket
         env["HOME"] = str(self.daemons[index].directory)
+        # pilotctl itself looks peers up (ping, bench) at the public registry unless told.
+        env["PILOT_REGISTRY"] = f"127.0.0.1:{self.registry_port}"
+        env["PILOT_BEACON"] = f"127.0.0.1:{self.beacon_port}"
         done = subprocess.run(
             [str(self.ctl_bin), "--json", *args],
             env=env,

@@ -550,3 +550,11 @@ async def test_trust_requests_to_unknown_nodes_fail_typed_and_repeats_are_fine(
     d0 = net.daemons[0]
     assert await node.trust(d0.node_id, "once") is False
     assert await node.trust(d0.node_id, "twice") is False  # still pending: not an error
+
+
+async def test_pilotctl_ping_reaches_our_node(net: PilotNet, node: Node) -> None:
+    # The daemon dials us: its key exchange, our answer, then its echo probe.
+    reply = await ctl(net, 0, "ping", str(node.address), "--count", "2")
+    results = reply["results"]
+    assert len(results) == 2
+    assert all(r["rtt_ms"] > 0 for r in results)
