@@ -1343,9 +1343,9 @@ class StreamLayer:
         self._listeners: dict[int, PilotListener] = {}
         self._dial_buckets: dict[int, _DialBucket] = {}
         self._next_port = EPHEMERAL_MIN + int.from_bytes(os.urandom(2), "big") % 4096
-        self._wake = asyncio.Event()
-        self._sleep_until: float | None = None
-        self._timer: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due: float | None = None
+        self._started = False
         self._closed = False
         self._rst_budget = 50.0
         self._rst_at = clock()
@@ -1356,9 +1356,9 @@ class StreamLayer:
     # ------------------------------------------------------------- plumbing
 
     def _ensure_timer(self) -> None:
-        if self._timer is None and not self._closed:
+        if not self._started and not self._closed:
+            self._started = True
             loop = asyncio.get_running_loop()
-            self._timer = loop.create_task(self._timer_loop(), name="pilot-streams-timer")
             if self._echo_listener is not None:
                 task = loop.create_task(self._echo_accept(self._echo_listener), name="pilot-echo")
                 self._echo_tasks.add(task)
@@ -1401,37 +1401,45 @@ class StreamLayer:
         if stream is not None:
             stream._notify()  # pyright: ignore[reportPrivateUsage]
         due = conn.next_deadline(self.now())
-        if due is not None and (self._sleep_until is None or due < self._sleep_until):
-            self._wake.set()
+        if due is not None:
+            self._arm(due)
 
-    async def _timer_loop(self) -> None:
-        while not self._closed:
-            now = self.now()
-            deadline: float | None = None
-            for conn in list(self._conns.values()):
+    def _arm(self, due: float) -> None:
+        # One loop timer for every connection, moved only when a deadline comes earlier.
+        if self._closed or (self._timer_due is not None and self._timer_due <= due):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = max(0.0, due - self.now())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        self._timer_due = due
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_due = None
+        if self._closed:
+            return
+        now = self.now()
+        earliest: float | None = None
+        for conn in list(self._conns.values()):
+            due = conn.next_deadline(now)
+            if due is not None and due <= now:
+                conn.poll(now)
+                self._after(conn)
+                if (
+                    conn.state is ConnState.CLOSED
+                    and conn.closed_at is not None
+                    and now >= conn.closed_at + self.config.time_wait
+                ):
+                    self._forget(conn)
+                    continue
                 due = conn.next_deadline(now)
                 if due is not None and due <= now:
-                    conn.poll(now)
-                    self._after(conn)
-                    if (
-                        conn.state is ConnState.CLOSED
-                        and conn.closed_at is not None
-                        and now >= conn.closed_at + self.config.time_wait
-                    ):
-                        self._forget(conn)
-                        continue
-                    due = conn.next_deadline(now)
-                if due is not None and (deadline is None or due < deadline):
-                    deadline = due
-            self._wake.clear()
-            self._sleep_until = deadline
-            timeout = None if deadline is None else max(0.0, deadline - self.now())
-            if timeout is not None and timeout <= 0:
-                await asyncio.sleep(0)
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
+                    due = now + 0.001  # never spin on a deadline that polling did not move
+            if due is not None and (earliest is None or due < earliest):
+                earliest = due
+        if earliest is not None:
+            self._arm(earliest)
 
     def _forget(self, conn: Connection) -> None:
         if self._conns.get(conn.key) is conn:
@@ -1627,6 +1635,5 @@ class StreamLayer:
                 await task
         if self._timer is not None:
             self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
             self._timer = None
+            self._timer_due = None
