@@ -1,4 +1,5 @@
-"""A PilotRemoteRunnable call over ``pilotnode://`` between two processes, no Go daemon.
+"""PilotRemoteRunnable and PilotCheckpointSaver over ``pilotnode://`` between processes,
+no Go daemon.
 
 The worker process and this test each run our pure-Python Pilot node in-process (the
 ``pilotnode://`` carrier, found through pilot-transport's entry points); the only other
@@ -8,12 +9,16 @@ process is our loopback registry/beacon stand-in. TLS 1.3 with pinned keys runs 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pilot_checkpoint_sqlite.testing import start_store_worker
 from pilot_node._node import Node, NodeConfig
 from pilot_node._packet import Address
 from pilot_transport import open_transport
@@ -81,3 +86,74 @@ async def test_remote_runnable_over_pilotnode_between_two_processes(
             assert await whoami.ainvoke(None) == "node-worker"
     finally:
         await asyncio.to_thread(worker.stop_blocking, 15)
+
+
+APP = Path(__file__).with_name("_checkpoint_graph_app.py")
+
+
+def _graph(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    keys = tmp_path / "keys" / "graph"
+    return subprocess.run(
+        [
+            sys.executable,
+            str(APP),
+            *args,
+            "--peer",
+            "store",
+            "--port",
+            "5000",
+            "--identity",
+            str(keys / "identity.key"),
+            "--trust",
+            str(keys / "trust.json"),
+            "--marker",
+            str(tmp_path / "killed.marker"),
+            "--transport",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _result(done: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    assert done.returncode == 0, done.stdout + done.stderr
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+async def test_checkpoint_saver_graph_over_pilotnode_across_processes(
+    rendezvous: PilotNet, tmp_path: Path
+) -> None:
+    peers = create_test_peers(tmp_path / "keys", ["graph", "store"])
+    url = f"pilotnode://127.0.0.1:{rendezvous.registry_port}"
+    store = await asyncio.to_thread(
+        start_store_worker,
+        identity=peers["store"].identity_path,
+        trust=peers["store"].trust_path,
+        db_url=f"sqlite:///{tmp_path / 'graph-state.db'}",
+        listen=f"{url}?hostname=node-store",
+        log_dir=tmp_path,
+        ready_timeout=120.0,
+    )
+    try:
+        peers.set_address("store", await _address_of(rendezvous.registry_port, "node-store"))
+        # The graph process dies (SIGKILL) inside its second node...
+        killed = await asyncio.to_thread(_graph, tmp_path, url, "start", "--thread", "t")
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        # ...a new process resumes from the store over pilotnode:// and pauses...
+        paused = _result(await asyncio.to_thread(_graph, tmp_path, url, "resume", "--thread", "t"))
+        assert paused["visits"] == ["first"]
+        assert paused["interrupts"] == [{"question": "go on?"}]
+        # ...and a third answers the interrupt and finishes the run.
+        done = _result(
+            await asyncio.to_thread(
+                _graph, tmp_path, url, "resume", "--thread", "t", "--answer", "yes"
+            )
+        )
+        assert done["visits"] == ["first", "second", "third"]
+        assert done["answer"] == "yes"
+    finally:
+        await asyncio.to_thread(store.stop)
