@@ -280,3 +280,50 @@ async def test_the_built_in_echo_answers_on_port_7() -> None:
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_dials_are_paced_per_destination_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of ``dial_burst`` SYNs, then ``dial_rate`` a second (fake clock)."""
+    clock = [100.0]
+    syn_times: list[tuple[int, float]] = []
+    real_sleep = asyncio.sleep
+
+    async def fake_sleep(delay: float, result: object = None) -> object:
+        clock[0] += delay  # pacing waits advance the fake clock only
+        return await real_sleep(0, result)
+
+    def send(packet: Packet) -> None:
+        if packet.flags == Flags.SYN:
+            syn_times.append((packet.dst.node, clock[0]))
+
+    layer = StreamLayer(
+        send,
+        A,
+        config=StreamConfig(dial_burst=3, dial_rate=2.0, syn_retries=0, syn_rto=1000.0),
+        clock=lambda: clock[0],
+        echo=False,
+    )
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    dials: list[asyncio.Task[PilotStream]] = []
+
+    async def dial(node: Address) -> None:
+        # One dial at a time: wait until its SYN went out before starting the next.
+        sent = len(syn_times)
+        dials.append(asyncio.create_task(layer.connect(node, 7)))
+        while len(syn_times) == sent:
+            await real_sleep(0)
+
+    try:
+        for _ in range(6):
+            await dial(B)
+        before = clock[0]
+        await dial(Address(0, 0xC))
+        to_b = [t - 100.0 for node, t in syn_times if node == B.node]
+        assert to_b == pytest.approx([0.0, 0.0, 0.0, 0.5, 1.0, 1.5])
+        assert clock[0] == before  # another node has a bucket of its own: no wait
+        for task in dials:
+            task.cancel()
+        await asyncio.gather(*dials, return_exceptions=True)
+    finally:
+        monkeypatch.undo()
+        await layer.aclose()
