@@ -5,7 +5,7 @@
 # then the multi-process integration tests and benchmarks.
 source "$(dirname "${BASH_SOURCE[0]}")/_uv.sh"
 cd "$ROOT"
-PACKAGES=(pilot-transport pilot-rpc pilot-worker pilot-checkpoint-sqlite pilot-channels langgraph-pilot)
+PACKAGES=(pilot-transport pilot-node pilot-rpc pilot-worker pilot-checkpoint-sqlite pilot-channels langgraph-pilot)
 
 step() { printf '\n==> %s\n' "$*"; }
 

@@ -79,11 +79,12 @@ def main() -> int:
     parser.add_argument("--marker", required=True)
     parser.add_argument("--answer", default=None)
     parser.add_argument("--sync", action="store_true", help="graph.invoke instead of ainvoke")
+    parser.add_argument("--transport", default="tcp://127.0.0.1:0", help="our transport URL")
     args = parser.parse_args()
     saver = PilotCheckpointSaver(
         peer=args.peer,
         port=args.port,
-        transport="tcp://127.0.0.1:0",
+        transport=args.transport,
         identity=args.identity,
         trust=args.trust,
     )

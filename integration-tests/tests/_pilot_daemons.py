@@ -119,6 +119,8 @@ class PilotNet:
         *,
         count: int = 2,
         daemon_args: tuple[str, ...] = (),
+        registry_ttl: float = 0.0,
+        trust: bool = True,
     ) -> None:
         found = pilot_binaries()
         if found is None:
@@ -128,6 +130,8 @@ class PilotNet:
         self._sock_dir = tempfile.mkdtemp(prefix="pnet-", dir="/tmp")
         self.directory = Path(directory or self._sock_dir)
         self.daemon_args = daemon_args
+        self.registry_ttl = registry_ttl
+        self.trust = trust
         self.registry_port = 0
         self.beacon_port = 0
         self._rendezvous: subprocess.Popen[str] | None = None
@@ -144,17 +148,22 @@ class PilotNet:
                 self.start_daemon(daemon.index, wait=False)
             for daemon in self.daemons:
                 self.wait_registered(daemon.index, timeout)
-            self.trust_all(timeout)
+            if self.trust:
+                self.trust_all(timeout)
         except BaseException:
             self.stop()
             raise
 
     def _start_rendezvous(self, timeout: float) -> None:
+        env = dict(os.environ)
+        if self.registry_ttl > 0:
+            env["PILOT_RENDEZVOUS_TTL"] = str(self.registry_ttl)
         proc = subprocess.Popen(
             [sys.executable, _RENDEZVOUS],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
+            env=env,
         )
         self._rendezvous = proc
         assert proc.stdout is not None
@@ -237,6 +246,34 @@ class PilotNet:
                     return
             time.sleep(0.05)
         raise TimeoutError(f"pilot daemon {index} not registered ({last}):\n{daemon.log_tail()}")
+
+    def ctl(self, index: int, *args: str, timeout: float = 30.0) -> Any:
+        """Run ``pilotctl --json <args>`` against daemon ``index``; the parsed reply's data.
+
+        Raises:
+            RuntimeError: pilotctl failed or answered with an error status.
+        """
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PILOT_")}
+        env["PILOT_SOCKET"] = self.daemons[index].socket
+        env["HOME"] = str(self.daemons[index].directory)
+        # pilotctl itself looks peers up (ping, bench) at the public registry unless told.
+        env["PILOT_REGISTRY"] = f"127.0.0.1:{self.registry_port}"
+        env["PILOT_BEACON"] = f"127.0.0.1:{self.beacon_port}"
+        done = subprocess.run(
+            [str(self.ctl_bin), "--json", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        try:
+            reply = json.loads(done.stdout)
+        except ValueError:
+            raise RuntimeError(f"pilotctl {args}: {done.stdout!r} {done.stderr!r}") from None
+        if not isinstance(reply, dict) or reply.get("status") != "ok":
+            raise RuntimeError(f"pilotctl {args}: {reply}")
+        return reply.get("data")
 
     def trust_all(self, timeout: float = 60.0) -> None:
         """Mutual daemon-level trust between every pair (the daemons gate streams on it)."""

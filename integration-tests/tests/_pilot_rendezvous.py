@@ -13,12 +13,24 @@ carries JSON; 1/2/3 are binary heartbeat, lookup and resolve; 0xFF an error).
 
 Beacon (UDP): ``0x01 [u32 node id]`` is answered with
 ``0x02 [u8 ip length][ip][u16 port]``, the endpoint the packet came from;
-``0x05 [u32 node id][payload]`` is relayed as ``0x06 [u32 source][payload]``.
+``0x05 [u32 source][u32 destination][payload]`` is relayed to the destination's
+last discovered endpoint as ``0x06 [u32 source][payload]``;
+``0x03 [u32 requester][u32 target]`` (punch request) sends each side
+``0x04 [u8 ip length][ip][u16 port]``, the other side's endpoint.
 
-Every node is treated as public and every pair as trusted: it is a test network
-of our own processes, not an authority. Node ids are assigned per public key and
-kept for the life of the process, so a daemon restarted with the same identity
-file gets the same address back.
+Nodes are public unless they register with ``"public": false`` or call
+``set_visibility``. A private node's endpoint is only resolved for a node it
+shares a trust pair with, and its lookup carries no endpoint. Trust pairs come
+from ``report_trust`` and from an accepted ``respond_handshake``; trust requests
+relayed through the registry (``request_handshake``) wait in the target's inbox
+until its next ``poll_handshakes``, and the answer waits in the requester's.
+``check_trust`` answers true for public pairs as well (a test network of our own
+processes, not an authority). Signatures are not verified. Node ids are assigned
+per public key and kept for the life of the process, so a daemon restarted with
+the same identity file gets the same address back.
+
+With ``PILOT_RENDEZVOUS_TTL=<seconds>`` set, a node not heard from (register or
+heartbeat) for that long is forgotten, as a real registry expires silent nodes.
 
 Run: ``python _pilot_rendezvous.py`` prints ``ready <registry port> <beacon port>``.
 """
@@ -28,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import struct
 import sys
@@ -56,17 +69,22 @@ class Node:
     tags: list[str] = field(default_factory=list[str])
     version: str = ""
     last_seen: float = 0.0
+    public: bool = True
 
 
 class Registry:
     """Node directory: register, lookup, resolve, heartbeat and the small rest."""
 
-    def __init__(self) -> None:
+    def __init__(self, ttl: float = 0.0) -> None:
+        self.ttl = ttl
         self.nodes: dict[int, Node] = {}
         self.by_key: dict[str, int] = {}
         self.by_hostname: dict[str, int] = {}
         self.next_id = 1
         self.log: list[str] = []
+        self.trust_pairs: set[frozenset[int]] = set()
+        self.inbox: dict[int, list[dict[str, Any]]] = {}
+        self.answers: dict[int, list[dict[str, Any]]] = {}
 
     def handle(self, msg: dict[str, Any], peer_host: str) -> dict[str, Any]:
         kind = str(msg.get("type", ""))
@@ -79,7 +97,19 @@ class Registry:
         except (KeyError, TypeError, ValueError) as exc:
             return {"error": f"{kind}: {exc}"}
 
+    def expire(self) -> None:
+        """Forget nodes not heard from within ``ttl`` seconds (their ids stay reserved)."""
+        if self.ttl <= 0:
+            return
+        cutoff = time.time() - self.ttl
+        for node_id, node in list(self.nodes.items()):
+            if node.last_seen < cutoff:
+                del self.nodes[node_id]
+                if node.hostname and self.by_hostname.get(node.hostname) == node_id:
+                    del self.by_hostname[node.hostname]
+
     def _node(self, msg: dict[str, Any], key: str = "node_id") -> Node:
+        self.expire()
         node = self.nodes.get(int(msg.get(key, 0)))
         if node is None:
             raise KeyError(f"node {msg.get(key)} not found")
@@ -91,17 +121,21 @@ class Registry:
         host, _, port = listen.rpartition(":")
         if not host or host in ("0.0.0.0", "::", "[::]"):
             listen = f"{peer_host}:{port}"
+        self.expire()
         node_id = self.by_key.get(key)
         if node_id is None:
             node_id = self.next_id
             self.next_id += 1
             self.by_key[key] = node_id
+        if node_id not in self.nodes:
             self.nodes[node_id] = Node(node_id, key, listen)
         node = self.nodes[node_id]
         node.real_addr = listen
         node.lan_addrs = [str(a) for a in msg.get("lan_addrs", []) or []]
         node.version = str(msg.get("version", ""))
         node.last_seen = time.time()
+        if "public" in msg:
+            node.public = bool(msg["public"])
         reply: dict[str, Any] = {
             "type": "register_ok",
             "node_id": node_id,
@@ -135,10 +169,11 @@ class Registry:
             "address": address_text(node.node_id),
             "networks": [0],
             "public_key": node.public_key,
-            "public": True,
-            "real_addr": node.real_addr,
-            "endpoint": node.real_addr,
+            "public": node.public,
         }
+        if node.public:
+            reply["real_addr"] = node.real_addr
+            reply["endpoint"] = node.real_addr
         if node.hostname:
             reply["hostname"] = node.hostname
         if node.tags:
@@ -150,8 +185,16 @@ class Registry:
     def _on_lookup(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
         return self.lookup(self._node(msg))
 
+    def trusts(self, a: int, b: int) -> bool:
+        return frozenset((a, b)) in self.trust_pairs
+
+    def may_resolve(self, node: Node, requester: int) -> bool:
+        return node.public or requester == node.node_id or self.trusts(node.node_id, requester)
+
     def _on_resolve(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
         node = self._node(msg)
+        if not self.may_resolve(node, int(msg.get("requester_id", 0) or 0)):
+            raise ValueError(f"node {node.node_id} is private and does not trust the requester")
         reply: dict[str, Any] = {
             "type": "resolve_ok",
             "node_id": node.node_id,
@@ -168,6 +211,7 @@ class Registry:
 
     def _on_resolve_hostname(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
         hostname = str(msg.get("hostname", ""))
+        self.expire()
         node_id = self.by_hostname.get(hostname)
         if node_id is None:
             raise KeyError(f"hostname {hostname!r} not found")
@@ -175,7 +219,7 @@ class Registry:
             "type": "resolve_hostname_ok",
             "node_id": node_id,
             "address": address_text(node_id),
-            "public": True,
+            "public": self.nodes[node_id].public,
             "hostname": hostname,
         }
 
@@ -191,23 +235,65 @@ class Registry:
 
     def _on_set_visibility(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
         node = self._node(msg)
-        visibility = "public" if msg.get("public") else "private"
+        node.public = bool(msg.get("public"))
+        visibility = "public" if node.public else "private"
         return {"type": "set_visibility_ok", "node_id": node.node_id, "visibility": visibility}
 
     def _on_deregister(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
         return {"type": "deregister_ok"}
 
+    def _pair(self, msg: dict[str, Any]) -> tuple[Node, Node]:
+        return self._node(msg), self._node(msg, "peer_id")
+
     def _on_report_trust(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        a, b = self._pair(msg)
+        self.trust_pairs.add(frozenset((a.node_id, b.node_id)))
         return {"type": "report_trust_ok"}
 
     def _on_revoke_trust(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        a, b = self._pair(msg)
+        self.trust_pairs.discard(frozenset((a.node_id, b.node_id)))
         return {"type": "revoke_trust_ok"}
 
     def _on_check_trust(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
-        return {"type": "check_trust_ok", "trusted": True}
+        a, b = self._pair(msg)
+        trusted = (a.public and b.public) or self.trusts(a.node_id, b.node_id)
+        return {"type": "check_trust_ok", "trusted": trusted}
+
+    def _on_request_handshake(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        sender = self._node(msg, "from_node_id")
+        target = self._node(msg, "to_node_id")
+        box = self.inbox.setdefault(target.node_id, [])
+        if any(int(r["from_node_id"]) == sender.node_id for r in box):
+            raise ValueError(f"handshake request already pending from node {sender.node_id}")
+        if len(box) >= 256:
+            raise ValueError(f"handshake inbox full for node {target.node_id}")
+        box.append(
+            {
+                "from_node_id": sender.node_id,
+                "justification": str(msg.get("justification", "")),
+                "timestamp": int(time.time()),
+            }
+        )
+        return {"type": "request_handshake_ok", "status": "delivered"}
+
+    def _on_respond_handshake(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        responder, requester = self._pair(msg)
+        accept = bool(msg.get("accept"))
+        if accept:
+            self.trust_pairs.add(frozenset((responder.node_id, requester.node_id)))
+        self.answers.setdefault(requester.node_id, []).append(
+            {"from_node_id": responder.node_id, "accept": accept, "timestamp": int(time.time())}
+        )
+        return {"type": "respond_handshake_ok", "accept": accept, "peer_id": requester.node_id}
 
     def _on_poll_handshakes(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
-        return {"type": "poll_handshakes_ok", "requests": []}
+        node = self._node(msg)
+        return {
+            "type": "poll_handshakes_ok",
+            "requests": self.inbox.pop(node.node_id, []),
+            "responses": self.answers.pop(node.node_id, []),
+        }
 
     def _on_poll_invites(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
         return {"type": "poll_invites_ok", "invites": []}
@@ -230,8 +316,10 @@ class Registry:
                 (node_id,) = struct.unpack_from(">I", payload)
                 return 0x82, _encode_lookup(self._node({"node_id": node_id}))
             if kind == 0x03:  # resolve: node id, requester id, signature
-                (node_id,) = struct.unpack_from(">I", payload)
+                node_id, requester = struct.unpack_from(">II", payload)
                 node = self._node({"node_id": node_id})
+                if not self.may_resolve(node, requester):
+                    raise ValueError(f"node {node_id} is private and does not trust the requester")
                 return 0x83, _encode_resolve(node)
         except (KeyError, struct.error, ValueError) as exc:
             return 0xFF, _encode_error(str(exc))
@@ -247,14 +335,14 @@ def _encode_lookup(node: Node) -> bytes:
     import base64
 
     key = base64.b64decode(node.public_key)
-    out = bytearray(struct.pack(">IBIH", node.node_id, 0x01, 0, 1))
+    out = bytearray(struct.pack(">IBIH", node.node_id, 0x01 if node.public else 0x00, 0, 1))
     out += struct.pack(">H", 0)  # network ids: [0]
     out += bytes([len(key)]) + key
     out += _short(node.hostname)
     out += bytes([len(node.tags)])
     for tag in node.tags:
         out += _short(tag)
-    real = node.real_addr.encode()
+    real = node.real_addr.encode() if node.public else b""
     out += struct.pack(">H", len(real)) + real
     out += _short("")  # external id
     return bytes(out)
@@ -325,18 +413,29 @@ class Beacon(asyncio.DatagramProtocol):
         (node_id,) = struct.unpack_from(">I", data, 1)
         if data[0] == 0x01:
             self.endpoints[node_id] = (host, port)
-            ip = bytes(int(part) for part in host.split("."))
-            self.transport.sendto(bytes([0x02, len(ip)]) + ip + struct.pack(">H", port), addr)
-        elif data[0] == 0x05:
-            dest = self.endpoints.get(node_id)
+            self.transport.sendto(bytes([0x02]) + _endpoint_bytes((host, port)), addr)
+        elif data[0] == 0x03 and len(data) >= 9:
+            (target,) = struct.unpack_from(">I", data, 5)
+            mine, theirs = self.endpoints.get(node_id), self.endpoints.get(target)
+            if mine is None or theirs is None:
+                return
+            self.transport.sendto(bytes([0x04]) + _endpoint_bytes(theirs), mine)
+            self.transport.sendto(bytes([0x04]) + _endpoint_bytes(mine), theirs)
+        elif data[0] == 0x05 and len(data) >= 9:
+            (dest_id,) = struct.unpack_from(">I", data, 5)
+            dest = self.endpoints.get(dest_id)
             if dest is None:
                 return
-            source = next((n for n, ep in self.endpoints.items() if ep == (host, port)), 0)
-            self.transport.sendto(b"\x06" + struct.pack(">I", source) + data[5:], dest)
+            self.transport.sendto(b"\x06" + struct.pack(">I", node_id) + data[9:], dest)
+
+
+def _endpoint_bytes(endpoint: tuple[str, int]) -> bytes:
+    ip = bytes(int(part) for part in endpoint[0].split("."))
+    return bytes([len(ip)]) + ip + struct.pack(">H", endpoint[1])
 
 
 async def main() -> None:
-    registry = Registry()
+    registry = Registry(float(os.environ.get("PILOT_RENDEZVOUS_TTL", "0") or 0))
     server = await asyncio.start_server(
         lambda r, w: _serve_registry(registry, r, w),
         "127.0.0.1",

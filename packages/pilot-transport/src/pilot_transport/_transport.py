@@ -688,7 +688,9 @@ def _parse_address(text: str) -> str | None:
 def check_url(url: str) -> tuple[str, str, int]:
     """Validate a transport URL without opening anything.
 
-    Returns ``(scheme, host_or_hub_or_path, port)`` (port is 0 unless tcp).
+    Returns ``(scheme, host_or_hub_or_path, port)`` (port is 0 unless tcp); for a
+    scheme an installed carrier registered (:data:`CARRIER_ENTRY_POINT_GROUP`) the
+    second item is the whole URL, which that carrier's factory parses.
 
     Raises:
         TransportURLError: the URL is malformed or names an unknown scheme.
@@ -718,9 +720,63 @@ def check_url(url: str) -> tuple[str, str, int]:
             f"transport URL {url!r} has no scheme; use tcp://HOST:PORT, memory://HUB or "
             "pilot:///path/to/pilot.sock"
         )
+    if _find_carrier_plugin(scheme) is not None:
+        return scheme, url, 0
     raise TransportURLError(
         f"unknown transport scheme {scheme!r} in {url!r}; use tcp://, memory:// or pilot://"
+        f"{_plugin_hint()}"
     )
+
+
+CARRIER_ENTRY_POINT_GROUP = "pilot_transport.carriers"
+"""Entry-point group through which other distributions add carriers.
+
+An entry point's name is its URL scheme; its value names a factory
+``factory(url: str, identity: Identity, options: TransportOptions) -> Carrier``
+(``pilot-node`` registers ``pilotnode`` this way). The built-in schemes ``tcp``,
+``memory`` and ``pilot`` cannot be overridden.
+"""
+
+_BUILTIN_SCHEMES = frozenset({"tcp", "memory", "pilot"})
+
+
+def _carrier_plugins() -> dict[str, Any]:
+    """Entry points of :data:`CARRIER_ENTRY_POINT_GROUP`, by lower-case scheme."""
+    import importlib.metadata
+
+    found: dict[str, Any] = {}
+    for entry in importlib.metadata.entry_points(group=CARRIER_ENTRY_POINT_GROUP):
+        name = entry.name.lower()
+        if name not in _BUILTIN_SCHEMES:
+            found.setdefault(name, entry)
+    return found
+
+
+def _find_carrier_plugin(scheme: str) -> Any | None:
+    return _carrier_plugins().get(scheme.lower())
+
+
+def _plugin_hint() -> str:
+    names = sorted(_carrier_plugins())
+    return f" or an installed carrier ({', '.join(n + '://' for n in names)})" if names else ""
+
+
+def _make_plugin_carrier(
+    scheme: str, url: str, identity: Identity, options: TransportOptions
+) -> Carrier:
+    entry = _find_carrier_plugin(scheme)
+    if entry is None:
+        raise TransportURLError(f"no carrier is installed for {scheme}://")
+    try:
+        factory = entry.load()
+    except Exception as exc:
+        raise TransportURLError(f"the {scheme}:// carrier could not be loaded: {exc}") from exc
+    carrier = factory(url, identity, options)
+    if not isinstance(carrier, Carrier):
+        raise TransportURLError(
+            f"the {scheme}:// carrier factory returned {type(carrier).__name__}, not a Carrier"
+        )
+    return carrier
 
 
 def _make_carrier(url: str, identity: Identity, options: TransportOptions) -> Carrier:
@@ -741,6 +797,8 @@ def _make_carrier(url: str, identity: Identity, options: TransportOptions) -> Ca
         from pilot_transport._carriers.memory import MemoryCarrier
 
         return MemoryCarrier(where, identity.node_id)
+    if scheme != "pilot":
+        return _make_plugin_carrier(scheme, url, identity, options)
     try:
         module = importlib.import_module("pilot_transport._carriers.pilot")
     except ModuleNotFoundError as exc:
