@@ -31,10 +31,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from pilot_node._api import open_stream
-from pilot_node._node import Node, NodeConfig
-from pilot_node._packet import Address
-from pilot_node._streams import PilotStream
+from pilot_node import Address, Node, NodeConfig, PilotStream, open_stream
 from pilot_rpc import CallContext, ClientOptions, RpcClient, RpcServer, ServerOptions
 from pilot_transport import Identity, TrustStore, open_transport
 from pilot_transport._carriers.pilot import PilotCarrier

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 from pilot_checkpoint_sqlite.testing import start_store_worker
-from pilot_node._node import Node, NodeConfig
-from pilot_node._packet import Address
+from pilot_node import Address, Node, NodeConfig
 from pilot_transport import open_transport
 from pilot_transport.testing import create_test_peers
 from pilot_worker.testing import WorkerProcess, start_worker_process

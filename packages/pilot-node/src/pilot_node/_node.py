@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -105,6 +106,10 @@ class NodeConfig:
             (key exchanges and answers to our own pings still pass).
         trust_path: a JSON file (mode 0600) that keeps the trusted node ids across
             restarts; ``None`` keeps them in memory only.
+        socket_buffer: bytes asked of the kernel for the UDP socket's receive and send
+            buffers (it may grant less: ``net.core.rmem_max`` caps it). A daemon sends in
+            bursts; a small buffer drops them, and each dropped segment costs a
+            retransmission timeout.
     """
 
     registry: str
@@ -120,6 +125,7 @@ class NodeConfig:
     auto_approve: bool = False
     require_trust: bool = False
     trust_path: str | os.PathLike[str] | None = None
+    socket_buffer: int = 4 << 20
 
 
 @dataclass(slots=True)
@@ -237,6 +243,11 @@ class Node:
                 lambda: _UdpProtocol(self), local_addr=listen
             )
             self._transport = transport
+            udp = transport.get_extra_info("socket")
+            if udp is not None and self.config.socket_buffer > 0:
+                for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    with contextlib.suppress(OSError):
+                        udp.setsockopt(socket.SOL_SOCKET, option, self.config.socket_buffer)
             sock = self._transport.get_extra_info("sockname")
             self.endpoint = (str(sock[0]), int(sock[1]))
             if self._beacon_addr is not None:

@@ -41,6 +41,8 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+from .errors import AddressFormatError, PacketError
+
 __all__ = [
     "BROADCAST_NODE",
     "HEADER_SIZE",
@@ -72,14 +74,6 @@ _SACK_MAGIC = b"SACK"
 _SACK_BLOCK = struct.Struct(">II")
 _ADDRESS = struct.Struct(">HI")
 _ADDRESS_RE = re.compile(r"^(\d{1,5}):([0-9A-Fa-f]{4})\.([0-9A-Fa-f]{4})\.([0-9A-Fa-f]{4})$")
-
-
-class PacketError(ValueError):
-    """A packet's bytes are malformed: too short, truncated, bad checksum, bad field."""
-
-
-class AddressFormatError(ValueError):
-    """A Pilot address in text or bytes is malformed or out of range."""
 
 
 class Flags(enum.IntFlag):

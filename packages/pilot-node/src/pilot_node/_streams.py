@@ -68,7 +68,14 @@ from ._packet import (
     is_sack_payload,
     seq_diff,
 )
-from .errors import PilotNodeError, PilotTimeoutError
+from .errors import (
+    DialTimeoutError,
+    StreamClosedError,
+    StreamError,
+    StreamRefusedError,
+    StreamResetError,
+    StreamTruncatedError,
+)
 
 __all__ = [
     "ADVERTISE_UNIT",
@@ -100,31 +107,6 @@ its 1,152-byte segment size, so a smaller unit would invite more than we can hol
 _MASK: Final = 0xFFFFFFFF
 EPHEMERAL_MIN: Final = 49152
 ECHO_PORT: Final = 7
-
-
-class StreamError(PilotNodeError, ConnectionError):
-    """A stream could not be opened or failed."""
-
-
-class StreamRefusedError(StreamError):
-    """The peer answered our SYN with RST (nothing listens on that port)."""
-
-
-class StreamResetError(StreamError):
-    """The connection broke: the peer reset it, or stopped acknowledging."""
-
-
-class StreamTruncatedError(StreamError):
-    """The stream ended with data missing: bytes the peer sent before its end never arrived,
-    or bytes we wrote were not acknowledged before the close had to give up."""
-
-
-class StreamClosedError(StreamError):
-    """The stream was used after it was closed locally (or written after ``write_eof``)."""
-
-
-class DialTimeoutError(StreamError, PilotTimeoutError):
-    """The peer did not answer our SYN."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 __all__ = [
+    "AddressFormatError",
+    "DialTimeoutError",
     "IdentityError",
     "IncompatiblePeerError",
     "NodeClosedError",
+    "PacketError",
     "PeerUnreachableError",
     "PilotNodeError",
     "PilotTimeoutError",
     "RegistryError",
     "RegistryRefusedError",
     "RegistryUnavailableError",
+    "StreamClosedError",
+    "StreamError",
+    "StreamRefusedError",
+    "StreamResetError",
+    "StreamTruncatedError",
     "TunnelError",
 ]
 
@@ -70,3 +78,36 @@ class PilotTimeoutError(PilotNodeError, TimeoutError):
 
 class NodeClosedError(PilotNodeError):
     """The node is not running (not started yet, or closed)."""
+
+
+class PacketError(PilotNodeError, ValueError):
+    """A packet's bytes are malformed: too short, truncated, bad checksum, bad field."""
+
+
+class AddressFormatError(PilotNodeError, ValueError):
+    """A Pilot address in text or bytes is malformed or out of range."""
+
+
+class StreamError(PilotNodeError, ConnectionError):
+    """A stream could not be opened or failed."""
+
+
+class StreamRefusedError(StreamError):
+    """The peer answered our SYN with RST (nothing listens on that port)."""
+
+
+class StreamResetError(StreamError):
+    """The connection broke: the peer reset it, or stopped acknowledging."""
+
+
+class StreamTruncatedError(StreamError):
+    """The stream ended with data missing: bytes the peer sent before its end never arrived,
+    or bytes we wrote were not acknowledged before the close had to give up."""
+
+
+class StreamClosedError(StreamError):
+    """The stream was used after it was closed locally (or written after ``write_eof``)."""
+
+
+class DialTimeoutError(StreamError, PilotTimeoutError):
+    """The peer did not answer our SYN."""
