@@ -13,11 +13,16 @@ to coalesce, so the write may start in the current task instead, with public
 asyncio only: a task this driver owns and never cancels mid-write (the
 server's read loop, a server handler's task once its handler returned) awaits
 the write itself (:meth:`_ConnectionBase.write_direct`); any other task (a
-client's caller) hands it to an eagerly started task on Python 3.12+, which
-usually completes at once, or wakes the writer on earlier versions
-(:meth:`_ConnectionBase.write_now`). Such a write in flight is waited for by
-the writer before it writes anything else, so frames never interleave, and a
-caller's cancellation never interrupts a write half-way.
+client's caller) writes synchronously when the stream offers ``try_write``
+(``pilot_transport.SecureStream`` does: the bytes are encrypted and handed to
+the carrier without suspending, all or nothing, on every Python version); a
+stream without it is written from an eagerly started task on Python 3.12+,
+which usually completes at once, or the writer is woken on earlier versions
+(:meth:`_ConnectionBase.write_now`). Bytes a synchronous write could not place
+go to the writer, which sends them before anything else; a write in flight
+from another task is waited for by the writer before it writes anything else.
+So frames never interleave, and a caller's cancellation never interrupts a
+write half-way (a synchronous write cannot be interrupted at all).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from pilot_transport.aio import aclose_quietly, cancel_and_wait, wait_ended
 from pilot_rpc import _protocol as P
 from pilot_rpc._context import CallContext
 from pilot_rpc._errors_map import map_transport_error
-from pilot_rpc._types import MethodKind, ProgressCallback, StreamLike
+from pilot_rpc._types import MethodKind, ProgressCallback, StreamLike, SyncWritable
 from pilot_rpc.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -92,6 +97,16 @@ class _ConnectionBase:
         # A write started outside the writer task (write_now / write_direct) and not
         # finished yet; the writer waits for it before writing anything else.
         self._inline: asyncio.Future[None] | None = None
+        # The stream's synchronous write, if it has one (pilot_transport.SecureStream does).
+        self._try_write: Callable[[bytes], bool] | None = (
+            stream.try_write if isinstance(stream, SyncWritable) else None
+        )
+        # Output taken for a synchronous write the stream refused; the writer sends it first.
+        self._held: bytes | None = None
+        self.sync_writes = 0
+        """Writes the stream took synchronously (without the writer task)."""
+        self.writer_wakeups = 0
+        """Times the writer task woke up to write (for tests of the per-call path)."""
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._keepalive_interval = keepalive_interval
         self._keepalive_timeout = keepalive_timeout
@@ -140,14 +155,24 @@ class _ConnectionBase:
     def write_now(self) -> None:
         """Write queued output from the current task if the writer is idle; else wake it.
 
-        On Python 3.12+ the write runs in an eagerly started task: it usually
-        completes at once (the bytes fit in the socket buffer) without an
-        event-loop iteration; under backpressure the task finishes it in the
-        background and the writer waits for it before writing anything else.
-        Earlier versions wake the writer task. The caller never awaits, so
+        A stream with a synchronous ``try_write`` (``_types.SyncWritable``) takes
+        the bytes at once when it can, without an event-loop iteration and
+        without suspending; when it cannot (backpressure, another write in
+        progress) the bytes go to the writer task, first in its queue. A stream
+        without one, on Python 3.12+, is written from an eagerly started task:
+        it usually completes at once; under backpressure the task finishes it in
+        the background and the writer waits for it before writing anything
+        else. Otherwise the writer task is woken. The caller never awaits, so
         cancelling it cannot interrupt a write half-way.
         """
-        if sys.version_info < (3, 12) or self._write_waiter is None or self._inline is not None:
+        if self._write_waiter is None or self._inline is not None:
+            self.kick()
+            return
+        try_write = self._try_write
+        if try_write is not None:
+            self._write_sync(try_write)
+            return
+        if sys.version_info < (3, 12):
             self.kick()
             return
         data = self.core.data_to_send(_WRITE_CHUNK)
@@ -158,6 +183,27 @@ class _ConnectionBase:
             self._inline = task
             task.add_done_callback(self._inline_done)
         elif self.core.pending_output:
+            self.kick()
+
+    def _write_sync(self, try_write: Callable[[bytes], bool]) -> None:
+        # Only while the writer idles and no other write is in flight (see write_now).
+        core = self.core
+        data = core.data_to_send(_WRITE_CHUNK)
+        if not data:
+            return
+        try:
+            written = try_write(data)
+        except Exception as exc:
+            self._lost(map_transport_error(exc, "connection lost while writing"))
+            return
+        if written:
+            self.sync_writes += 1
+            self._last_send = self.loop.time()
+            if core.pending_output or self._drain_waiters:
+                self.kick()
+        else:
+            # The stream cannot take it now: the writer sends it before anything else.
+            self._held = data
             self.kick()
 
     async def _write_inline(self, data: bytes) -> None:
@@ -221,6 +267,13 @@ class _ConnectionBase:
                     # A write started from another task is still going: frames must not mix.
                     await asyncio.wait((inline,))
                     continue
+                held = self._held
+                if held is not None:
+                    # Taken from the protocol for a synchronous write the stream refused.
+                    self._held = None
+                    await stream.write(held)
+                    self._last_send = self.loop.time()
+                    continue
                 if not core.pending_output:
                     if self._drain_waiters:
                         self._wake_drain_waiters()
@@ -229,6 +282,7 @@ class _ConnectionBase:
                     waiter = self.loop.create_future()
                     self._write_waiter = waiter
                     await waiter
+                    self.writer_wakeups += 1
                     continue
                 await stream.write(core.data_to_send(_WRITE_CHUNK))
                 self._last_send = self.loop.time()
@@ -1305,7 +1359,7 @@ class ServerConnection(_ConnectionBase):
         try:
             async with asyncio.timeout(timeout):
                 while not self.closed.done():
-                    if core.pending_output or self._inline is not None:
+                    if core.pending_output or self._inline is not None or self._held is not None:
                         waiter = loop.create_future()
                         self._drain_waiters.append(waiter)
                         self.kick()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 if TYPE_CHECKING:
     from pilot_rpc._context import CallContext
@@ -17,6 +17,7 @@ __all__ = [
     "MethodKind",
     "ProgressCallback",
     "StreamLike",
+    "SyncWritable",
     "TransportLike",
 ]
 
@@ -63,6 +64,20 @@ class StreamLike(Protocol):
     async def write_eof(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class SyncWritable(Protocol):
+    """A stream that may also take a write synchronously (``pilot_transport.SecureStream``).
+
+    Optional: the RPC layer looks for ``try_write`` on a :class:`StreamLike`
+    and uses it when present. ``try_write`` either takes all of ``data`` at
+    once, without suspending, and returns True, or takes nothing and returns
+    False (the caller then uses ``write``); it raises only when the stream
+    broke during the write.
+    """
+
+    def try_write(self, data: bytes, /) -> bool: ...
 
 
 class ListenerLike(Protocol):

@@ -45,6 +45,27 @@ class CarrierStream(ABC):
             StreamClosedError: the stream was closed locally or after ``write_eof``.
         """
 
+    def write_room(self) -> int:
+        """How many bytes :meth:`try_write` would accept right now (0: none).
+
+        Never waits and changes nothing. A carrier without a synchronous write
+        path keeps this default (0), and callers use :meth:`write`.
+        """
+        return 0
+
+    def try_write(self, data: bytes) -> bool:
+        """Hand all of ``data`` to the carrier now, without waiting, or nothing.
+
+        Succeeds (True) exactly when ``len(data) <= write_room()``: then the
+        whole of ``data`` is queued in order after every earlier write and the
+        call never left half of it behind. Otherwise returns False and nothing
+        was written. A closed or broken stream has no room (False); the next
+        :meth:`write` raises the error. Safe to call from any task; cannot be
+        cancelled (it never suspends).
+        """
+        del data
+        return False
+
     @abstractmethod
     async def write_eof(self) -> None:
         """Half-close: the peer's ``read`` returns ``b""``; we may still read."""

@@ -88,6 +88,10 @@ _READ_CHUNK = 256 * 1024
 """Ciphertext read from the carrier per call: big, so bulk reads take few calls."""
 _WRITE_CHUNK = 256 * 1024
 """Plaintext encrypted per carrier write: bounds memory, lets backpressure act."""
+_RECORD_PLAIN = 16 * 1024
+"""Largest plaintext of one TLS record."""
+_RECORD_OVERHEAD = 64
+"""More than TLS 1.3 adds to a record (5-byte header, content type, 16-byte AEAD tag)."""
 _MAX_READ = 1024 * 1024
 """Largest single read."""
 _RECORD_READ = 16 * 1024
@@ -754,6 +758,56 @@ class SecureStream:
                 raise self._fail(StreamResetError(f"TLS error on the stream: {exc}")) from exc
         finally:
             lock.release()
+
+    def try_write(self, data: bytes | bytearray | memoryview) -> bool:
+        """Send all of ``data`` now, without waiting, or nothing at all.
+
+        Succeeds (True) only when no other write is in progress on this stream
+        and the carrier can take the encrypted bytes at once (below its buffer's
+        high-water mark, within the peer's flow-control credit); then every
+        byte is encrypted and handed to the carrier before this returns, in
+        order after all earlier writes. Otherwise returns False and nothing was
+        encrypted or sent: use :meth:`write`. Data larger than 256 KiB always
+        takes :meth:`write`. The call never suspends, so it cannot be cancelled
+        half-way; it is safe to repeat.
+
+        Returns False, too, on a stream that is closed, half-closed or failed;
+        the next :meth:`write` raises the error.
+
+        Raises:
+            StreamResetError: the TLS layer or the carrier failed during the write
+                (the stream is failed from then on).
+        """
+        if self._closed or self._eof_sent or self._failure is not None:
+            return False
+        if self._write_lock.locked():
+            return False  # another write is in progress: ours would have to wait
+        view = memoryview(data)
+        size = view.nbytes
+        if not size:
+            return True
+        if size > _WRITE_CHUNK:
+            return False
+        carrier = self._carrier
+        # An upper bound of the ciphertext, so the carrier is asked before anything is
+        # encrypted: records that encryption produced could not be taken back.
+        bound = size + (size // _RECORD_PLAIN + 1) * _RECORD_OVERHEAD + self._outgoing.pending
+        if carrier.write_room() < bound:
+            return False
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        try:
+            self._sslobj.write(view)
+        except ssl.SSLError as exc:
+            raise self._fail(StreamResetError(f"TLS error on the stream: {exc}")) from exc
+        try:
+            accepted = carrier.try_write(self._outgoing.read())
+        except TransportError as exc:
+            raise self._carrier_error(exc, "writing") from None
+        if not accepted:
+            # The carrier broke its word; the records are lost, so is the stream.
+            raise self._fail(StreamResetError("the carrier refused a write it had room for"))
+        return True
 
     def _check_writable(self) -> None:
         if self._closed:

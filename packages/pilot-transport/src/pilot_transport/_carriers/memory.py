@@ -109,6 +109,25 @@ class MemoryStream(CarrierStream):
             if pipe.reset or pipe.reader_gone:
                 raise StreamResetError("the in-memory peer went away")
 
+    def write_room(self) -> int:
+        """Bytes :meth:`try_write` takes now: what fits below the buffer's limit."""
+        pipe = self._out
+        if self._closed or self._eof_sent or pipe.reset or pipe.reader_gone:
+            return 0
+        if pipe.write_waiter is not None:
+            return 0  # a write is waiting for the reader
+        return max(0, pipe.limit - len(pipe.buffer))
+
+    def try_write(self, data: bytes) -> bool:
+        """Append all of ``data`` to the buffer at once if it fits below the limit."""
+        room = self.write_room()
+        if not room or len(data) > room:
+            return False
+        if data:
+            self._out.buffer += data
+            self._out.wake_reader()
+        return True
+
     def _check_writable(self) -> None:
         if self._closed:
             raise StreamClosedError("write on a closed stream")

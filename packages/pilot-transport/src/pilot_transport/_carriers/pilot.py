@@ -293,6 +293,12 @@ class _IpcConnection(asyncio.Protocol):
         """Whether the socket's write buffer is above its high-water mark."""
         return self._paused
 
+    @property
+    def writable(self) -> bool:
+        """Whether :meth:`write` would queue a frame now (the socket is open)."""
+        transport = self._transport
+        return not self.closed and transport is not None and not transport.is_closing()
+
     async def drain(self) -> None:
         """Wait while the socket's write buffer is above its high-water mark."""
         while self._paused and not self.closed:
@@ -807,6 +813,46 @@ class PilotStream(CarrierStream):
                 except DaemonUnavailableError as exc:
                     self._fail(StreamResetError(f"{_LOST}; stream to {self.remote} is gone"))
                     raise StreamResetError(str(self._error or exc)) from exc
+
+    def write_room(self) -> int:
+        """Bytes :meth:`try_write` takes now: one Send within the peer's credit.
+
+        None while another write is in progress or waits, while the daemon
+        socket's buffer is above its high-water mark, or once the stream is
+        closed, half-closed or broken.
+        """
+        host = self._host
+        if (
+            self._eof_sent
+            or not self._alive
+            or self._write_lock.locked()
+            or host.paused
+            or not host.writable
+        ):
+            return 0
+        if not self.framed:
+            return self._chunk
+        return max(0, min(self._send_credit, self._chunk, _MAX_FRAMED_CHUNK))
+
+    def try_write(self, data: bytes) -> bool:
+        """Queue all of ``data`` as one Send now if :meth:`write_room` allows it."""
+        room = self.write_room()
+        if not room or len(data) > room:
+            return False
+        if not data:
+            return True
+        plain = data
+        if self.framed:
+            plain = self._with_owed(encode_data(plain))
+        try:
+            self._host.write(ipc.send(self.conn_id, plain))
+        except DaemonUnavailableError:
+            # Not reachable: write_room() saw the host open, and nothing ran since.
+            self._fail(StreamResetError(f"{_LOST}; stream to {self.remote} is gone"))
+            raise StreamResetError(str(self._error)) from None
+        if self.framed:
+            self._send_credit -= len(data)
+        return True
 
     async def write_eof(self) -> None:
         """Half-close: the peer reads ``b""``; this side keeps reading.

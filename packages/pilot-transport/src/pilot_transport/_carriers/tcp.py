@@ -400,6 +400,40 @@ class _TcpStream(CarrierStream, asyncio.Protocol):
             if self._lost:
                 raise self._error or StreamResetError(f"connection to {self.remote_hint} closed")
 
+    def write_room(self) -> int:
+        """Bytes :meth:`try_write` takes now: up to the write buffer's high-water mark.
+
+        None while a write waits for the buffer to drain, or once the stream
+        is closed, half-closed or broken.
+        """
+        transport = self._transport
+        if (
+            transport is None
+            or self._write_paused
+            or self._drain_waiter is not None
+            or self._closed
+            or self._eof_sent
+            or self._lost
+            or self._error is not None
+            or transport.is_closing()
+        ):
+            return 0
+        return max(0, _WRITE_HIGH - transport.get_write_buffer_size() - len(self._prefix))
+
+    def try_write(self, data: bytes) -> bool:
+        """Queue all of ``data`` on the transport at once if it fits below the high-water mark."""
+        room = self.write_room()
+        if not room or len(data) > room:
+            return False
+        transport = self._transport
+        assert transport is not None  # room > 0
+        if self._prefix:
+            data = self._prefix + data
+            self._prefix = b""
+        if data:
+            transport.write(data)
+        return True
+
     def _check_writable(self) -> asyncio.Transport:
         if self._closed:
             raise StreamClosedError("write on a closed stream")
