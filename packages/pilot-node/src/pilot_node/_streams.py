@@ -315,6 +315,11 @@ class Connection:
         self._outbox.append(packet)
         self.last_sent = now
 
+    @property
+    def has_output(self) -> bool:
+        """Whether packets wait in the outbox."""
+        return bool(self._outbox)
+
     def take_outbox(self) -> list[Packet]:
         """Packets to send now, in order (the caller sends them)."""
         out, self._outbox = self._outbox, []
@@ -1135,7 +1140,10 @@ class PilotStream:
             conn = self._conn
             if conn.readable:
                 data = conn.read(max_bytes, self._layer.now())
-                self._layer.kick(conn)
+                if conn.has_output:
+                    # Reading changes nothing on the send side: only a window update
+                    # (already queued) needs sending.
+                    self._layer.kick(conn)
                 return data
             await self._wait()
 
