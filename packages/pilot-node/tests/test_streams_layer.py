@@ -327,3 +327,39 @@ async def test_dials_are_paced_per_destination_node(monkeypatch: pytest.MonkeyPa
     finally:
         monkeypatch.undo()
         await layer.aclose()
+
+
+async def test_a_batch_of_segments_is_answered_once_at_its_end(
+    pair: tuple[Link, StreamLayer, StreamLayer],
+) -> None:
+    link, a, b = pair
+    client, server = await _connected(a, b)
+    held: list[Packet] = []
+
+    def hold(packet: Packet) -> bool:
+        if packet.src == A and packet.payload:
+            held.append(packet)
+            return True
+        return False
+
+    link.drop = hold
+    mss = a.config.mss
+    payload = bytes(range(256)) * (6 * mss // 256)
+    await client.write(payload)
+    assert len(held) == 6
+    link.drop = lambda _p: False
+    sent_before = len(link.sent)
+
+    b.begin_batch()
+    for packet in held:
+        b.on_packet(packet)
+    assert len(link.sent) == sent_before  # nothing leaves during the batch
+    b.end_batch()
+    b.end_batch()  # safe to repeat
+    answers = [p for p in link.sent[sent_before:] if p.src == B]
+    # One ACK per two in-order segments (as without a batch), sent together at the end.
+    assert len(answers) == 3
+    assert all(p.flags == Flags.ACK and not p.payload for p in answers)
+    assert await server.readexactly(len(payload)) == payload
+    await client.drain()
+    assert client.connection.all_acked

@@ -83,6 +83,10 @@ DatagramHandler = Callable[[Datagram], None]
 class _StreamLayer(Protocol):
     def on_packet(self, packet: Packet) -> None: ...
 
+    def begin_batch(self) -> None: ...
+
+    def end_batch(self) -> None: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -156,6 +160,121 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.node.stats["udp_errors"] = self.node.stats.get("udp_errors", 0) + 1
 
 
+_READ_BATCH = 64
+_SEND_BACKLOG = 1024
+
+
+class _UdpEndpoint:
+    """The node's UDP socket, read in batches straight from the selector.
+
+    asyncio's datagram transport reads one datagram per loop iteration; a bulk stream
+    receives thousands a second, so each readable event here drains up to
+    ``_READ_BATCH`` datagrams. Sends go straight to the socket; when it is full they
+    wait in a bounded backlog (the oldest beyond ``_SEND_BACKLOG`` is dropped, as a
+    congested network would) until the socket is writable again.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, node: Node) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._node = node
+        self._backlog: deque[tuple[bytes, tuple[str, int]]] = deque()
+        self._closed = False
+        loop.add_reader(sock.fileno(), self._read_ready)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._sock
+        if name == "sockname":
+            return self._sock.getsockname()
+        return default
+
+    def _read_ready(self) -> None:
+        recvfrom = self._sock.recvfrom
+        node = self._node
+        # The stream layer sends what a batch produced once, at its end.
+        layer = node.stream_layer
+        if layer is not None:
+            layer.begin_batch()
+        try:
+            for _ in range(_READ_BATCH):
+                if self._closed:
+                    return
+                try:
+                    data, addr = recvfrom(65536)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    node.stats["udp_errors"] = node.stats.get("udp_errors", 0) + 1
+                    return
+                node._on_udp(data, (str(addr[0]), int(addr[1])))  # pyright: ignore[reportPrivateUsage]
+        finally:
+            if layer is not None:
+                layer.end_batch()
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._closed:
+            return
+        if not self._backlog:
+            try:
+                self._sock.sendto(data, addr)
+                return
+            except (BlockingIOError, InterruptedError):
+                self._loop.add_writer(self._sock.fileno(), self._write_ready)
+            except OSError:
+                self._node.stats["udp_errors"] = self._node.stats.get("udp_errors", 0) + 1
+                return
+        if len(self._backlog) >= _SEND_BACKLOG:
+            self._backlog.popleft()
+            self._node.stats["udp_send_dropped"] = self._node.stats.get("udp_send_dropped", 0) + 1
+        self._backlog.append((data, addr))
+
+    def _write_ready(self) -> None:
+        while self._backlog and not self._closed:
+            data, addr = self._backlog[0]
+            try:
+                self._sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._node.stats["udp_errors"] = self._node.stats.get("udp_errors", 0) + 1
+            self._backlog.popleft()
+        self._loop.remove_writer(self._sock.fileno())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._backlog.clear()
+        self._loop.remove_reader(self._sock.fileno())
+        self._loop.remove_writer(self._sock.fileno())
+        self._sock.close()
+
+
+async def _open_udp(
+    loop: asyncio.AbstractEventLoop, node: Node, listen: tuple[str, int]
+) -> _UdpEndpoint | asyncio.DatagramTransport:
+    infos = await loop.getaddrinfo(listen[0], listen[1], type=socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"cannot resolve {listen[0]}:{listen[1]}")
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        sock.bind(address)
+        return _UdpEndpoint(loop, sock, node)
+    except NotImplementedError:
+        # An event loop without add_reader (Windows' proactor): asyncio's transport.
+        sock.close()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(node), local_addr=listen
+        )
+        return transport
+    except BaseException:
+        sock.close()
+        raise
+
+
 class Node:
     """A Pilot network node in this process.
 
@@ -202,7 +321,7 @@ class Node:
         self._peers: dict[int, _Peer] = {}
         self._handlers: dict[int, DatagramHandler] = {}
         self._probes: dict[tuple[int, int], asyncio.Future[float]] = {}
-        self._transport: asyncio.DatagramTransport | None = None
+        self._transport: _UdpEndpoint | asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unknown_window = 0.0
         self._unknown_count = 0
@@ -239,11 +358,8 @@ class Node:
             raise PilotNodeError(f"listen must be host:port, got {self.config.listen!r}")
         loop = asyncio.get_running_loop()
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self), local_addr=listen
-            )
-            self._transport = transport
-            udp = transport.get_extra_info("socket")
+            self._transport = await _open_udp(loop, self, listen)
+            udp = self._transport.get_extra_info("socket")
             if udp is not None and self.config.socket_buffer > 0:
                 for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                     with contextlib.suppress(OSError):

@@ -70,6 +70,8 @@ MAX_SACK_BLOCKS = 4
 BROADCAST_NODE = 0xFFFFFFFF
 
 _HEADER = struct.Struct(">BBHHIHIHHIIHI")
+_CRC = struct.Struct(">I")
+_ZERO_CRC = b"\x00\x00\x00\x00"
 _SACK_MAGIC = b"SACK"
 _SACK_BLOCK = struct.Struct(">II")
 _ADDRESS = struct.Struct(">HI")
@@ -92,6 +94,10 @@ class Protocol(enum.IntEnum):
     STREAM = 0x01
     DATAGRAM = 0x02
     CONTROL = 0x03
+
+
+_FLAG_VALUES: tuple[Flags, ...] = tuple(Flags(bits) for bits in range(16))
+_PROTOCOLS: dict[int, Protocol] = {int(p): p for p in Protocol}
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -237,6 +243,18 @@ class Packet:
     version: int = VERSION
 
     def __post_init__(self) -> None:
+        # One combined test on the hot path; the loop below only names the culprit.
+        if (
+            0 <= self.src_port <= 0xFFFF
+            and 0 <= self.dst_port <= 0xFFFF
+            and 0 <= self.seq <= 0xFFFFFFFF
+            and 0 <= self.ack <= 0xFFFFFFFF
+            and 0 <= self.window <= 0xFFFF
+            and 0 <= self.version <= 0xF
+            and 0 <= self.flags <= 0xF
+            and len(self.payload) <= MAX_PAYLOAD
+        ):
+            return
         for name, value, top in (
             ("src_port", self.src_port, 0xFFFF),
             ("dst_port", self.dst_port, 0xFFFF),
@@ -254,30 +272,28 @@ class Packet:
 
     def has(self, flag: Flags) -> bool:
         """Whether every bit of ``flag`` is set."""
-        return (self.flags & flag) == flag
+        bits = int(flag)
+        return (int(self.flags) & bits) == bits
 
     def encode(self) -> bytes:
         """The packet's wire bytes, checksum included."""
-        header = bytearray(
-            _HEADER.pack(
-                (self.version << 4) | int(self.flags),
-                int(self.protocol),
-                len(self.payload),
-                self.src.network,
-                self.src.node,
-                self.dst.network,
-                self.dst.node,
-                self.src_port,
-                self.dst_port,
-                self.seq,
-                self.ack,
-                self.window,
-                0,
-            )
+        header = _HEADER.pack(
+            (self.version << 4) | int(self.flags),
+            self.protocol,
+            len(self.payload),
+            self.src.network,
+            self.src.node,
+            self.dst.network,
+            self.dst.node,
+            self.src_port,
+            self.dst_port,
+            self.seq,
+            self.ack,
+            self.window,
+            0,
         )
         crc = zlib.crc32(self.payload, zlib.crc32(header))
-        struct.pack_into(">I", header, 30, crc)
-        return bytes(header) + self.payload
+        return b"".join((header[:30], _CRC.pack(crc), self.payload))
 
     @classmethod
     def decode(cls, data: bytes | bytearray | memoryview) -> Packet:
@@ -310,18 +326,18 @@ class Packet:
             raise PacketError(f"packet truncated: {len(raw)} bytes, header says {total}")
         if len(raw) > total:
             raise PacketError(f"{len(raw) - total} trailing bytes after a {total}-byte packet")
-        crc = zlib.crc32(raw[HEADER_SIZE:], zlib.crc32(raw[:30] + b"\x00\x00\x00\x00"))
+        payload = raw[HEADER_SIZE:]
+        crc = zlib.crc32(payload, zlib.crc32(_ZERO_CRC, zlib.crc32(raw[:30])))
         if crc != checksum:
             raise PacketError(f"checksum mismatch: wire {checksum:#010x}, computed {crc:#010x}")
         version = ver_flags >> 4
         if version != VERSION:
             raise PacketError(f"unsupported packet version {version}")
-        try:
-            proto = Protocol(protocol)
-        except ValueError:
-            raise PacketError(f"unknown protocol {protocol:#04x}") from None
+        proto = _PROTOCOLS.get(protocol)
+        if proto is None:
+            raise PacketError(f"unknown protocol {protocol:#04x}")
         return cls(
-            flags=Flags(ver_flags & 0x0F),
+            flags=_FLAG_VALUES[ver_flags & 0x0F],
             protocol=proto,
             src=Address(src_net, src_node),
             dst=Address(dst_net, dst_node),
@@ -330,6 +346,6 @@ class Packet:
             seq=seq,
             ack=ack,
             window=window,
-            payload=raw[HEADER_SIZE:],
+            payload=payload,
             version=version,
         )

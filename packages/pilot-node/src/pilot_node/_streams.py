@@ -105,6 +105,11 @@ ADVERTISE_UNIT: Final = 1152
 its 1,152-byte segment size, so a smaller unit would invite more than we can hold."""
 
 _MASK: Final = 0xFFFFFFFF
+# Plain ints: bit tests on the hot path skip the enum machinery.
+_SYN: Final = int(Flags.SYN)
+_ACK: Final = int(Flags.ACK)
+_FIN: Final = int(Flags.FIN)
+_RST: Final = int(Flags.RST)
 EPHEMERAL_MIN: Final = 49152
 ECHO_PORT: Final = 7
 
@@ -297,7 +302,7 @@ class Connection:
             dst_port=self.remote_port,
             seq=seq,
             ack=self._peer_wire(self.rcv_nxt + (1 if self._fin_consumed() else 0))
-            if flags & Flags.ACK
+            if int(flags) & _ACK
             else 0,
             window=window,
             payload=payload,
@@ -309,6 +314,11 @@ class Connection:
     def _emit(self, packet: Packet, now: float) -> None:
         self._outbox.append(packet)
         self.last_sent = now
+
+    @property
+    def has_output(self) -> bool:
+        """Whether packets wait in the outbox."""
+        return bool(self._outbox)
 
     def take_outbox(self) -> list[Packet]:
         """Packets to send now, in order (the caller sends them)."""
@@ -439,8 +449,8 @@ class Connection:
                 )
             return
         self.last_received = now
-        flags = packet.flags
-        if flags & Flags.RST:
+        flags = int(packet.flags)
+        if flags & _RST:
             if self.state is ConnState.SYN_SENT:
                 self._fail(StreamRefusedError(f"{self.remote}:{self.remote_port} refused"), now)
             elif not self.finished:
@@ -449,7 +459,7 @@ class Connection:
                 self.state = ConnState.CLOSED
             return
         if self.state is ConnState.SYN_SENT:
-            if flags & Flags.SYN and flags & Flags.ACK:
+            if flags & _SYN and flags & _ACK:
                 if packet.ack != self._wire(0):
                     return  # not an answer to our SYN
                 self.peer_isn = packet.seq
@@ -458,15 +468,15 @@ class Connection:
                 self._emit(self._packet(Flags.ACK, seq=self._wire(self.snd_nxt)), now)
                 self.flush(now)
             return
-        if flags & Flags.SYN:
-            if flags & Flags.ACK and packet.seq == self.peer_isn:
+        if flags & _SYN:
+            if flags & _ACK and packet.seq == self.peer_isn:
                 # A retransmitted SYN-ACK: our ACK was lost.
                 self._emit(self._packet(Flags.ACK, seq=self._wire(self.snd_nxt)), now)
             return
-        if flags & Flags.FIN:
+        if flags & _FIN:
             self._on_fin(packet, now)
             return
-        if not flags & Flags.ACK:
+        if not flags & _ACK:
             return
         sack = None
         payload = packet.payload
@@ -1130,7 +1140,10 @@ class PilotStream:
             conn = self._conn
             if conn.readable:
                 data = conn.read(max_bytes, self._layer.now())
-                self._layer.kick(conn)
+                if conn.has_output:
+                    # Reading changes nothing on the send side: only a window update
+                    # (already queued) needs sending.
+                    self._layer.kick(conn)
                 return data
             await self._wait()
 
@@ -1334,6 +1347,7 @@ class StreamLayer:
         self.stats = {"rst_sent": 0, "refused_syn": 0, "dropped": 0}
         self._echo_listener = self.listen(ECHO_PORT) if echo else None
         self._echo_tasks: set[asyncio.Task[None]] = set()
+        self._batch: dict[Connection, None] | None = None
 
     # ------------------------------------------------------------- plumbing
 
@@ -1367,6 +1381,19 @@ class StreamLayer:
             await stream.aclose()
         except StreamError:
             stream.abort()
+
+    def begin_batch(self) -> None:
+        """Defer sending until :meth:`end_batch`: the node is handing over several packets
+        read at once, and each connection's output (and timer) is settled once for all."""
+        if self._batch is None:
+            self._batch = {}
+
+    def end_batch(self) -> None:
+        """Send what the packets since :meth:`begin_batch` produced. Safe to repeat."""
+        batch, self._batch = self._batch, None
+        if batch:
+            for conn in batch:
+                self._after(conn)
 
     def kick(self, conn: Connection) -> None:
         """Flush a connection's packets after a local operation and re-arm the timer."""
@@ -1465,7 +1492,8 @@ class StreamLayer:
         key = (packet.dst_port, packet.src, packet.src_port)
         conn = self._conns.get(key)
         now = self.now()
-        if packet.has(Flags.SYN) and not packet.flags & Flags.ACK:
+        flags = int(packet.flags)
+        if flags & _SYN and not flags & _ACK:
             if conn is not None:
                 conn.on_syn_again(packet, now)
                 self._after(conn)
@@ -1493,11 +1521,14 @@ class StreamLayer:
             return
         if conn is None:
             self.stats["dropped"] += 1
-            if not packet.flags & (Flags.RST | Flags.FIN | Flags.SYN):
+            if not flags & (_RST | _FIN | _SYN):
                 self._reply_rst(packet)
             return
         conn.on_packet(packet, now)
-        self._after(conn)
+        if self._batch is not None:
+            self._batch[conn] = None
+        else:
+            self._after(conn)
 
     # ------------------------------------------------------------- outbound
 
