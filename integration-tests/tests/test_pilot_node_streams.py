@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pilot_node import Address, Node, NodeConfig, PilotStream, StreamTruncatedError, open_stream
+from pilot_node import (
+    Address,
+    Node,
+    NodeConfig,
+    PilotStream,
+    StreamConfig,
+    StreamResetError,
+    StreamTruncatedError,
+    open_stream,
+)
 from pilot_node.carrier import PilotNodeCarrier, parse_url
 from pilot_transport import Identity, TrustedPeer, TrustStore, open_transport
 from pilot_transport._carrier import DialTarget
@@ -192,6 +201,37 @@ async def test_fifty_dials_within_ten_seconds_all_succeed(net: PilotNet, node: N
     elapsed = time.monotonic() - started
     assert results == [f"dial {i}".encode() for i in range(50)]
     assert elapsed < 10.0, f"50 dials took {elapsed:.1f} s"
+
+
+async def test_an_idle_stream_to_a_killed_daemon_is_reset_by_unanswered_keepalives(
+    net: PilotNet,
+) -> None:
+    interval, probes = 0.5, 3
+    streams = StreamConfig(keepalive_interval=interval, keepalive_probes=probes)
+    async with Node(node_config(net, streams=streams)) as node:
+        await daemon_trusts(net, 0, node)
+        daemon = Address.parse(net.daemons[0].address)
+        stream = await open_stream(node, daemon, 7, timeout=30)
+        assert await _echo_round(stream, b"before") == b"before"
+        conn = stream.connection
+        # Alive: the daemon answers every probe, so many intervals pass without a reset
+        # (a probe left unanswered would reset the stream after ``probes`` of them).
+        await wait_for(lambda: conn.stats["keepalives"] >= 4 * probes, 60, "keepalive probes")
+        assert conn.error is None
+        assert await _echo_round(stream, b"still here") == b"still here"
+
+        pending = asyncio.create_task(stream.read())
+        await asyncio.sleep(0)
+        net.kill(0)  # SIGKILL: the daemon sends nothing more, not even a reset
+        killed_at = time.monotonic()
+        bound = interval * (probes + 1) + 30.0  # generous: a loaded machine is slow
+        with pytest.raises(StreamResetError, match="keepalives"):
+            await asyncio.wait_for(pending, bound)
+        detected = time.monotonic() - killed_at
+        print(f"dead peer detected after {detected:.2f} s (interval {interval} s x {probes})")
+        assert conn.error is not None
+        with pytest.raises(StreamResetError):
+            await stream.write(b"after")
 
 
 @pytest.mark.slow

@@ -369,14 +369,130 @@ def test_the_congestion_window_limits_the_first_flight() -> None:
     assert conn.cwnd == 800
 
 
-def test_an_idle_stream_sends_keepalives() -> None:
-    conn = _established(StreamConfig(keepalive_interval=25.0))
+def test_an_idle_stream_sends_keepalives_that_expect_an_answer() -> None:
+    conn = _established(StreamConfig(keepalive_interval=25.0, keepalive_probes=3))
     assert conn.next_deadline(0.0) == pytest.approx(25.0)
     conn.poll(25.0)
     (probe,) = conn.take_outbox()
+    # The daemon ignores a pure ACK; one byte it already has is answered with an ACK.
+    # Before any data that is the SYN's sequence number.
     assert probe.flags == Flags.ACK
+    assert (probe.seq, probe.payload) == (_our_seq(-1), b"\x00")
     assert probe.window > 0
-    assert not probe.payload
+    assert conn.keepalives_unanswered == 1
+    conn.on_packet(_go(Flags.ACK, seq=_peer_seq(0), ack=_our_seq(0)), 25.001)
+    assert conn.keepalives_unanswered == 0
+    assert conn.take_outbox() == []
+    assert conn.next_deadline(25.001) == pytest.approx(50.001)
+
+
+def test_after_data_the_keepalive_repeats_the_last_acknowledged_byte() -> None:
+    conn = _established(StreamConfig(keepalive_interval=25.0))
+    conn.write(b"abc", 0.0)
+    conn.flush(0.0)
+    conn.take_outbox()
+    conn.on_packet(_go(Flags.ACK, seq=_peer_seq(0), ack=_our_seq(3)), 0.1)
+    conn.take_outbox()
+    conn.poll(25.1)
+    (probe,) = conn.take_outbox()
+    assert (probe.seq, len(probe.payload)) == (_our_seq(2), 1)
+    # Not a write: nothing is in flight and nothing is owed to the writer.
+    assert conn.all_acked
+    assert conn.snd_nxt == 3
+
+
+def test_unanswered_keepalives_reset_the_stream() -> None:
+    conn = _established(StreamConfig(keepalive_interval=10.0, keepalive_probes=3))
+    now = 0.0
+    probes: list[float] = []
+    while conn.state is ConnState.ESTABLISHED:
+        deadline = conn.next_deadline(now)
+        assert deadline is not None
+        assert deadline > now
+        now = deadline
+        conn.poll(now)
+        for packet in conn.take_outbox():
+            if packet.flags == Flags.ACK and packet.payload:
+                probes.append(now)
+            elif packet.flags == Flags.RST:
+                assert now == pytest.approx(40.0)
+    assert probes == pytest.approx([10.0, 20.0, 30.0])
+    assert now == pytest.approx(40.0)
+    assert isinstance(conn.error, StreamResetError)
+    assert "3 keepalives" in str(conn.error)
+    with pytest.raises(StreamResetError):
+        conn.read(10, now)
+    with pytest.raises(StreamResetError):
+        conn.write(b"late", now)
+
+
+def test_answered_keepalives_keep_an_idle_stream_open() -> None:
+    conn = _established(StreamConfig(keepalive_interval=10.0, keepalive_probes=2))
+    now = 0.0
+    for _ in range(50):
+        deadline = conn.next_deadline(now)
+        assert deadline is not None
+        now = deadline
+        conn.poll(now)
+        (probe,) = conn.take_outbox()
+        assert probe.payload == b"\x00"
+        conn.on_packet(_go(Flags.ACK, seq=_peer_seq(0), ack=_our_seq(0)), now + 0.001)
+    assert conn.state is ConnState.ESTABLISHED
+    assert conn.error is None
+
+
+def test_the_daemons_own_keepalive_counts_as_an_answer() -> None:
+    conn = _established(StreamConfig(keepalive_interval=10.0, keepalive_probes=1))
+    conn.poll(10.0)
+    assert len(conn.take_outbox()) == 1
+    # The daemon's probe: a pure ACK with window 0 (it answers ours the same way).
+    conn.on_packet(_go(Flags.ACK, seq=_peer_seq(0), ack=_our_seq(0), window=0), 15.0)
+    conn.poll(20.0)
+    assert conn.state is ConnState.ESTABLISHED
+    assert conn.take_outbox() == []
+    conn.poll(25.0)
+    assert [p.payload for p in conn.take_outbox()] == [b"\x00"]
+    conn.poll(35.0)
+    assert isinstance(conn.error, StreamResetError)
+
+
+def test_zero_keepalive_probes_never_reset() -> None:
+    conn = _established(StreamConfig(keepalive_interval=10.0, keepalive_probes=0))
+    for i in range(1, 20):
+        conn.poll(10.0 * i)
+        assert len(conn.take_outbox()) == 1
+    assert conn.state is ConnState.ESTABLISHED
+
+
+def test_after_a_fin_the_keepalive_is_a_plain_ack_that_expects_nothing() -> None:
+    conn = _established(StreamConfig(keepalive_interval=10.0, keepalive_probes=1))
+    conn.on_packet(_go(Flags.FIN, seq=_peer_seq(0), window=0), 1.0)
+    conn.take_outbox()
+    now = 1.0
+    for _ in range(10):
+        deadline = conn.next_deadline(now)
+        assert deadline is not None
+        now = deadline
+        conn.poll(now)
+        for packet in conn.take_outbox():
+            assert packet.flags == Flags.ACK
+            assert not packet.payload
+    assert conn.state is ConnState.ESTABLISHED
+    assert conn.error is None
+
+
+def test_a_peers_keepalive_probe_is_answered_and_not_delivered() -> None:
+    conn = _established()
+    conn.on_packet(_go(Flags.ACK, seq=_peer_seq(0), ack=_our_seq(0), payload=b"hi"), 1.0)
+    conn.poll(1.1)
+    conn.take_outbox()
+    assert conn.read(10, 1.1) == b"hi"
+    conn.on_packet(_go(Flags.ACK, seq=_peer_seq(1), ack=_our_seq(0), payload=b"\x00"), 30.0)
+    (answer,) = conn.take_outbox()
+    assert answer.flags == Flags.ACK
+    assert not answer.payload
+    assert answer.ack == _peer_seq(2)
+    assert not conn.readable
 
 
 # --- closing -----------------------------------------------------------------
@@ -506,6 +622,10 @@ def test_config_is_validated() -> None:
         StreamConfig(mss=0)
     with pytest.raises(ValueError, match="recv_buffer"):
         StreamConfig(recv_buffer=100)
+    with pytest.raises(ValueError, match="keepalive_interval"):
+        StreamConfig(keepalive_interval=0)
+    with pytest.raises(ValueError, match="keepalive_probes"):
+        StreamConfig(keepalive_probes=-1)
 
 
 def test_the_pacing_deadline_does_not_move_with_the_clock() -> None:

@@ -363,3 +363,40 @@ async def test_a_batch_of_segments_is_answered_once_at_its_end(
     assert await server.readexactly(len(payload)) == payload
     await client.drain()
     assert client.connection.all_acked
+
+
+async def test_a_new_local_address_resets_old_streams_and_serves_new_ones(
+    pair: tuple[Link, StreamLayer, StreamLayer],
+) -> None:
+    link, a, b = pair
+    listener = b.listen(5000)
+    client = await a.connect(B, 5000)
+    server = await listener.accept()
+    pending = asyncio.create_task(server.read())
+    await asyncio.sleep(0)
+    b2 = Address(0, 0xB2)
+    link.layers[b2.node] = b
+    b.set_local_address(b2)
+    b.set_local_address(b2)  # the same address again changes nothing
+    assert b.local_address == b2
+    with pytest.raises(StreamResetError, match="address changed"):
+        await asyncio.wait_for(pending, 10)
+    with pytest.raises(StreamResetError, match="address changed"):
+        await server.write(b"late")
+    # The reset went to the peer as well.
+    with pytest.raises(StreamResetError):
+        await asyncio.wait_for(client.read(), 10)
+    assert b.connections == []
+    # The listener survived the change: a dial to the new address is served from it.
+    listener_stream = asyncio.create_task(listener.accept())
+    again = await a.connect(b2, 5000)
+    accepted = await asyncio.wait_for(listener_stream, 10)
+    assert accepted.connection.local == b2
+    await again.write(b"to the new address")
+    assert await accepted.readexactly(18) == b"to the new address"
+    # And dials from this layer carry the new address.
+    a.listen(6000)
+    outbound = await b.connect(A, 6000)
+    assert outbound.connection.local == b2
+    for stream in (again, accepted, outbound, client, server):
+        stream.abort()

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from . import _beacon as beacon
 from ._identity import NodeIdentity
@@ -48,6 +48,9 @@ from .errors import (
     RegistryRefusedError,
     TunnelError,
 )
+
+if TYPE_CHECKING:
+    from ._streams import StreamConfig
 
 __all__ = ["Datagram", "DatagramHandler", "Node", "NodeConfig"]
 
@@ -87,6 +90,8 @@ class _StreamLayer(Protocol):
 
     def end_batch(self) -> None: ...
 
+    def set_local_address(self, address: Address) -> None: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -114,6 +119,8 @@ class NodeConfig:
             buffers (it may grant less: ``net.core.rmem_max`` caps it). A daemon sends in
             bursts; a small buffer drops them, and each dropped segment costs a
             retransmission timeout.
+        streams: limits and timers of the stream layer (keepalives among them);
+            ``None`` for the defaults of :class:`~pilot_node.StreamConfig`.
     """
 
     registry: str
@@ -130,6 +137,7 @@ class NodeConfig:
     require_trust: bool = False
     trust_path: str | os.PathLike[str] | None = None
     socket_buffer: int = 4 << 20
+    streams: StreamConfig | None = None
 
 
 @dataclass(slots=True)
@@ -421,7 +429,8 @@ class Node:
         if factory is None:
             return
         self.stream_layer = cast(
-            _StreamLayer, factory(send=self.send_packet, local_address=self.address)
+            _StreamLayer,
+            factory(send=self.send_packet, local_address=self.address, config=self.config.streams),
         )
 
     @property
@@ -454,11 +463,27 @@ class Node:
 
     async def _register(self) -> None:
         reg = await self.registry.register(self._listen_addr(), hostname=self.config.hostname)
+        old = self.node_id
         self.node_id = reg.node_id
         self.address = Address(0, reg.node_id)
+        if old and old != reg.node_id:
+            self._on_new_node_id(old)
         if not self.config.public:
             await self.registry.set_visibility(False)
         self.stats["registrations"] = self.stats.get("registrations", 0) + 1
+
+    def _on_new_node_id(self, old: int) -> None:
+        # The registry forgot us and handed out a new id (ours may now be someone else's).
+        # Streams bound to the old address are reset by the layer; peers we hold keys
+        # with learn the new id from a fresh announcement (the keys stay the same).
+        _log.warning("the registry assigned node id %d (was %d)", self.node_id, old)
+        self.stats["node_id_changes"] = self.stats.get("node_id_changes", 0) + 1
+        self._announce_to_beacon()
+        if self.stream_layer is not None:
+            self.stream_layer.set_local_address(self.address)
+        for peer in list(self._peers.values()):
+            if peer.crypto is not None:
+                self._announce(peer)
 
     def _announce_to_beacon(self) -> None:
         # The beacon relays to the endpoint it last saw a discover from for our node id.

@@ -41,8 +41,16 @@ Behaviour, and the Go daemon (``pilotprotocol`` 1.18.0) facts it is built around
 * Congestion: slow start from ten segments, then additive increase; halved on a
   fast retransmit, one segment after a timeout. Sending is paced at twice the
   congestion window per smoothed RTT, with a small burst allowance.
-* Keepalive: an idle established stream sends a pure ACK every
-  ``keepalive_interval`` seconds (the daemon closes streams idle for 120 s).
+* Keepalive: an idle established stream sends a probe every
+  ``keepalive_interval`` seconds (the daemon closes streams idle for 120 s). The
+  daemon does not answer a pure ACK, so the probe is one byte the peer already
+  acknowledged (the sequence number just below ``snd_nxt``): the daemon, and our
+  own connections, discard it as a duplicate and answer with an ACK. Any packet
+  from the peer counts as the answer; after ``keepalive_probes`` unanswered
+  probes the stream is reset with :class:`StreamResetError`, so a vanished peer
+  is detected about ``keepalive_interval * (keepalive_probes + 1)`` seconds after
+  it last spoke. Once either side has sent a FIN the probe is a plain ACK and
+  expects nothing (the daemon does not answer a probe after our FIN).
 """
 
 from __future__ import annotations
@@ -133,7 +141,12 @@ class StreamConfig:
         initial_cwnd_segments: the initial congestion window.
         max_cwnd: the congestion window's ceiling.
         delayed_ack: how long an ACK for one in-order segment may wait.
-        keepalive_interval: idle time after which a keepalive ACK is sent.
+        keepalive_interval: idle time after which a keepalive probe is sent, and
+            the interval between unanswered probes (25 s; the daemon closes streams
+            idle for 120 s).
+        keepalive_probes: unanswered keepalive probes after which the stream is
+            reset with :class:`StreamResetError` (3: a silent peer is detected
+            after about 100 s); 0 keeps sending probes but never resets.
         close_linger: how long ``aclose`` waits for our data (and FIN) to be acknowledged.
         fin_hole_timeout: how long a FIN that arrived with data missing waits for it.
         time_wait: how long a closed connection still answers retransmitted FINs.
@@ -158,6 +171,7 @@ class StreamConfig:
     max_cwnd: int = 2 * 1024 * 1024
     delayed_ack: float = 0.005
     keepalive_interval: float = 25.0
+    keepalive_probes: int = 3
     close_linger: float = 10.0
     fin_hole_timeout: float = 5.0
     time_wait: float = 5.0
@@ -172,6 +186,10 @@ class StreamConfig:
             raise ValueError(f"mss={self.mss} is outside 1..65471")
         if self.recv_buffer < 2 * ADVERTISE_UNIT or self.send_buffer < self.mss:
             raise ValueError("recv_buffer must be >= 2048 and send_buffer >= mss")
+        if not self.keepalive_interval > 0:
+            raise ValueError(f"keepalive_interval={self.keepalive_interval} must be positive")
+        if self.keepalive_probes < 0:
+            raise ValueError(f"keepalive_probes={self.keepalive_probes} must be >= 0")
 
 
 class ConnState(enum.Enum):
@@ -268,9 +286,16 @@ class Connection:
         self._syn_at = now
         self.last_sent = now
         self.last_received = now
+        self.keepalives_unanswered = 0  # probes sent since the peer last spoke
         self.closed_at: float | None = None
         self.linger_deadline: float | None = None
-        self.stats = {"retransmits": 0, "fast_retransmits": 0, "sacks_sent": 0, "sacks_received": 0}
+        self.stats = {
+            "retransmits": 0,
+            "fast_retransmits": 0,
+            "sacks_sent": 0,
+            "sacks_received": 0,
+            "keepalives": 0,
+        }
 
     # ---------------------------------------------------------------- helpers
 
@@ -449,6 +474,7 @@ class Connection:
                 )
             return
         self.last_received = now
+        self.keepalives_unanswered = 0
         flags = int(packet.flags)
         if flags & _RST:
             if self.state is ConnState.SYN_SENT:
@@ -967,6 +993,32 @@ class Connection:
         candidates.append(max(self.last_sent, self.last_received) + self.config.keepalive_interval)
         return min(candidates)
 
+    def _keepalive(self, now: float) -> bool:
+        # Returns whether the stream was reset. Data in flight has its own timer (the
+        # RTO gives up after max_retransmits); after a FIN the daemon answers nothing,
+        # so only a plain ACK goes out then.
+        if self.fin_offset is not None or self.peer_fin is not None or self.snd_nxt != self.snd_una:
+            self.send_ack(now)
+            return False
+        limit = self.config.keepalive_probes
+        if limit and self.keepalives_unanswered >= limit:
+            silent = now - self.last_received
+            self.abort(
+                now,
+                StreamResetError(
+                    f"the peer answered none of {limit} keepalives (silent for {silent:.0f} s)"
+                ),
+            )
+            return True
+        self.keepalives_unanswered += 1
+        self.stats["keepalives"] += 1
+        # One byte the peer already has: it is discarded as a duplicate and answered
+        # with an ACK. Before any data, that is the SYN's sequence number.
+        self._emit(self._packet(Flags.ACK, seq=self._wire(self.snd_nxt - 1), payload=b"\x00"), now)
+        self._ack_pending = 0
+        self._ack_due = None
+        return False
+
     def _oldest_unsacked(self) -> _Segment | None:
         # The lowest unacknowledged segment carries the retransmission timer.
         for seg in self._inflight.values():
@@ -1064,8 +1116,9 @@ class Connection:
         if (
             self.state is ConnState.ESTABLISHED
             and now >= max(self.last_sent, self.last_received) + self.config.keepalive_interval
+            and self._keepalive(now)
         ):
-            self.send_ack(now)
+            return  # the peer answered none of our keepalives: reset
         if self.finished and self.closed_at is None:
             self.state = ConnState.CLOSED
             self.closed_at = now
@@ -1617,6 +1670,36 @@ class StreamLayer:
         listener = PilotListener(self, port, backlog or self.config.accept_backlog)
         self._listeners[port] = listener
         return listener
+
+    def set_local_address(self, address: Address) -> None:
+        """Follow a new address of this node (the registry handed it a new node id).
+
+        Streams bound to the old address cannot continue: the peer addresses the old
+        node id, which is no longer ours. They are reset, and their readers and writers
+        get :class:`StreamResetError` naming both addresses. Listeners stay (they are
+        bound to ports, not addresses); new dials and inbound streams use ``address``.
+        Safe to repeat; the same address again changes nothing.
+        """
+        old = self.local_address
+        if address == old:
+            return
+        self.local_address = address
+        now = self.now()
+        for conn in list(self._conns.values()):
+            if conn.local.node == address.node:
+                continue
+            if conn.state is ConnState.CLOSED:
+                self._forget(conn)
+                continue
+            conn.abort(
+                now,
+                StreamResetError(
+                    f"this node's address changed from {old} to {address}; "
+                    "the stream was bound to the old one"
+                ),
+            )
+            self._after(conn)
+            self._forget(conn)
 
     def _unlisten(self, port: int) -> None:
         self._listeners.pop(port, None)
