@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
+from ._aio import cancel_and_wait
 from ._packet import Address
 from ._streams import (
     PilotListener,
@@ -286,12 +287,7 @@ class PilotServer:
         """Stop accepting and cancel running handlers. Idempotent."""
         await self._listener.aclose()
         self._accepting.cancel()
-        handlers = list(self._handlers)
-        for task in handlers:
-            task.cancel()
-        for task in [self._accepting, *handlers]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([self._accepting, *self._handlers], "stream server")
 
     async def __aenter__(self) -> PilotServer:
         return self

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from . import _beacon as beacon
+from ._aio import cancel_and_wait
 from ._identity import NodeIdentity
 from ._packet import Address, Flags, Packet, PacketError
 from ._packet import Protocol as PacketProtocol
@@ -398,11 +399,7 @@ class Node:
         for peer in self._peers.values():
             if peer.establishing is not None:
                 tasks.append(peer.establishing)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(tasks, "node")
         for fut in self._probes.values():
             if not fut.done():
                 fut.cancel()

@@ -65,6 +65,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from ._aio import cancel_and_wait
 from ._packet import (
     Address,
     Flags,
@@ -1725,10 +1726,7 @@ class StreamLayer:
             stream._notify()  # pyright: ignore[reportPrivateUsage]
         self._conns.clear()
         self._streams.clear()
-        for task in list(self._echo_tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(list(self._echo_tasks), "echo")
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
