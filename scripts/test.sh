@@ -63,6 +63,7 @@ done
 # Sibling wheels are named by path so nothing of ours is taken from an index.
 declare -A NEEDS=(
   [pilot-transport]="pilot-transport"
+  [pilot-node]="pilot-node"
   [pilot-rpc]="pilot-transport pilot-rpc"
   [pilot-worker]="pilot-transport pilot-rpc pilot-worker"
   [pilot-checkpoint-sqlite]="pilot-transport pilot-rpc pilot-worker pilot-checkpoint-sqlite"

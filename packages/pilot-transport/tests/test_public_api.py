@@ -11,6 +11,7 @@ import pytest
 
 MODULES = [
     "pilot_transport",
+    "pilot_transport.carriers",
     "pilot_transport.config",
     "pilot_transport.daemon",
     "pilot_transport.errors",

@@ -32,10 +32,9 @@ import contextlib
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from pilot_transport import Identity, TransportOptions
-from pilot_transport._address import Address as TransportAddress
-from pilot_transport._address import SocketAddress
-from pilot_transport._carrier import Carrier, CarrierListener, CarrierStream, DialTarget
+from pilot_transport import Address as TransportAddress
+from pilot_transport import Identity, SocketAddress, TransportOptions
+from pilot_transport.carriers import Carrier, CarrierListener, CarrierStream, DialTarget
 from pilot_transport.errors import (
     ConnectError,
     ConnectTimeoutError,
