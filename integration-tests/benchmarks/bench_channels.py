@@ -44,7 +44,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pilot_worker.testing import WorkerProcess
 
 PAYLOAD_SIZE = 100
 TOPIC = "bench.events"
@@ -297,6 +300,7 @@ class Bench:
         self.paced = 150 if quick else 1000
         self.rate = 300.0 if quick else 500.0
         self.children: list[Child] = []
+        self.broker: WorkerProcess | None = None
         self.script = str(Path(__file__).resolve())
 
     async def child(self, name: str, *argv: str) -> Child:
@@ -306,7 +310,8 @@ class Bench:
 
     async def close(self) -> None:
         for c in reversed(self.children):
-            await c.stop(signal.SIGKILL if c.name != "broker" else signal.SIGTERM)
+            await c.stop(signal.SIGKILL)
+        await self.stop_broker()
 
     async def run_pubsub(self, sub_argv: list[list[str]], pub_argv: list[str]) -> dict[str, float]:
         subs = await asyncio.gather(
@@ -340,25 +345,29 @@ class Bench:
             self.children.remove(c)
         return out
 
-    async def start_broker(self, peers: Any, port: int) -> Child:
-        ready = self.dir / "broker.ready"
-        ready.unlink(missing_ok=True)
-        broker = await Child.start(
-            "broker", self.dir / "broker.log", "-m", "pilot_worker",
-            "--transport", f"tcp://127.0.0.1:{port}",
-            "--identity", str(peers["broker"].identity_path),
-            "--trust", str(peers["broker"].trust_path),
-            "--plugin", "channels", "--channels-durable", "durable.>",
-            "--channels-db", str(self.dir / "events.db"),
-            "--ready-file", str(ready), "--no-call-log", "--log-level", "WARNING",
+    async def start_broker(self, peers: Any, port: int) -> None:
+        from pilot_worker.testing import start_worker_process
+
+        broker = start_worker_process(
+            [
+                "--transport", f"tcp://127.0.0.1:{port}",
+                "--identity", str(peers["broker"].identity_path),
+                "--trust", str(peers["broker"].trust_path),
+                "--plugin", "channels", "--channels-durable", "durable.>",
+                "--channels-db", str(self.dir / "events.db"),
+                "--no-call-log", "--log-level", "WARNING",
+            ],
+            ready_file=self.dir / "broker.ready",
+            log_file=self.dir / "broker.log",
+            name="broker",
         )  # fmt: skip
-        self.children.append(broker)
-        async with asyncio.timeout(120):
-            while not ready.exists():
-                if broker.process.returncode is not None:
-                    raise RuntimeError("the broker worker exited; see broker.log")
-                await asyncio.sleep(0.05)
-        return broker
+        self.broker = broker
+        await broker.wait_ready(120)
+
+    async def stop_broker(self) -> None:
+        if self.broker is not None:
+            await self.broker.stop(20)
+            self.broker = None
 
     async def pilot(self) -> tuple[dict[str, float], dict[str, Any]]:
         from pilot_transport.testing import create_test_peers
@@ -503,9 +512,7 @@ async def parent(args: argparse.Namespace) -> None:
         bench = Bench(Path(tmp), args.quick, args.subscribers)
         try:
             ours, durable = await bench.pilot()
-            for c in list(bench.children):  # the broker
-                await c.stop()
-                bench.children.remove(c)
+            await bench.stop_broker()
             anchor = await bench.redis()
         finally:
             await bench.close()

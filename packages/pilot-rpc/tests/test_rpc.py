@@ -353,6 +353,56 @@ async def test_retry_policy_reaches_a_peer_that_comes_back(server: RpcServer) ->
         assert await pair.call("echo", "eventually") == "eventually"
 
 
+async def test_streaming_calls_take_a_per_call_retry_policy(server: RpcServer) -> None:
+    from pilot_transport.errors import PeerUnreachableError
+
+    # The client's own policy would keep retrying for a while ...
+    options = ClientOptions(
+        retry=RetryPolicy(max_attempts=50, initial_backoff=0.01, max_backoff=0.02),
+        reconnect_backoff=0.001,
+        reconnect_backoff_max=0.002,
+    )
+    async with connect_in_memory(server, client_options=options) as pair:
+        dials = 0
+        refuse = pair.transport.connect
+
+        async def counting(peer: str, port: int, *, timeout: float | None = None) -> Any:
+            nonlocal dials
+            dials += 1
+            return await refuse(peer, port, timeout=timeout)
+
+        pair.transport.connect = counting  # type: ignore[method-assign]
+        pair.transport.refuse = PeerUnreachableError("connection refused")
+        # ... but a caller that fails over itself opens each kind of streaming call once.
+        no_retry = RetryPolicy.disabled()
+        openers: list[Callable[[RpcClient], Any]] = [
+            lambda c: c.stream(pair.peer, pair.port, "count", 3, retry=no_retry),
+            lambda c: c.client_streaming(pair.peer, pair.port, "sum", retry=no_retry),
+            lambda c: c.bidi_streaming(pair.peer, pair.port, "double", retry=no_retry),
+        ]
+        for opener in openers:
+            async with RpcClient(pair.transport, options=options) as client:
+                before = dials
+                with pytest.raises(Unavailable) as info:
+                    async with opener(client):
+                        pass
+                assert info.value.retry_safe
+                assert dials - before == 1
+        # With a policy of its own, opening a stream is retried until the peer answers.
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, setattr, pair.transport, "refuse", None)
+        before = dials
+        async with pair.client.stream(
+            pair.peer,
+            pair.port,
+            "count",
+            3,
+            retry=RetryPolicy(max_attempts=100, initial_backoff=0.005, max_backoff=0.01),
+        ) as items:
+            assert [item async for item in items] == [0, 1, 2]
+        assert dials - before > 1
+
+
 async def test_unknown_peer_is_invalid_argument(server: RpcServer) -> None:
     async with connect_in_memory(server) as pair:
         with pytest.raises(InvalidArgument, match="no peer named"):

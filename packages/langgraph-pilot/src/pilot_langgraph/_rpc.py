@@ -118,6 +118,7 @@ async def call_streaming(
             metadata=dict(metadata),
             idempotency_key=idempotency_key,
             traceparent=traceparent,
+            retry=_no_retries(),
         ) as items:
             yield _translated(items, peer=peer, node=node)
     except Exception as exc:

@@ -208,6 +208,7 @@ class RpcClient:
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
         traceparent: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> AsyncGenerator[ResponseStream]:
         """Call a server-streaming method; iterate the items it yields.
 
@@ -218,12 +219,17 @@ class RpcClient:
         the end cancels the call on the server. The timeout covers the whole
         stream.
 
+        Opening the call is retried per ``retry`` (``None``: ``options.retry``)
+        only while it is known not to have reached a handler (a retry-safe
+        ``Unavailable``); once the call is open nothing is retried. A caller
+        that fails over between peers itself passes ``RetryPolicy.disabled()``.
+
         Raises:
             RpcError: as :meth:`call`, when opening the call or while iterating.
         """
         conn, call = await self._open(
             peer, port, method, MethodKind.SERVER_STREAMING, request, timeout, metadata,
-            idempotency_key, traceparent,
+            idempotency_key, traceparent, retry,
         )  # fmt: skip
         try:
             yield ResponseStream(conn, call)
@@ -241,11 +247,17 @@ class RpcClient:
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
         traceparent: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> AsyncGenerator[RequestStream]:
         """Call a client-streaming method: ``await s.send(item)`` ..., then ``await s.finish()``.
 
         Leaving the block without ``finish`` (or cancelling the task in it)
         cancels the call on the server.
+
+        Opening the call is retried per ``retry`` (``None``: ``options.retry``)
+        only while it is known not to have reached a handler (a retry-safe
+        ``Unavailable``); once the call is open nothing is retried. A caller
+        that fails over between peers itself passes ``RetryPolicy.disabled()``.
 
         Raises:
             RpcError: as :meth:`call`, when opening the call, from ``send`` or
@@ -253,7 +265,7 @@ class RpcClient:
         """
         conn, call = await self._open(
             peer, port, method, MethodKind.CLIENT_STREAMING, P.NO_MESSAGE, timeout, metadata,
-            idempotency_key, traceparent,
+            idempotency_key, traceparent, retry,
         )  # fmt: skip
         try:
             yield RequestStream(conn, call)
@@ -271,11 +283,17 @@ class RpcClient:
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
         traceparent: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> AsyncGenerator[BidiStream]:
         """Call a bidirectional method: ``send``/``done_sending`` and iterate the replies.
 
         Leaving the block before the server ended the call (or cancelling the
         task in it) cancels the call on the server.
+
+        Opening the call is retried per ``retry`` (``None``: ``options.retry``)
+        only while it is known not to have reached a handler (a retry-safe
+        ``Unavailable``); once the call is open nothing is retried. A caller
+        that fails over between peers itself passes ``RetryPolicy.disabled()``.
 
         Raises:
             RpcError: as :meth:`call`, when opening the call, from ``send`` or
@@ -283,7 +301,7 @@ class RpcClient:
         """
         conn, call = await self._open(
             peer, port, method, MethodKind.BIDI_STREAMING, P.NO_MESSAGE, timeout, metadata,
-            idempotency_key, traceparent,
+            idempotency_key, traceparent, retry,
         )  # fmt: skip
         try:
             yield BidiStream(conn, call)
@@ -301,6 +319,7 @@ class RpcClient:
         metadata: Mapping[str, str] | None,
         idempotency_key: str | None,
         traceparent: str | None,
+        retry: RetryPolicy | None,
     ) -> tuple[ClientConnection, ClientCall]:
         loop = asyncio.get_running_loop()
         if timeout is None:
@@ -319,7 +338,7 @@ class RpcClient:
                         raise DeadlineExceeded("deadline exceeded before the call was sent")
                 return conn, conn.start_call(method, kind, request, remaining, md)
             except RpcError as exc:
-                delay = self._retry_delay(exc, attempt, False, deadline, loop)
+                delay = self._retry_delay(exc, attempt, False, deadline, loop, retry)
                 if delay is None:
                     raise
             await asyncio.sleep(delay)
