@@ -308,9 +308,7 @@ class Statements:
     def lease_row(self) -> Compiled:
         return self.get(
             "lease_row",
-            lambda: select(
-                run_leases.c.holder, run_leases.c.expires_at, run_leases.c.run_id
-            ).where(
+            lambda: select(run_leases.c.holder, run_leases.c.expires_at, run_leases.c.run_id).where(
                 run_leases.c.scope == _p("scope"), run_leases.c.thread_id == _p("thread_id")
             ),
         )
