@@ -24,10 +24,22 @@ Policies, named as in LangGraph Server's ``multitask_strategy``:
   with a capped backoff), at most ``enqueue_timeout`` seconds, then raises
   :class:`ThreadBusyTimeout`. Waiting runs are not served in arrival order.
 
+The lease also records the run id (``config["run_id"]``). A call made with
+``resume=True`` continues that run (LangGraph continues a run from the last
+checkpoint stamped with its id) and may take over a *live* lease recorded for
+the same, non-empty run id: the run's earlier attempt, typically on a worker
+that was killed, whose lease would otherwise block the thread until it
+expires. The holder name is unique per attempt and is the fencing token:
+renewals go by it, so the displaced attempt, if it is in fact alive, is
+refused at its next renewal. A lease of another run id (or of none) is never
+taken while live.
+
 If renewal finds the lease taken by another holder (this run stalled longer
-than the TTL), the run is no longer exclusive: a stream stops with
-:class:`RunLeaseLostError` at its next item; ``invoke``/``ainvoke`` raise it
-when the run returns.
+than the TTL, or a resume of it took over), the run is no longer exclusive:
+``ainvoke``/``astream``/``astream_events`` cancel the run at once (the
+graph's running node sees ``CancelledError``) and raise
+:class:`RunLeaseLostError`; the sync ``stream`` stops at its next item and
+``invoke`` raises when the run returns.
 """
 
 from __future__ import annotations
