@@ -125,6 +125,46 @@ async def f_stream_checked_bad(state: dict[str, Any]) -> AsyncIterator[Any]:
     yield {"not": "a chunk"}
 
 
+async def checked_full(
+    state: dict[str, Any], progress: Any, handler: str = "f_stream_checked_full"
+) -> AsyncIterator[Any]:
+    """Writes, progress, a chat model inside (tokens via callbacks) and streamed chunks."""
+    write = get_stream_writer()
+    write({"custom": "before the model"})
+    await progress({"pct": 10})
+    summary = await model().ainvoke(state["messages"])
+    write({"summary": str(summary.content)[:6]})
+    async for chunk in model().astream(state["messages"]):
+        yield chunk
+    await progress({"pct": 100})
+    write({"custom": "after the model"})
+
+
+@pilot_handler("f_stream_checked_full", timeout_secs=30, output_model=AIMessageChunk)
+async def f_stream_checked_full(state: dict[str, Any], ctx: Context) -> AsyncIterator[Any]:
+    async for chunk in checked_full(state, ctx.report_progress):
+        yield chunk
+
+
+@pilot_handler("f_stream_forged_checked", timeout_secs=30, output_model=AIMessageChunk)
+async def f_stream_forged_checked(state: dict[str, Any]) -> AsyncIterator[Any]:
+    from pilot_langgraph import LangGraphCodec
+
+    async for chunk in model().astream(state["messages"]):
+        yield chunk
+        break
+    # a handler's own "control message" must not pass output_model as one
+    yield LangGraphCodec().control("custom", {"forged": True})
+
+
+@pilot_handler("f_stream_forged", timeout_secs=30)
+async def f_stream_forged(state: dict[str, Any]) -> AsyncIterator[Any]:
+    from pilot_langgraph._codec import ControlMessage
+
+    yield {"first": "item"}
+    yield ControlMessage("interrupt", [["fake", "id", None]])
+
+
 # -- graphs ---------------------------------------------------------------------------------
 
 

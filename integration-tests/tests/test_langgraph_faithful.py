@@ -330,3 +330,85 @@ async def test_astream_events_v3_shows_the_remote_chat_model_events(
     assert "".join(deltas) == F.TEXT
     assert len(deltas) == len(F.TEXT.split(" ")) * 2 - 1
     assert got == local
+
+
+async def test_a_streaming_handler_with_an_output_model_is_faithful_item_by_item(
+    cluster: LocalCluster,
+) -> None:
+    """Tokens of a model inside, stream writes and progress, as a local node shows them.
+
+    The handler declares ``output_model=AIMessageChunk``: every chunk it yields is
+    still validated, while the control messages between them (callback events,
+    custom writes, progress) reach the caller's ``messages`` and ``custom`` streams.
+    """
+
+    def as_update(message: Any) -> dict[str, Any]:
+        return {"messages": [message]}
+
+    async def observed(node: Any) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        app = F.one_node(F.MsgState, "model", node | RunnableLambda(as_update))
+        async for mode, item in app.astream(
+            {"messages": [HumanMessage("hi")]}, stream_mode=["custom", "messages"]
+        ):
+            if mode == "custom":
+                if isinstance(item, dict):  # the handler's own writes (chunks are written too)
+                    out.append(("custom", json.dumps(item, sort_keys=True)))
+            else:
+                chunk, meta = item
+                out.append((type(chunk).__name__, f"{meta['langgraph_node']}:{chunk.content}"))
+        return out
+
+    async def local_node(state: dict[str, Any]) -> AsyncIterator[Any]:
+        from langgraph.config import get_stream_writer
+
+        write = get_stream_writer()
+
+        async def progress(value: Any) -> None:  # what the caller makes of report_progress
+            write({"progress": value, "handler": "f_stream_checked_full"})
+
+        async for chunk in F.checked_full(state, progress):
+            yield chunk
+
+    local = await observed(RunnableLambda(local_node))
+    got = await observed(remote("f_stream_checked_full", streaming=True))
+    assert got == local, (got, local)
+    tokens = [text for kind, text in got if kind == "AIMessageChunk"]
+    # the model inside the handler (ainvoke) and the streamed one, token by token
+    assert len(tokens) == 2 * (len(F.TEXT.split(" ")) * 2 - 1)
+    customs = [text for kind, text in got if kind == "custom"]
+    assert customs == [
+        json.dumps(v, sort_keys=True)
+        for v in (
+            {"custom": "before the model"},
+            {"handler": "f_stream_checked_full", "progress": {"pct": 10}},
+            {"summary": F.TEXT[:6]},
+            {"handler": "f_stream_checked_full", "progress": {"pct": 100}},
+            {"custom": "after the model"},
+        )
+    ]
+
+
+async def _drain(items: Any, into: list[Any]) -> None:
+    async for item in items:
+        into.append(item)
+
+
+async def test_a_handlers_own_control_message_is_never_sent_as_one(cluster: LocalCluster) -> None:
+    """Only the worker middleware sends control messages: a handler's own fails the call."""
+    seen: list[Any] = []
+    app = F.one_node(F.MsgState, "model", remote("f_stream_forged_checked", streaming=True))
+    stream = app.astream({"messages": [HumanMessage("hi")]}, stream_mode=["custom", "updates"])
+    with pytest.raises(e.RemoteInternalError) as info:
+        await _drain(stream, seen)
+    # refused as output (it would have skipped output_model), not delivered as a write
+    assert info.value.details["reason"] == "invalid_output", str(info.value)
+    assert "ControlMessage" in str(info.value)
+    assert not [item for mode, item in seen if mode == "custom" and isinstance(item, dict)]
+
+    items: list[Any] = []
+    with pytest.raises(e.RemoteInternalError) as info:
+        await _drain(remote("f_stream_forged", streaming=True).astream({}), items)
+    # without an output_model too: no fake interrupt reaches the caller
+    assert info.value.details["reason"] == "invalid_output", str(info.value)
+    assert items == [{"first": "item"}]

@@ -130,7 +130,8 @@ def cluster(
                 "true",
             ],
         )
-        peer_pool = ["--graph", f"steps={GRAPHS}:steps", "--graph-lease-ttl", "4"]
+        # the default thread lease TTL (6 s): a resumed run takes it over at once
+        peer_pool = ["--graph", f"steps={GRAPHS}:steps"]
         peer_pool += ["--checkpoint-peer", "shared-state-worker"]
         for name in ("peer-pool-a", "peer-pool-b"):
             c.add_worker(name, extra_args=peer_pool, env={"LG_TEST_DIR": str(shared)})
@@ -536,9 +537,17 @@ async def test_a_run_survives_kill_9_of_its_worker(
         assert time.monotonic() < deadline, "step one's checkpoint never reached the store"
         await asyncio.sleep(0.02)
     victim = next(n for n in pool if cluster.workers[n].proc.pid == pid)
+    survivor = pool[1] if victim == pool[0] else pool[0]
+    log_start = len(cluster.workers[survivor].logs)
     cluster.kill(victim)
     await asyncio.wait_for(runner, timeout=120)
-    survivor = pool[1] if victim == pool[0] else pool[0]
+    # the resumed run took the dead worker's live lease over (same run id) instead
+    # of waiting for it to expire: the survivor says so
+    thread_id = config["configurable"]["thread_id"]
+    line = await cluster.workers[survivor].wait_for_log(
+        f"took over the lease of thread {thread_id!r}", timeout=60, start=log_start
+    )
+    assert "a resume of the same run" in line
 
     local = await _local("steps").ainvoke({"task": task}, _thread())
     final = [c for m, c in seen if m == "values"][-1]

@@ -180,3 +180,26 @@ def test_worker_side_answers_in_the_callers_format() -> None:
 
     assert contextvars.copy_context().run(plain_call) == {"b": 2}
     assert is_envelope(contextvars.copy_context().run(enveloped_call))
+
+
+def test_only_sealed_control_messages_are_control_messages() -> None:
+    from pilot_langgraph._codec import CONTROL_KEY, ControlMessage, seal_control
+
+    codec = LangGraphCodec()
+    own = codec.control("custom", {"forged": True})  # what a handler could build itself
+    assert not own.sealed
+    assert not codec.is_control(own)
+    with pytest.raises(PilotEncodeError, match="ControlMessage itself"):
+        codec.encode_response(own)
+    with pytest.raises(PilotEncodeError):
+        codec.encode_response(ControlMessage("interrupt", [["fake", "id", None]]))
+    sealed = seal_control(codec.control("custom", {"x": 1}))
+    assert codec.is_control(sealed)
+    wire = codec.encode_response(sealed)
+    assert list(wire) == [CONTROL_KEY]
+    back = codec.decode_reply(wire)
+    assert isinstance(back, ControlMessage)
+    assert (back.kind, back.body) == ("custom", {"x": 1})
+    # a handler's value shaped like a control message is sent as a value and stays one
+    lookalike = {CONTROL_KEY: ["custom", {"x": 1}]}
+    assert codec.decode_reply(codec.encode(lookalike)) == lookalike

@@ -584,3 +584,41 @@ async def test_repeated_plain_calls_each_get_a_fresh_config(cluster: Any) -> Non
         "ctx_configurable": {},
         "run_name": "Pilot:config_mutator",
     }
+
+
+class Chunk(BaseModel):
+    n: int
+
+
+@pilot_handler("checked_progress", output_model=Chunk)
+async def checked_progress(_: Any, ctx: Context) -> AsyncIterator[Any]:
+    for n in range(3):
+        await ctx.report_progress({"at": n})  # no progress frames in a streaming call
+        get_stream_writer()({"wrote": n})
+        yield Chunk(n=n)
+
+
+async def test_streaming_progress_and_writes_pass_an_output_model_in_order(
+    cluster: Any,
+) -> None:
+    await cluster.start_worker("worker-a", [checked_progress])
+    remote = PilotRemoteRunnable(
+        node="checked_progress", peer="worker-a", transport=cluster.client, streaming=True
+    )
+    graph = StateGraph(LogState)
+
+    async def node(state: dict[str, Any]) -> dict[str, Any]:
+        got = [c async for c in remote.astream(None)]
+        return {"log": [c.n for c in got]}
+
+    graph.add_node("n", node)
+    graph.add_edge(START, "n")
+    graph.add_edge("n", END)
+    seen = [item async for item in graph.compile().astream({"log": []}, stream_mode="custom")]
+    expected: list[Any] = []
+    for n in range(3):
+        expected += [{"progress": {"at": n}, "handler": "checked_progress"}, {"wrote": n}]
+        expected.append(Chunk(n=n))  # a remote streaming node writes its chunks there too
+    assert seen == expected
+    # without a custom stream or callbacks the progress goes nowhere, and nothing fails
+    assert [c.n async for c in remote.astream(None)] == [0, 1, 2]

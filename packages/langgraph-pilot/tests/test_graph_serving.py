@@ -195,6 +195,7 @@ async def test_host_rejects_bad_requests_with_typed_errors() -> None:
         {"graph": "g", "stream_mode": ["bogus"]},
         {"graph": "g", "multitask_strategy": "cancel-everything"},
         {"graph": "g", "run_id": "not-a-uuid"},
+        {"graph": "g", "resume": "yes"},
         {"graph": "g", "command": {"resume": 1}},
         {"graph": "g", "config": []},
     ]

@@ -291,3 +291,156 @@ async def test_astream_events_holds_the_lease_until_closed(saver: PilotCheckpoin
         await app.ainvoke("y", _config())
     await events.aclose()
     assert (await saver.aacquire_thread_lease("t", "probe", 30)).granted
+
+
+async def test_only_a_resume_of_the_same_run_takes_a_live_lease_over(
+    saver: PilotCheckpointSaver, clock: FakeClock
+) -> None:
+    first = await saver.aacquire_thread_lease("t", "attempt-1", 30, run_id="run-a")
+    assert first.granted
+    assert first.run_id == "run-a"
+    assert first.took_over == ""
+    # Another run never takes a live lease: not as a resume, not without a run id.
+    for run_id, resume in (("run-b", True), ("run-b", False), (None, True), ("", True)):
+        refused = await saver.aacquire_thread_lease(
+            "t", "intruder", 30, run_id=run_id, resume=resume
+        )
+        assert not refused.granted, (run_id, resume)
+        assert refused.holder == "attempt-1"
+        assert refused.run_id == "run-a"
+    # The same run id without the resume flag waits like anyone else.
+    assert not (await saver.aacquire_thread_lease("t", "attempt-2", 30, run_id="run-a")).granted
+    # A resume of the same run takes it over at once (the clock did not move).
+    taken = await saver.aacquire_thread_lease("t", "attempt-2", 30, run_id="run-a", resume=True)
+    assert taken.granted
+    assert taken.holder == "attempt-2"
+    assert taken.took_over == "attempt-1"
+    # The earlier attempt is fenced off: its renewal is refused, its release is a no-op.
+    late = await saver.arenew_thread_lease("t", "attempt-1", 30)
+    assert not late.granted
+    assert late.holder == "attempt-2"
+    await saver.arelease_thread_lease("t", "attempt-1")
+    assert not (await saver.aacquire_thread_lease("t", "probe", 30, run_id="run-b")).granted
+    # Repeating the resume acquire is safe and displaces nobody.
+    again = await saver.aacquire_thread_lease("t", "attempt-2", 30, run_id="run-a", resume=True)
+    assert again.granted
+    assert again.took_over == ""
+    # A lease taken without a run id is never taken over while live.
+    assert (await saver.aacquire_thread_lease("u", "anonymous", 30)).granted
+    assert not (await saver.aacquire_thread_lease("u", "x", 30, run_id="", resume=True)).granted
+
+
+async def test_a_resume_acquire_of_a_free_or_expired_lease_displaces_nobody(
+    saver: PilotCheckpointSaver, clock: FakeClock
+) -> None:
+    fresh = await saver.aacquire_thread_lease("t", "a", 5, run_id="run-a", resume=True)
+    assert fresh.granted
+    assert fresh.took_over == ""
+    clock.now += 6  # expired: anyone may take it, and nobody live was displaced
+    taken = await saver.aacquire_thread_lease("t", "b", 5, run_id="run-a", resume=True)
+    assert taken.granted
+    assert taken.took_over == ""
+
+
+@pytest.mark.parametrize(
+    "extra", [{"run_id": 7}, {"run_id": "r" * 2000}, {"resume": "yes"}, {"resume": 1}]
+)
+async def test_bad_resume_fields_are_refused(store: CheckpointStore, extra: dict[str, Any]) -> None:
+    payload = {"thread_id": "t", "holder": "h", "ttl": 5, **extra}
+    with pytest.raises(CheckpointProtocolError):
+        await CheckpointService(store).handle("lease_acquire", payload, caller_node_id="x")
+
+
+class BlockingGraph(FakeGraph):
+    """A graph whose runs block in a step until cancelled; it records the cancellation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = asyncio.Event()
+
+    async def ainvoke(self, input: Any, config: Any, **kwargs: Any) -> Any:
+        self.runs.append(input)
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    async def astream(self, input: Any, config: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        self.runs.append(input)
+        yield {"step": 0}
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        yield {"step": 1}
+
+
+@pytest.mark.parametrize("method", ["ainvoke", "astream"])
+async def test_a_resumed_run_takes_over_and_the_live_earlier_attempt_stops(
+    saver: PilotCheckpointSaver, clock: FakeClock, method: str
+) -> None:
+    """Two attempts of one run never go on together: the displaced one is cancelled."""
+    config = {**_config(), "run_id": "6f1c2b0e-0000-4000-8000-000000000001"}
+    stuck = BlockingGraph()
+    # a short TTL: the earlier attempt renews (and learns it lost) every 0.1 s
+    earlier = exclusive_runs(stuck, saver, lease_ttl=0.3)
+
+    async def first_attempt() -> Any:
+        if method == "ainvoke":
+            return await earlier.ainvoke("x", config)
+        return [item async for item in earlier.astream("x", config)]
+
+    first = asyncio.create_task(first_attempt())
+    await asyncio.wait_for(stuck.started.wait(), WAIT)
+    # Another run id is refused at once, and does not disturb the run.
+    with pytest.raises(ThreadBusyError):
+        await exclusive_runs(FakeGraph(), saver).ainvoke(
+            "y", {**_config(), "run_id": "another"}, resume=True
+        )
+    assert not first.done()
+    resumed = exclusive_runs(FakeGraph(), saver, lease_ttl=30)
+    # The clock never moves: the lease is taken over, not expired.
+    done = resumed.astream("x", config, resume=True)
+    assert [item async for item in done] == [{"step": 0}, {"step": 1}, {"step": 2}]
+    assert resumed.takeovers == 1
+    with pytest.raises(RunLeaseLostError, match="lost its lease"):
+        await asyncio.wait_for(first, WAIT)
+    assert stuck.cancelled.is_set()  # stopped mid-step, not at its next item
+    assert earlier.takeovers == 0
+
+
+async def test_a_version_3_lease_table_is_migrated_and_its_leases_kept(db_url: str) -> None:
+    from pilot_checkpoint_sqlite import open_store
+    from pilot_checkpoint_sqlite._schema import SCHEMA_VERSION, migrations_table
+    from sqlalchemy import delete, text
+
+    store = await open_store(db_url)
+    await store.aclose()
+    # Back to the previous release's layout, with a live lease of an old holder in it.
+    with store._engine.begin() as conn:  # pyright: ignore[reportPrivateUsage]
+        conn.execute(text("ALTER TABLE pilot_run_leases DROP COLUMN run_id"))
+        conn.execute(delete(migrations_table).where(migrations_table.c.version == 4))
+        conn.execute(
+            text(
+                "INSERT INTO pilot_run_leases (scope, thread_id, holder, acquired_at, expires_at) "
+                "VALUES ('local', 't', 'old-holder', 0, 1e12)"
+            )
+        )
+    store._engine.dispose()  # pyright: ignore[reportPrivateUsage]
+    assert SCHEMA_VERSION == 4
+    reopened = await open_store(db_url)
+    saver = PilotCheckpointSaver(backend=LocalStoreBackend(CheckpointService(reopened)))
+    try:
+        assert reopened.schema_version == SCHEMA_VERSION
+        held = await saver.aacquire_thread_lease("t", "new", 30, run_id="r", resume=True)
+        assert not held.granted  # a lease of no recorded run is never taken over
+        assert held.holder == "old-holder"
+        assert held.run_id == ""
+        assert (await saver.aacquire_thread_lease("u", "new", 30, run_id="r")).granted
+    finally:
+        await saver.aclose()
+        await reopened.aclose()

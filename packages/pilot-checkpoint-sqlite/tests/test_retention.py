@@ -208,11 +208,13 @@ async def test_an_existing_database_is_migrated_to_the_index(db_url: str) -> Non
 
     reopened = await open_store(db_url)
     try:
-        assert reopened.schema_version == SCHEMA_VERSION == 3
+        assert reopened.schema_version == SCHEMA_VERSION == 4
         with reopened._engine.connect() as conn:  # pyright: ignore[reportPrivateUsage]
             inspector = inspect(conn)
             indexes = {i["name"] for i in inspector.get_indexes("pilot_checkpoints")}
             assert "pilot_run_leases" in inspector.get_table_names()
+            lease_columns = {c["name"] for c in inspector.get_columns("pilot_run_leases")}
+            assert "run_id" in lease_columns
         assert "pilot_checkpoints_age" in indexes
         assert "pilot_checkpoints_created_at" not in indexes
         again = PilotCheckpointSaver(backend=LocalStoreBackend(CheckpointService(reopened)))

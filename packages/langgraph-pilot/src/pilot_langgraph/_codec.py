@@ -109,17 +109,38 @@ class ControlMessage:
     message whose body is the list of messages). ``body`` is encoded when the message is built
     (:meth:`LangGraphCodec.control`), so a value that cannot be sent fails
     where it is produced, not in the middle of the call.
+
+    On a worker, only messages the worker's :class:`LangGraphMiddleware`
+    produced are *sealed* (:attr:`sealed`) and sent as control messages;
+    sealing is not part of the public API. A ``ControlMessage`` a handler
+    builds and yields, returns or reports itself is not sealed: it is checked
+    against the handler's ``output_model`` like any item (and fails it), and
+    the codec refuses to send it (``PilotEncodeError``), so a handler can
+    never slip an unvalidated value past ``output_model`` or fake an
+    interrupt or a callback event.
     """
 
-    __slots__ = ("body", "encoded", "kind")
+    __slots__ = ("_sealed", "body", "encoded", "kind")
 
     def __init__(self, kind: str, body: Any, encoded: list[Any] | None = None) -> None:
         self.kind = kind
         self.body = body
         self.encoded = encoded
+        self._sealed = False
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the worker middleware produced it (only those are sent as control messages)."""
+        return self._sealed
 
     def __repr__(self) -> str:
         return f"ControlMessage({self.kind!r}, {self.body!r})"
+
+
+def seal_control(message: ControlMessage) -> ControlMessage:
+    """Mark ``message`` as produced by the worker middleware (internal; returns it)."""
+    message._sealed = True  # pyright: ignore[reportPrivateUsage]
+    return message
 
 
 class _Refused(TypeError):
@@ -383,13 +404,28 @@ class LangGraphCodec:
 
         pilot-worker then does not check it against a streaming handler's
         ``output_model`` (callback events and custom writes travel between
-        the handler's items).
+        the handler's items). Only a *sealed* message counts, one the worker
+        middleware produced: a handler's own ``ControlMessage`` is checked
+        like any item.
         """
-        return value.__class__ is ControlMessage
+        return value.__class__ is ControlMessage and value.sealed
 
     def encode_response(self, value: Any) -> Any:
-        """PayloadCodec hook: encode a reply (or stream chunk) on a worker."""
+        """PayloadCodec hook: encode a reply (or stream chunk) on a worker.
+
+        Raises:
+            PilotEncodeError: the value cannot be sent, or it is a
+                :class:`ControlMessage` the middleware did not produce (a
+                handler's own).
+        """
         if value.__class__ is ControlMessage:
+            if not value.sealed:
+                raise PilotEncodeError(
+                    "cannot send output: a handler sent a ControlMessage itself; only the "
+                    "worker middleware sends control messages",
+                    path="output",
+                    type_name=_type_name(value),
+                )
             if value.kind == BATCH_KIND:
                 return {CONTROL_KEY: [BATCH_KIND, [self._control_part(m) for m in value.body]]}
             return {CONTROL_KEY: self._control_part(value)}

@@ -43,10 +43,13 @@ makes them fail like ``reject``.
 Every run records its id in its checkpoints' metadata (``run_id``). A run
 re-issued with the same id on a thread that has checkpoints of it continues
 from its last checkpoint (LangGraph's re-entry rule) instead of starting
-again: this is how a client resumes a run whose worker died. The lease of a
-run expires :data:`GRAPH_LEASE_TTL` seconds after its last renewal (renewed
-every third of that), so a worker killed mid-run blocks its thread for at
-most that long.
+again: this is how a client resumes a run whose worker died. The client flags
+that re-issue ``resume: true``; the store lease records each run's id, so the
+resumed run takes over the lease its earlier attempt held at once instead of
+waiting for it to expire (:data:`GRAPH_LEASE_TTL` seconds after its last
+renewal). Only a lease held for the *same* run id is taken over; the earlier
+attempt, if its worker is in fact alive, is refused at its next renewal
+(every third of the TTL) and its run is cancelled there, mid-step.
 """
 
 from __future__ import annotations
@@ -365,6 +368,9 @@ class GraphHost:
             raise _bad("run_id must be a UUID") from None
         if run_id in self.runs:
             raise AlreadyExists(f"run {run_id} is already running")
+        resume = req.get("resume", False)
+        if not isinstance(resume, bool):
+            raise _bad("resume must be a bool")
         command = req.get("command")
         if command is not None and not isinstance(command, Command):
             raise _bad("command must be a langgraph Command")
@@ -411,6 +417,7 @@ class GraphHost:
                 modes=modes,
                 subgraphs=subgraphs,
                 strategy=strategy,
+                resume=resume,
                 kwargs={
                     "context": req.get("context"),
                     "interrupt_before": req.get("interrupt_before"),
@@ -435,6 +442,7 @@ class GraphHost:
         modes: list[str],
         subgraphs: bool,
         strategy: str,
+        resume: bool = False,
         kwargs: dict[str, Any],
     ) -> AsyncIterator[Any]:
         from pilot_rpc.errors import Aborted, Cancelled
@@ -448,6 +456,10 @@ class GraphHost:
 
             runner = exclusive_runs(graph, self.lease_saver, lease_ttl=self.lease_ttl)
             extra["multitask_strategy"] = "enqueue" if strategy == "enqueue" else "reject"
+            if resume:
+                # the lease of this run's earlier attempt (its worker died or lost
+                # the client) is taken over at once; another run's never is
+                extra["resume"] = True
 
         async def produce() -> None:
             stream = runner.astream(

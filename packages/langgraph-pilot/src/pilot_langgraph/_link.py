@@ -158,6 +158,10 @@ class CallerLink:
         elif kind == "custom":
             if self._writer is not None:
                 self._writer(message.body)
+        elif kind == "progress":  # ctx.report_progress of a streaming handler
+            self.heartbeat()
+            if self._writer is not None:
+                self._writer(progress_item(self._handler, message.body))
         elif kind == "lg":
             self._apply_interrupt_state(message.body)
         elif kind == "interrupt":

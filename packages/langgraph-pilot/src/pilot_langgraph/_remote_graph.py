@@ -337,9 +337,11 @@ class PilotRemoteGraph(PregelProtocol[Any, Any, Any, Any]):
                 if index + 1 == len(self.peers):
                     raise
                 if started:
-                    # resume: the same run id continues from the run's last checkpoint,
-                    # waiting out the lease the lost worker held on the thread
-                    payload = {**payload, "multitask_strategy": "enqueue"}
+                    # resume: the same run id continues from the run's last checkpoint
+                    # and takes over the thread lease the lost worker held for it
+                    # (a worker of the previous release ignores the flag and waits
+                    # the lease out)
+                    payload = {**payload, "multitask_strategy": "enqueue", "resume": True}
                     replay = list(delivered)
 
     # -- introspection -----------------------------------------------------------
@@ -695,8 +697,10 @@ class PilotRemoteGraph(PregelProtocol[Any, Any, Any, Any]):
 
         With several peers, a run whose worker is lost mid-run (the stream
         fails with the worker unavailable) continues on the next peer from
-        its last checkpoint, after the lost worker's thread lease expires
-        (at most six seconds). What the caller sees then: items equal to
+        its last checkpoint at once: the re-issue is flagged as a resume of
+        the same run id, so it takes over the thread lease the lost worker
+        held for that run (a worker of the previous release waits for it to
+        expire instead). What the caller sees then: items equal to
         the ones delivered since the last checkpoint are skipped as the
         resumed run repeats them; the first item that differs, and all after
         it, are delivered. The node that was running when the worker died

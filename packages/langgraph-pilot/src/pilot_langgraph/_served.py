@@ -50,7 +50,13 @@ from langgraph.errors import GraphInterrupt
 from langgraph.runtime import Runtime
 from pilot_rpc import InvalidArgument
 
-from pilot_langgraph._codec import BATCH_KIND, ENVELOPE_KEY, ControlMessage, LangGraphCodec
+from pilot_langgraph._codec import (
+    BATCH_KIND,
+    ENVELOPE_KEY,
+    ControlMessage,
+    LangGraphCodec,
+    seal_control,
+)
 from pilot_langgraph._events import V2_STREAMING, encode_event
 from pilot_langgraph._headers import CONFIG_HEADER
 from pilot_langgraph.errors import StreamOverflowError
@@ -107,7 +113,7 @@ class _Outbox:
         if self.sender is None and self._send is not None:
             # Started on first use: a call that sends nothing costs no task.
             self.sender = self.loop.create_task(self.pump(self._send))
-        self._items.append(item)
+        self._items.append(seal_control(item))
         self._readable.set()
         if len(self._items) >= self._size:
             self._writable.clear()
@@ -206,7 +212,7 @@ class _Outbox:
                 self._ended = True
                 break
             parts.append(item)
-        return ControlMessage(BATCH_KIND, parts)
+        return seal_control(ControlMessage(BATCH_KIND, parts))
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -392,9 +398,10 @@ def _interrupt_body(exc: GraphInterrupt) -> list[list[Any]]:
 class _Call:
     """What the middleware set up for one call."""
 
-    __slots__ = ("config", "outbox", "public", "scratch")
+    __slots__ = ("config", "handler", "outbox", "public", "scratch")
 
     def __init__(self) -> None:
+        self.handler = ""
         self.config: RunnableConfig = {}
         self.public: dict[str, Any] = {}
         self.outbox: _Outbox | None = None
@@ -564,7 +571,11 @@ class LangGraphMiddleware:
         streams = spec is not None and _streams(spec)
         checked = spec is not None and spec.output_model is not None
         call = self._setup(state, loop, streams=streams, checked=checked)
+        call.handler = ctx.handler_name
         handler_ctx = ctx.with_config(call.public)
+        if streams:
+            # a streaming call has no progress frames: progress travels between its items
+            handler_ctx = handler_ctx.with_progress(self._progress_sender(call))
         token = var_child_runnable_config.set(call.config)
         try:
             if streams:
@@ -575,16 +586,27 @@ class LangGraphMiddleware:
         finally:
             var_child_runnable_config.reset(token)
 
+    def _progress_sender(self, call: _Call) -> Callable[[Any], Any]:
+        codec = self._codec
+
+        async def send(value: Any) -> None:
+            outbox = call.outbox
+            if outbox is None:
+                return  # the caller listens to neither events nor its custom stream
+            await outbox.put(codec.control("progress", value))
+
+        return send
+
     async def _unary(self, payload: Any, ctx: Context, call_next: Any, call: _Call) -> Any:
         outbox = call.outbox
         if outbox is None:
-            return await call_next(payload, ctx)
+            return _own(await call_next(payload, ctx), ctx.handler_name)
         outbox.attach(ctx.report_progress)
         try:
             try:
-                result: Any = await call_next(payload, ctx)
+                result: Any = _own(await call_next(payload, ctx), ctx.handler_name)
             except GraphInterrupt as exc:
-                result = self._codec.control("interrupt", _interrupt_body(exc))
+                result = seal_control(self._codec.control("interrupt", _interrupt_body(exc)))
             except Exception:
                 # The events of the failure (on_chain_error ...) go out before the error.
                 await _flush(outbox)
@@ -650,7 +672,7 @@ class LangGraphMiddleware:
                     pending.discard(task)
                     if (report := self._report(call)) is not None:
                         yield report
-                    yield self._codec.control("interrupt", _interrupt_body(exc))
+                    yield seal_control(self._codec.control("interrupt", _interrupt_body(exc)))
                     return
                 except Exception:
                     if outbox is not None:
@@ -660,7 +682,7 @@ class LangGraphMiddleware:
                     raise
                 finally:
                     pending.discard(task)
-                yield value
+                yield _own(value, call.handler)
             if (report := self._report(call)) is not None:
                 yield report
         finally:
@@ -677,7 +699,24 @@ class LangGraphMiddleware:
     def _report(self, call: _Call) -> ControlMessage | None:
         if call.scratch is None or (report := call.scratch.report()) is None:
             return None
-        return self._codec.control("lg", report)
+        return seal_control(self._codec.control("lg", report))
+
+
+def _own(value: Any, handler: str) -> Any:
+    """``value`` as the handler's own output: a ``ControlMessage`` of its own is refused.
+
+    Only this middleware sends control messages (sealed ones); a handler's
+    own would bypass its ``output_model`` or fake an event or an interrupt.
+    """
+    if value.__class__ is ControlMessage:
+        from pilot_rpc import Internal
+
+        raise Internal(
+            f"{handler!r} produced a ControlMessage itself: only the worker middleware "
+            "sends control messages",
+            details={"reason": "invalid_output", "type": "ControlMessage"},
+        )
+    return value
 
 
 async def _flush(outbox: _Outbox) -> None:

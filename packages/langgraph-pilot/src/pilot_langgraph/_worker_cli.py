@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "graph to PilotRemoteGraph, checkpointed to --checkpoint-db URL (a store in this "
         "process) or --checkpoint-peer NAME (a store worker), else in memory; "
         "--graph-lease-ttl SECS (default 6) bounds how long a killed worker's run keeps "
-        "its thread.",
+        "its thread from other runs (a resume of the same run takes it over at once).",
     )
 
 

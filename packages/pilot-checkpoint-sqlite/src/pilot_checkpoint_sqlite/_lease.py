@@ -24,15 +24,28 @@ Policies, named as in LangGraph Server's ``multitask_strategy``:
   with a capped backoff), at most ``enqueue_timeout`` seconds, then raises
   :class:`ThreadBusyTimeout`. Waiting runs are not served in arrival order.
 
+The lease also records the run id (``config["run_id"]``). A call made with
+``resume=True`` continues that run (LangGraph continues a run from the last
+checkpoint stamped with its id) and may take over a *live* lease recorded for
+the same, non-empty run id: the run's earlier attempt, typically on a worker
+that was killed, whose lease would otherwise block the thread until it
+expires. The holder name is unique per attempt and is the fencing token:
+renewals go by it, so the displaced attempt, if it is in fact alive, is
+refused at its next renewal. A lease of another run id (or of none) is never
+taken while live.
+
 If renewal finds the lease taken by another holder (this run stalled longer
-than the TTL), the run is no longer exclusive: a stream stops with
-:class:`RunLeaseLostError` at its next item; ``invoke``/``ainvoke`` raise it
-when the run returns.
+than the TTL, or a resume of it took over), the run is no longer exclusive:
+``ainvoke``/``astream``/``astream_events`` cancel the run at once (the
+graph's running node sees ``CancelledError``) and raise
+:class:`RunLeaseLostError`; the sync ``stream`` stops at its next item and
+``invoke`` raises when the run returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import os
@@ -41,7 +54,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -80,11 +93,17 @@ class ThreadLease:
         granted: The caller holds the lease now.
         holder: Who holds it (the caller when granted; else the other run).
         expires_in: Seconds until it expires unless renewed.
+        run_id: The run id the lease was acquired for (``""``: none given,
+            or a store of the previous release).
+        took_over: On a granted resume, the live holder it displaced
+            (``""`` when the lease was free, expired or already ours).
     """
 
     granted: bool
     holder: str
     expires_in: float
+    run_id: str = ""
+    took_over: str = ""
 
 
 def lease_from_reply(reply: object, flag: str) -> ThreadLease:
@@ -100,7 +119,21 @@ def lease_from_reply(reply: object, flag: str) -> ThreadLease:
         or not isinstance(expires_in, int | float)
     ):
         raise CheckpointProtocolError(f"a lease reply is {{{flag}, holder, expires_in}}")
-    return ThreadLease(granted=granted, holder=holder, expires_in=float(expires_in))
+    run_id, took_over = r.get("run_id", ""), r.get("took_over", "")
+    if not isinstance(run_id, str) or not isinstance(took_over, str):
+        raise CheckpointProtocolError("a lease reply's run_id and took_over are strings")
+    return ThreadLease(
+        granted=granted,
+        holder=holder,
+        expires_in=float(expires_in),
+        run_id=run_id,
+        took_over=took_over,
+    )
+
+
+def _run_of(config: object) -> str | None:
+    run_id = config.get("run_id") if isinstance(config, Mapping) else None
+    return str(cast(object, run_id)) if run_id is not None and run_id != "" else None
 
 
 def _holder_name() -> str:
@@ -225,20 +258,32 @@ class ExclusiveRuns:
         self.multitask_strategy = _strategy(multitask_strategy)
         self.lease_ttl = lease_ttl
         self.enqueue_timeout = enqueue_timeout
+        self.takeovers = 0
+        """Live leases this wrapper's resumed runs took over (see ``resume=``)."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.app, name)
 
     # ------------------------------------------------------------ acquire
 
-    def _acquire(self, thread_id: str, strategy: MultitaskStrategy | None) -> str:
+    def _acquire(
+        self,
+        thread_id: str,
+        strategy: MultitaskStrategy | None,
+        run_id: str | None = None,
+        resume: bool = False,
+    ) -> str:
         policy = _strategy(strategy) if strategy is not None else self.multitask_strategy
         holder = _holder_name()
         started = time.monotonic()
         delay = _POLL_FIRST
         while True:
-            lease = self.saver.acquire_thread_lease(thread_id, holder, self.lease_ttl)
+            lease = self.saver.acquire_thread_lease(
+                thread_id, holder, self.lease_ttl, run_id=run_id, resume=resume
+            )
             if lease.granted:
+                _log_takeover(thread_id, run_id, lease)
+                self.takeovers += bool(lease.took_over)
                 return holder
             if policy == "reject":
                 raise _busy(thread_id, lease)
@@ -249,14 +294,24 @@ class ExclusiveRuns:
             pause, delay = _next_poll(delay, lease, remaining)
             time.sleep(pause)
 
-    async def _aacquire(self, thread_id: str, strategy: MultitaskStrategy | None) -> str:
+    async def _aacquire(
+        self,
+        thread_id: str,
+        strategy: MultitaskStrategy | None,
+        run_id: str | None = None,
+        resume: bool = False,
+    ) -> str:
         policy = _strategy(strategy) if strategy is not None else self.multitask_strategy
         holder = _holder_name()
         started = time.monotonic()
         delay = _POLL_FIRST
         while True:
-            lease = await self.saver.aacquire_thread_lease(thread_id, holder, self.lease_ttl)
+            lease = await self.saver.aacquire_thread_lease(
+                thread_id, holder, self.lease_ttl, run_id=run_id, resume=resume
+            )
             if lease.granted:
+                _log_takeover(thread_id, run_id, lease)
+                self.takeovers += bool(lease.took_over)
                 return holder
             if policy == "reject":
                 raise _busy(thread_id, lease)
@@ -287,9 +342,17 @@ class ExclusiveRuns:
         config: Any = None,
         *,
         multitask_strategy: MultitaskStrategy | None = None,
+        resume: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Run the graph with the thread's lease held (``app.invoke``).
+
+        The lease records the run id (``config["run_id"]``). With
+        ``resume=True`` the call resumes that run: a live lease held for the
+        same run id (its earlier attempt) is taken over at once instead of
+        waited for; the earlier attempt's next renewal fails and it stops
+        (:class:`RunLeaseLostError`). A lease held for another run id is
+        never taken while it is live.
 
         Raises:
             ThreadBusyError: ``reject`` and another run holds the thread.
@@ -298,7 +361,7 @@ class ExclusiveRuns:
             CheckpointUsageError: no ``thread_id`` in ``config``.
         """
         thread_id = _thread_of(config)
-        holder = self._acquire(thread_id, multitask_strategy)
+        holder = self._acquire(thread_id, multitask_strategy, _run_of(config), resume)
         beat = _SyncHeartbeat(self.saver, thread_id, holder, self.lease_ttl)
         try:
             result = self.app.invoke(input, config, **kwargs)
@@ -315,17 +378,24 @@ class ExclusiveRuns:
         config: Any = None,
         *,
         multitask_strategy: MultitaskStrategy | None = None,
+        resume: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Async twin of :meth:`invoke`. Cancelling it cancels the run and releases the lease."""
+        """Async twin of :meth:`invoke`. Cancelling it cancels the run and releases the lease.
+
+        A lost lease cancels the run at once (not only when it returns) and
+        raises :class:`RunLeaseLostError`.
+        """
         thread_id = _thread_of(config)
-        holder = await self._aacquire(thread_id, multitask_strategy)
+        holder = await self._aacquire(thread_id, multitask_strategy, _run_of(config), resume)
         lost = asyncio.Event()
         beat = asyncio.create_task(
             _async_heartbeat(self.saver, thread_id, holder, self.lease_ttl, lost)
         )
         try:
-            result = await self.app.ainvoke(input, config, **kwargs)
+            result = await _unless_lost(_call(self.app.ainvoke, input, config, kwargs), lost)
+        except _LeaseLost:
+            raise _lost(thread_id, holder) from None
         finally:
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
@@ -340,6 +410,7 @@ class ExclusiveRuns:
         config: Any = None,
         *,
         multitask_strategy: MultitaskStrategy | None = None,
+        resume: bool = False,
         **kwargs: Any,
     ) -> Iterator[Any]:
         """``app.stream`` with the lease held until the stream ends or is closed.
@@ -348,7 +419,7 @@ class ExclusiveRuns:
         a lost lease stops the stream at its next item.
         """
         thread_id = _thread_of(config)
-        holder = self._acquire(thread_id, multitask_strategy)
+        holder = self._acquire(thread_id, multitask_strategy, _run_of(config), resume)
         beat = _SyncHeartbeat(self.saver, thread_id, holder, self.lease_ttl)
         try:
             for item in self.app.stream(input, config, **kwargs):
@@ -367,11 +438,21 @@ class ExclusiveRuns:
         config: Any = None,
         *,
         multitask_strategy: MultitaskStrategy | None = None,
+        resume: bool = False,
         **kwargs: Any,
     ) -> AsyncGenerator[Any]:
-        """Async twin of :meth:`stream` (``aclose()`` ends the run and frees the thread)."""
+        """Async twin of :meth:`stream` (``aclose()`` ends the run and frees the thread).
+
+        A lost lease stops the run at once, even in the middle of a step: the
+        pending item is cancelled (so is the graph's running node) and the
+        stream raises :class:`RunLeaseLostError`.
+        """
         return self._alocked(
-            _thread_of(config), multitask_strategy, self.app.astream(input, config, **kwargs)
+            _thread_of(config),
+            multitask_strategy,
+            self.app.astream(input, config, **kwargs),
+            _run_of(config),
+            resume,
         )
 
     def astream_events(
@@ -380,6 +461,7 @@ class ExclusiveRuns:
         config: Any = None,
         *,
         multitask_strategy: MultitaskStrategy | None = None,
+        resume: bool = False,
         **kwargs: Any,
     ) -> AsyncGenerator[Any]:
         """``app.astream_events`` with the lease held, as :meth:`astream`."""
@@ -387,20 +469,32 @@ class ExclusiveRuns:
             _thread_of(config),
             multitask_strategy,
             self.app.astream_events(input, config, **kwargs),
+            _run_of(config),
+            resume,
         )
 
     async def _alocked(
-        self, thread_id: str, strategy: MultitaskStrategy | None, items: AsyncIterator[Any]
+        self,
+        thread_id: str,
+        strategy: MultitaskStrategy | None,
+        items: AsyncIterator[Any],
+        run_id: str | None,
+        resume: bool,
     ) -> AsyncGenerator[Any]:
-        holder = await self._aacquire(thread_id, strategy)
+        holder = await self._aacquire(thread_id, strategy, run_id, resume)
         lost = asyncio.Event()
         beat = asyncio.create_task(
             _async_heartbeat(self.saver, thread_id, holder, self.lease_ttl, lost)
         )
         try:
-            async for item in items:
-                if lost.is_set():
-                    raise _lost(thread_id, holder)
+            run_context = contextvars.copy_context()
+            while True:
+                try:
+                    item = await _unless_lost(_next_item(items), lost, run_context)
+                except StopAsyncIteration:
+                    break
+                except _LeaseLost:
+                    raise _lost(thread_id, holder) from None
                 yield item
         finally:
             beat.cancel()
@@ -411,6 +505,56 @@ class ExclusiveRuns:
             await self._arelease(thread_id, holder)
         if lost.is_set():
             raise _lost(thread_id, holder)
+
+
+async def _call(fn: Any, input: Any, config: Any, kwargs: dict[str, Any]) -> Any:
+    return await fn(input, config, **kwargs)
+
+
+async def _next_item(items: AsyncIterator[Any]) -> Any:
+    return await items.__anext__()
+
+
+class _LeaseLost(Exception):
+    """Internal: the heartbeat found the lease taken while the run was waited for."""
+
+
+async def _unless_lost(
+    step: Coroutine[Any, Any, Any],
+    lost: asyncio.Event,
+    context: contextvars.Context | None = None,
+) -> Any:
+    """Await ``step``; if the lease is lost first, cancel it and raise :class:`_LeaseLost`.
+
+    ``step`` runs as a task (in ``context`` when given, so the steps of one
+    async generator share their context variables). It is always finished
+    before this returns or raises, also when the caller is cancelled.
+    """
+    task = asyncio.get_running_loop().create_task(step, context=context)
+    watcher = asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if not task.cancelled():
+        return task.result()
+    if lost.is_set():
+        raise _LeaseLost
+    return task.result()  # cancelled by someone else: re-raises CancelledError
+
+
+def _log_takeover(thread_id: str, run_id: str | None, lease: ThreadLease) -> None:
+    if lease.took_over:
+        logger.warning(
+            "run %s took over the lease of thread %r from %r (a resume of the same run; "
+            "that holder's next renewal fails and it stops)",
+            run_id,
+            thread_id,
+            lease.took_over,
+        )
 
 
 def _strategy(value: object) -> MultitaskStrategy:

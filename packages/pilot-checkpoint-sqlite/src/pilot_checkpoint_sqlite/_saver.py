@@ -699,28 +699,55 @@ class PilotCheckpointSaver(BaseCheckpointSaver[str]):
     # ------------------------------------------------------------------ run leases
     # Per-thread run exclusion (see ``exclusive_runs``, which calls these).
 
-    def acquire_thread_lease(self, thread_id: str, holder: str, ttl: float) -> ThreadLease:
+    def acquire_thread_lease(
+        self,
+        thread_id: str,
+        holder: str,
+        ttl: float,
+        *,
+        run_id: str | None = None,
+        resume: bool = False,
+    ) -> ThreadLease:
         """Take a thread's run lease if it is free, expired or already ``holder``'s.
 
         Args:
             thread_id: The thread.
-            holder: A name unique to this run (shown to refused runs).
+            holder: A name unique to this attempt of the run (shown to refused
+                runs; renewals and release go by it).
             ttl: Seconds the lease lasts unless renewed (at most 3600).
+            run_id: The run this lease is for (recorded with the lease).
+            resume: This acquire resumes ``run_id``: a live lease held for the
+                same run id (the run's earlier attempt, e.g. on a worker that
+                died) is taken over at once, and its holder's next renewal is
+                refused. A lease held for another run is never taken while live.
 
         Returns:
-            The lease state; ``granted`` false means another holder has it.
+            The lease state; ``granted`` false means another holder has it;
+            ``took_over`` names the live holder this acquire displaced.
             Safe to repeat: the same holder re-acquires and extends.
 
         Raises:
             CheckpointProtocolError: a bad ``ttl`` or an empty name.
             CheckpointStoreError: the store failed (after retries).
         """
-        reply = self._call(_wire.LEASE_ACQUIRE, _lease_request(thread_id, holder, ttl))
+        reply = self._call(
+            _wire.LEASE_ACQUIRE, _lease_request(thread_id, holder, ttl, run_id, resume)
+        )
         return lease_from_reply(reply, "acquired")
 
-    async def aacquire_thread_lease(self, thread_id: str, holder: str, ttl: float) -> ThreadLease:
+    async def aacquire_thread_lease(
+        self,
+        thread_id: str,
+        holder: str,
+        ttl: float,
+        *,
+        run_id: str | None = None,
+        resume: bool = False,
+    ) -> ThreadLease:
         """Async twin of :meth:`acquire_thread_lease`."""
-        reply = await self._acall(_wire.LEASE_ACQUIRE, _lease_request(thread_id, holder, ttl))
+        reply = await self._acall(
+            _wire.LEASE_ACQUIRE, _lease_request(thread_id, holder, ttl, run_id, resume)
+        )
         return lease_from_reply(reply, "acquired")
 
     def renew_thread_lease(self, thread_id: str, holder: str, ttl: float) -> ThreadLease:
@@ -794,8 +821,15 @@ def _serializer(
     return serde.with_msgpack_allowlist(extra)
 
 
-def _lease_request(thread_id: str, holder: str, ttl: float) -> dict[str, Any]:
-    return {"thread_id": str(thread_id), "holder": str(holder), "ttl": ttl}
+def _lease_request(
+    thread_id: str, holder: str, ttl: float, run_id: str | None = None, resume: bool = False
+) -> dict[str, Any]:
+    request: dict[str, Any] = {"thread_id": str(thread_id), "holder": str(holder), "ttl": ttl}
+    if run_id:
+        request["run_id"] = str(run_id)
+    if resume:
+        request["resume"] = True
+    return request
 
 
 def _resolve_peers(peer: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -47,6 +47,7 @@ from sqlalchemy import (
     Text,
     func,
     insert,
+    inspect,
     select,
     text,
 )
@@ -136,8 +137,12 @@ run_leases = Table(
     Column("holder", Text, nullable=False),
     Column("acquired_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
+    Column("run_id", Text, nullable=False, server_default=""),
 )
-"""One row per thread with a run in progress (or a holder that died, until it expires)."""
+"""One row per thread with a run in progress (or a holder that died, until it expires).
+
+``run_id`` is the run the holder executes (``""``: not given); a resume of
+the same run may take the lease over while it is live (schema version 4)."""
 
 
 @dataclass(frozen=True)
@@ -162,10 +167,20 @@ def _v3(conn: Connection) -> None:
     run_leases.create(conn, checkfirst=True)
 
 
+def _v4(conn: Connection) -> None:
+    # A database created at version 3 lacks the column; one created now has it.
+    present = {c["name"] for c in inspect(conn).get_columns("pilot_run_leases")}
+    if "run_id" not in present:
+        conn.execute(
+            text("ALTER TABLE pilot_run_leases ADD COLUMN run_id TEXT NOT NULL DEFAULT ''")
+        )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "checkpoints, channel blobs and pending writes, scoped by caller", _v1),
     Migration(2, "retention index on (created_at, key)", _v2),
     Migration(3, "per-thread run leases", _v3),
+    Migration(4, "the run id of a thread lease's holder (resume takeover)", _v4),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

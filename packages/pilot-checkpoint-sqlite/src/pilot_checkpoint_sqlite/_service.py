@@ -47,6 +47,13 @@ def _nonempty(payload: Mapping[str, Any], name: str) -> str:
     return value
 
 
+def _lease_run_id(payload: Mapping[str, Any]) -> str:
+    value = _wire.opt_str(payload, "run_id")
+    if value is not None and len(value) > MAX_KEY_LENGTH:
+        raise CheckpointProtocolError(f"'run_id' is longer than {MAX_KEY_LENGTH} characters")
+    return value or ""
+
+
 class CheckpointService:
     """Serves the store's methods to callers identified by node id.
 
@@ -203,6 +210,8 @@ class CheckpointService:
             _nonempty(p, "thread_id"),
             _nonempty(p, "holder"),
             _wire.positive_float(p, "ttl", MAX_LEASE_TTL),
+            run_id=_lease_run_id(p),
+            resume=_wire.opt_bool(p, "resume"),
         )
 
     async def _lease_renew(self, scope: str, p: Mapping[str, Any]) -> Any:

@@ -272,6 +272,7 @@ class Statements:
                     "holder": stmt.excluded.holder,
                     "acquired_at": stmt.excluded.acquired_at,
                     "expires_at": stmt.excluded.expires_at,
+                    "run_id": stmt.excluded.run_id,
                 },
                 where=(run_leases.c.expires_at <= _p("now"))
                 | (run_leases.c.holder == stmt.excluded.holder),
@@ -279,10 +280,35 @@ class Statements:
 
         return self.get("lease_claim", build)
 
+    def lease_takeover(self) -> Compiled:
+        """As :meth:`lease_claim`, and also take a live lease held for the same run id.
+
+        Used only for an acquire flagged as a resume with a non-empty run id:
+        the run's earlier attempt (a worker that died, or one that is still
+        running and will lose the lease at its next renewal) holds it.
+        """
+
+        def build() -> ClauseElement:
+            stmt = _insert(self.dialect, run_leases).values(_all_values(run_leases))
+            return stmt.on_conflict_do_update(
+                index_elements=[c.name for c in run_leases.primary_key.columns],
+                set_={
+                    "holder": stmt.excluded.holder,
+                    "acquired_at": stmt.excluded.acquired_at,
+                    "expires_at": stmt.excluded.expires_at,
+                    "run_id": stmt.excluded.run_id,
+                },
+                where=(run_leases.c.expires_at <= _p("now"))
+                | (run_leases.c.holder == stmt.excluded.holder)
+                | ((run_leases.c.run_id == stmt.excluded.run_id) & (run_leases.c.run_id != "")),
+            )
+
+        return self.get("lease_takeover", build)
+
     def lease_row(self) -> Compiled:
         return self.get(
             "lease_row",
-            lambda: select(run_leases.c.holder, run_leases.c.expires_at).where(
+            lambda: select(run_leases.c.holder, run_leases.c.expires_at, run_leases.c.run_id).where(
                 run_leases.c.scope == _p("scope"), run_leases.c.thread_id == _p("thread_id")
             ),
         )

@@ -960,29 +960,65 @@ class CheckpointStore:
         return float(db.query(sql)[0][0])
 
     async def acquire_lease(
-        self, scope: str, thread_id: str, holder: str, ttl: float
+        self,
+        scope: str,
+        thread_id: str,
+        holder: str,
+        ttl: float,
+        *,
+        run_id: str = "",
+        resume: bool = False,
     ) -> dict[str, Any]:
         """Take the run lease of a thread if it is free, expired or already ``holder``'s.
 
+        The lease records ``run_id``. With ``resume`` and a non-empty
+        ``run_id``, a live lease held for the same run id is taken over too
+        (the earlier attempt of this run; its holder's next renewal then
+        fails). A lease held for another run, or for no run id, is never
+        taken while it is live.
+
         Returns:
-            ``{"acquired": bool, "holder": str, "expires_in": float}``; on
-            refusal ``holder`` and ``expires_in`` describe the current holder.
-            Safe to repeat (the same holder re-acquires and extends).
+            ``{"acquired": bool, "holder": str, "expires_in": float,
+            "run_id": str, "took_over": str}``; on refusal ``holder``,
+            ``expires_in`` and ``run_id`` describe the current holder;
+            ``took_over`` names the live holder this acquire displaced (``""``
+            when none). Safe to repeat (the same holder re-acquires and extends).
         """
         key = {"scope": scope, "thread_id": thread_id}
+        takeover = resume and run_id != ""
 
         def _op(db: _Db) -> dict[str, Any]:
             now = self._clock(db)
+            before = db.run(self._sql.lease_row(), key) if takeover else []
             db.run(
-                self._sql.lease_claim(),
-                {**key, "holder": holder, "acquired_at": now, "expires_at": now + ttl, "now": now},
+                self._sql.lease_takeover() if takeover else self._sql.lease_claim(),
+                {
+                    **key,
+                    "holder": holder,
+                    "acquired_at": now,
+                    "expires_at": now + ttl,
+                    "run_id": run_id,
+                    "now": now,
+                },
             )
             found = db.run(self._sql.lease_row(), key)
-            current, expires_at = (found[0][0], float(found[0][1])) if found else ("", now)
+            current, expires_at, current_run = (
+                (found[0][0], float(found[0][1]), str(found[0][2] or ""))
+                if found
+                else ("", now, "")
+            )
+            acquired = current == holder
+            took_over = ""
+            if acquired and before:
+                prior, prior_expiry = str(before[0][0]), float(before[0][1])
+                if prior != holder and prior_expiry > now:
+                    took_over = prior
             return {
-                "acquired": current == holder,
+                "acquired": acquired,
                 "holder": current,
                 "expires_in": max(0.0, expires_at - now),
+                "run_id": current_run,
+                "took_over": took_over,
             }
 
         return await self._write(_op)
@@ -1004,6 +1040,8 @@ class CheckpointStore:
             db.run(self._sql.lease_renew(), {**key, "holder": holder, "expires_at": now + ttl})
             found = db.run(self._sql.lease_row(), key)
             current, expires_at = (found[0][0], float(found[0][1])) if found else ("", now)
+            # renewal is by holder name: a holder whose lease a resume of its run
+            # took over is refused here (the name is the fencing token)
             return {
                 "renewed": current == holder,
                 "holder": current,

@@ -30,9 +30,11 @@ method                 request                                               rep
 ``delta_history``      ``{thread_id, checkpoint_ns, checkpoint_id|None,      ``{chain}``
                        channels}``
 ``info``               ``{}``                                                ``{...}``
-``lease_acquire``      ``{thread_id, holder, ttl}``                          ``{acquired,
+``lease_acquire``      ``{thread_id, holder, ttl, run_id?, resume?}``        ``{acquired,
                                                                              holder,
-                                                                             expires_in}``
+                                                                             expires_in,
+                                                                             run_id,
+                                                                             took_over}``
 ``lease_renew``        ``{thread_id, holder, ttl}``                          ``{renewed,
                                                                              holder,
                                                                              expires_in}``
@@ -41,7 +43,12 @@ method                 request                                               rep
 
 The lease methods implement per-thread run exclusion (``exclusive_runs``):
 one row per thread names the run holding it until ``ttl`` seconds after its
-last acquire or renew; an expired lease may be taken by anyone.
+last acquire or renew; an expired lease may be taken by anyone. The lease
+records the ``run_id`` it was acquired for; an acquire with ``resume`` true
+and the same non-empty ``run_id`` also takes a live lease over (a resumed
+run displacing its own earlier attempt, whose renewals then fail). Stores
+of the previous release ignore ``run_id``/``resume`` and reply without
+``run_id``/``took_over``: such a resume waits for the lease to expire.
 
 A *row* is ``{thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id,
 checkpoint, metadata, blobs: [[channel, type, bytes]], writes: [[task_id,
@@ -150,6 +157,15 @@ def opt_int(payload: Mapping[str, Any], key: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise CheckpointProtocolError(f"{key!r} must be an int or None")
+    return value
+
+
+def opt_bool(payload: Mapping[str, Any], key: str) -> bool:
+    value = payload.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise CheckpointProtocolError(f"{key!r} must be a bool or None")
     return value
 
 

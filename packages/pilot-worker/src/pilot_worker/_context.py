@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -29,7 +29,15 @@ class Context:
     runs a step that a shared idempotency journal records and replays.
     """
 
-    __slots__ = ("_call", "_config", "_deadline", "_encode", "_handler_name", "_loop")
+    __slots__ = (
+        "_call",
+        "_config",
+        "_deadline",
+        "_encode",
+        "_handler_name",
+        "_loop",
+        "_progress",
+    )
 
     def __init__(
         self,
@@ -46,6 +54,7 @@ class Context:
         self._loop = loop
         self._encode = encode
         self._config: Mapping[str, Any] = _EMPTY_CONFIG
+        self._progress: Callable[[Any], Awaitable[None]] | None = None
 
     def with_config(self, config: Mapping[str, Any]) -> Context:
         """A copy of this context whose :attr:`config` is ``config`` (for middleware).
@@ -60,6 +69,18 @@ class Context:
             encode=self._encode,
         )
         twin._config = config
+        twin._progress = self._progress
+        return twin
+
+    def with_progress(self, send: Callable[[Any], Awaitable[None]]) -> Context:
+        """A copy whose :meth:`report_progress` awaits ``send(value)`` instead (for middleware).
+
+        ``send`` gets the handler's value as it is (not encoded) and decides
+        how it reaches the caller, e.g. between the items of a streaming call,
+        where the RPC layer has no progress frames. The original is unchanged.
+        """
+        twin = self.with_config(self._config)
+        twin._progress = send
         return twin
 
     @property
@@ -142,8 +163,12 @@ class Context:
         """Send a progress value to the caller (unary calls; ignored if unsupported).
 
         ``value`` goes through the worker's payload codec. Safe to call many
-        times. Cancelling it cancels only the send.
+        times. Cancelling it cancels only the send. A middleware may route it
+        elsewhere (:meth:`with_progress`).
         """
+        if self._progress is not None:
+            await self._progress(value)
+            return
         encoded = self._encode(value) if self._encode is not None else value
         await self._call.send_progress(encoded)
 
