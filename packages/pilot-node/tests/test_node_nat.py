@@ -175,13 +175,13 @@ def collect(node: Node, port: int) -> list[bytes]:
     return got
 
 
-async def test_registers_the_endpoint_the_beacon_saw_and_its_lan_address(lab: Lab) -> None:
+async def test_registers_the_endpoint_the_beacon_saw_not_the_bound_one(lab: Lab) -> None:
     lab.beacon.observed[0] = ("192.0.2.7", 4242)  # the discover before registering
     node = await lab.node(5)
     assert node.observed_endpoint == ("192.0.2.7", 4242)
     [(listen, lan)] = lab.directory.registered[5]
     assert listen == "192.0.2.7:4242"
-    assert lan == [f"127.0.0.1:{node.endpoint[1]}"]
+    assert lan == []  # a LAN address misleads peers on the same private subnet
 
 
 async def test_a_new_mapping_seen_by_the_beacon_is_registered_again(lab: Lab) -> None:
@@ -200,7 +200,8 @@ async def test_an_unreachable_endpoint_falls_back_to_the_relay(
 ) -> None:
     a = await lab.node(1)
     b = await lab.node(2)
-    lab.directory.resolve_to[2] = black_hole  # what A is told is B's endpoint
+    # What each is told is the other's endpoint (a NAT that never lets anything in).
+    lab.directory.resolve_to[1] = lab.directory.resolve_to[2] = black_hole
     got = collect(b, 9)
     await a.send_datagram(2, 9, b"through the relay", timeout=5.0)
     await wait_for(lambda: got == [b"through the relay"], "the relayed datagram")
@@ -212,6 +213,27 @@ async def test_an_unreachable_endpoint_falls_back_to_the_relay(
     await wait_for(lambda: len(got) == 2, "the second datagram")
     assert lab.beacon.relayed > relayed
     assert a.stats.get("direct_paths_confirmed", 0) == 0
+    assert b.peer_info(1)["via_relay"] is True
+
+
+async def test_the_side_reached_through_the_relay_punches_too(
+    lab: Lab, black_hole: tuple[str, int]
+) -> None:
+    a = await lab.node(1)
+    b = await lab.node(2)
+    lab.directory.resolve_to[2] = black_hole  # A cannot reach B where it was told to
+    got = collect(b, 9)
+    await a.send_datagram(2, 9, b"hello", timeout=5.0)
+    await wait_for(lambda: got == [b"hello"], "the datagram")
+    # B heard from A through the relay only: it resolves A and sends to it straight,
+    # and A answers B's direct frame, so both switch to the path that works.
+    await wait_for(
+        lambda: a.peer_info(2)["via_relay"] is False and b.peer_info(1)["via_relay"] is False,
+        "both sides to switch to the direct path",
+    )
+    assert b.stats["punch_requests"] == 1
+    assert a.peer_info(2)["endpoint"] == b.endpoint
+    assert b.peer_info(1)["endpoint"] == a.endpoint
 
 
 async def test_the_direct_path_is_used_once_a_frame_arrives_straight_from_the_peer(

@@ -154,6 +154,7 @@ class _Peer:
     last_rx: float = 0.0
     last_announce: float = 0.0
     establishing: asyncio.Task[None] | None = None
+    punching: asyncio.Task[None] | None = None
     error: PilotNodeError | None = None
     incompatible: str = ""
 
@@ -457,17 +458,12 @@ class Node:
         host, port = self.observed_endpoint or self.endpoint
         return _endpoint_text(host, port)
 
-    def _lan_addrs(self) -> list[str]:
-        host, port = self.endpoint
-        wildcard = ("0.0.0.0", "::")  # noqa: S104 - detecting a wildcard bind, not binding
-        if self.observed_endpoint in (None, self.endpoint) or host in wildcard:
-            return []
-        return [_endpoint_text(host, port)]
-
     async def _register(self) -> None:
-        reg = await self.registry.register(
-            self._listen_addr(), hostname=self.config.hostname, lan_addrs=self._lan_addrs()
-        )
+        # No LAN addresses are registered: the 1.18.0 daemon takes a peer whose LAN
+        # address lies in one of its own subnets for a neighbour and dials that address
+        # (two home networks on the same private subnet are common), then gives up on
+        # the direct path when the "neighbour" refuses.
+        reg = await self.registry.register(self._listen_addr(), hostname=self.config.hostname)
         old = self.node_id
         self.node_id = reg.node_id
         self.address = Address(0, reg.node_id)
@@ -886,12 +882,8 @@ class Node:
                 confirmed = peer.endpoint == endpoint and not peer.via_relay
                 peer.endpoint = endpoint
                 peer.via_relay = self._beacon_addr is not None and not confirmed
-            if peer.via_relay and self._transport is not None and self._beacon_addr is not None:
-                # Ask the beacon to have both sides send to each other: that opens the NATs.
-                self._count("punch_requests")
-                self._transport.sendto(
-                    beacon.punch_request(self.node_id, peer.node_id), self._beacon_addr
-                )
+            if peer.via_relay:
+                self._request_punch(peer)
             while peer.crypto is None and time.monotonic() < deadline:
                 self._announce(peer)
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -904,22 +896,60 @@ class Node:
                 )
                 peer.pending.clear()
                 return
-            # The tunnel works (maybe through the relay). Keep offering the direct path for
-            # a while: an answer straight from the peer switches the traffic to it.
-            punch_deadline = time.monotonic() + self.config.key_exchange_timeout
-            while (
-                peer.via_relay and peer.endpoint is not None and time.monotonic() < punch_deadline
-            ):
-                self._announce(peer, also_relay=False)
-                await asyncio.sleep(self.config.announce_interval)
-            if peer.via_relay:
-                self._count("relay_fallbacks")
+            await self._punch(peer)
         finally:
             peer.establishing = None
             peer.ready.set()
             if peer.crypto is None:
                 # The waiters already woke (with the error); re-arm for the next attempt.
                 peer.ready.clear()
+
+    def _request_punch(self, peer: _Peer) -> None:
+        # Ask the beacon to have both sides send to each other: that opens the NATs.
+        if self._transport is not None and self._beacon_addr is not None and not self._closed:
+            self._count("punch_requests")
+            self._transport.sendto(
+                beacon.punch_request(self.node_id, peer.node_id), self._beacon_addr
+            )
+
+    async def _punch(self, peer: _Peer) -> None:
+        # The tunnel works (maybe through the relay). Keep offering the direct path for a
+        # while: a frame straight from the peer switches the traffic to it.
+        deadline = time.monotonic() + self.config.key_exchange_timeout
+        while peer.via_relay and peer.endpoint is not None and time.monotonic() < deadline:
+            self._announce(peer, also_relay=False)
+            await asyncio.sleep(self.config.announce_interval)
+        if peer.via_relay:
+            self._count("relay_fallbacks")
+
+    def _seek_direct(self, peer: _Peer) -> None:
+        # A peer reached us through the relay first: look up where it is and punch too.
+        if (
+            self._beacon_addr is None
+            or self._closed
+            or (peer.establishing is not None and not peer.establishing.done())
+            or (peer.punching is not None and not peer.punching.done())
+        ):
+            return
+        peer.punching = self._spawn(self._seek_direct_task(peer))
+
+    async def _seek_direct_task(self, peer: _Peer) -> None:
+        try:
+            if peer.endpoint is None:
+                try:
+                    endpoint = await self.registry.resolve(peer.node_id)
+                except (RegistryError, PilotTimeoutError) as exc:
+                    # Private and not trusting us (yet): the beacon's punch still tells
+                    # the peer where we are, so it can open the path from its side.
+                    _log.debug("cannot resolve node %d to punch: %s", peer.node_id, exc)
+                else:
+                    if peer.endpoint is None:
+                        peer.endpoint = endpoint
+            if peer.via_relay:
+                self._request_punch(peer)
+                await self._punch(peer)
+        finally:
+            peer.punching = None
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -1153,6 +1183,8 @@ class Node:
             peer.via_relay = False
         elif peer.endpoint is None:
             peer.via_relay = True
+        if addr is None and peer.via_relay:
+            self._seek_direct(peer)
         current = peer.crypto
         if current is not None and current.peer_x25519 == frame.x25519:
             # Same session (a retransmit or a keepalive): answer only if the peer seems to
