@@ -41,6 +41,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,9 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pilot_daemons import RealDaemon, daemon_argv, daemon_env, ipc_json, pilot_binaries
 from _pilot_node_fixtures import node_config_for, wait_for
+from pilot_transport._carriers import _pilot_ipc as ipc
 
 _HERE = Path(__file__).resolve().parent
 _RENDEZVOUS = str(_HERE / "_pilot_rendezvous.py")
@@ -157,6 +160,8 @@ class NatLab:
         self.tag = f"{os.getpid() % 100000}{next(_counter)}"
         self.directory = directory
         self.namespaces: list[str] = []
+        # Unix socket paths are limited to ~107 bytes: daemon sockets live in a short dir.
+        self.sock_dir = tempfile.mkdtemp(prefix="pnat-", dir="/tmp")
         self.procs: list[asyncio.subprocess.Process] = []
         self.public = self._namespace("p")
         self._sides = 0
@@ -243,6 +248,47 @@ class NatLab:
         self.registry = f"{_PUBLIC}:{words[1]}"
         self.beacon = f"{_PUBLIC}:{words[2]}"
 
+    async def start_daemon(self, name: str, namespace: str, listen: str) -> RealDaemon:
+        """A Go daemon from the ``pilotprotocol`` wheel inside ``namespace``, registered."""
+        found = pilot_binaries()
+        assert found is not None
+        directory = self.directory / name
+        directory.mkdir(mode=0o700)
+        daemon = RealDaemon(len(self.procs), directory, f"{self.sock_dir}/{name}.sock")
+        daemon.log = self.directory / f"{name}.log"
+        argv = daemon_argv(
+            found[0],
+            registry=self.registry,
+            beacon=self.beacon,
+            socket_path=daemon.socket,
+            directory=directory,
+            listen=listen,
+        )
+        with daemon.log.open("ab") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *("ip", "netns", "exec", namespace, *argv),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=daemon_env(directory),
+                cwd=str(directory),
+            )
+        self.procs.append(proc)
+
+        async def registered() -> bool:
+            if proc.returncode is not None:
+                raise AssertionError(f"daemon {name} exited:\n{daemon.log_tail()}")
+            try:
+                info = await asyncio.to_thread(daemon.info)
+            except (OSError, ConnectionError, RuntimeError, ValueError):
+                return False
+            daemon.node_id = int(info.get("node_id") or 0)
+            daemon.address = str(info.get("address") or "")
+            return daemon.node_id != 0
+
+        await wait_for(registered, 60.0, f"daemon {name} to register", 0.1)
+        return daemon
+
     async def start_node(self, name: str, namespace: str, listen: str) -> NodeProcess:
         config = node_config_for(
             self.registry,
@@ -251,6 +297,7 @@ class NatLab:
             hostname=f"nat-{name}-{self.tag}",
             heartbeat_interval=5.0,
             key_exchange_timeout=15.0,
+            auto_approve=True,
         )
         fields = {
             key: getattr(config, key)
@@ -262,6 +309,7 @@ class NatLab:
                 "poll_interval",
                 "heartbeat_interval",
                 "key_exchange_timeout",
+                "auto_approve",
             )
         }
         proc = await self._spawn(namespace, name, _NODE, json.dumps(fields), env=dict(os.environ))
@@ -288,6 +336,7 @@ class NatLab:
             subprocess.run(
                 ["ip", "netns", "del", namespace], capture_output=True, timeout=_CMD_TIMEOUT
             )
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -393,3 +442,37 @@ async def test_a_public_node_reaches_one_behind_a_nat(lab: NatLab) -> None:
     await public.echo(private, size)
     await private.echo(public, size)
     assert relayed_between(await public.beacon_stats(), public, private) == before
+
+
+# -- (d) a Go daemon behind a NAT, our node behind another ------------------------------------
+
+
+@pytest.mark.skipif(pilot_binaries() is None, reason="pilotprotocol wheel not installed")
+async def test_a_daemon_behind_a_nat_and_our_node_behind_another(lab: NatLab) -> None:
+    lan_d, public_d = lab.private_lan()
+    lan_n, public_n = lab.private_lan()
+    daemon = await lab.start_daemon("daemon", lan_d, "10.0.0.2:4000")
+    node = await lab.start_node("ours", lan_n, "10.0.0.2:0")
+    assert host_of(node.ready["observed"]) == public_n
+
+    # The daemon gates streams on trust: it asks our node (which approves everything).
+    ipc_json(daemon.socket, ipc.handshake(ipc.HandshakeSub.REQUEST, node.node_id, "nat test"))
+
+    def trusted() -> bool:
+        listed = ipc_json(daemon.socket, ipc.handshake(ipc.HandshakeSub.TRUSTED))
+        return any(int(e["node_id"]) == node.node_id for e in listed.get("trusted") or [])
+
+    await wait_for(trusted, 60.0, "the daemon to trust our node", 0.2)
+    peer = NodeProcess("daemon", node.proc, {"node_id": daemon.node_id})
+    await node.echo(peer, 1)
+
+    # The daemon registered the endpoint its NAT gave it (it keeps the port); once each
+    # side has sent towards the other, our node hears from it straight and stops relaying.
+    async def direct() -> bool:
+        return (await node.peer(peer)).get("via_relay") is False
+
+    await wait_for(direct, 60.0, "a direct path to the daemon", 0.1)
+    assert (await node.peer(peer))["endpoint"] == f"{public_d}:4000"
+    before = relayed_between(await node.beacon_stats(), node, peer)
+    await node.echo(peer, 1 << 20)
+    assert relayed_between(await node.beacon_stats(), node, peer) == before
