@@ -49,6 +49,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _netns import nat_unavailable_reason
 from _pilot_daemons import RealDaemon, daemon_argv, daemon_env, ipc_json, pilot_binaries
 from _pilot_node_fixtures import node_config_for, wait_for
 from pilot_transport._carriers import _pilot_ipc as ipc
@@ -60,37 +61,6 @@ _CMD_TIMEOUT = 30.0
 _REPLY_TIMEOUT = 120.0
 _PUBLIC = "198.18.0.1"
 _counter = itertools.count()
-_MASQUERADE_LO = ("-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "MASQUERADE")
-
-
-def nat_unavailable_reason() -> str | None:
-    """Why these tests cannot run here (``None`` when they can)."""
-    if not sys.platform.startswith("linux"):
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return "network namespaces and iptables need root"
-    if shutil.which("ip") is None:
-        return "the `ip` command (iproute2) is not installed"
-    if shutil.which("iptables") is None:
-        return "iptables is not installed (scripts/_iptables.sh installs Debian's package)"
-    probe = f"pnprobe{os.getpid()}"
-    added = subprocess.run(
-        ["ip", "netns", "add", probe], capture_output=True, text=True, timeout=_CMD_TIMEOUT
-    )
-    if added.returncode != 0:
-        return f"`ip netns add` is unavailable: {added.stderr.strip()}"
-    try:
-        nat = subprocess.run(
-            ["ip", "netns", "exec", probe, "iptables", *_MASQUERADE_LO],
-            capture_output=True,
-            text=True,
-            timeout=_CMD_TIMEOUT,
-        )
-        if nat.returncode != 0:
-            return f"iptables cannot masquerade in a namespace: {nat.stderr.strip()}"
-    finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=_CMD_TIMEOUT)
-    return None
 
 
 _REASON = nat_unavailable_reason()
@@ -355,14 +325,15 @@ def host_of(endpoint: str) -> str:
     return endpoint.rpartition(":")[0]
 
 
-async def wait_direct(a: NodeProcess, b: NodeProcess, timeout: float = 60.0) -> None:
-    """Wait until each side sends to the other straight, not through the relay."""
+async def wait_direct(*views: tuple[NodeProcess, NodeProcess], timeout: float = 60.0) -> None:
+    """Wait until each ``(node, peer)`` node sends to its peer straight, not relayed."""
 
     async def direct() -> bool:
-        views = await a.peer(b), await b.peer(a)
-        return all(view.get("via_relay") is False for view in views)
+        states = [(await node.peer(peer)).get("via_relay") for node, peer in views]
+        return all(state is False for state in states)
 
-    await wait_for(direct, timeout, f"a direct path between {a.name} and {b.name}", 0.1)
+    names = ", ".join(f"{node.name}->{peer.name}" for node, peer in views)
+    await wait_for(direct, timeout, f"direct paths {names}", 0.1)
 
 
 # -- (a) cone NAT on both sides: discovery, a punched direct tunnel ---------------------------
@@ -380,7 +351,7 @@ async def test_cone_nats_both_sides_punch_a_direct_tunnel(lab: NatLab) -> None:
     assert host_of(a.ready["endpoint"]) == host_of(b.ready["endpoint"]) == "10.0.0.2"
 
     await a.echo(b, 1)
-    await wait_direct(a, b)
+    await wait_direct((a, b), (b, a))
     # Each side aims at the other's public (router) endpoint, the one the beacon saw.
     assert (await a.peer(b))["endpoint"] == b.ready["observed"]
     assert host_of((await b.peer(a))["endpoint"]) == public_a
@@ -436,7 +407,7 @@ async def test_a_public_node_reaches_one_behind_a_nat(lab: NatLab) -> None:
     # The public node dials first: its frames are dropped by the NAT until the beacon
     # has the private node send towards it.
     await public.echo(private, 1)
-    await wait_direct(public, private)
+    await wait_direct((public, private), (private, public))
     before = relayed_between(await public.beacon_stats(), public, private)
     size = 1 << 20
     await public.echo(private, size)
@@ -468,10 +439,7 @@ async def test_a_daemon_behind_a_nat_and_our_node_behind_another(lab: NatLab) ->
 
     # The daemon registered the endpoint its NAT gave it (it keeps the port); once each
     # side has sent towards the other, our node hears from it straight and stops relaying.
-    async def direct() -> bool:
-        return (await node.peer(peer)).get("via_relay") is False
-
-    await wait_for(direct, 60.0, "a direct path to the daemon", 0.1)
+    await wait_direct((node, peer))
     assert (await node.peer(peer))["endpoint"] == f"{public_d}:4000"
     before = relayed_between(await node.beacon_stats(), node, peer)
     await node.echo(peer, 1 << 20)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, cast
 
 import pytest
 from pilot_node import Datagram, Node, NodeConfig
 from pilot_node._registry import HandshakeInbox, LookupResult, Registration
+
+WaitFor = Callable[..., Awaitable[None]]
 
 
 class Directory:
@@ -157,12 +158,11 @@ def black_hole() -> Iterator[tuple[str, int]]:
         sock.close()
 
 
-async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+def both_direct(a: Node, b: Node) -> bool:
+    return (
+        a.peer_info(b.node_id).get("via_relay") is False
+        and b.peer_info(a.node_id).get("via_relay") is False
+    )
 
 
 def collect(node: Node, port: int) -> list[bytes]:
@@ -184,7 +184,9 @@ async def test_registers_the_endpoint_the_beacon_saw_not_the_bound_one(lab: Lab)
     assert lan == []  # a LAN address misleads peers on the same private subnet
 
 
-async def test_a_new_mapping_seen_by_the_beacon_is_registered_again(lab: Lab) -> None:
+async def test_a_new_mapping_seen_by_the_beacon_is_registered_again(
+    lab: Lab, wait_for: WaitFor
+) -> None:
     node = await lab.node(5, heartbeat_interval=0.02)
     assert lab.directory.registered[5][0][0] == f"127.0.0.1:{node.endpoint[1]}"
     assert lab.directory.registered[5][0][1] == []  # the beacon saw the bound endpoint
@@ -196,7 +198,7 @@ async def test_a_new_mapping_seen_by_the_beacon_is_registered_again(lab: Lab) ->
 
 
 async def test_an_unreachable_endpoint_falls_back_to_the_relay(
-    lab: Lab, black_hole: tuple[str, int]
+    lab: Lab, black_hole: tuple[str, int], wait_for: WaitFor
 ) -> None:
     a = await lab.node(1)
     b = await lab.node(2)
@@ -217,7 +219,7 @@ async def test_an_unreachable_endpoint_falls_back_to_the_relay(
 
 
 async def test_the_side_reached_through_the_relay_punches_too(
-    lab: Lab, black_hole: tuple[str, int]
+    lab: Lab, black_hole: tuple[str, int], wait_for: WaitFor
 ) -> None:
     a = await lab.node(1)
     b = await lab.node(2)
@@ -227,17 +229,14 @@ async def test_the_side_reached_through_the_relay_punches_too(
     await wait_for(lambda: got == [b"hello"], "the datagram")
     # B heard from A through the relay only: it resolves A and sends to it straight,
     # and A answers B's direct frame, so both switch to the path that works.
-    await wait_for(
-        lambda: a.peer_info(2)["via_relay"] is False and b.peer_info(1)["via_relay"] is False,
-        "both sides to switch to the direct path",
-    )
+    await wait_for(lambda: both_direct(a, b), "both sides to switch to the direct path")
     assert b.stats["punch_requests"] == 1
     assert a.peer_info(2)["endpoint"] == b.endpoint
     assert b.peer_info(1)["endpoint"] == a.endpoint
 
 
 async def test_the_direct_path_is_used_once_a_frame_arrives_straight_from_the_peer(
-    lab: Lab,
+    lab: Lab, wait_for: WaitFor
 ) -> None:
     a = await lab.node(1)
     b = await lab.node(2)
@@ -245,10 +244,7 @@ async def test_the_direct_path_is_used_once_a_frame_arrives_straight_from_the_pe
     await a.send_datagram(2, 9, b"first", timeout=5.0)
     await wait_for(lambda: got == [b"first"], "the first datagram")
     # The resolved endpoint is only a candidate until the peer is heard from it.
-    await wait_for(
-        lambda: a.peer_info(2)["via_relay"] is False and b.peer_info(1)["via_relay"] is False,
-        "both sides to confirm the direct path",
-    )
+    await wait_for(lambda: both_direct(a, b), "both sides to confirm the direct path")
     assert a.peer_info(2)["endpoint"] == b.endpoint
     assert b.peer_info(1)["endpoint"] == a.endpoint
     assert a.stats["direct_paths_confirmed"] >= 1
@@ -261,7 +257,9 @@ async def test_the_direct_path_is_used_once_a_frame_arrives_straight_from_the_pe
     assert lab.beacon.relayed == relayed
 
 
-async def test_without_a_beacon_the_resolved_endpoint_is_used_directly(lab: Lab) -> None:
+async def test_without_a_beacon_the_resolved_endpoint_is_used_directly(
+    lab: Lab, wait_for: WaitFor
+) -> None:
     a = await lab.node(1, beacon="")
     b = await lab.node(2, beacon="")
     got = collect(b, 9)
