@@ -129,16 +129,22 @@ class NatLab:
     def __init__(self, directory: Path) -> None:
         self.tag = f"{os.getpid() % 100000}{next(_counter)}"
         self.directory = directory
-        self.namespaces: list[str] = []
-        # Unix socket paths are limited to ~107 bytes: daemon sockets live in a short dir.
-        self.sock_dir = tempfile.mkdtemp(prefix="pnat-", dir="/tmp")
+        self.namespaces: list[str] = []  # only those this lab created
         self.procs: list[asyncio.subprocess.Process] = []
-        self.public = self._namespace("p")
+        self.sock_dir = ""
+        self.public = ""
         self._sides = 0
         self.registry = ""
         self.beacon = ""
+
+    async def start(self) -> None:
+        """The public namespace and the registry and beacon stand-in inside it."""
+        # Unix socket paths are limited to ~107 bytes: daemon sockets live in a short dir.
+        self.sock_dir = tempfile.mkdtemp(prefix="pnat-", dir="/tmp")
+        self.public = self._namespace("p")
         _run("ip", "-n", self.public, "addr", "add", f"{_PUBLIC}/32", "dev", "lo")
         self._forwarding(self.public)
+        await self._start_rendezvous()
 
     def _namespace(self, role: str) -> str:
         name = f"pn{self.tag}{role}"
@@ -206,7 +212,7 @@ class NatLab:
         self.procs.append(proc)
         return proc
 
-    async def start_rendezvous(self) -> None:
+    async def _start_rendezvous(self) -> None:
         env = {**os.environ, "PILOT_RENDEZVOUS_HOST": _PUBLIC}
         proc = await self._spawn(self.public, "rendezvous", _RENDEZVOUS, env=env)
         assert proc.stdout is not None
@@ -306,19 +312,18 @@ class NatLab:
             subprocess.run(
                 ["ip", "netns", "del", namespace], capture_output=True, timeout=_CMD_TIMEOUT
             )
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
+        if self.sock_dir:
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
 @pytest.fixture
 async def lab(tmp_path: Path) -> AsyncIterator[NatLab]:
-    made: NatLab | None = None
+    made = NatLab(tmp_path)
     try:
-        made = NatLab(tmp_path)
-        await made.start_rendezvous()
+        await made.start()
         yield made
     finally:
-        if made is not None:
-            await made.aclose()
+        await made.aclose()
 
 
 def host_of(endpoint: str) -> str:
