@@ -30,6 +30,7 @@ class Directory:
         self.registered: dict[int, list[tuple[str, list[str]]]] = {}
         self.keys: dict[int, bytes] = {}
         self.resolve_to: dict[int, tuple[str, int]] = {}
+        self.resolves: list[tuple[int, int]] = []  # (asking node, resolved node)
 
     def client(self, node_id: int, key: bytes) -> ScriptedRegistry:
         self.keys[node_id] = key
@@ -62,6 +63,7 @@ class ScriptedRegistry:
         return HandshakeInbox()
 
     async def resolve(self, node_id: int) -> tuple[str, int]:
+        self.directory.resolves.append((self.node_id, node_id))
         return self.directory.resolve_to[node_id]
 
     async def lookup(self, node_id: int) -> LookupResult:
@@ -216,6 +218,17 @@ async def test_an_unreachable_endpoint_falls_back_to_the_relay(
     assert lab.beacon.relayed > relayed
     assert a.stats.get("direct_paths_confirmed", 0) == 0
     assert b.peer_info(1)["via_relay"] is True
+    # B, reached through the relay, looked A up and punched once; A announcing itself
+    # through the relay again does not start another attempt (one per 30 s per peer).
+    await wait_for(lambda: b.stats.get("relay_fallbacks", 0) == 1, "B's punch to give up")
+    assert lab.directory.resolves.count((2, 1)) == 1
+    handshakes = b.stats.get("handshakes_same_session", 0)
+    a._announce(a._peers[2], also_relay=True)  # pyright: ignore[reportPrivateUsage]
+    await wait_for(
+        lambda: b.stats.get("handshakes_same_session", 0) > handshakes, "the relayed announcement"
+    )
+    assert lab.directory.resolves.count((2, 1)) == 1
+    assert b.stats["punch_requests"] == 1
 
 
 async def test_the_side_reached_through_the_relay_punches_too(

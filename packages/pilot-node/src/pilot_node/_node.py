@@ -69,6 +69,7 @@ _UNKNOWN_PER_SECOND = 8
 _MAX_PEERS = 4096
 _REPLY_MIN_INTERVAL = 1.0
 _FAILURES_BEFORE_REANNOUNCE = 3
+_SEEK_DIRECT_EVERY = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,7 @@ class _Peer:
     last_announce: float = 0.0
     establishing: asyncio.Task[None] | None = None
     punching: asyncio.Task[None] | None = None
+    last_seek: float = float("-inf")
     error: PilotNodeError | None = None
     incompatible: str = ""
 
@@ -929,8 +931,12 @@ class Node:
             or self._closed
             or (peer.establishing is not None and not peer.establishing.done())
             or (peer.punching is not None and not peer.punching.done())
+            or time.monotonic() - peer.last_seek < _SEEK_DIRECT_EVERY
         ):
+            # At most one attempt per peer every _SEEK_DIRECT_EVERY seconds: each costs a
+            # registry call, and a relayed peer announces itself now and then.
             return
+        peer.last_seek = time.monotonic()
         peer.punching = self._spawn(self._seek_direct_task(peer))
 
     async def _seek_direct_task(self, peer: _Peer) -> None:
