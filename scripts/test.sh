@@ -18,6 +18,7 @@ source "$ROOT/scripts/_postgres.sh"
 if [ -f "$ROOT/scripts/_redis.sh" ]; then
   source "$ROOT/scripts/_redis.sh"
 fi
+source "$ROOT/scripts/_iptables.sh"
 
 step "ruff"
 "$UV" run --frozen --no-sync ruff check .

@@ -89,6 +89,47 @@ def ipc_json(socket_path: str, frame: bytes) -> Any:
     return json.loads(payload)
 
 
+def daemon_argv(
+    daemon_bin: Path,
+    *,
+    registry: str,
+    beacon: str,
+    socket_path: str,
+    directory: Path,
+    listen: str,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """The command line of a daemon pointed at our registry and beacon, nothing public."""
+    return [
+        str(daemon_bin),
+        "-registry",
+        registry,
+        "-beacon",
+        beacon,
+        "-socket",
+        socket_path,
+        "-identity",
+        str(directory / "identity.json"),
+        "-listen",
+        listen,
+        "-telemetry-url",
+        "",
+        "-motd-feed-url",
+        "",
+        "-no-skillinject",
+        "-proxy",
+        "off",
+        *extra,
+    ]
+
+
+def daemon_env(directory: Path) -> dict[str, str]:
+    """The daemon's environment: no ``PILOT_*`` settings, ``directory`` as its home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PILOT_")}
+    env["HOME"] = str(directory)
+    return env
+
+
 @dataclass
 class RealDaemon:
     index: int
@@ -191,29 +232,16 @@ class PilotNet:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
                 probe.bind(("127.0.0.1", 0))
                 daemon.udp_port = int(probe.getsockname()[1])
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PILOT_")}
-        env["HOME"] = str(daemon.directory)
-        argv = [
-            str(self.daemon_bin),
-            "-registry",
-            f"127.0.0.1:{self.registry_port}",
-            "-beacon",
-            f"127.0.0.1:{self.beacon_port}",
-            "-socket",
-            daemon.socket,
-            "-identity",
-            str(daemon.directory / "identity.json"),
-            "-listen",
-            f"127.0.0.1:{daemon.udp_port}",
-            "-telemetry-url",
-            "",
-            "-motd-feed-url",
-            "",
-            "-no-skillinject",
-            "-proxy",
-            "off",
-            *self.daemon_args,
-        ]
+        env = daemon_env(daemon.directory)
+        argv = daemon_argv(
+            self.daemon_bin,
+            registry=f"127.0.0.1:{self.registry_port}",
+            beacon=f"127.0.0.1:{self.beacon_port}",
+            socket_path=daemon.socket,
+            directory=daemon.directory,
+            listen=f"127.0.0.1:{daemon.udp_port}",
+            extra=self.daemon_args,
+        )
         with daemon.log.open("ab") as log:
             daemon.proc = subprocess.Popen(
                 argv,
@@ -345,4 +373,13 @@ class PilotNet:
         self.stop()
 
 
-__all__ = ["PilotNet", "RealDaemon", "daemon_version", "ipc_call", "ipc_json", "pilot_binaries"]
+__all__ = [
+    "PilotNet",
+    "RealDaemon",
+    "daemon_argv",
+    "daemon_env",
+    "daemon_version",
+    "ipc_call",
+    "ipc_json",
+    "pilot_binaries",
+]

@@ -31,6 +31,13 @@ the same identity file gets the same address back.
 
 With ``PILOT_RENDEZVOUS_TTL=<seconds>`` set, a node not heard from (register or
 heartbeat) for that long is forgotten, as a real registry expires silent nodes.
+``PILOT_RENDEZVOUS_HOST`` (default ``127.0.0.1``) is the address both listen on; the
+NAT tests set it to the "public" address inside a network namespace they created.
+
+The beacon counts what it does; the registry answers ``{"type": "beacon_stats"}`` with
+those counters (``discovers``, ``punches``, ``relayed_frames``, ``relayed_bytes``, and
+``relayed_by_pair`` keyed ``"<source>-><destination>"``), so a test can tell whether
+traffic between two nodes went direct or through the relay.
 
 Run: ``python _pilot_rendezvous.py`` prints ``ready <registry port> <beacon port>``.
 """
@@ -85,6 +92,7 @@ class Registry:
         self.trust_pairs: set[frozenset[int]] = set()
         self.inbox: dict[int, list[dict[str, Any]]] = {}
         self.answers: dict[int, list[dict[str, Any]]] = {}
+        self.beacon: Beacon | None = None
 
     def handle(self, msg: dict[str, Any], peer_host: str) -> dict[str, Any]:
         kind = str(msg.get("type", ""))
@@ -301,6 +309,10 @@ class Registry:
     def _on_punch(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
         return {"type": "punch_ok"}
 
+    def _on_beacon_stats(self, msg: dict[str, Any], _peer: str) -> dict[str, Any]:
+        stats = self.beacon.stats() if self.beacon is not None else {}
+        return {"type": "beacon_stats_ok", **stats}
+
     # -- binary frames -------------------------------------------------------
 
     def binary(self, kind: int, payload: bytes, peer_host: str) -> tuple[int, bytes]:
@@ -402,6 +414,21 @@ class Beacon(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.transport: asyncio.DatagramTransport | None = None
         self.endpoints: dict[int, tuple[str, int]] = {}
+        self.discovers = 0
+        self.punches = 0
+        self.relayed_frames = 0
+        self.relayed_bytes = 0
+        self.relayed_by_pair: dict[str, int] = {}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "discovers": self.discovers,
+            "punches": self.punches,
+            "relayed_frames": self.relayed_frames,
+            "relayed_bytes": self.relayed_bytes,
+            "relayed_by_pair": dict(self.relayed_by_pair),
+            "endpoints": {str(k): f"{h}:{p}" for k, (h, p) in self.endpoints.items()},
+        }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -412,6 +439,7 @@ class Beacon(asyncio.DatagramProtocol):
         host, port = str(addr[0]), int(addr[1])
         (node_id,) = struct.unpack_from(">I", data, 1)
         if data[0] == 0x01:
+            self.discovers += 1
             self.endpoints[node_id] = (host, port)
             self.transport.sendto(bytes([0x02]) + _endpoint_bytes((host, port)), addr)
         elif data[0] == 0x03 and len(data) >= 9:
@@ -419,6 +447,7 @@ class Beacon(asyncio.DatagramProtocol):
             mine, theirs = self.endpoints.get(node_id), self.endpoints.get(target)
             if mine is None or theirs is None:
                 return
+            self.punches += 1
             self.transport.sendto(bytes([0x04]) + _endpoint_bytes(theirs), mine)
             self.transport.sendto(bytes([0x04]) + _endpoint_bytes(mine), theirs)
         elif data[0] == 0x05 and len(data) >= 9:
@@ -426,6 +455,10 @@ class Beacon(asyncio.DatagramProtocol):
             dest = self.endpoints.get(dest_id)
             if dest is None:
                 return
+            self.relayed_frames += 1
+            self.relayed_bytes += len(data) - 9
+            pair = f"{node_id}->{dest_id}"
+            self.relayed_by_pair[pair] = self.relayed_by_pair.get(pair, 0) + 1
             self.transport.sendto(b"\x06" + struct.pack(">I", node_id) + data[9:], dest)
 
 
@@ -436,15 +469,17 @@ def _endpoint_bytes(endpoint: tuple[str, int]) -> bytes:
 
 async def main() -> None:
     registry = Registry(float(os.environ.get("PILOT_RENDEZVOUS_TTL", "0") or 0))
+    host = os.environ.get("PILOT_RENDEZVOUS_HOST") or "127.0.0.1"
     server = await asyncio.start_server(
         lambda r, w: _serve_registry(registry, r, w),
-        "127.0.0.1",
+        host,
         int(sys.argv[1]) if len(sys.argv) > 1 else 0,
     )
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(
-        Beacon, local_addr=("127.0.0.1", int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    transport, beacon = await loop.create_datagram_endpoint(
+        Beacon, local_addr=(host, int(sys.argv[2]) if len(sys.argv) > 2 else 0)
     )
+    registry.beacon = beacon
     reg_port = server.sockets[0].getsockname()[1]
     beacon_port = transport.get_extra_info("sockname")[1]
     stop = asyncio.Event()

@@ -30,7 +30,6 @@ import hashlib
 import itertools
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -49,28 +48,13 @@ from pilot_transport import open_transport
 from pilot_transport.testing import TestPeers, create_test_peers
 from pilot_worker.testing import WorkerProcess, run_worker_process
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _netns import netns_unavailable_reason
+
 # ------------------------------------------------------------------ namespaces
 
 _counter = itertools.count()
 _IP_TIMEOUT = 30.0
-
-
-def netns_unavailable_reason() -> str | None:
-    """Why these tests cannot run here (``None`` when they can)."""
-    if not sys.platform.startswith("linux"):
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return "network namespaces need root (run as root to exercise real network faults)"
-    if shutil.which("ip") is None:
-        return "the `ip` command (iproute2) is not installed"
-    probe = f"pilot-ft-probe-{os.getpid()}"
-    added = subprocess.run(
-        ["ip", "netns", "add", probe], capture_output=True, text=True, timeout=_IP_TIMEOUT
-    )
-    if added.returncode != 0:
-        return f"`ip netns add` is unavailable: {added.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=_IP_TIMEOUT)
-    return None
 
 
 def _ip(*args: str, netns: str | None = None) -> None:

@@ -14,13 +14,13 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pilot_node._identity import NodeIdentity
-from pilot_node._node import Datagram, Node, NodeConfig
+from pilot_node._node import Datagram, Node
 from pilot_node._packet import Address, Packet, Protocol
 from pilot_node._tunnel import KeyExchange, build_auth_frame
 from pilot_node.errors import PilotTimeoutError, RegistryRefusedError
@@ -29,6 +29,7 @@ from pilot_transport._carriers import _pilot_ipc as ipc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _pilot_daemons import PilotNet, pilot_binaries
+from _pilot_node_fixtures import ctl, node_config, wait_for
 
 pytestmark = [
     pytest.mark.skipif(pilot_binaries() is None, reason="pilotprotocol wheel not installed"),
@@ -42,35 +43,10 @@ def net(tmp_path: Path) -> Iterator[PilotNet]:
         yield n
 
 
-def node_config(net: PilotNet, **overrides: Any) -> NodeConfig:
-    config = NodeConfig(
-        registry=f"127.0.0.1:{net.registry_port}",
-        beacon=f"127.0.0.1:{net.beacon_port}",
-        poll_interval=0.2,
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
-
-
 @pytest.fixture
 async def node(net: PilotNet) -> AsyncIterator[Node]:
     async with Node(node_config(net, hostname="py-node")) as n:
         yield n
-
-
-async def wait_for(
-    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
-async def ctl(net: PilotNet, index: int, *args: str) -> Any:
-    return await asyncio.to_thread(net.ctl, index, *args)
 
 
 class DaemonDatagrams:

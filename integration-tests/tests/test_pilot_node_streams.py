@@ -13,7 +13,7 @@ import hashlib
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ import pytest
 from pilot_node import (
     Address,
     Node,
-    NodeConfig,
     PilotStream,
     StreamConfig,
     StreamResetError,
@@ -36,37 +35,12 @@ from pilot_transport.testing import check_stream_conformance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _pilot_daemons import PilotNet, pilot_binaries
+from _pilot_node_fixtures import ctl, node_config, wait_for
 
 pytestmark = [
     pytest.mark.skipif(pilot_binaries() is None, reason="pilotprotocol wheel not installed"),
     pytest.mark.timeout(300),
 ]
-
-
-def node_config(net: PilotNet, **overrides: Any) -> NodeConfig:
-    config = NodeConfig(
-        registry=f"127.0.0.1:{net.registry_port}",
-        beacon=f"127.0.0.1:{net.beacon_port}",
-        poll_interval=0.2,
-        auto_approve=True,
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
-
-
-async def wait_for(
-    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
-async def ctl(net: PilotNet, index: int, *args: str, timeout: float = 60.0) -> Any:
-    return await asyncio.to_thread(net.ctl, index, *args, timeout=timeout)
 
 
 async def daemon_trusts(net: PilotNet, index: int, node: Node, timeout: float = 30.0) -> None:
@@ -89,7 +63,7 @@ def net(tmp_path: Path) -> Iterator[PilotNet]:
 
 @pytest.fixture
 async def node(net: PilotNet) -> AsyncIterator[Node]:
-    async with Node(node_config(net)) as n:
+    async with Node(node_config(net, auto_approve=True)) as n:
         await daemon_trusts(net, 0, n)
         yield n
 
@@ -208,7 +182,7 @@ async def test_an_idle_stream_to_a_killed_daemon_is_reset_by_unanswered_keepaliv
 ) -> None:
     interval, probes = 0.5, 3
     streams = StreamConfig(keepalive_interval=interval, keepalive_probes=probes)
-    async with Node(node_config(net, streams=streams)) as node:
+    async with Node(node_config(net, auto_approve=True, streams=streams)) as node:
         await daemon_trusts(net, 0, node)
         daemon = Address.parse(net.daemons[0].address)
         stream = await open_stream(node, daemon, 7, timeout=30)
@@ -245,7 +219,7 @@ async def test_five_idle_minutes_keep_the_node_registered_and_its_stream_open(
     # keepalives say otherwise). Only the registry lookups run during the wait;
     # the stream itself stays idle.
     with PilotNet(tmp_path / "net", count=1, trust=False, registry_ttl=30.0) as net:
-        config = node_config(net, hostname="long-lived", heartbeat_interval=8.0)
+        config = node_config(net, auto_approve=True, hostname="long-lived", heartbeat_interval=8.0)
         async with Node(config) as node:
             await daemon_trusts(net, 0, node)
             daemon = Address.parse(net.daemons[0].address)

@@ -8,14 +8,15 @@ follows answers with another node id.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from pilot_node import Address, Node, NodeConfig, StreamConfig
 from pilot_node._registry import HandshakeInbox, Registration
 from pilot_node._streams import StreamLayer
 from pilot_node.errors import RegistryRefusedError
+
+WaitFor = Callable[..., Awaitable[None]]
 
 
 class ScriptedRegistry:
@@ -51,16 +52,10 @@ class ScriptedRegistry:
         return None
 
 
-async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize("new_id", [9, 5])
-async def test_the_stream_layer_follows_a_node_id_the_registry_reassigns(new_id: int) -> None:
+async def test_the_stream_layer_follows_a_node_id_the_registry_reassigns(
+    new_id: int, wait_for: WaitFor
+) -> None:
     config = NodeConfig(
         registry="127.0.0.1:9",
         heartbeat_interval=0.01,

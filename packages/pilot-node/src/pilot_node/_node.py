@@ -69,6 +69,7 @@ _UNKNOWN_PER_SECOND = 8
 _MAX_PEERS = 4096
 _REPLY_MIN_INTERVAL = 1.0
 _FAILURES_BEFORE_REANNOUNCE = 3
+_SEEK_DIRECT_EVERY = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +155,8 @@ class _Peer:
     last_rx: float = 0.0
     last_announce: float = 0.0
     establishing: asyncio.Task[None] | None = None
+    punching: asyncio.Task[None] | None = None
+    last_seek: float = float("-inf")
     error: PilotNodeError | None = None
     incompatible: str = ""
 
@@ -452,13 +455,16 @@ class Node:
             self._discover_waiter = None
 
     def _listen_addr(self) -> str:
-        host, port = self.endpoint
-        wildcard = ("0.0.0.0", "::")  # noqa: S104 - detecting a wildcard bind, not binding
-        if host in wildcard and self.observed_endpoint is not None:
-            host = self.observed_endpoint[0]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        # Behind a NAT the beacon saw the router's address and the port it mapped ours
+        # to: that is where peers outside can reach us (and where punching aims).
+        host, port = self.observed_endpoint or self.endpoint
+        return _endpoint_text(host, port)
 
     async def _register(self) -> None:
+        # No LAN addresses are registered: the 1.18.0 daemon takes a peer whose LAN
+        # address lies in one of its own subnets for a neighbour and dials that address
+        # (two home networks on the same private subnet are common), then gives up on
+        # the direct path when the "neighbour" refuses.
         reg = await self.registry.register(self._listen_addr(), hostname=self.config.hostname)
         old = self.node_id
         self.node_id = reg.node_id
@@ -481,6 +487,12 @@ class Node:
         for peer in list(self._peers.values()):
             if peer.crypto is not None:
                 self._announce(peer)
+
+    async def _reregister(self) -> None:
+        try:
+            await self._register()
+        except (RegistryError, PilotTimeoutError) as exc:
+            _log.warning("re-registering the new endpoint failed: %s", exc)
 
     def _announce_to_beacon(self) -> None:
         # The beacon relays to the endpoint it last saw a discover from for our node id.
@@ -822,14 +834,16 @@ class Node:
         else:
             self._count("dropped_no_route")
 
-    def _announce(self, peer: _Peer, *, also_relay: bool = False) -> None:
+    def _announce(self, peer: _Peer, *, also_relay: bool | None = None) -> None:
+        # ``also_relay`` None: through the relay too while the direct path is unconfirmed.
         if self._transport is None or self._closed:
             return
         frame = build_auth_frame(self.identity, self.node_id, self._kx.public)
         peer.last_announce = time.monotonic()
         if peer.endpoint is not None:
             self._transport.sendto(frame, peer.endpoint)
-        if self._beacon_addr is not None and (also_relay or peer.endpoint is None):
+        relay = peer.via_relay if also_relay is None else also_relay
+        if self._beacon_addr is not None and (relay or peer.endpoint is None):
             self._transport.sendto(
                 beacon.relay(self.node_id, peer.node_id, frame), self._beacon_addr
             )
@@ -854,8 +868,7 @@ class Node:
         deadline = time.monotonic() + self.config.key_exchange_timeout
         try:
             try:
-                peer.endpoint = await self.registry.resolve(peer.node_id)
-                peer.via_relay = False
+                endpoint = await self.registry.resolve(peer.node_id)
             except (RegistryError, PilotTimeoutError) as exc:
                 if self._beacon_addr is None:
                     peer.error = PeerUnreachableError(
@@ -864,14 +877,17 @@ class Node:
                     )
                     return
                 peer.via_relay = True
-                if self._transport is not None:
-                    self._transport.sendto(
-                        beacon.punch_request(self.node_id, peer.node_id), self._beacon_addr
-                    )
-            first = True
+            else:
+                # With a beacon, a resolved endpoint is only a candidate (it may sit behind
+                # a NAT that drops what we send): relay until a frame from the peer arrives
+                # straight from it. Without a beacon there is no other way than direct.
+                confirmed = peer.endpoint == endpoint and not peer.via_relay
+                peer.endpoint = endpoint
+                peer.via_relay = self._beacon_addr is not None and not confirmed
+            if peer.via_relay:
+                self._request_punch(peer)
             while peer.crypto is None and time.monotonic() < deadline:
-                self._announce(peer, also_relay=first)
-                first = False
+                self._announce(peer)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(peer.ready.wait(), self.config.announce_interval)
             if peer.crypto is None:
@@ -881,12 +897,65 @@ class Node:
                     f"{self.config.key_exchange_timeout} s"
                 )
                 peer.pending.clear()
+                return
+            await self._punch(peer)
         finally:
             peer.establishing = None
             peer.ready.set()
             if peer.crypto is None:
                 # The waiters already woke (with the error); re-arm for the next attempt.
                 peer.ready.clear()
+
+    def _request_punch(self, peer: _Peer) -> None:
+        # Ask the beacon to have both sides send to each other: that opens the NATs.
+        if self._transport is not None and self._beacon_addr is not None and not self._closed:
+            self._count("punch_requests")
+            self._transport.sendto(
+                beacon.punch_request(self.node_id, peer.node_id), self._beacon_addr
+            )
+
+    async def _punch(self, peer: _Peer) -> None:
+        # The tunnel works (maybe through the relay). Keep offering the direct path for a
+        # while: a frame straight from the peer switches the traffic to it.
+        deadline = time.monotonic() + self.config.key_exchange_timeout
+        while peer.via_relay and peer.endpoint is not None and time.monotonic() < deadline:
+            self._announce(peer, also_relay=False)
+            await asyncio.sleep(self.config.announce_interval)
+        if peer.via_relay:
+            self._count("relay_fallbacks")
+
+    def _seek_direct(self, peer: _Peer) -> None:
+        # A peer reached us through the relay first: look up where it is and punch too.
+        if (
+            self._beacon_addr is None
+            or self._closed
+            or (peer.establishing is not None and not peer.establishing.done())
+            or (peer.punching is not None and not peer.punching.done())
+            or time.monotonic() - peer.last_seek < _SEEK_DIRECT_EVERY
+        ):
+            # At most one attempt per peer every _SEEK_DIRECT_EVERY seconds: each costs a
+            # registry call, and a relayed peer announces itself now and then.
+            return
+        peer.last_seek = time.monotonic()
+        peer.punching = self._spawn(self._seek_direct_task(peer))
+
+    async def _seek_direct_task(self, peer: _Peer) -> None:
+        try:
+            if peer.endpoint is None:
+                try:
+                    endpoint = await self.registry.resolve(peer.node_id)
+                except (RegistryError, PilotTimeoutError) as exc:
+                    # Private and not trusting us (yet): the beacon's punch still tells
+                    # the peer where we are, so it can open the path from its side.
+                    _log.debug("cannot resolve node %d to punch: %s", peer.node_id, exc)
+                else:
+                    if peer.endpoint is None:
+                        peer.endpoint = endpoint
+            if peer.via_relay:
+                self._request_punch(peer)
+                await self._punch(peer)
+        finally:
+            peer.punching = None
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -909,12 +978,24 @@ class Node:
                 waiter = self._discover_waiter
                 if waiter is not None and not waiter.done():
                     waiter.set_result(endpoint)
+                elif self.node_id and endpoint != self.observed_endpoint:
+                    # The NAT mapped us anew (or the first discovery went unanswered):
+                    # tell the registry where we are now reachable.
+                    self.observed_endpoint = endpoint
+                    self._count("observed_endpoint_changes")
+                    self._spawn(self._reregister())
             elif kind == beacon.RELAY_DELIVER:
                 source, frame = beacon.decode_relay_deliver(data)
                 self._on_frame(frame, None, relayed=True, relay_source=source)
             elif kind == beacon.PUNCH_COMMAND and self._transport is not None:
                 endpoint = beacon.decode_endpoint(data)
+                self._count("punch_commands")
                 self._transport.sendto(b"PILP" + self.node_id.to_bytes(4, "big"), endpoint)
+                # A peer we only reach through the relay so far: offer it the direct path
+                # (a signed announcement it can verify, unlike the punch packet).
+                for peer in self._peers.values():
+                    if peer.via_relay and peer.endpoint == endpoint:
+                        self._announce(peer, also_relay=False)
             else:
                 self._count("beacon_unknown")
         except TunnelError:
@@ -988,6 +1069,8 @@ class Node:
             return
         peer.last_rx = now
         if addr is not None:
+            if peer.via_relay:
+                self._count("direct_paths_confirmed")
             peer.endpoint = addr
             peer.via_relay = False
         try:
@@ -1097,18 +1180,26 @@ class Node:
     def _install(self, frame: AuthFrame, addr: tuple[str, int] | None) -> None:
         peer = self._peer(frame.node_id)
         now = time.monotonic()
+        newly_direct = False
         if addr is not None:
+            newly_direct = peer.via_relay or peer.endpoint != addr
+            if newly_direct:
+                self._count("direct_paths_confirmed")
             peer.endpoint = addr
             peer.via_relay = False
         elif peer.endpoint is None:
             peer.via_relay = True
+        if addr is None and peer.via_relay:
+            self._seek_direct(peer)
         current = peer.crypto
         if current is not None and current.peer_x25519 == frame.x25519:
             # Same session (a retransmit or a keepalive): answer only if the peer seems to
-            # have lost our key (nothing decrypted from it lately).
+            # have lost our key (nothing decrypted from it lately), or if this frame opened
+            # the direct path (so the peer learns it works too and stops relaying).
             self._count("handshakes_same_session")
-            if now - max(peer.last_rx, current.created_at) > _STALE_AFTER and (
-                now - peer.last_announce > _REPLY_MIN_INTERVAL
+            if newly_direct or (
+                now - max(peer.last_rx, current.created_at) > _STALE_AFTER
+                and now - peer.last_announce > _REPLY_MIN_INTERVAL
             ):
                 self._announce(peer)
             return
@@ -1140,6 +1231,10 @@ class Node:
         peer = self._peers.get(frame.node_id)
         if peer is not None and time.monotonic() - peer.last_announce > _REPLY_MIN_INTERVAL:
             self._announce(peer)
+
+
+def _endpoint_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _load_trust(path: str | os.PathLike[str] | None) -> set[int]:
