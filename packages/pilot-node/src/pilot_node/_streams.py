@@ -38,6 +38,11 @@ Behaviour, and the Go daemon (``pilotprotocol`` 1.18.0) facts it is built around
 * A segment whose payload starts with ``SACK`` and a count byte 1..4 would be
   swallowed by the daemon as SACK data; such a segment is split so that it
   starts one byte later.
+* Small writes: with nothing in flight a write leaves at once; a segment shorter
+  than ``mss`` behind data in flight waits until the end of the event-loop
+  iteration (:meth:`StreamLayer.written`), so writes made in one iteration leave
+  as full segments. Nothing waits for an ACK (no Nagle delay), and a reply
+  carries the ACK of the data it answers (the delayed ACK is cancelled).
 * Congestion: slow start from ten segments, then additive increase; halved on a
   fast retransmit, one segment after a timeout. Sending is paced at twice the
   congestion window per smoothed RTT, with a small burst allowance.
@@ -889,16 +894,17 @@ class Connection:
         # clock would never come due.
         return self._pace_at + (1.0 - self._pace_tokens) / rate + 1e-6
 
-    def flush(self, now: float, *, hold_partial: bool = False) -> None:
+    def flush(self, now: float, *, hold_partial: bool = False) -> bool:
         """Send whatever the windows and pacing allow: retransmissions first, then new data,
         then our FIN once everything is acknowledged.
 
         With ``hold_partial`` a last segment shorter than ``mss`` stays queued while
         data is in flight (the caller flushes again once the writes at hand are
         done, so small writes coalesce); with nothing in flight it leaves at once.
+        Returns whether such a short tail was held back.
         """
         if self.state is not ConnState.ESTABLISHED:
-            return
+            return False
         while self._retx_queue and self._pace_ok(now):
             offset = self._retx_queue.pop(0)
             seg = self._inflight.get(offset)
@@ -922,7 +928,7 @@ class Connection:
             if flight + size > window and flight > 0:
                 break
             if hold_partial and size < mss and flight > 0 and not self.write_closed:
-                break
+                return True
             if self.srtt is not None and not self._pace_ok(now):
                 break
             pos = self._pend_pos
@@ -947,6 +953,7 @@ class Connection:
             self._fin_sent_at = now
             self._fin_attempts = 1
             self._send_fin(now)
+        return False
 
     def _send_segment(self, seg: _Segment, now: float) -> None:
         self._emit(self._packet(Flags.ACK, seq=self._wire(seg.offset), payload=seg.data), now)
@@ -1513,9 +1520,9 @@ class StreamLayer:
         until the end of this event-loop iteration, so that writes made in the same
         iteration leave as full segments (one send each) rather than one small
         segment per write."""
-        now = self.now()
-        conn.flush(now, hold_partial=True)
-        if conn.unsent and conn.state is ConnState.ESTABLISHED:
+        if conn.flush(self.now(), hold_partial=True):
+            # Only a held tail needs the deferred flush: data the windows hold back
+            # leaves when the peer's ACKs open them.
             deferred = self._deferred
             if deferred is None:
                 deferred = self._deferred = {}
