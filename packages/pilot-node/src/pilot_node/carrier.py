@@ -161,6 +161,12 @@ class _Stream(CarrierStream):
         """
         if self._closed or self._eof_sent or self._writing:
             return 0
+        conn = self._stream.connection
+        if conn.snd_nxt != conn.snd_una:
+            # Data in flight: concurrent callers are about; pilot-transport's caller
+            # then writes through its writer task, which gathers what they queued in
+            # this loop iteration into one TLS record.
+            return 0
         return self._stream.write_room()
 
     def try_write(self, data: bytes) -> bool:
@@ -169,7 +175,7 @@ class _Stream(CarrierStream):
         The segments leave before this returns, so a small write costs no
         event-loop iteration.
         """
-        if self._closed or self._eof_sent or self._writing:
+        if len(data) > self.write_room():
             return False
         return self._stream.try_write(data)
 
