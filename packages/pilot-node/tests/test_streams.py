@@ -259,55 +259,13 @@ def test_writes_are_segmented_and_bounded_by_the_send_buffer() -> None:
     assert conn.send_space == 2000
 
 
-def test_a_short_write_with_nothing_in_flight_leaves_at_once() -> None:
-    conn = _established()
-    conn.write(b"r" * 200, 0.1)
-    conn.flush(0.1, hold_partial=True)
-    (seg,) = _data(conn.take_outbox())
-    assert seg.payload == b"r" * 200
-    assert seg.seq == _our_seq(0)
-
-
-def test_a_short_tail_behind_data_in_flight_waits_for_the_next_flush() -> None:
-    conn = _established(StreamConfig(mss=1000))
-    conn.write(b"a" * 300, 0.1)
-    conn.flush(0.1, hold_partial=True)
-    assert [len(p.payload) for p in _data(conn.take_outbox())] == [300]
-    # Two more short writes while the first is unacknowledged: held, then one segment.
-    conn.write(b"b" * 300, 0.1)
-    conn.flush(0.1, hold_partial=True)
-    conn.write(b"c" * 2100, 0.1)
-    conn.flush(0.1, hold_partial=True)
-    # Full segments go at once; only the short tail waits.
-    held = _data(conn.take_outbox())
-    assert [len(p.payload) for p in held] == [1000, 1000]
-    assert conn.unsent == 400
-    conn.flush(0.1)
-    (tail,) = _data(conn.take_outbox())
-    assert tail.payload == b"c" * 400
-    assert tail.seq == _our_seq(2300)
-    assert b"".join(p.payload for p in held) + tail.payload == b"b" * 300 + b"c" * 2100
-
-
-def test_a_held_tail_goes_with_the_fin() -> None:
-    conn = _established()
-    conn.write(b"a" * 10, 0.1)
-    conn.flush(0.1, hold_partial=True)
-    conn.take_outbox()
-    conn.write(b"b" * 10, 0.1)
-    conn.close_write(0.1)
-    conn.flush(0.1, hold_partial=True)
-    (seg,) = _data(conn.take_outbox())
-    assert seg.payload == b"b" * 10
-
-
 def test_a_reply_carries_the_ack_no_separate_ack_is_sent() -> None:
     conn = _established(StreamConfig(delayed_ack=0.005))
     conn.on_packet(_go(Flags.ACK, seq=_peer_seq(0), ack=_our_seq(0), payload=b"q" * 200), 1.0)
     assert conn.take_outbox() == []  # the ACK waits (delayed ACK)
     assert conn.read(65536, 1.001) == b"q" * 200
     conn.write(b"r" * 200, 1.001)
-    conn.flush(1.001, hold_partial=True)
+    conn.flush(1.001)
     (reply,) = conn.take_outbox()
     assert reply.payload == b"r" * 200
     assert reply.flags == Flags.ACK

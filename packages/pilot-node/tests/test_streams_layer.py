@@ -249,24 +249,6 @@ async def test_many_concurrent_streams(pair: tuple[Link, StreamLayer, StreamLaye
     server.cancel()
 
 
-async def test_writes_made_in_one_loop_iteration_leave_as_one_segment(
-    pair: tuple[Link, StreamLayer, StreamLayer],
-) -> None:
-    link, a, b = pair
-    client, server = await _connected(a, b)
-    before = len(link.sent)
-    # Eight small writes in one iteration (as eight concurrent RPC calls make): the
-    # first leaves at once, the other seven wait for the end of the iteration together.
-    for i in range(8):
-        assert client.try_write(bytes([65 + i]) * 100)
-    sent_now = [p for p in link.sent[before:] if p.src == A and p.payload]
-    assert [len(p.payload) for p in sent_now] == [100]
-    expected = b"".join(bytes([65 + i]) * 100 for i in range(8))
-    assert await server.readexactly(len(expected)) == expected
-    data = [p for p in link.sent[before:] if p.src == A and p.payload]
-    assert [len(p.payload) for p in data] == [100, 700]
-
-
 async def test_try_write_is_all_or_nothing(pair: tuple[Link, StreamLayer, StreamLayer]) -> None:
     _, a, b = pair
     client, server = await _connected(a, b)

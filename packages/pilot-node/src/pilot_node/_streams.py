@@ -38,11 +38,9 @@ Behaviour, and the Go daemon (``pilotprotocol`` 1.18.0) facts it is built around
 * A segment whose payload starts with ``SACK`` and a count byte 1..4 would be
   swallowed by the daemon as SACK data; such a segment is split so that it
   starts one byte later.
-* Small writes: with nothing in flight a write leaves at once; a segment shorter
-  than ``mss`` behind data in flight waits until the end of the event-loop
-  iteration (:meth:`StreamLayer.written`), so writes made in one iteration leave
-  as full segments. Nothing waits for an ACK (no Nagle delay), and a reply
-  carries the ACK of the data it answers (the delayed ACK is cancelled).
+* Writes leave at once (no Nagle delay, no cork): a segment shorter than ``mss``
+  is sent when nothing more is queued. A reply carries the ACK of the data it
+  answers (the delayed ACK is then not sent).
 * Congestion: slow start from ten segments, then additive increase; halved on a
   fast retransmit, one segment after a timeout. Sending is paced at twice the
   congestion window per smoothed RTT, with a small burst allowance.
@@ -894,17 +892,11 @@ class Connection:
         # clock would never come due.
         return self._pace_at + (1.0 - self._pace_tokens) / rate + 1e-6
 
-    def flush(self, now: float, *, hold_partial: bool = False) -> bool:
+    def flush(self, now: float) -> None:
         """Send whatever the windows and pacing allow: retransmissions first, then new data,
-        then our FIN once everything is acknowledged.
-
-        With ``hold_partial`` a last segment shorter than ``mss`` stays queued while
-        data is in flight (the caller flushes again once the writes at hand are
-        done, so small writes coalesce); with nothing in flight it leaves at once.
-        Returns whether such a short tail was held back.
-        """
+        then our FIN once everything is acknowledged."""
         if self.state is not ConnState.ESTABLISHED:
-            return False
+            return
         while self._retx_queue and self._pace_ok(now):
             offset = self._retx_queue.pop(0)
             seg = self._inflight.get(offset)
@@ -927,8 +919,6 @@ class Connection:
                 break
             if flight + size > window and flight > 0:
                 break
-            if hold_partial and size < mss and flight > 0 and not self.write_closed:
-                return True
             if self.srtt is not None and not self._pace_ok(now):
                 break
             pos = self._pend_pos
@@ -953,7 +943,6 @@ class Connection:
             self._fin_sent_at = now
             self._fin_attempts = 1
             self._send_fin(now)
-        return False
 
     def _send_segment(self, seg: _Segment, now: float) -> None:
         self._emit(self._packet(Flags.ACK, seq=self._wire(seg.offset), payload=seg.data), now)
@@ -1265,7 +1254,7 @@ class PilotStream:
             conn = self._conn
             taken = conn.write(view, self._layer.now())
             if taken:
-                self._layer.written(conn)
+                self._layer.kick(conn)
                 view = view[taken:]
             if not view:
                 return
@@ -1299,7 +1288,7 @@ class PilotStream:
         if size:
             conn = self._conn
             conn.write(view, self._layer.now())
-            self._layer.written(conn)
+            self._layer.kick(conn)
         return True
 
     async def drain(self) -> None:
@@ -1465,9 +1454,6 @@ class StreamLayer:
         self._echo_listener = self.listen(ECHO_PORT) if echo else None
         self._echo_tasks: set[asyncio.Task[None]] = set()
         self._batch: dict[Connection, None] | None = None
-        # Connections whose short tail waits for the end of the loop iteration (written()).
-        self._deferred: dict[Connection, None] | None = None
-        self._deferred_handle: asyncio.Handle | None = None
 
     # ------------------------------------------------------------- plumbing
 
@@ -1514,31 +1500,6 @@ class StreamLayer:
         if batch:
             for conn in batch:
                 self._after(conn)
-
-    def written(self, conn: Connection) -> None:
-        """Send what a local write allows now; a short tail behind data in flight waits
-        until the end of this event-loop iteration, so that writes made in the same
-        iteration leave as full segments (one send each) rather than one small
-        segment per write."""
-        if conn.flush(self.now(), hold_partial=True):
-            # Only a held tail needs the deferred flush: data the windows hold back
-            # leaves when the peer's ACKs open them.
-            deferred = self._deferred
-            if deferred is None:
-                deferred = self._deferred = {}
-                self._deferred_handle = asyncio.get_running_loop().call_soon(self._flush_deferred)
-            deferred[conn] = None
-        self._after(conn)
-
-    def _flush_deferred(self) -> None:
-        conns, self._deferred = self._deferred, None
-        self._deferred_handle = None
-        if self._closed or not conns:
-            return
-        now = self.now()
-        for conn in conns:
-            conn.flush(now)
-            self._after(conn)
 
     def kick(self, conn: Connection) -> None:
         """Flush a connection's packets after a local operation and re-arm the timer."""
@@ -1818,10 +1779,6 @@ class StreamLayer:
         self._conns.clear()
         self._streams.clear()
         await cancel_and_wait(list(self._echo_tasks), "echo")
-        if self._deferred_handle is not None:
-            self._deferred_handle.cancel()
-            self._deferred_handle = None
-            self._deferred = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
