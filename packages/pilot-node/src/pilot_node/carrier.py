@@ -156,8 +156,8 @@ class _Stream(CarrierStream):
     def write_room(self) -> int:
         """Bytes :meth:`try_write` takes now: the stream's free send buffer.
 
-        0 while a :meth:`write` waits for room, or once the stream is closed,
-        half-closed or broken.
+        0 while data is in flight or a :meth:`write` waits for room, and once the
+        stream is closed, half-closed or broken.
         """
         if self._closed or self._eof_sent or self._writing:
             return 0
