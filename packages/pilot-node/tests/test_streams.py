@@ -259,6 +259,25 @@ def test_writes_are_segmented_and_bounded_by_the_send_buffer() -> None:
     assert conn.send_space == 2000
 
 
+def test_a_reply_carries_the_ack_no_separate_ack_is_sent() -> None:
+    conn = _established(StreamConfig(delayed_ack=0.005))
+    conn.on_packet(_go(Flags.ACK, seq=_peer_seq(0), ack=_our_seq(0), payload=b"q" * 200), 1.0)
+    assert conn.take_outbox() == []  # the ACK waits (delayed ACK)
+    assert conn.read(65536, 1.001) == b"q" * 200
+    conn.write(b"r" * 200, 1.001)
+    conn.flush(1.001)
+    (reply,) = conn.take_outbox()
+    assert reply.payload == b"r" * 200
+    assert reply.flags == Flags.ACK
+    assert reply.ack == _peer_seq(200)
+    # Nothing else is due before the retransmission timer: no pure ACK follows.
+    due = conn.next_deadline(1.001)
+    assert due is not None
+    assert due >= 1.001 + conn.config.min_rto
+    conn.poll(1.006)
+    assert conn.take_outbox() == []
+
+
 def test_a_segment_that_would_read_as_sack_is_split() -> None:
     conn = _established()
     conn.write(b"SACK\x02" + b"z" * 20, 0.1)

@@ -249,6 +249,46 @@ async def test_many_concurrent_streams(pair: tuple[Link, StreamLayer, StreamLaye
     server.cancel()
 
 
+async def test_try_write_is_all_or_nothing(pair: tuple[Link, StreamLayer, StreamLayer]) -> None:
+    _, a, b = pair
+    client, server = await _connected(a, b)
+    room = client.write_room()
+    assert room == a.config.send_buffer
+    assert not client.try_write(b"x" * (room + 1))
+    assert client.connection.unsent == 0  # nothing was queued
+    assert client.try_write(b"y" * 10)
+    assert await server.readexactly(10) == b"y" * 10
+    await client.write_eof()
+    assert client.write_room() == 0
+    assert not client.try_write(b"z")
+    assert await server.read() == b""
+
+
+async def test_a_request_and_its_reply_are_one_packet_each_way() -> None:
+    link = Link()
+    # A delayed ACK far in the future: any ACK seen must have ridden on the reply.
+    config = StreamConfig(delayed_ack=30.0)
+    a = StreamLayer(link.sender(), A, config=config, echo=False)
+    b = StreamLayer(link.sender(), B, config=config, echo=False)
+    link.layers = {A.node: a, B.node: b}
+    try:
+        client, server = await _connected(a, b)
+        for _ in range(3):
+            before = len(link.sent)
+            assert client.try_write(b"q" * 200)
+            assert await server.readexactly(200) == b"q" * 200
+            await server.write(b"r" * 200)
+            assert await client.readexactly(200) == b"r" * 200
+            packets = link.sent[before:]
+            assert [(p.src, len(p.payload)) for p in packets] == [(A, 200), (B, 200)]
+            assert packets[1].ack == (client.connection.isn + 1 + client.connection.snd_nxt) & (
+                0xFFFFFFFF
+            )
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 async def test_layer_close_fails_streams_and_stops(
     pair: tuple[Link, StreamLayer, StreamLayer],
 ) -> None:

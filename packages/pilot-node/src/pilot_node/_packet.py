@@ -40,6 +40,7 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass, field
+from typing import Final
 
 from .errors import AddressFormatError, PacketError
 
@@ -222,6 +223,20 @@ def decode_sack(payload: bytes) -> tuple[SackBlock, ...] | None:
 _ZERO_ADDRESS = Address(0, 0)
 """The unspecified address."""
 
+_ADDRESS_CACHE: dict[int, Address] = {}
+_ADDRESS_CACHE_MAX: Final = 4096
+
+
+def _address(network: int, node: int) -> Address:
+    # Decoding meets the same few addresses over and over: reuse the (immutable) objects.
+    key = (network << 32) | node
+    found = _ADDRESS_CACHE.get(key)
+    if found is None:
+        if len(_ADDRESS_CACHE) >= _ADDRESS_CACHE_MAX:
+            _ADDRESS_CACHE.clear()
+        found = _ADDRESS_CACHE[key] = Address(network, node)
+    return found
+
 
 @dataclass(frozen=True, slots=True)
 class Packet:
@@ -339,8 +354,8 @@ class Packet:
         return cls(
             flags=_FLAG_VALUES[ver_flags & 0x0F],
             protocol=proto,
-            src=Address(src_net, src_node),
-            dst=Address(dst_net, dst_node),
+            src=_address(src_net, src_node),
+            dst=_address(dst_net, dst_node),
             src_port=src_port,
             dst_port=dst_port,
             seq=seq,

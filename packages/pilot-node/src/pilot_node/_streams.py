@@ -38,6 +38,9 @@ Behaviour, and the Go daemon (``pilotprotocol`` 1.18.0) facts it is built around
 * A segment whose payload starts with ``SACK`` and a count byte 1..4 would be
   swallowed by the daemon as SACK data; such a segment is split so that it
   starts one byte later.
+* Writes leave at once (no Nagle delay, no cork): a segment shorter than ``mss``
+  is sent when nothing more is queued. A reply carries the ACK of the data it
+  answers (the delayed ACK is then not sent).
 * Congestion: slow start from ten segments, then additive increase; halved on a
   fast retransmit, one segment after a timeout. Sending is paced at twice the
   congestion window per smoothed RTT, with a small burst allowance.
@@ -235,6 +238,8 @@ class Connection:
         self.local_port = local_port
         self.remote = remote
         self.remote_port = remote_port
+        self.key: tuple[int, Address, int] = (local_port, remote, remote_port)
+        """``(local port, remote address, remote port)``."""
         self.config = config
         self.isn = isn & _MASK
         self.state = ConnState.SYN_SENT
@@ -316,6 +321,11 @@ class Connection:
         free = self.config.recv_buffer - len(self._ready) - self._ooo_bytes
         return max(0, min(0xFFFF, free // ADVERTISE_UNIT))
 
+    def _window_units_with(self, extra: int) -> int:
+        # The window we would advertise with ``extra`` more bytes buffered.
+        free = self.config.recv_buffer - len(self._ready) - extra - self._ooo_bytes
+        return max(0, min(0xFFFF, free // ADVERTISE_UNIT))
+
     def _packet(self, flags: Flags, *, seq: int, payload: bytes = b"") -> Packet:
         window = self._window_units()
         self._last_adv_window = window
@@ -350,11 +360,6 @@ class Connection:
         """Packets to send now, in order (the caller sends them)."""
         out, self._outbox = self._outbox, []
         return out
-
-    @property
-    def key(self) -> tuple[int, Address, int]:
-        """``(local port, remote address, remote port)``."""
-        return (self.local_port, self.remote, self.remote_port)
 
     @property
     def readable(self) -> bool:
@@ -802,16 +807,17 @@ class Connection:
             StreamError: the connection failed (reset, truncated...).
         """
         if self._ready:
-            before = self._window_units()
-            data = bytes(self._ready[:max_bytes])
-            del self._ready[:max_bytes]
+            taken = min(max_bytes, len(self._ready))
+            data = bytes(self._ready[:taken])
+            del self._ready[:taken]
             after = self._window_units()
+            last = self._last_adv_window
             if self.state is ConnState.ESTABLISHED and (
-                self._last_adv_window == 0
+                last == 0
                 or (
-                    after - self._last_adv_window
-                    >= max(2, (self.config.recv_buffer // ADVERTISE_UNIT) // 4)
-                    and after > before
+                    after - last >= max(2, (self.config.recv_buffer // ADVERTISE_UNIT) // 4)
+                    # The window grew (the read freed at least one advertised unit).
+                    and after > self._window_units_with(taken)
                 )
             ):
                 self.send_ack(now)  # window update
@@ -902,20 +908,23 @@ class Connection:
             self.stats["retransmits"] += 1
             self._pace_take()
             self._send_segment(seg, now)
-        while self.unsent:
+        mss = self.config.mss
+        while (unsent := len(self._pending) - self._pend_pos) > 0:
             window = min(self.cwnd, self.peer_window)
             flight = self.snd_nxt - self.snd_una
-            size = min(self.config.mss, self.unsent)
+            size = mss if unsent > mss else unsent
             if self.peer_window == 0:
                 if flight == 0 and self._zwp_at is None:
                     self._zwp_at = now + self._zwp_interval
                 break
             if flight + size > window and flight > 0:
                 break
-            if not self._pace_ok(now):
+            if self.srtt is not None and not self._pace_ok(now):
                 break
-            head = bytes(self._pending[self._pend_pos : self._pend_pos + 5])
-            if is_sack_payload(head):
+            pos = self._pend_pos
+            if self._pending.startswith(b"SACK", pos) and is_sack_payload(
+                bytes(self._pending[pos : pos + 5])
+            ):
                 size = 1  # the daemon would read this segment as SACK blocks
             chunk = self._take_pending(size)
             seg = _Segment(self.snd_nxt, chunk, now, now)
@@ -968,31 +977,30 @@ class Connection:
             if self.closed_at is not None:
                 return self.closed_at + self.config.time_wait
             return None
-        candidates: list[float] = []
         if self.state is ConnState.SYN_SENT:
-            candidates.append(
-                self._syn_at + min(2.0, self.config.syn_rto * (2 ** (self._syn_attempts - 1)))
-            )
-            return min(candidates)
-        if self._ack_due is not None:
-            candidates.append(self._ack_due)
-        oldest = self._oldest_unsacked()
-        if oldest is not None:
-            candidates.append(oldest.sent_at + self.rto)
+            return self._syn_at + min(2.0, self.config.syn_rto * (2 ** (self._syn_attempts - 1)))
+        # Runs after every packet: plain comparisons, no list.
+        last = self.last_sent if self.last_sent > self.last_received else self.last_received
+        due = last + self.config.keepalive_interval
+        if self._ack_due is not None and self._ack_due < due:
+            due = self._ack_due
+        if self._inflight:
+            oldest = self._oldest_unsacked()
+            if oldest is not None and oldest.sent_at + self.rto < due:
+                due = oldest.sent_at + self.rto
         if self.fin_offset is not None and not self.fin_acked and self.peer_fin is None:
-            candidates.append(self._fin_sent_at + self.rto)
+            due = min(due, self._fin_sent_at + self.rto)
         if self._zwp_at is not None:
-            candidates.append(self._zwp_at)
-        if self._retx_queue or (self.unsent and self.peer_window > 0):
+            due = min(due, self._zwp_at)
+        if self._retx_queue or (self.peer_window > 0 and self.unsent):
             pace = self._pace_deadline(now)
             if pace is not None:
-                candidates.append(pace)
+                due = min(due, pace)
         if self._fin_hole_since is not None:
-            candidates.append(self._fin_hole_since + self.config.fin_hole_timeout)
+            due = min(due, self._fin_hole_since + self.config.fin_hole_timeout)
         if self.linger_deadline is not None:
-            candidates.append(self.linger_deadline)
-        candidates.append(max(self.last_sent, self.last_received) + self.config.keepalive_interval)
-        return min(candidates)
+            due = min(due, self.linger_deadline)
+        return due
 
     def _keepalive(self, now: float) -> bool:
         # Returns whether the stream was reset. Data in flight has its own timer (the
@@ -1146,7 +1154,8 @@ class PilotStream:
     def __init__(self, layer: StreamLayer, conn: Connection) -> None:
         self._layer = layer
         self._conn = conn
-        self._changed = asyncio.Event()
+        # Tasks waiting for a change (a reader, a writer, a closer): one future each.
+        self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
 
     @property
@@ -1170,11 +1179,23 @@ class PilotStream:
         return self._conn
 
     def _notify(self) -> None:
-        self._changed.set()
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _wait(self) -> None:
-        self._changed.clear()
-        await self._changed.wait()
+        # Woken by the next _notify (callers re-check their condition after).
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter.cancelled() or not waiter.done():
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
 
     async def read(self, max_bytes: int = 65536) -> bytes:
         """Return 1..``max_bytes`` bytes, or ``b""`` at the peer's end.
@@ -1238,6 +1259,37 @@ class PilotStream:
             if not view:
                 return
             await self._wait()
+
+    def write_room(self) -> int:
+        """How many bytes :meth:`try_write` would take right now (0: none).
+
+        Never waits and changes nothing. 0 once the stream is closed, half-closed
+        or failed.
+        """
+        conn = self._conn
+        if self._closed or conn.write_closed or conn.error is not None:
+            return 0
+        return conn.send_space
+
+    def try_write(self, data: bytes | bytearray | memoryview) -> bool:
+        """Queue all of ``data`` for sending now, without waiting, or nothing at all.
+
+        Succeeds (True) exactly when ``len(data) <= write_room()``: the bytes are
+        queued in order after every earlier write and the segments the windows
+        allow leave before this returns. Otherwise returns False and nothing was
+        queued (use :meth:`write`). Never suspends, so it cannot be cancelled
+        half-way; safe to repeat. Not to be mixed with a :meth:`write` still
+        waiting on the same stream.
+        """
+        view = memoryview(data).cast("B")
+        size = len(view)
+        if size > self.write_room():
+            return False
+        if size:
+            conn = self._conn
+            conn.write(view, self._layer.now())
+            self._layer.kick(conn)
+        return True
 
     async def drain(self) -> None:
         """Wait until every byte written has been acknowledged by the peer.

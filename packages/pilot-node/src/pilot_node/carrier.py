@@ -126,6 +126,7 @@ class _Stream(CarrierStream):
         self.remote_hint = str(self.remote)
         self._eof_sent = False
         self._closed = False
+        self._writing = False  # a write() waits for room: try_write must not overtake it
 
     async def read(self, max_bytes: int = 65536) -> bytes:
         if self._closed:
@@ -142,12 +143,41 @@ class _Stream(CarrierStream):
             raise StreamClosedError("write after close or write_eof")
         if not data:
             return
+        self._writing = True
         try:
             await self._stream.write(data)
         except NodeStreamClosedError as exc:
             raise StreamClosedError(str(exc)) from exc
         except StreamError as exc:
             raise StreamResetError(str(exc)) from exc
+        finally:
+            self._writing = False
+
+    def write_room(self) -> int:
+        """Bytes :meth:`try_write` takes now: the stream's free send buffer.
+
+        0 while data is in flight or a :meth:`write` waits for room, and once the
+        stream is closed, half-closed or broken.
+        """
+        if self._closed or self._eof_sent or self._writing:
+            return 0
+        conn = self._stream.connection
+        if conn.snd_nxt != conn.snd_una:
+            # Data in flight: concurrent callers are about; pilot-transport's caller
+            # then writes through its writer task, which gathers what they queued in
+            # this loop iteration into one TLS record.
+            return 0
+        return self._stream.write_room()
+
+    def try_write(self, data: bytes) -> bool:
+        """Queue all of ``data`` on the stream now if :meth:`write_room` allows it.
+
+        The segments leave before this returns, so a small write costs no
+        event-loop iteration.
+        """
+        if len(data) > self.write_room():
+            return False
+        return self._stream.try_write(data)
 
     async def write_eof(self) -> None:
         if self._closed or self._eof_sent:
