@@ -684,3 +684,96 @@ async def test_stream_conformance_with_1_18_sized_receive_frames(sock_dir: str) 
             return client, server
 
         await check_stream_conformance(make_pair, large_size=512 * 1024)
+
+
+class _RecordingTransport:
+    """Wraps an IPC socket's transport and records each ``write``."""
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.inner.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def _record(stream: PilotStream) -> _RecordingTransport:
+    host = stream._host
+    assert host._transport is not None
+    recorder = _RecordingTransport(host._transport)
+    host._transport = recorder  # type: ignore[assignment]
+    return recorder
+
+
+def _frames(data: bytes) -> list[ipc.Frame]:
+    return ipc.FrameDecoder().feed(data)
+
+
+async def _two_accepted(net: Net) -> tuple[list[PilotStream], list[PilotStream]]:
+    listener = await net.cb.bind(5000)
+    clients = [await net.ca.dial(net.target(), 5000) for _ in range(2)]
+    servers = [await listener.accept() for _ in range(2)]
+    assert servers[0]._host is servers[1]._host  # one listener connection carries both
+    return clients, servers
+
+
+async def test_sends_of_streams_sharing_a_connection_share_a_socket_write(net: Net) -> None:
+    clients, servers = await _two_accepted(net)
+    recorder = _record(servers[0])
+    assert servers[0].try_write(b"one")
+    assert servers[1].try_write(b"two")
+    assert recorder.writes == []  # held until the end of this pass of the loop
+    await eventually(lambda: bool(recorder.writes))
+    assert len(recorder.writes) == 1
+    frames = _frames(recorder.writes[0])
+    assert [f.cmd for f in frames] == [ipc.Cmd.SEND, ipc.Cmd.SEND]
+    assert await read_exactly(clients[0], 3) == b"one"
+    assert await read_exactly(clients[1], 3) == b"two"
+    for stream in (*clients, *servers):
+        await stream.aclose()
+
+
+async def test_held_sends_reach_the_socket_at_once_at_the_hold_limit(net: Net) -> None:
+    # Held frames must not hide from the socket's backpressure: from 64 KiB
+    # they are written at once, without waiting for the end of the loop pass.
+    clients, servers = await _two_accepted(net)
+    recorder = _record(servers[0])
+    first, second = os.urandom(40_000), os.urandom(40_000)
+    assert servers[0].try_write(first)
+    assert recorder.writes == []
+    assert servers[1].try_write(second)
+    assert len(recorder.writes) == 1
+    assert len(_frames(recorder.writes[0])) == 2
+    assert await read_exactly(clients[0], len(first)) == first
+    assert await read_exactly(clients[1], len(second)) == second
+    for stream in (*clients, *servers):
+        await stream.aclose()
+
+
+async def test_a_connection_with_one_stream_writes_each_send_at_once(net: Net) -> None:
+    await net.echo_server(5000)
+    client = await net.ca.dial(net.target(), 5000)
+    recorder = _record(client)
+    assert client.try_write(b"ping")
+    assert len(recorder.writes) == 1  # nothing to share the send with: no wait
+    assert await read_exactly(client, 4) == b"ping"
+    await client.aclose()
+
+
+async def test_held_data_then_close_delivers_everything_in_order(net: Net) -> None:
+    clients, servers = await _two_accepted(net)
+    recorder = _record(servers[0])
+    assert servers[0].try_write(b"last words")
+    assert recorder.writes == []
+    closing = asyncio.create_task(servers[0].aclose())  # end-of-stream and Close queue behind
+    assert await read_to_eof(clients[0]) == b"last words"
+    await clients[0].aclose()
+    await closing
+    await servers[1].write(b"still open")
+    assert await read_exactly(clients[1], 10) == b"still open"
+    for stream in (clients[1], servers[1]):
+        await stream.aclose()

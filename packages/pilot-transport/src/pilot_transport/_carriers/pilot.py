@@ -33,8 +33,13 @@ serialized, which also stays correct against daemon builds that answer
 concurrently. A control request that times out or is cancelled discards its
 connection (a late reply would otherwise be taken for the next request's).
 
-Each frame goes out in one ``transport.write`` (header and body together) and
-``Send`` data is split below the 1 MiB frame limit. Inbound frames are read by
+Each frame is written whole (header and body together) and ``Send`` data is
+split below the 1 MiB frame limit. On a connection that carries several streams
+(a listener's), the frames written during one pass of the event loop are held
+and handed to the socket together at its end (at once from 64 KiB): the ``Send``
+frames of many streams cost one ``send`` system call, and one wake-up of the
+daemon, instead of one each. A connection with a single stream writes each
+frame at once. Inbound frames are read by
 an :class:`asyncio.Protocol` that never pauses: data lands in a bounded
 per-stream buffer. Streams between two pilot:// carriers use the in-band
 encoding of :mod:`._pilot_framing` (half-close, credit-based backpressure, and
@@ -112,6 +117,9 @@ _MAX_FRAMED_CHUNK = (ipc.MAX_SEND_DATA - len(NOOP)) * 3 // 4
 """Data bytes whose encoding (at most 4/3 of them, plus a no-op) fits one Send frame,
 so every Send carries a whole encoded chunk and nothing can land inside an escape."""
 _LOST = "the connection to the Pilot daemon was lost (daemon stopped or restarted)"
+_HOLD_LIMIT = 64 * 1024
+"""Held frames (see ``_IpcConnection.write``) go to the socket at once from this size,
+so the socket's buffer, and its backpressure, sees them."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,6 +223,9 @@ class _IpcConnection(asyncio.Protocol):
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[ipc.Message] | None = None
+        self._held: list[bytes] = []  # frames written this loop pass, not yet on the socket
+        self._held_size = 0
+        self._flush_scheduled = False
         self.closed = False
         self.lost_error: BaseException | None = None
         self.on_lost: list[Callable[[_IpcConnection], None]] = []
@@ -239,6 +250,8 @@ class _IpcConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._held.clear()
+        self._held_size = 0
         if self.lost_error is None:
             self.lost_error = exc
         if self._drain is not None and not self._drain.done():
@@ -283,10 +296,45 @@ class _IpcConnection(asyncio.Protocol):
 
     # -- helpers -------------------------------------------------------------------------
     def write(self, frame: bytes) -> None:
-        """Queue one whole frame. Raises DaemonUnavailableError if the socket is gone."""
-        if self.closed or self._transport is None or self._transport.is_closing():
+        """Queue one whole frame. Raises DaemonUnavailableError if the socket is gone.
+
+        While :meth:`coalescing`, frames are held and handed to the socket
+        together once the current pass of the event loop is done (or at
+        :data:`_HOLD_LIMIT` bytes): one ``send`` for the frames of many streams
+        instead of one each, so the daemon, too, is woken once.
+        """
+        transport = self._transport
+        if self.closed or transport is None or transport.is_closing():
             raise DaemonUnavailableError(_LOST)
-        self._transport.write(frame)
+        if not self._held and not self.coalescing():
+            transport.write(frame)
+            return
+        self._held.append(frame)
+        self._held_size += len(frame)
+        if self._held_size >= _HOLD_LIMIT:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+
+    def coalescing(self) -> bool:
+        """Whether frames written now wait for the end of the loop pass (see :meth:`write`)."""
+        return False
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Hand the held frames to the socket now, in order. Safe to repeat."""
+        if not self._held:
+            return
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held.clear()
+        self._held_size = 0
+        transport = self._transport
+        if not self.closed and transport is not None and not transport.is_closing():
+            transport.write(data)
 
     @property
     def paused(self) -> bool:
@@ -335,10 +383,13 @@ class _IpcConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Flush queued frames, then close. Idempotent."""
+        self.flush()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
     def abort(self) -> None:
+        self._held.clear()
+        self._held_size = 0
         if self._transport is not None:
             self._transport.abort()
 
@@ -365,6 +416,11 @@ class _StreamHost(_IpcConnection):
         self.listener: PilotListener | None = None
         self.bound_port: int | None = None
         self.stray_errors = 0
+
+    def coalescing(self) -> bool:
+        # A connection that carries several streams (a listener's): their frames
+        # of one loop pass share a send. One stream gains nothing by waiting.
+        return len(self.streams) > 1
 
     def data_received(self, data: bytes) -> None:
         # Fast path: a read that is exactly one whole Recv frame with nothing held
