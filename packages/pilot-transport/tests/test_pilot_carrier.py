@@ -777,3 +777,30 @@ async def test_held_data_then_close_delivers_everything_in_order(net: Net) -> No
     assert await read_exactly(clients[1], 10) == b"still open"
     for stream in (clients[1], servers[1]):
         await stream.aclose()
+
+
+async def test_signal_wakes_every_waiter_and_a_cancelled_one_wakes_no_other() -> None:
+    from pilot_transport._carriers.pilot import _Signal
+
+    signal = _Signal()
+    first = asyncio.create_task(signal.wait())
+    second = asyncio.create_task(signal.wait())
+    victim = asyncio.create_task(signal.wait())
+    await asyncio.sleep(0)
+    victim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    await asyncio.sleep(0)
+    assert not first.done()  # the cancellation woke nobody
+    assert not second.done()
+    signal.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    await asyncio.wait_for(signal.wait(), 5)  # set: returns at once
+    signal.clear()
+    blocked = asyncio.create_task(signal.wait())
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    signal.set()
+    signal.set()  # repeating is harmless
+    await asyncio.wait_for(blocked, 5)
+    assert signal._waiters == []

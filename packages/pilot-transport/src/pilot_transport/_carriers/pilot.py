@@ -211,6 +211,49 @@ class Datagram:
 # IPC connections
 
 
+class _Signal:
+    """``asyncio.Event``'s ``set``/``clear``/``wait``, bound to its loop at the first wait.
+
+    On Python 3.11 each ``asyncio.Event.wait`` looks the running loop up again,
+    and that lookup makes a ``getpid()`` system call; a stream waits once per
+    read. Each waiter has its own future, so cancelling one wakes no other.
+    """
+
+    __slots__ = ("_flag", "_loop", "_waiters")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def set(self) -> None:
+        """Set the flag and wake every waiter. Safe to repeat."""
+        if self._flag:
+            return
+        self._flag = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        """Reset the flag: the next :meth:`wait` blocks until :meth:`set`."""
+        self._flag = False
+
+    async def wait(self) -> None:
+        """Return once the flag is set (at once if it is). Cancellable."""
+        if self._flag:
+            return
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.remove(waiter)
+
+
 class _IpcConnection(asyncio.Protocol):
     """One Unix-socket connection to the daemon; reads forever, writes whole frames."""
 
@@ -226,6 +269,7 @@ class _IpcConnection(asyncio.Protocol):
         self._held: list[bytes] = []  # frames written this loop pass, not yet on the socket
         self._held_size = 0
         self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         self.lost_error: BaseException | None = None
         self.on_lost: list[Callable[[_IpcConnection], None]] = []
@@ -234,6 +278,7 @@ class _IpcConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -315,7 +360,8 @@ class _IpcConnection(asyncio.Protocol):
             self.flush()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._scheduled_flush)
 
     def coalescing(self) -> bool:
         """Whether frames written now wait for the end of the loop pass (see :meth:`write`)."""
@@ -595,8 +641,8 @@ class PilotStream(CarrierStream):
         self._eof_sent = False
         self._lingering = False
         self._peer_got_eof = False
-        self._readable = asyncio.Event()
-        self._credit_event = asyncio.Event()
+        self._readable = _Signal()
+        self._credit_event = _Signal()
         self._write_lock = asyncio.Lock()
         self._decoder = FramingDecoder() if framed else None
         self._send_credit = INITIAL_CREDIT
