@@ -35,11 +35,12 @@ connection (a late reply would otherwise be taken for the next request's).
 
 Each frame is written whole (header and body together) and ``Send`` data is
 split below the 1 MiB frame limit. On a connection that carries several streams
-(a listener's), the frames written during one pass of the event loop are held
-and handed to the socket together at its end (at once from 64 KiB): the ``Send``
-frames of many streams cost one ``send`` system call, and one wake-up of the
-daemon, instead of one each. A connection with a single stream writes each
-frame at once. Inbound frames are read by
+(a listener's), the first frame of a pass of the event loop goes out at once
+and the later frames of that pass are held and handed to the socket together
+when it ends (at once from 64 KiB): the ``Send`` frames of many streams cost one
+``send`` system call, and one wake-up of the daemon, instead of one each, and a
+lone reply never waits. A connection with a single stream writes each frame at
+once. Inbound frames are read by
 an :class:`asyncio.Protocol` that never pauses: data lands in a bounded
 per-stream buffer. Streams between two pilot:// carriers use the in-band
 encoding of :mod:`._pilot_framing` (half-close, credit-based backpressure, and
@@ -268,7 +269,7 @@ class _IpcConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[ipc.Message] | None = None
         self._held: list[bytes] = []  # frames written this loop pass, not yet on the socket
         self._held_size = 0
-        self._flush_scheduled = False
+        self._pass_open = False  # a frame went out this loop pass; later ones are held
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         self.lost_error: BaseException | None = None
@@ -343,33 +344,38 @@ class _IpcConnection(asyncio.Protocol):
     def write(self, frame: bytes) -> None:
         """Queue one whole frame. Raises DaemonUnavailableError if the socket is gone.
 
-        While :meth:`coalescing`, frames are held and handed to the socket
-        together once the current pass of the event loop is done (or at
-        :data:`_HOLD_LIMIT` bytes): one ``send`` for the frames of many streams
-        instead of one each, so the daemon, too, is woken once.
+        While :meth:`coalescing`, the first frame of a pass of the event loop
+        goes to the socket at once and the later ones of that pass are held and
+        handed over together when it ends (or at once from :data:`_HOLD_LIMIT`
+        bytes): one ``send`` for the frames of many streams instead of one
+        each, so the daemon, too, is woken once, and a lone message never waits.
         """
         transport = self._transport
         if self.closed or transport is None or transport.is_closing():
             raise DaemonUnavailableError(_LOST)
-        if not self._held and not self.coalescing():
-            transport.write(frame)
+        if self._held or (self._pass_open and self.coalescing()):
+            self._hold(frame)  # behind the held ones: the order is kept
             return
+        transport.write(frame)
+        if not self._pass_open and self.coalescing():
+            # Frames written before the loop runs this callback are held.
+            self._pass_open = True
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._end_pass)
+
+    def _hold(self, frame: bytes) -> None:
         self._held.append(frame)
         self._held_size += len(frame)
         if self._held_size >= _HOLD_LIMIT:
             self.flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop = self._loop or asyncio.get_running_loop()
-            loop.call_soon(self._scheduled_flush)
+
+    def _end_pass(self) -> None:
+        self._pass_open = False
+        self.flush()
 
     def coalescing(self) -> bool:
         """Whether frames written now wait for the end of the loop pass (see :meth:`write`)."""
         return False
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        self.flush()
 
     def flush(self) -> None:
         """Hand the held frames to the socket now, in order. Safe to repeat."""
