@@ -684,3 +684,136 @@ async def test_stream_conformance_with_1_18_sized_receive_frames(sock_dir: str) 
             return client, server
 
         await check_stream_conformance(make_pair, large_size=512 * 1024)
+
+
+class _RecordingTransport:
+    """Wraps an IPC socket's transport and records each ``write``."""
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.inner.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def _record(stream: PilotStream) -> _RecordingTransport:
+    host = stream._host
+    assert host._transport is not None
+    recorder = _RecordingTransport(host._transport)
+    host._transport = recorder  # type: ignore[assignment]
+    return recorder
+
+
+def _frames(data: bytes) -> list[ipc.Frame]:
+    return ipc.FrameDecoder().feed(data)
+
+
+async def _accepted(net: Net, count: int) -> tuple[list[PilotStream], list[PilotStream]]:
+    listener = await net.cb.bind(5000)
+    clients = [await net.ca.dial(net.target(), 5000) for _ in range(count)]
+    servers = [await listener.accept() for _ in range(count)]
+    assert all(s._host is servers[0]._host for s in servers)  # one listener connection
+    await asyncio.sleep(0)  # let a pass opened by the accepts' grants end
+    await asyncio.sleep(0)
+    return clients, servers
+
+
+async def test_sends_of_streams_sharing_a_connection_share_a_socket_write(net: Net) -> None:
+    clients, servers = await _accepted(net, 3)
+    recorder = _record(servers[0])
+    assert servers[0].try_write(b"one")
+    assert len(recorder.writes) == 1  # the first of this loop pass goes out at once
+    assert servers[1].try_write(b"two")
+    assert servers[2].try_write(b"three")
+    assert len(recorder.writes) == 1  # the later ones wait for the end of the pass
+    await eventually(lambda: len(recorder.writes) > 1)
+    assert len(recorder.writes) == 2
+    frames = _frames(recorder.writes[1])
+    assert [f.cmd for f in frames] == [ipc.Cmd.SEND, ipc.Cmd.SEND]
+    assert await read_exactly(clients[0], 3) == b"one"
+    assert await read_exactly(clients[1], 3) == b"two"
+    assert await read_exactly(clients[2], 5) == b"three"
+    assert servers[1].try_write(b"next pass")  # a new pass: at once again
+    assert len(recorder.writes) == 3
+    assert await read_exactly(clients[1], 9) == b"next pass"
+    for stream in (*clients, *servers):
+        await stream.aclose()
+
+
+async def test_held_sends_reach_the_socket_at_once_at_the_hold_limit(net: Net) -> None:
+    # Held frames must not hide from the socket's backpressure: from 64 KiB
+    # they are written at once, without waiting for the end of the loop pass.
+    clients, servers = await _accepted(net, 3)
+    recorder = _record(servers[0])
+    assert servers[0].try_write(b"opens the pass")
+    first, second = os.urandom(40_000), os.urandom(40_000)
+    assert servers[1].try_write(first)
+    assert len(recorder.writes) == 1
+    assert servers[2].try_write(second)
+    assert len(recorder.writes) == 2
+    assert len(_frames(recorder.writes[1])) == 2
+    assert await read_exactly(clients[0], 14) == b"opens the pass"
+    assert await read_exactly(clients[1], len(first)) == first
+    assert await read_exactly(clients[2], len(second)) == second
+    for stream in (*clients, *servers):
+        await stream.aclose()
+
+
+async def test_a_connection_with_one_stream_writes_each_send_at_once(net: Net) -> None:
+    await net.echo_server(5000)
+    client = await net.ca.dial(net.target(), 5000)
+    recorder = _record(client)
+    assert client.try_write(b"ping")
+    assert client.try_write(b"pong")
+    assert len(recorder.writes) == 2  # nothing to share a send with: no wait
+    assert await read_exactly(client, 8) == b"pingpong"
+    await client.aclose()
+
+
+async def test_held_data_then_close_delivers_everything_in_order(net: Net) -> None:
+    clients, servers = await _accepted(net, 2)
+    recorder = _record(servers[0])
+    assert servers[1].try_write(b"opens the pass")
+    assert servers[0].try_write(b"last words")
+    assert len(recorder.writes) == 1  # "last words" is held
+    closing = asyncio.create_task(servers[0].aclose())  # end-of-stream and Close queue behind
+    assert await read_to_eof(clients[0]) == b"last words"
+    await clients[0].aclose()
+    await closing
+    assert await read_exactly(clients[1], 14) == b"opens the pass"
+    await servers[1].write(b"still open")
+    assert await read_exactly(clients[1], 10) == b"still open"
+    for stream in (clients[1], servers[1]):
+        await stream.aclose()
+
+
+async def test_signal_wakes_every_waiter_and_a_cancelled_one_wakes_no_other() -> None:
+    from pilot_transport._carriers.pilot import _Signal
+
+    signal = _Signal()
+    first = asyncio.create_task(signal.wait())
+    second = asyncio.create_task(signal.wait())
+    victim = asyncio.create_task(signal.wait())
+    await asyncio.sleep(0)
+    victim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    await asyncio.sleep(0)
+    assert not first.done()  # the cancellation woke nobody
+    assert not second.done()
+    signal.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    await asyncio.wait_for(signal.wait(), 5)  # set: returns at once
+    signal.clear()
+    blocked = asyncio.create_task(signal.wait())
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    signal.set()
+    signal.set()  # repeating is harmless
+    await asyncio.wait_for(blocked, 5)
+    assert signal._waiters == []

@@ -307,3 +307,28 @@ async def test_secure_try_write_interleaves_with_async_writes_in_order(carrier: 
     finally:
         for c in carriers:
             await c.aclose()
+
+
+async def test_secure_write_with_room_completes_without_suspending() -> None:
+    # A small write the carrier can take at once is encrypted and handed over
+    # synchronously (no lock, no carrier coroutine): its coroutine finishes on
+    # its first step.
+    client, server = await memory_secure_pair()
+    step = client.write(b"no wait")
+    with pytest.raises(StopIteration):
+        step.send(None)
+    assert await read_exactly(server, 7) == b"no wait"
+
+
+async def test_secure_write_without_room_waits_and_keeps_the_order() -> None:
+    client, server = await memory_secure_pair(buffer_size=4096)
+    first = os.urandom(3000)
+    assert client.try_write(first)
+    second = os.urandom(3000)  # more than the carrier has room for: the waiting path
+    writer = asyncio.create_task(client.write(second))
+    await asyncio.sleep(0)
+    assert not writer.done()
+    third = asyncio.create_task(client.write(b"third"))
+    assert await read_exactly(server, 6005) == first + second + b"third"
+    await writer
+    await third

@@ -730,6 +730,10 @@ class SecureStream:
             StreamResetError: the connection broke.
         """
         self._check_writable()
+        if self.try_write(data):
+            # Encrypted and handed to the carrier without suspending: no lock, no
+            # carrier coroutine (the common case of a small write with credit).
+            return
         view = memoryview(data)
         size = view.nbytes
         if not size:

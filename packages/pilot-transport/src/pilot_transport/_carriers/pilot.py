@@ -33,8 +33,14 @@ serialized, which also stays correct against daemon builds that answer
 concurrently. A control request that times out or is cancelled discards its
 connection (a late reply would otherwise be taken for the next request's).
 
-Each frame goes out in one ``transport.write`` (header and body together) and
-``Send`` data is split below the 1 MiB frame limit. Inbound frames are read by
+Each frame is written whole (header and body together) and ``Send`` data is
+split below the 1 MiB frame limit. On a connection that carries several streams
+(a listener's), the first frame of a pass of the event loop goes out at once
+and the later frames of that pass are held and handed to the socket together
+when it ends (at once from 64 KiB): the ``Send`` frames of many streams cost one
+``send`` system call, and one wake-up of the daemon, instead of one each, and a
+lone reply never waits. A connection with a single stream writes each frame at
+once. Inbound frames are read by
 an :class:`asyncio.Protocol` that never pauses: data lands in a bounded
 per-stream buffer. Streams between two pilot:// carriers use the in-band
 encoding of :mod:`._pilot_framing` (half-close, credit-based backpressure, and
@@ -112,6 +118,9 @@ _MAX_FRAMED_CHUNK = (ipc.MAX_SEND_DATA - len(NOOP)) * 3 // 4
 """Data bytes whose encoding (at most 4/3 of them, plus a no-op) fits one Send frame,
 so every Send carries a whole encoded chunk and nothing can land inside an escape."""
 _LOST = "the connection to the Pilot daemon was lost (daemon stopped or restarted)"
+_HOLD_LIMIT = 64 * 1024
+"""Held frames (see ``_IpcConnection.write``) go to the socket at once from this size,
+so the socket's buffer, and its backpressure, sees them."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -203,6 +212,49 @@ class Datagram:
 # IPC connections
 
 
+class _Signal:
+    """``asyncio.Event``'s ``set``/``clear``/``wait``, bound to its loop at the first wait.
+
+    On Python 3.11 each ``asyncio.Event.wait`` looks the running loop up again,
+    and that lookup makes a ``getpid()`` system call; a stream waits once per
+    read. Each waiter has its own future, so cancelling one wakes no other.
+    """
+
+    __slots__ = ("_flag", "_loop", "_waiters")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def set(self) -> None:
+        """Set the flag and wake every waiter. Safe to repeat."""
+        if self._flag:
+            return
+        self._flag = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        """Reset the flag: the next :meth:`wait` blocks until :meth:`set`."""
+        self._flag = False
+
+    async def wait(self) -> None:
+        """Return once the flag is set (at once if it is). Cancellable."""
+        if self._flag:
+            return
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.remove(waiter)
+
+
 class _IpcConnection(asyncio.Protocol):
     """One Unix-socket connection to the daemon; reads forever, writes whole frames."""
 
@@ -215,6 +267,10 @@ class _IpcConnection(asyncio.Protocol):
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[ipc.Message] | None = None
+        self._held: list[bytes] = []  # frames written this loop pass, not yet on the socket
+        self._held_size = 0
+        self._pass_open = False  # a frame went out this loop pass; later ones are held
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         self.lost_error: BaseException | None = None
         self.on_lost: list[Callable[[_IpcConnection], None]] = []
@@ -223,6 +279,7 @@ class _IpcConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -239,6 +296,8 @@ class _IpcConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._held.clear()
+        self._held_size = 0
         if self.lost_error is None:
             self.lost_error = exc
         if self._drain is not None and not self._drain.done():
@@ -283,10 +342,51 @@ class _IpcConnection(asyncio.Protocol):
 
     # -- helpers -------------------------------------------------------------------------
     def write(self, frame: bytes) -> None:
-        """Queue one whole frame. Raises DaemonUnavailableError if the socket is gone."""
-        if self.closed or self._transport is None or self._transport.is_closing():
+        """Queue one whole frame. Raises DaemonUnavailableError if the socket is gone.
+
+        While :meth:`coalescing`, the first frame of a pass of the event loop
+        goes to the socket at once and the later ones of that pass are held and
+        handed over together when it ends (or at once from :data:`_HOLD_LIMIT`
+        bytes): one ``send`` for the frames of many streams instead of one
+        each, so the daemon, too, is woken once, and a lone message never waits.
+        """
+        transport = self._transport
+        if self.closed or transport is None or transport.is_closing():
             raise DaemonUnavailableError(_LOST)
-        self._transport.write(frame)
+        if self._held or (self._pass_open and self.coalescing()):
+            self._hold(frame)  # behind the held ones: the order is kept
+            return
+        transport.write(frame)
+        if not self._pass_open and self.coalescing():
+            # Frames written before the loop runs this callback are held.
+            self._pass_open = True
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._end_pass)
+
+    def _hold(self, frame: bytes) -> None:
+        self._held.append(frame)
+        self._held_size += len(frame)
+        if self._held_size >= _HOLD_LIMIT:
+            self.flush()
+
+    def _end_pass(self) -> None:
+        self._pass_open = False
+        self.flush()
+
+    def coalescing(self) -> bool:
+        """Whether frames written now wait for the end of the loop pass (see :meth:`write`)."""
+        return False
+
+    def flush(self) -> None:
+        """Hand the held frames to the socket now, in order. Safe to repeat."""
+        if not self._held:
+            return
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held.clear()
+        self._held_size = 0
+        transport = self._transport
+        if not self.closed and transport is not None and not transport.is_closing():
+            transport.write(data)
 
     @property
     def paused(self) -> bool:
@@ -335,10 +435,13 @@ class _IpcConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Flush queued frames, then close. Idempotent."""
+        self.flush()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
     def abort(self) -> None:
+        self._held.clear()
+        self._held_size = 0
         if self._transport is not None:
             self._transport.abort()
 
@@ -365,6 +468,11 @@ class _StreamHost(_IpcConnection):
         self.listener: PilotListener | None = None
         self.bound_port: int | None = None
         self.stray_errors = 0
+
+    def coalescing(self) -> bool:
+        # A connection that carries several streams (a listener's): their frames
+        # of one loop pass share a send. One stream gains nothing by waiting.
+        return len(self.streams) > 1
 
     def data_received(self, data: bytes) -> None:
         # Fast path: a read that is exactly one whole Recv frame with nothing held
@@ -539,8 +647,8 @@ class PilotStream(CarrierStream):
         self._eof_sent = False
         self._lingering = False
         self._peer_got_eof = False
-        self._readable = asyncio.Event()
-        self._credit_event = asyncio.Event()
+        self._readable = _Signal()
+        self._credit_event = _Signal()
         self._write_lock = asyncio.Lock()
         self._decoder = FramingDecoder() if framed else None
         self._send_credit = INITIAL_CREDIT
