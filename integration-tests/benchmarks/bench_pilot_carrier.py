@@ -435,13 +435,23 @@ async def main(quick: bool, double: bool) -> None:
         order = list(variants.items())
         failures: list[str] = []
 
+        # A figure runs for `seconds` (ping-pong) or one bulk transfer; far beyond that
+        # something is stuck (a read the daemon never answers): give up on that figure.
+        figure_limit = max(60.0, 20 * seconds)
+
         async def measured(label: str, figure: Awaitable[float]) -> float | None:
             # Under heavy load the daemon has now and then ended a stream mid-run
             # (seen with raw streams to the bare server): report it, keep going.
             try:
-                return await figure
+                async with asyncio.timeout(figure_limit):
+                    return await figure
             except (StreamError, EOFError) as exc:
                 failures.append(f"round {round_number + 1}: {label} failed: {exc!r}")
+                return None
+            except TimeoutError:
+                failures.append(
+                    f"round {round_number + 1}: {label} gave no figure within {figure_limit:g} s"
+                )
                 return None
 
         for round_number in range(rounds):
