@@ -263,22 +263,7 @@ class Statements:
 
     def lease_claim(self) -> Compiled:
         """Insert the lease, or take it over if expired or already ours."""
-
-        def build() -> ClauseElement:
-            stmt = _insert(self.dialect, run_leases).values(_all_values(run_leases))
-            return stmt.on_conflict_do_update(
-                index_elements=[c.name for c in run_leases.primary_key.columns],
-                set_={
-                    "holder": stmt.excluded.holder,
-                    "acquired_at": stmt.excluded.acquired_at,
-                    "expires_at": stmt.excluded.expires_at,
-                    "run_id": stmt.excluded.run_id,
-                },
-                where=(run_leases.c.expires_at <= _p("now"))
-                | (run_leases.c.holder == stmt.excluded.holder),
-            )
-
-        return self.get("lease_claim", build)
+        return self.get("lease_claim", lambda: self._lease_upsert(same_run=False))
 
     def lease_takeover(self) -> Compiled:
         """As :meth:`lease_claim`, and also take a live lease held for the same run id.
@@ -287,23 +272,27 @@ class Statements:
         the run's earlier attempt (a worker that died, or one that is still
         running and will lose the lease at its next renewal) holds it.
         """
+        return self.get("lease_takeover", lambda: self._lease_upsert(same_run=True))
 
-        def build() -> ClauseElement:
-            stmt = _insert(self.dialect, run_leases).values(_all_values(run_leases))
-            return stmt.on_conflict_do_update(
-                index_elements=[c.name for c in run_leases.primary_key.columns],
-                set_={
-                    "holder": stmt.excluded.holder,
-                    "acquired_at": stmt.excluded.acquired_at,
-                    "expires_at": stmt.excluded.expires_at,
-                    "run_id": stmt.excluded.run_id,
-                },
-                where=(run_leases.c.expires_at <= _p("now"))
-                | (run_leases.c.holder == stmt.excluded.holder)
-                | ((run_leases.c.run_id == stmt.excluded.run_id) & (run_leases.c.run_id != "")),
+    def _lease_upsert(self, *, same_run: bool) -> ClauseElement:
+        stmt = _insert(self.dialect, run_leases).values(_all_values(run_leases))
+        taken = (run_leases.c.expires_at <= _p("now")) | (
+            run_leases.c.holder == stmt.excluded.holder
+        )
+        if same_run:
+            taken = taken | (
+                (run_leases.c.run_id == stmt.excluded.run_id) & (run_leases.c.run_id != "")
             )
-
-        return self.get("lease_takeover", build)
+        return stmt.on_conflict_do_update(
+            index_elements=[c.name for c in run_leases.primary_key.columns],
+            set_={
+                "holder": stmt.excluded.holder,
+                "acquired_at": stmt.excluded.acquired_at,
+                "expires_at": stmt.excluded.expires_at,
+                "run_id": stmt.excluded.run_id,
+            },
+            where=taken,
+        )
 
     def lease_row(self) -> Compiled:
         return self.get(
